@@ -1,0 +1,102 @@
+"""``patchcast train``: train an edge or server ViT for the model zoo (see :mod:`patchcast.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from shared.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "train", help="train a small ViT (edge or server) on an image folder or tar",
+        description="Train a timm VisionTransformer (CLS + patch tokens) on CPU with bf16 autocast. "
+        "Writes OUT/train_state.safetensors every epoch (re-running the same command resumes exactly), "
+        "then OUT/model.safetensors and a model card (NAME.json, NAME.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="cifar10/train.tar",
+                   help="training ImageFolder tree or tar of one (relative paths resolve under $PATCHCAST_DATA)")
+    p.add_argument("--test-data", default="cifar10/test.tar", help="held-out set for the model card ('' = none)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, card)")
+    p.add_argument("--name", default="model", help="model name (zoo name when exported)")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--dim", type=int, default=96, help="embedding width")
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--mlp-ratio", type=float, default=4.0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--token-dropout", type=float, default=0.0,
+                   help="probability that a batch trains on a random subset of patch tokens (server models)")
+    p.add_argument("--token-keep-min", type=float, default=0.25, help="smallest kept fraction under token dropout")
+    p.add_argument("--teacher", default=None, help="teacher model reference for soft distillation (edge models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--export-zoo", action="store_true",
+                   help="copy the final checkpoint and card into the package's model zoo (shared/zoo)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from patchcast.train import TrainConfig, train
+    from shared.models import ZOO_DIR, VitArch
+
+    num_classes = _count_classes(args.data)
+    cfg = TrainConfig(
+        data=args.data, test_data=args.test_data or None, out=args.out,
+        arch=VitArch(args.img_size, args.patch_size, args.dim, args.depth, args.heads, args.mlp_ratio, num_classes),
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        token_dropout=args.token_dropout, token_keep_min=args.token_keep_min, teacher=args.teacher,
+        seed=args.seed, threads=args.threads, bf16=not args.fp32, name=args.name)
+    console = Console()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as progress:
+        epochs = progress.add_task("epochs", total=cfg.epochs, info="")
+        steps = progress.add_task("steps", total=1, info="")
+
+        def on_progress(kind: str, done: int, total: int, info: dict[str, float]) -> None:
+            if kind == "step":
+                progress.update(steps, completed=done, total=total,
+                                info=f"epoch {int(info['epoch'])} loss {info['loss']:.3f} {info['img_s']:.0f} img/s")
+            else:
+                acc = info.get("val_acc_2k")
+                progress.update(epochs, completed=done, info=f"val {acc * 100:.1f} %" if acc is not None else "")
+                progress.console.log(json.dumps({k: round(v, 4) for k, v in info.items()}))
+
+        card = train(cfg, on_progress)
+    console.print(f"test accuracy: {card.get('test_accuracy')}  wall {card['wall_time_s'] / 60:.1f} min")
+    if args.export_zoo:
+        out = Path(args.out)
+        shutil.copyfile(out / "model.safetensors", ZOO_DIR / f"{args.name}.safetensors")
+        for suffix in (".json", ".md"):
+            shutil.copyfile(out / f"{args.name}{suffix}", ZOO_DIR / f"{args.name}{suffix}")
+        console.print(f"exported to {ZOO_DIR}/{args.name}.safetensors")
+    return 0
+
+
+def _count_classes(data: str) -> int:
+    from shared import datasets
+
+    p = datasets.resolve(data)
+    if p.is_file() and p.name.endswith(".tar"):
+        import tarfile
+
+        with tarfile.open(p) as tar:
+            classes = {Path(m.name).parent.name for m in tar if m.isfile()}
+        return len(classes)
+    if p.is_dir():
+        return len([d for d in p.iterdir() if d.is_dir()])
+    raise ConfigError(f"{p}: training data must be an ImageFolder tree or a tar of one")

@@ -1,0 +1,355 @@
+"""``patchcast train``: train a small ViT (CLS + patch tokens) on an ImageFolder tree or a tar of one.
+
+CPU-first: the whole split is decoded once into a uint8 tensor, augmentation runs batched in
+torch, the model runs under bf16 autocast (AMX through oneDNN) with timm's fused attention *off*
+(the fused SDPA backward is slow on CPU). AdamW, linear warm-up + cosine, label smoothing,
+optional soft distillation from a teacher, and — for server models — token dropout: a random
+subset of patch tokens per batch so the model stays accurate on the subsets devices send.
+
+Resume is exact: every random draw of epoch ``e`` comes from generators seeded by
+``(seed, e)``, and a checkpoint (weights, optimizer moments, step) is written at each epoch end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from shared import datasets
+from shared.errors import ConfigError
+from shared.models import LoadedModel, Preprocess, VitArch, build_model, load_checkpoint, save_checkpoint
+from shared.subset import embed_all, forward_tokens, gather_tokens
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+SUBSET_SIZE = 1000  # the fixed test subset whose accuracy the model card records for CI checks
+SUBSET_SEED = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    test_data: str | None
+    out: str
+    arch: VitArch
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    token_dropout: float = 0.0  # probability that a batch trains on a random token subset
+    token_keep_min: float = 0.25  # smallest kept fraction when token dropout applies
+    teacher: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
+    seed: int = 0
+    threads: int | None = None
+    bf16: bool = True
+    name: str = "model"
+    mean: tuple[float, float, float] = CIFAR_MEAN
+    std: tuple[float, float, float] = CIFAR_STD
+    command: str = field(default_factory=lambda: shlex.join(["patchcast", *sys.argv[1:]]))
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.batch_size <= 0:
+            raise ConfigError("epochs and batch_size must be positive")
+        if not 0.0 <= self.token_dropout <= 1.0 or not 0.0 < self.token_keep_min <= 1.0:
+            raise ConfigError("token_dropout must be in [0, 1] and token_keep_min in (0, 1]")
+        if self.lr <= 0:
+            raise ConfigError("lr must be positive")
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(input_size=self.arch.img_size, mean=self.mean, std=self.std,
+                          interpolation="bicubic", crop_pct=1.0)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def decode_all(ds: datasets.Dataset, pre: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole split as uint8 (N, H, W, 3) + labels: decoded once, then augmented in torch."""
+    pixels, labels = datasets.to_tensor_batch(ds.samples, pre)
+    return pixels, labels
+
+
+def augment(pixels: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with reflect padding + horizontal flip, batched. uint8 (B,H,W,3) → float (B,3,H,W)."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    b, _, h, w = x.shape
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])  # (B, H)
+    cols = (dx[:, None] + torch.arange(w)[None, :])  # (B, W)
+    x = x[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None],
+          rows[:, None, :, None], cols[:, None, None, :]]
+    flip = torch.rand(b, generator=gen) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x
+
+
+def _normalise(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, pre: Preprocess,
+             bf16: bool, batch_size: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = datasets.normalize(pixels[start:start + batch_size], pre)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        correct += int((logits.argmax(-1) == labels[start:start + batch_size]).sum())
+    return correct / max(1, len(labels))
+
+
+def _save_state(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            st = opt.state.get(p, {})
+            for key, val in st.items():
+                t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+                tensors[f"opt.{gi}.{pi}.{key}"] = t.detach().clone().contiguous()
+    for k, v in model.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().clone().contiguous()
+    tmp = out / "train_state.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+    tmp.replace(out / "train_state.safetensors")  # atomic: an interrupted write never corrupts resume
+
+
+def _load_state(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+    path = out / "train_state.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["meta"])
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            prefix = f"opt.{gi}.{pi}."
+            st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if st:
+                opt.state[p] = st
+    return dict(meta)
+
+
+ProgressFn = Callable[[str, int, int, dict[str, float]], None]
+
+
+def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Train (or resume) and write ``<out>/model.safetensors`` plus a model card. Returns the card."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pre = cfg.preprocess
+    t_load = time.perf_counter()
+    train_ds = datasets.load(cfg.data)
+    train_x, train_y = decode_all(train_ds, pre)
+    test_x = test_y = None
+    test_ds = None
+    if cfg.test_data:
+        test_ds = datasets.load(cfg.test_data)
+        test_x, test_y = decode_all(test_ds, pre)
+    load_s = time.perf_counter() - t_load
+    if cfg.arch.num_classes != len(train_ds.class_names):
+        raise ConfigError(f"arch has {cfg.arch.num_classes} classes, data has {len(train_ds.class_names)}")
+
+    torch.manual_seed(cfg.seed)
+    model = cfg.arch.build()
+    for blk in model.blocks:
+        blk.attn.fused_attn = False  # fused SDPA backward is the slow part of a CPU step
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n
+                                                                and "cls_token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    teacher = None
+    if cfg.teacher:
+        teacher = build_model(cfg.teacher, role="server").model.eval()
+
+    steps_per_epoch = len(train_y) // cfg.batch_size  # drop the last partial batch: fixed shapes
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    state = _load_state(out, model, opt)
+    history: list[dict[str, float]] = []
+    start_epoch, wall_before = 0, 0.0
+    if state is not None:
+        if state["config"]["arch"] != asdict(cfg.arch):
+            raise ConfigError(f"{out}: existing checkpoint has another architecture; use a new --out")
+        start_epoch, history, wall_before = state["epoch"], state["history"], state["wall_s"]
+    num_patches = (cfg.arch.img_size // cfg.arch.patch_size) ** 2
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(train_y), generator=gen)
+        loss_sum, seen, t_epoch = 0.0, 0, time.perf_counter()
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr)
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = _normalise(augment(train_x[idx], gen), pre)
+            y = train_y[idx]
+            keep = num_patches
+            if cfg.token_dropout > 0 and float(torch.rand(1, generator=gen)) < cfg.token_dropout:
+                lo = max(1, int(round(cfg.token_keep_min * num_patches)))
+                keep = int(torch.randint(lo, num_patches + 1, (1,), generator=gen))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                if keep < num_patches:
+                    kept = torch.rand(len(y), num_patches, generator=gen).argsort(1)[:, :keep]
+                    logits = forward_tokens(model, gather_tokens(embed_all(model, x), kept))
+                else:
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(x).float()
+                    tau = cfg.distill_temperature
+                    kd = F.kl_div(F.log_softmax(logits.float() / tau, -1), F.log_softmax(t_logits / tau, -1),
+                                  reduction="batchmean", log_target=True) * tau * tau
+                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            if progress:
+                progress("step", i + 1, steps_per_epoch, {"epoch": epoch + 1, "loss": loss_sum / seen,
+                                                          "img_s": seen / (time.perf_counter() - t_epoch)})
+        epoch_s = time.perf_counter() - t_epoch
+        record = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "epoch_s": epoch_s,
+                  "img_s": seen / epoch_s}
+        if test_x is not None and test_y is not None:
+            sub = torch.from_numpy(np.random.default_rng(SUBSET_SEED).permutation(len(test_y))[:2000])
+            record["val_acc_2k"] = evaluate(model, test_x[sub], test_y[sub], pre, cfg.bf16)
+            model.train()
+        history.append(record)
+        _save_state(out, model, opt, {"epoch": epoch + 1, "history": history, "config": _jsonable(cfg),
+                                      "wall_s": wall_before + time.perf_counter() - t0})
+        if progress:
+            progress("epoch", epoch + 1, cfg.epochs, record)
+
+    wall_s = wall_before + time.perf_counter() - t0
+    model.eval()
+    loaded = LoadedModel(model=model, name=cfg.name, preprocess=pre, class_names=list(train_ds.class_names))
+    save_checkpoint(out / "model.safetensors", loaded, arch=cfg.arch)
+    card = model_card(cfg, loaded, train_ds, test_ds, test_x, test_y, history, wall_s, load_s)
+    write_card(out, cfg.name, card)
+    return card
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["arch"] = asdict(cfg.arch)
+    return d
+
+
+def subset_indices(n: int) -> list[int]:
+    """The fixed 1,000-image test subset (seeded permutation) that CI re-checks against the card."""
+    return sorted(int(i) for i in np.random.default_rng(SUBSET_SEED).permutation(n)[:SUBSET_SIZE])
+
+
+def model_card(cfg: TrainConfig, loaded: LoadedModel, train_ds: datasets.Dataset,
+               test_ds: datasets.Dataset | None, test_x: torch.Tensor | None, test_y: torch.Tensor | None,
+               history: list[dict[str, float]], wall_s: float, load_s: float) -> dict[str, Any]:
+    """Evaluate the final weights (the checkpoint as saved, reloaded) and describe the run."""
+    reloaded = load_checkpoint(Path(cfg.out) / "model.safetensors").model
+    card: dict[str, Any] = {
+        "name": cfg.name,
+        "architecture": {"family": "timm VisionTransformer (CLS + patch tokens)", **asdict(cfg.arch),
+                         "params": sum(p.numel() for p in loaded.model.parameters())},
+        "preprocess": loaded.preprocess.to_json(),
+        "class_names": loaded.class_names,
+        "data": {"train": train_ds.source, "train_sha256": _sha_or_none(train_ds.source),
+                 "train_images": len(train_ds),
+                 "test": test_ds.source if test_ds else None,
+                 "test_sha256": _sha_or_none(test_ds.source) if test_ds else None},
+        "training": {k: v for k, v in _jsonable(cfg).items() if k not in ("arch", "command")},
+        "command": cfg.command,
+        "epochs": cfg.epochs,
+        "wall_time_s": round(wall_s, 1),
+        "data_decode_s": round(load_s, 1),
+        "history": history,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+    if test_x is not None and test_y is not None:
+        # fp32 evaluation: what users (and CI) get when they load the checkpoint on any CPU
+        card["test_accuracy"] = round(evaluate(reloaded, test_x, test_y, loaded.preprocess, bf16=False), 4)
+        sub = torch.tensor(subset_indices(len(test_y)))
+        card["test_subset"] = {"size": len(sub), "seed": SUBSET_SEED, "rule": "numpy default_rng(seed)"
+                               ".permutation(len(test))[:size], sorted",
+                               "accuracy": round(evaluate(reloaded, test_x[sub], test_y[sub],
+                                                          loaded.preprocess, bf16=False), 4)}
+    return card
+
+
+def _sha_or_none(source: str) -> str | None:
+    p = Path(source)
+    return sha256_of(p) if p.is_file() else None
+
+
+def write_card(out: Path, name: str, card: dict[str, Any]) -> None:
+    (out / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    a = card["architecture"]
+    lines = [
+        f"# Model card: {name}", "",
+        f"- Architecture: {a['family']}, img {a['img_size']}, patch {a['patch_size']}, dim {a['embed_dim']}, "
+        f"depth {a['depth']}, heads {a['num_heads']}, {a['params']:,} parameters",
+        f"- Data: `{Path(card['data']['train']).name}` (sha256 `{card['data']['train_sha256']}`), "
+        f"{card['data']['train_images']:,} images",
+        f"- Training: {card['epochs']} epochs, wall time {card['wall_time_s'] / 60:.1f} min "
+        f"on {card['machine']['threads']} threads ({card['machine']['processor'] or card['machine']['platform']})",
+        f"- Settings: {json.dumps(card['training'])}",
+        f"- Command: `{card['command']}`",
+    ]
+    if "test_accuracy" in card:
+        lines += [f"- Test accuracy (all {Path(card['data']['test']).name} images, fp32): "
+                  f"**{card['test_accuracy'] * 100:.2f} %**",
+                  f"- Fixed {card['test_subset']['size']}-image subset accuracy (CI check): "
+                  f"{card['test_subset']['accuracy'] * 100:.2f} %"]
+    lines += ["", "| epoch | loss | val acc (2k) | images/s |", "|---|---|---|---|"]
+    for h in card["history"]:
+        lines.append(f"| {h['epoch']} | {h['loss']:.4f} | {h.get('val_acc_2k', float('nan')) * 100:.1f} % "
+                     f"| {h['img_s']:.0f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,201 @@
+"""Image sources: a folder, an ImageFolder tree, a tar of one, the ImageNet sample folder with its
+``labels.csv``, or single files. All yield :class:`Sample` records of encoded image bytes, so
+large sets stay small in memory and decoding happens where the pixels are needed.
+
+Where datasets live is configurable: ``$PATCHCAST_DATA`` if set, else a ``datasets`` folder
+found beside the checkout (``../shared/datasets``), else ``~/.cache/patchcast/datasets``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from shared.errors import DatasetError
+from shared.models import Preprocess
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    data: bytes
+    label: int | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An in-memory list of encoded samples plus class names (possibly empty)."""
+
+    samples: tuple[Sample, ...]
+    class_names: tuple[str, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, indices: Sequence[int]) -> Dataset:
+        return Dataset(tuple(self.samples[i] for i in indices), self.class_names, self.source)
+
+    def head(self, limit: int | None) -> Dataset:
+        return self if limit is None else Dataset(self.samples[:limit], self.class_names, self.source)
+
+    def spread(self, limit: int | None, seed: int = 0) -> Dataset:
+        """A fixed, class-balanced-ish subset: a seeded permutation's first ``limit`` samples."""
+        if limit is None or limit >= len(self.samples):
+            return self
+        order = np.random.default_rng(seed).permutation(len(self.samples))[:limit]
+        return self.subset(sorted(int(i) for i in order))
+
+
+def data_root() -> Path:
+    env = os.environ.get("PATCHCAST_DATA")
+    if env:
+        return Path(env).expanduser()
+    for candidate in (REPO_ROOT.parent / "shared" / "datasets", Path.cwd().parent / "shared" / "datasets"):
+        if candidate.is_dir():
+            return candidate
+    return Path.home() / ".cache" / "patchcast" / "datasets"
+
+
+def resolve(path: str | Path) -> Path:
+    """Resolve a dataset path: absolute/existing paths as given, else relative to :func:`data_root`."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    return data_root() / p
+
+
+def load(path: str | Path, *, limit: int | None = None) -> Dataset:
+    """Load any supported source. ``limit`` keeps the first N samples (in sorted order)."""
+    p = resolve(path)
+    if not p.exists():
+        raise DatasetError(f"{p}: no such file or folder (data root: {data_root()}; set PATCHCAST_DATA)")
+    if p.is_file() and p.name.endswith((".tar", ".tar.gz", ".tgz")):
+        return _load_tar(p).head(limit)
+    if p.is_file():
+        return Dataset((Sample(p.name, p.read_bytes()),), (), str(p))
+    if (p / "labels.csv").is_file():
+        return _load_labels_csv(p).head(limit)
+    subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if subdirs and any(_is_image(f) for d in subdirs for f in d.iterdir()):
+        return _load_imagefolder(p, subdirs).head(limit)
+    files = sorted(f for f in p.iterdir() if _is_image(f))
+    if not files:
+        raise DatasetError(f"{p}: no images found")
+    return Dataset(tuple(Sample(f.name, f.read_bytes()) for f in files[:limit]), (), str(p))
+
+
+def _is_image(f: Path) -> bool:
+    return f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _load_imagefolder(root: Path, subdirs: list[Path]) -> Dataset:
+    classes = tuple(d.name for d in subdirs)
+    samples = [Sample(f"{d.name}/{f.name}", f.read_bytes(), label)
+               for label, d in enumerate(subdirs) for f in sorted(d.iterdir()) if _is_image(f)]
+    return Dataset(tuple(samples), classes, str(root))
+
+
+def _load_tar(path: Path) -> Dataset:
+    """A tar of an ImageFolder tree: ``<split>/<class>/<file>`` or ``<class>/<file>``."""
+    try:
+        with tarfile.open(path) as tar:
+            members = [m for m in tar if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+            entries = []
+            for m in members:
+                fh = tar.extractfile(m)
+                if fh is None:
+                    continue
+                entries.append((m.name, fh.read()))
+    except (tarfile.TarError, OSError) as exc:
+        raise DatasetError(f"{path}: unreadable tar ({exc})") from exc
+    if not entries:
+        raise DatasetError(f"{path}: no images in tar")
+    class_of = [Path(name).parent.name for name, _ in entries]
+    classes = tuple(sorted(set(class_of)))
+    index = {c: i for i, c in enumerate(classes)}
+    entries_sorted = sorted(zip(entries, class_of, strict=True), key=lambda e: e[0][0])
+    samples = tuple(Sample(name, data, index[c]) for (name, data), c in entries_sorted)
+    return Dataset(samples, classes, str(path))
+
+
+def _load_labels_csv(root: Path) -> Dataset:
+    """The ImageNet sample layout: ``labels.csv`` with ``file`` and ``class_index`` (+ names)."""
+    with open(root / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "file" not in rows[0] or "class_index" not in rows[0]:
+        raise DatasetError(f"{root}/labels.csv: needs 'file' and 'class_index' columns")
+    num_classes = max(int(r["class_index"]) for r in rows) + 1
+    names = [""] * num_classes
+    samples = []
+    for r in rows:
+        idx = int(r["class_index"])
+        names[idx] = r.get("class_name", "") or r.get("synset", "")
+        samples.append(Sample(r["file"], (root / r["file"]).read_bytes(), idx))
+    return Dataset(tuple(samples), tuple(names), str(root))
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"not a decodable image ({exc})") from exc
+    return img.convert("RGB")
+
+
+_PIL_INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+               "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+def crop_uint8(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Resize the shorter side to ``pre.resize_size`` and center-crop ``pre.input_size``: (H, W, 3) uint8.
+
+    These are the pixels a device owns and may send; normalisation happens on each side.
+    """
+    size = pre.input_size
+    resize = pre.resize_size
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = resize / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), _PIL_INTERP.get(pre.interpolation, Image.Resampling.BICUBIC))
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """uint8 (..., H, W, 3) or (..., 3, H, W) float in [0,1] → normalised float (…, 3, H, W)."""
+    if pixels.dtype == torch.uint8:
+        pixels = pixels.movedim(-1, -3).float().div_(255.0)
+    mean = torch.tensor(pre.mean, dtype=pixels.dtype).view(3, 1, 1)
+    std = torch.tensor(pre.std, dtype=pixels.dtype).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def to_tensor_batch(samples: Sequence[Sample], pre: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode + crop a list of samples: uint8 (B, H, W, 3) and labels (B,) (-1 where unknown)."""
+    arrays = [crop_uint8(decode_rgb(s.data), pre) for s in samples]
+    pixels = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, pre.input_size, pre.input_size, 3,
+                                                                           dtype=torch.uint8)
+    labels = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.long)
+    return pixels, labels
+
+
+def iter_batches(dataset: Dataset, pre: Preprocess, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(dataset), batch_size):
+        yield to_tensor_batch(dataset.samples[start:start + batch_size], pre)
