@@ -15,7 +15,7 @@ from shared import __version__
 from shared.errors import PatchCastError
 
 # Order here is the order in --help.
-COMMAND_MODULES = ["info", "train"]
+COMMAND_MODULES = ["info", "config", "codecs", "train", "broker", "eval", "monitor", "health", "worker", "edge", "workers"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         "over MQTT. Run 'patchcast COMMAND --help' for each command.",
     )
     parser.add_argument("--version", action="version", version=f"patchcast {__version__}")
+    parser.add_argument("--validate-config", metavar="FILE",
+                        help="check a config file (unknown keys, types, ranges) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"patchcast.commands.{name}").register(sub)
@@ -34,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.validate_config:
+        from shared.config import load_config
+
+        try:
+            load_config(args.validate_config)
+        except PatchCastError as exc:
+            print(f"patchcast: {args.validate_config}: invalid: {exc.message}", file=sys.stderr)
+            return 1
+        print(f"{args.validate_config}: valid")
+        return 0
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

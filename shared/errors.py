@@ -59,3 +59,66 @@ class BusyError(PatchCastError):
     """A bounded queue was full: the request was refused, not dropped silently."""
 
     code = "busy"
+
+
+class BrokerProcessError(PatchCastError):
+    """A local broker process could not be found, started or reached."""
+
+    code = "broker"
+
+
+# Protocol failures, one class per machine-readable code. Decoders of untrusted bytes raise only these.
+
+
+class TooLargeError(ProtocolError):
+    """A message, field or decoded image exceeds a configured limit."""
+
+    code = "too_large"
+
+
+class MalformedError(ProtocolError):
+    """The bytes are not a well-formed message (bad msgpack, wrong container type, missing field)."""
+
+    code = "malformed"
+
+
+class BadVersionError(ProtocolError):
+    """The message's schema version or kind is not one this side speaks."""
+
+    code = "bad_version"
+
+
+class BadFieldError(ProtocolError):
+    """A field has the wrong type or an out-of-range value."""
+
+    code = "bad_field"
+
+
+class BadGeometryError(ProtocolError):
+    """Image size, patch size and grid do not agree, or exceed the limits."""
+
+    code = "bad_geometry"
+
+
+class BadMaskError(ProtocolError):
+    """The selection bitmask has the wrong length, set padding bits or no kept patch."""
+
+    code = "bad_mask"
+
+
+class UnknownCodecError(ProtocolError):
+    """The payload codec is not registered here."""
+
+    code = "unknown_codec"
+
+
+class BadPayloadError(ProtocolError):
+    """The codec payload does not decode to exactly the kept patches."""
+
+    code = "bad_payload"
+
+
+class BadTopicError(ProtocolError):
+    """A topic or an id used in a topic is invalid."""
+
+    code = "bad_topic"

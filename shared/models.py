@@ -16,6 +16,7 @@ A PatchCast checkpoint is a safetensors file whose metadata holds ``patchcast.ar
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,8 +77,8 @@ class Preprocess:
 
     @property
     def resize_size(self) -> int:
-        """Shorter side before the center crop (timm's convention: input_size / crop_pct)."""
-        return int(round(self.input_size / self.crop_pct)) if self.crop_pct < 1.0 else self.input_size
+        """Shorter side before the center crop (timm's convention: floor(input_size / crop_pct))."""
+        return int(math.floor(self.input_size / self.crop_pct)) if self.crop_pct < 1.0 else self.input_size
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

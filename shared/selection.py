@@ -1,11 +1,42 @@
 """Patch selection rules and the selection bitmask.
 
-(Rules are filled in by the core work; the bitmask layout below is part of the wire contract.)
+Rules (``SelectionRule.kind``), applied to one image's scores s (N,), s_i ≥ 0:
+
+* ``topk``: the k highest-scoring patches (k clipped to N).
+* ``threshold``: every patch with s_i ≥ δ.
+* ``sum_threshold``: sort descending; keep the longest prefix whose cumulative *share* of the total
+  mass is ≤ δ_sum (the official implementation's rule; scores are renormalised to sum 1 first, and
+  the comparison allows ``SUM_TOLERANCE`` of float rounding so that δ_sum = 1 keeps every patch).
+* ``random_k``: k patches uniformly at random without replacement (a score-blind baseline).
+
+Degenerate cases: when ``threshold``/``sum_threshold`` keep fewer than ``min_patches`` patches
+(for ``sum_threshold`` the prefix is empty when the top patch alone holds more than δ_sum), the top
+``min(min_patches, N)`` patches are kept instead. ``min_patches=0`` allows an empty selection.
+
+Ties: the descending order is a *stable* sort, so among equal scores the lower patch index (row-major
+order) ranks first. Top-k at a tie therefore keeps the lowest indices; threshold rules are
+tie-consistent by construction (equal scores are kept or dropped together, except where
+``min_patches`` cuts through a tie).
+
+The bitmask layout below (:func:`mask_nbytes`, :func:`pack_mask`, :func:`unpack_mask`) is part of
+the wire contract.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
+import torch
+
+from shared.errors import ConfigError
+
+RuleKind = Literal["topk", "threshold", "sum_threshold", "random_k"]
+RULE_KINDS: tuple[RuleKind, ...] = ("topk", "threshold", "sum_threshold", "random_k")
+SUM_TOLERANCE = 1e-9
+"""Absolute slack on the cumulative share (float64) in ``sum_threshold``."""
 
 
 def mask_nbytes(num_patches: int) -> int:
@@ -28,3 +59,147 @@ def unpack_mask(data: bytes, num_patches: int) -> np.ndarray:
     if bits[num_patches:].any():
         raise ValueError("mask has bits set past the last patch")
     return np.flatnonzero(bits[:num_patches]).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """A patch selection rule. ``value`` is k (``topk``, ``random_k``), δ (``threshold``) or δ_sum
+    (``sum_threshold``)."""
+
+    kind: RuleKind
+    value: float
+    min_patches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULE_KINDS:
+            raise ConfigError(f"unknown selection rule {self.kind!r}; expected one of {RULE_KINDS}")
+        mp = self.min_patches
+        if isinstance(mp, bool) or not isinstance(mp, int) or mp < 0:
+            raise ConfigError(f"min_patches must be an integer ≥ 0, got {self.min_patches!r}")
+        try:
+            value = float(self.value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.kind}: value must be a number, got {self.value!r}") from exc
+        if isinstance(self.value, bool) or not math.isfinite(value):
+            raise ConfigError(f"{self.kind}: value must be a finite number, got {self.value!r}")
+        if self.kind in ("topk", "random_k"):
+            if value != int(value) or value < 1:
+                raise ConfigError(f"{self.kind}: k must be an integer ≥ 1, got {self.value!r}")
+            if int(value) < self.min_patches:
+                raise ConfigError(f"{self.kind}: k={int(value)} is below min_patches={self.min_patches}")
+            object.__setattr__(self, "value", int(value))
+        elif self.kind == "threshold":
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"threshold: δ must be in [0, 1] (scores sum to 1), got {value}")
+        elif not 0.0 < value <= 1.0:
+            raise ConfigError(f"sum_threshold: δ_sum must be in (0, 1], got {value}")
+
+    @property
+    def k(self) -> int:
+        """k of ``topk``/``random_k``."""
+        if self.kind not in ("topk", "random_k"):
+            raise ConfigError(f"rule {self.kind!r} has no k")
+        return int(self.value)
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """Kept patches of one image: ``indices`` sorted ascending, unique, int64, in [0, num_patches)."""
+
+    indices: np.ndarray
+    num_patches: int
+
+    def __post_init__(self) -> None:
+        if self.num_patches <= 0:
+            raise ValueError(f"num_patches must be positive, got {self.num_patches}")
+        idx = np.asarray(self.indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} shape {idx.shape}")
+        idx = idx.astype(np.int64, copy=True)
+        if idx.size and (idx[0] < 0 or idx[-1] >= self.num_patches or np.any(np.diff(idx) <= 0)):
+            raise ValueError(f"indices must be sorted, unique and in [0, {self.num_patches})")
+        idx.setflags(write=False)  # frozen all the way down
+        object.__setattr__(self, "indices", idx)
+
+    @classmethod
+    def from_mask(cls, data: bytes, num_patches: int) -> Selection:
+        return cls(unpack_mask(data, num_patches), num_patches)
+
+    @property
+    def mask(self) -> bytes:
+        return pack_mask(self.indices, self.num_patches)
+
+    def index_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The indices as a (writable) int64 tensor; ``indices`` itself is a read-only array."""
+        return torch.tensor(self.indices, dtype=torch.long, device=device)
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.indices.size)
+
+    @property
+    def fraction(self) -> float:
+        """Kept patches ÷ all patches of the image."""
+        return self.num_kept / self.num_patches
+
+    def __len__(self) -> int:
+        return self.num_kept
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Selection):
+            return NotImplemented
+        return self.num_patches == other.num_patches and np.array_equal(self.indices, other.indices)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking array field: not hashable
+
+
+def _as_scores(scores: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().to(device="cpu", dtype=torch.float64).numpy()
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise ValueError(f"scores must be (B, N) with N ≥ 1, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError("scores must be finite and non-negative")
+    return arr
+
+
+def _kept_counts(ordered: np.ndarray, rule: SelectionRule) -> np.ndarray:
+    """How many leading patches of each row's descending order the rule keeps (before min_patches)."""
+    b, n = ordered.shape
+    if rule.kind == "topk":
+        return np.full(b, min(rule.k, n), dtype=np.int64)
+    if rule.kind == "threshold":
+        return np.count_nonzero(ordered >= float(rule.value), axis=1).astype(np.int64)
+    total = ordered.sum(axis=1, keepdims=True)
+    share = np.cumsum(ordered, axis=1) / np.where(total > 0, total, 1.0)
+    counts = np.count_nonzero(share <= float(rule.value) + SUM_TOLERANCE, axis=1).astype(np.int64)
+    # All-zero rows have no mass to share out: treat them as degenerate.
+    return np.where(total[:, 0] > 0, counts, 0)
+
+
+def select_batch(scores: np.ndarray | torch.Tensor, rule: SelectionRule, *,
+                 rng: np.random.Generator | None = None) -> list[Selection]:
+    """Apply ``rule`` to every row of ``scores`` (B, N). ``rng`` is used by ``random_k`` only (a fresh
+    unseeded generator when ``None``)."""
+    arr = _as_scores(scores)
+    b, n = arr.shape
+    if rule.kind == "random_k":
+        gen = rng if rng is not None else np.random.default_rng()
+        k = min(rule.k, n)
+        return [Selection(np.sort(gen.choice(n, size=k, replace=False)), n) for _ in range(b)]
+    order = np.argsort(-arr, axis=1, kind="stable")  # descending; ties → lower index first
+    ordered = np.take_along_axis(arr, order, axis=1)
+    counts = np.maximum(_kept_counts(ordered, rule), min(rule.min_patches, n))
+    return [Selection(np.sort(order[i, : counts[i]]), n) for i in range(b)]
+
+
+def select(scores: np.ndarray | torch.Tensor, rule: SelectionRule, *,
+           rng: np.random.Generator | None = None) -> Selection:
+    """Apply ``rule`` to one image's scores (N,)."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().to(device="cpu", dtype=torch.float64).numpy()  # numpy has no bf16
+    arr = np.asarray(scores)
+    if arr.ndim != 1:
+        raise ValueError(f"scores must be (N,), got shape {arr.shape}")
+    return select_batch(arr[None, :], rule, rng=rng)[0]

@@ -1,0 +1,371 @@
+"""Bytes on the wire: the whole request message per codec and kept fraction, against a full-image JPEG.
+
+For every image, kept fraction and codec this builds the real ``PatchRequest`` (ids, geometry, mask,
+codec params, payload, edge top-5, uncertainty, timestamps, deadline; no ground-truth label, as in
+production) and measures ``len(protocol.encode(request))``: the exact MQTT payload. The baseline is
+the full cropped image as a standard JPEG file (Pillow, quality 90, 4:2:0), which is what a device
+would send without patch selection.
+
+Timings: encode = codec encode + building and msgpack-packing the request; decode = validating
+decode + codec decode to (K, p, p, 3) uint8. Quality of lossy codecs is measured on the kept patches:
+PSNR, and the mean absolute error on each patch's 1-pixel border ring vs its interior (4:2:0 chroma
+upsampling bleeds fill colour into the ring).
+
+Which patches are kept: the edge model's CLS attention where a trained edge model for the dataset
+is available (``zoo:cifar10-edge``), else a stand-in: per-patch gradient energy (mean squared
+central-difference gradient of luma), the most detailed patches first. Detailed patches cost more
+bytes than average ones, so the stand-in is on the pessimistic side for byte counts.
+
+    PATCHCAST_DATA=/path/to/datasets python bench/bytes.py --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, features
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from shared import codecs, datasets
+from shared import protocol as P
+from shared.models import ZOO_DIR, Preprocess
+
+FRACTIONS = (1.0, 0.75, 0.5, 0.32)
+DEFAULT_CODECS = ("raw", "raw+zlib", "raw+zstd", "png", "webp-lossless", "jpeg", "jpeg:ss=444",
+                  "jpeg:ss=444,q=85", "jpeg-mosaic", "jpeg-mosaic:q=80", "jpeg-mosaic:ss=444", "webp",
+                  "webp:m=2", "webp-mosaic", "jpeg-tiered", "jpeg-tiered:q2=50")
+BASELINE_QUALITY = 90
+IMAGENET_PRE = Preprocess(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875)  # 256 → 224
+PSNR_CAP_DB = 99.0  # identical patches have infinite PSNR; cap so means stay finite
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    label: str
+    name: str
+    params: dict[str, int]
+
+
+def parse_spec(text: str) -> CodecSpec:
+    """``name`` or ``name:key=value,key=value`` (e.g. ``jpeg:ss=444``)."""
+    name, _, rest = text.partition(":")
+    params = {k: int(v) for k, v in (kv.split("=", 1) for kv in rest.split(",") if kv)}
+    codecs.get_codec(name).resolve_params(params)  # fail early on typos
+    return CodecSpec(text, name, params)
+
+
+@dataclass
+class Sample:
+    pixels: np.ndarray  # (H, W, 3) uint8, what the device owns
+    scores: np.ndarray  # (N,) selection scores, higher = keep first
+    topk_ids: tuple[int, ...]
+    topk_probs: tuple[float, ...]
+
+
+def gradient_energy(pixels: np.ndarray, patch: int) -> np.ndarray:
+    """Per-patch mean squared central-difference gradient of luma: a model-free saliency stand-in."""
+    luma = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    gx = np.zeros_like(luma)
+    gy = np.zeros_like(luma)
+    gx[:, 1:-1] = luma[:, 2:] - luma[:, :-2]
+    gy[1:-1] = luma[2:] - luma[:-2]
+    h, w = luma.shape
+    energy = (gx**2 + gy**2).reshape(h // patch, patch, w // patch, patch).mean(axis=(1, 3))
+    return energy.ravel()
+
+
+STANDIN_TOPK = ((1, 2, 3, 4, 5), (0.41, 0.22, 0.09, 0.05, 0.03))  # sizes matter, values do not
+
+
+def load_samples(dataset: str, limit: int | None) -> tuple[list[Sample], int, str]:
+    """Images, patch size and a description of how patches were scored."""
+    if dataset == "imagenet":
+        ds = datasets.load("imagenet_samples").spread(limit)
+        pixels = [datasets.crop_uint8(datasets.decode_rgb(s.data), IMAGENET_PRE) for s in ds.samples]
+        patch = 16
+        return ([Sample(px, gradient_energy(px, patch), *STANDIN_TOPK) for px in pixels], patch,
+                "gradient-energy stand-in (no trained ImageNet edge model)")
+    ds = datasets.load("cifar10/test.tar").spread(limit)
+    pixels = [np.asarray(datasets.decode_rgb(s.data), dtype=np.uint8) for s in ds.samples]
+    patch = 4
+    if (ZOO_DIR / "cifar10-edge.safetensors").is_file():
+        return _edge_attention(pixels), patch, "edge model CLS attention (zoo:cifar10-edge, last block)"
+    return ([Sample(px, gradient_energy(px, patch), *STANDIN_TOPK) for px in pixels], patch,
+            "gradient-energy stand-in (zoo:cifar10-edge not available)")
+
+
+def _edge_attention(pixels: list[np.ndarray]) -> list[Sample]:
+    import torch
+
+    from shared.attention import edge_forward
+    from shared.models import build_model
+    from shared.scores import cls_attention_scores
+
+    loaded = build_model("zoo:cifar10-edge", role="edge")
+    out: list[Sample] = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), 256):
+            batch = torch.from_numpy(np.stack(pixels[start:start + 256]))
+            result = edge_forward(loaded.model, datasets.normalize(batch, loaded.preprocess))
+            scores = cls_attention_scores(result.cls_attention).numpy()
+            probs, ids = torch.softmax(result.logits.float(), dim=-1).topk(5, dim=-1)
+            for i in range(batch.shape[0]):
+                out.append(Sample(pixels[start + i], scores[i], tuple(int(v) for v in ids[i]),
+                                  tuple(float(v) for v in probs[i])))
+    return out
+
+
+def ring_mask(patch: int) -> np.ndarray:
+    ring = np.ones((patch, patch), dtype=bool)
+    ring[1:-1, 1:-1] = False
+    return ring
+
+
+def psnr_db(diff: np.ndarray) -> float:
+    mse = float(np.mean(diff**2)) if diff.size else 0.0
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * np.log10(255.0**2 / mse))
+
+
+def quality(decoded: np.ndarray, original: np.ndarray, top: np.ndarray) -> dict[str, float]:
+    """PSNR (dB, capped) over the kept patches and over its top / bottom half by selection score (``top``
+    marks the top half, the high tier of jpeg-tiered), and MAE on the 1-px border ring and the interior."""
+    diff = decoded.astype(np.float64) - original.astype(np.float64)
+    ring = ring_mask(original.shape[1])
+    absdiff = np.abs(diff)
+    return {"psnr": psnr_db(diff), "psnr_top": psnr_db(diff[top]), "psnr_bottom": psnr_db(diff[~top]),
+            "ring_mae": float(absdiff[:, ring].mean()), "inner_mae": float(absdiff[:, ~ring].mean())}
+
+
+def full_jpeg(pixels: np.ndarray) -> tuple[bytes, float, np.ndarray, float]:
+    t0 = time.perf_counter()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=BASELINE_QUALITY, subsampling=2)
+    data = buf.getvalue()
+    t1 = time.perf_counter()
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    t2 = time.perf_counter()
+    return data, (t1 - t0) * 1e3, decoded, (t2 - t1) * 1e3
+
+
+def run_dataset(dataset: str, samples: list[Sample], patch: int, specs: list[CodecSpec],
+                fractions: tuple[float, ...], progress: Progress) -> dict[str, Any]:
+    rec: Records = defaultdict(lambda: defaultdict(list))
+    base: dict[str, list[float]] = defaultdict(list)
+    task = progress.add_task(dataset, total=len(samples))
+    for i, s in enumerate(samples):
+        h, w, _ = s.pixels.shape
+        n = (h // patch) * (w // patch)
+        jpeg, enc_ms, jpeg_pixels, dec_ms = full_jpeg(s.pixels)
+        base["bytes"].append(len(jpeg))
+        base["bytes_tableless"].append(len(codecs.jpeg_encode_stripped(s.pixels, BASELINE_QUALITY, 420)))
+        base["encode_ms"].append(enc_ms)
+        base["decode_ms"].append(dec_ms)
+        for f in fractions:
+            k = max(1, round(f * n))
+            indices = np.sort(np.argsort(-s.scores, kind="stable")[:k])
+            original = codecs.extract_patches(s.pixels, indices, patch)
+            top = np.zeros(k, dtype=bool)
+            top[np.argsort(-s.scores[indices], kind="stable")[:(k + 1) // 2]] = True
+            ref = rec[(f, "full-image JPEG q90 (reference)")]
+            reference = codecs.extract_patches(jpeg_pixels, indices, patch)
+            for key, value in quality(reference, original, top).items():
+                ref[key].append(value)
+            for spec in specs:
+                sent_at = time.time()
+                t0 = time.perf_counter()
+                request = P.build_request(
+                    device_id="cam-0001", request_id=f"{i:08x}", pixels=s.pixels, indices=indices,
+                    patch_size=patch, codec=spec.name, codec_params=spec.params, scores=s.scores[indices],
+                    topk_ids=s.topk_ids, topk_probs=s.topk_probs, uncertainty=1.234567,
+                    uncertainty_kind="min_entropy", sent_at=sent_at, deadline=sent_at + 2.0)
+                data = P.encode(request)
+                t1 = time.perf_counter()
+                decoded = P.decode_patches(P.decode_request(data))
+                t2 = time.perf_counter()
+                r = rec[(f, spec.label)]
+                r["bytes"].append(len(data))
+                r["payload"].append(len(request.payload))
+                r["ratio"].append(len(data) / len(jpeg))
+                r["encode_ms"].append((t1 - t0) * 1e3)
+                r["decode_ms"].append((t2 - t1) * 1e3)
+                for key, value in quality(decoded, original, top).items():
+                    r[key].append(value)
+        progress.advance(task)
+    return summarise(dataset, samples, patch, rec, base, fractions)
+
+
+Records = dict[tuple[float, str], dict[str, list[float]]]
+
+
+def summarise(dataset: str, samples: list[Sample], patch: int, rec: Records, base: dict[str, list[float]],
+              fractions: tuple[float, ...]) -> dict[str, Any]:
+    mean = statistics.fmean
+    base_mean = mean(base["bytes"])
+    rows = []
+    for (f, label), r in rec.items():
+        row: dict[str, Any] = {"fraction": f, "codec": label}
+        if "bytes" in r:
+            spec = parse_spec(label)
+            codec = codecs.get_codec(spec.name)
+            params = codec.resolve_params(spec.params)
+            row.update(
+                lossless=codec.lossless, params=params,
+                # Comparable with the baseline: every kept patch at the baseline's quality (or exact).
+                baseline_quality=codec.lossless or (params.get("q") == BASELINE_QUALITY and "q2" not in params),
+                mean_bytes=mean(r["bytes"]), median_bytes=statistics.median(r["bytes"]),
+                mean_payload=mean(r["payload"]), envelope_bytes=mean(r["bytes"]) - mean(r["payload"]),
+                vs_baseline=mean(r["bytes"]) / base_mean, median_ratio=statistics.median(r["ratio"]),
+                encode_ms=mean(r["encode_ms"]), decode_ms=mean(r["decode_ms"]))
+        row.update(psnr_db=mean(r["psnr"]), psnr_top=mean(r["psnr_top"]), psnr_bottom=mean(r["psnr_bottom"]),
+                   ring_mae=mean(r["ring_mae"]), inner_mae=mean(r["inner_mae"]))
+        rows.append(row)
+    h, w, _ = samples[0].pixels.shape
+    return {
+        "dataset": dataset, "images": len(samples), "image": f"{h}x{w}", "patch": patch,
+        "num_patches": (h // patch) * (w // patch), "fractions": list(fractions),
+        "baseline": {"mean_bytes": base_mean, "median_bytes": statistics.median(base["bytes"]),
+                     "mean_bytes_tableless": mean(base["bytes_tableless"]),
+                     "encode_ms": mean(base["encode_ms"]), "decode_ms": mean(base["decode_ms"])},
+        "rows": rows,
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "pillow": Image.__version__ if hasattr(Image, "__version__") else "?",
+            "libjpeg_turbo": features.version("libjpeg_turbo") or features.version("jpg"),
+            "libwebp": features.version("webp"), "loadavg_at_start": os.getloadavg()[0]}
+
+
+def headline(result: dict[str, Any]) -> str:
+    b = result["baseline"]
+    return (f"{result['images']} images, {result['image']}, patch {result['patch']} ({result['num_patches']} "
+            f"patches), selection: {result['selection']}. "
+            f"Baseline: full-image JPEG q{BASELINE_QUALITY} 4:2:0, "
+            f"mean {b['mean_bytes']:.0f} B, median {b['median_bytes']:.0f} B (the same JPEG without its "
+            f"tables: {b['mean_bytes_tableless']:.0f} B); encode {b['encode_ms']:.2f} ms, "
+            f"decode {b['decode_ms']:.2f} ms.")
+
+
+COLUMNS = ("kept", "codec", "mean B", "median B", "mean vs JPEG", "median ratio", "enc ms", "dec ms",
+           "PSNR dB", "PSNR top / bottom half", "ring / inner MAE")
+
+
+def row_cells(r: dict[str, Any]) -> list[str]:
+    kept = f"{r['fraction']:.0%}"
+    if "mean_bytes" not in r:  # the quality reference: no bytes of its own at this fraction
+        return [kept, r["codec"], "", "", "", "", "", "", f"{r['psnr_db']:.2f}",
+                f"{r['psnr_top']:.2f} / {r['psnr_bottom']:.2f}",
+                f"{r['ring_mae']:.2f} / {r['inner_mae']:.2f}"]
+    exact = r["lossless"]
+    return [kept, r["codec"], f"{r['mean_bytes']:.0f}", f"{r['median_bytes']:.0f}", f"{r['vs_baseline']:.1%}",
+            f"{r['median_ratio']:.1%}", f"{r['encode_ms']:.2f}", f"{r['decode_ms']:.2f}",
+            "exact" if exact else f"{r['psnr_db']:.2f}",
+            "exact" if exact else f"{r['psnr_top']:.2f} / {r['psnr_bottom']:.2f}",
+            "0 / 0" if exact else f"{r['ring_mae']:.2f} / {r['inner_mae']:.2f}"]
+
+
+def sorted_rows(result: dict[str, Any], fraction: float) -> list[dict[str, Any]]:
+    rows = [r for r in result["rows"] if r["fraction"] == fraction]
+    return sorted(rows, key=lambda r: r.get("mean_bytes", 0))
+
+
+def print_tables(console: Console, result: dict[str, Any]) -> None:
+    console.print(f"\n[bold]{result['dataset']}[/]: {headline(result)}")
+    for f in result["fractions"]:
+        table = Table(title=f"{result['dataset']}: {f:.0%} of patches kept")
+        for col in COLUMNS:
+            table.add_column(col, justify="left" if col in ("kept", "codec") else "right")
+        for r in sorted_rows(result, f):
+            table.add_row(*row_cells(r))
+        console.print(table)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"**{result['dataset']}**: {headline(result)}", "", "| " + " | ".join(COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for f in result["fractions"]:
+        lines += ["| " + " | ".join(row_cells(r)) + " |" for r in sorted_rows(result, f)]
+    return "\n".join(lines)
+
+
+def acceptance(result: dict[str, Any]) -> list[str]:
+    out = []
+    for f, bound in ((0.75, 1.0), (0.32, 0.45)):
+        rows = [r for r in result["rows"] if r["fraction"] == f and "mean_bytes" in r and r["baseline_quality"]]
+        if not rows:
+            continue
+        best = min(rows, key=lambda r: r["mean_bytes"])
+        ok = best["vs_baseline"] < bound if bound == 1.0 else best["vs_baseline"] <= bound
+        out.append(f"{result['dataset']} {f:.0%} kept: smallest codec at q{BASELINE_QUALITY} for every kept patch: "
+                   f"{best['codec']} {best['mean_bytes']:.0f} B = "
+                   f"{best['vs_baseline']:.1%} of the JPEG baseline (target {'<' if bound == 1.0 else '≤'} "
+                   f"{bound:.0%}): {'PASS' if ok else 'FAIL'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", choices=["imagenet", "cifar10", "both"], default="both")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="images per dataset (default: ImageNet 1000, CIFAR 3000)")
+    ap.add_argument("--codecs", default=" ".join(DEFAULT_CODECS),
+                    help="space-separated codec specs, e.g. 'jpeg jpeg:ss=444 webp'")
+    ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
+    ap.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
+    ap.add_argument("--markdown", type=Path, default=None, help="write markdown tables here")
+    args = ap.parse_args(argv)
+
+    specs = [parse_spec(t) for t in args.codecs.split()]
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    info = machine()
+    console.print(f"machine: {info}")
+    results = []
+    names = ["imagenet", "cifar10"] if args.dataset == "both" else [args.dataset]
+    for name in names:
+        limit = args.limit if args.limit is not None else (1000 if name == "imagenet" else 3000)
+        samples, patch, how = load_samples(name, limit)
+        console.print(f"{name}: patches chosen by {how}")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            result = run_dataset(name, samples, patch, specs, fractions, progress)
+        result["selection"] = how
+        print_tables(console, result)
+        results.append(result)
+    for r in results:
+        for line in acceptance(r):
+            console.print(line)
+    command = "python bench/bytes.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=1))
+    if args.markdown:
+        args.markdown.write_text("\n\n".join([f"`{command}`", *(markdown(r) for r in results),
+                                              *(line for r in results for line in acceptance(r))]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

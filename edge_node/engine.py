@@ -1,0 +1,113 @@
+"""The edge model side of a device: images in, decisions (keep or send which patches) out.
+
+Synchronous and CPU-bound; the fleet runs it in one executor thread, batched across devices.
+Per image: decode + center-crop (the uint8 pixels a device owns), edge ViT forward with CLS
+attention, gate on the logits' uncertainty, select patches by attention score, encode the kept
+patches with the configured codec.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.attention import edge_forward
+from shared.codecs import get_codec
+from shared.config import CodecConfig, GateConfig, SelectionConfig
+from shared.datasets import Sample, crop_uint8, decode_rgb, normalize
+from shared.gates import Gate
+from shared.models import LoadedModel
+from shared.scores import scores_from_output
+from shared.selection import SelectionRule, select_batch
+
+TOPK = 5
+
+
+@dataclass(frozen=True)
+class EdgeDecision:
+    """What the edge made of one image. ``payload`` and ``indices`` are set only when ``send``."""
+
+    edge_label: int
+    topk_ids: tuple[int, ...]
+    topk_probs: tuple[float, ...]
+    uncertainty: float
+    send: bool
+    height: int
+    width: int
+    patch_size: int
+    num_patches: int
+    indices: np.ndarray | None = None
+    payload: bytes | None = None
+    edge_ms: float = 0.0  # this image's share of the batch's edge compute
+
+    @property
+    def kept(self) -> int:
+        return 0 if self.indices is None else int(self.indices.size)
+
+
+def codec_params(config: CodecConfig) -> dict[str, int]:
+    """The codec config as wire params: ``quality`` goes to codecs that have a ``q`` parameter."""
+    codec = get_codec(config.name)
+    keys = {spec.key for spec in codec.param_specs}
+    return codec.resolve_params({"q": config.quality} if "q" in keys else {})
+
+
+class EdgeEngine:
+    """A loaded edge ViT with the gate, selection rule and codec a device applies."""
+
+    def __init__(self, loaded: LoadedModel, gate: GateConfig, selection: SelectionConfig,
+                 codec: CodecConfig) -> None:
+        self.loaded = loaded
+        self.model = loaded.model.eval()
+        self.gate = Gate(gate.kind, gate.threshold)
+        self.rule = SelectionRule(selection.rule, selection.value)
+        self.score_kind = selection.score
+        self.codec = get_codec(codec.name)
+        self.codec_name = codec.name
+        self.codec_params = codec_params(codec)
+        self.patch_size = loaded.patch_size
+        self.num_patches = loaded.num_patches
+
+    def pixels(self, sample: Sample) -> np.ndarray:
+        """(H, W, 3) uint8: the cropped image as the device holds it."""
+        return crop_uint8(decode_rgb(sample.data), self.loaded.preprocess)
+
+    def run(self, samples: Sequence[Sample]) -> list[EdgeDecision]:
+        started = time.perf_counter()
+        pixels = [self.pixels(s) for s in samples]
+        images = normalize(torch.from_numpy(np.stack(pixels)), self.loaded.preprocess)
+        with torch.inference_mode():
+            out = edge_forward(self.model, images, all_layers=self.score_kind == "rollout")
+            logits = out.logits.float()
+            scores = scores_from_output(out, self.score_kind)
+            send = self.gate.should_send(logits)
+            unc = self.gate.uncertainty(logits)
+            probs = torch.softmax(logits, dim=-1)
+            top_p, top_i = probs.topk(min(TOPK, probs.shape[-1]), dim=-1)
+        chosen = send.nonzero().flatten().tolist()
+        selections = dict(zip(chosen, select_batch(scores[chosen], self.rule), strict=True)) if chosen else {}
+        h, w = pixels[0].shape[:2]
+        decisions = []
+        for i, px in enumerate(pixels):
+            ids = tuple(int(v) for v in top_i[i])
+            indices = payload = None
+            if i in selections:
+                indices = np.asarray(selections[i].indices, dtype=np.int64)
+                kept_scores = scores[i].numpy().astype(np.float64)[indices]
+                payload = self.codec.encode(px, indices, self.patch_size, self.codec_params, scores=kept_scores)
+            decisions.append(EdgeDecision(
+                edge_label=ids[0], topk_ids=ids, topk_probs=tuple(float(v) for v in top_p[i]),
+                uncertainty=float(unc[i]), send=i in selections, height=h, width=w, patch_size=self.patch_size,
+                num_patches=self.num_patches, indices=indices, payload=payload))
+        share = (time.perf_counter() - started) * 1000.0 / max(len(samples), 1)
+        return [_with_ms(d, share) for d in decisions]
+
+
+def _with_ms(decision: EdgeDecision, ms: float) -> EdgeDecision:
+    from dataclasses import replace
+
+    return replace(decision, edge_ms=ms)

@@ -1,0 +1,149 @@
+"""The server model side of a worker: decoded patch sets in, logits out. Synchronous, torch only.
+
+Runs in the worker's single inference thread. Each call embeds every patch of the batch in one
+matrix product (the patch-embed conv is a linear map of one patch's pixels), splits the tokens
+per request and runs them through the blocks under the configured batching policy:
+
+* ``packed``: :func:`shared.packing.forward_token_sets` — all real tokens in one (T, D) matrix,
+  attention per request; no padding at all.
+* ``padded``: requests grouped by similar length with :func:`shared.packing.plan_batches`
+  (``pad_to_max``: the padded cost is what counts against ``max_tokens``), each group padded to its
+  longest set with a key-padding mask (the reference path of :mod:`shared.subset`).
+* ``sequential``: one request at a time (the baseline the others are measured against).
+
+Precision: ``bf16`` runs under CPU autocast (matrix products in bf16 on AMX/AVX512-BF16; norms and
+softmax stay float32), ``fp32`` plainly; ``auto`` picks bf16 only where the CPU has native bf16
+(emulated bf16 is slower than fp32). Everything runs under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from shared.config import BatchingConfig
+from shared.datasets import normalize
+from shared.errors import InferenceError, ModelError
+from shared.models import LoadedModel
+from shared.packing import forward_token_sets, plan_batches
+from shared.subset import embed_patches
+
+Precision = Literal["bf16", "fp32"]
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (elsewhere bf16 is emulated and slower than fp32)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(setting: str) -> Precision:
+    if setting == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if setting in ("bf16", "fp32"):
+        return setting  # type: ignore[return-value]
+    raise ModelError(f"unknown precision {setting!r}; expected auto, bf16 or fp32")
+
+
+def configure_threads(threads: int) -> int:
+    """Set torch's intra-op threads deliberately (0: one per core); returns the number in use."""
+    import os
+
+    wanted = threads if threads > 0 else (os.cpu_count() or 1)
+    torch.set_num_threads(wanted)
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+        torch.set_num_interop_threads(1)
+    return torch.get_num_threads()
+
+
+@dataclass(frozen=True)
+class PatchSet:
+    """One request's kept patches (K, p, p, 3) uint8 and their grid indices (K,) int64, sorted."""
+
+    patches: np.ndarray
+    indices: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.patches.ndim != 4 or self.patches.shape[-1] != 3 or self.patches.dtype != np.uint8:
+            raise ValueError(f"patches must be (K, p, p, 3) uint8, got {self.patches.shape} "
+                             f"{self.patches.dtype}")
+        if self.indices.shape != (self.patches.shape[0],):
+            raise ValueError(f"{self.indices.shape[0]} indices for {self.patches.shape[0]} patches")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens this set costs in a batch: its patches plus CLS."""
+        return int(self.patches.shape[0]) + 1
+
+
+class ServerEngine:
+    """A loaded server ViT plus the policy and precision it serves with."""
+
+    def __init__(self, loaded: LoadedModel, batching: BatchingConfig, precision: Precision = "fp32") -> None:
+        self.loaded = loaded
+        self.model = loaded.model.eval()
+        self.batching = batching
+        self.precision = precision
+        self.patch_size = loaded.patch_size
+        self.num_patches = loaded.num_patches
+        self.input_size = loaded.preprocess.input_size
+        if batching.policy == "packed":
+            from shared.packing import check_packable
+
+            check_packable(self.model)  # fail at start-up, not at the first request
+
+    @contextlib.contextmanager
+    def _mode(self) -> Iterator[None]:
+        with torch.inference_mode():
+            if self.precision == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    yield
+            else:
+                yield
+
+    def _token_sets(self, sets: Sequence[PatchSet]) -> list[torch.Tensor]:
+        pre = self.loaded.preprocess
+        pixels = torch.from_numpy(np.concatenate([s.patches for s in sets], axis=0))  # (ΣK, p, p, 3)
+        patches = normalize(pixels, pre)  # (ΣK, 3, p, p) float32
+        indices = torch.from_numpy(np.concatenate([s.indices for s in sets]).astype(np.int64))
+        embedded = embed_patches(self.model, patches.unsqueeze(0), indices.unsqueeze(0))[0]
+        return list(torch.split(embedded, [int(s.patches.shape[0]) for s in sets], dim=0))
+
+    def logits(self, sets: Sequence[PatchSet]) -> torch.Tensor:
+        """Float32 logits (B, C) for B patch sets, in input order."""
+        if not sets:
+            return torch.zeros(0, self.loaded.num_classes)
+        policy = self.batching.policy
+        with self._mode():
+            tokens = self._token_sets(sets)
+            if policy != "padded":
+                return forward_token_sets(self.model, tokens, policy).float()
+            out = torch.empty(len(sets), self.loaded.num_classes)
+            groups = plan_batches([t.shape[0] for t in tokens], self.batching.max_batch,
+                                  self.batching.max_tokens, pad_to_max=True)
+            for group in groups:
+                out[group] = forward_token_sets(self.model, [tokens[i] for i in group], "padded").float()
+            return out
+
+    def logits_checked(self, sets: Sequence[PatchSet]) -> torch.Tensor:
+        """:meth:`logits`, with any failure (shape, memory, NaN output) as :class:`InferenceError`."""
+        try:
+            out = self.logits(sets)
+        except Exception as exc:
+            raise InferenceError(f"server forward failed on a batch of {len(sets)}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        if not bool(torch.isfinite(out).all()):
+            raise InferenceError("server model produced non-finite logits")
+        return out

@@ -1,0 +1,405 @@
+"""The inference worker: one process, one MQTT client, one inference thread.
+
+Flow of one request::
+
+    shared subscription ─▶ _on_message (event loop, cheap): decode + validate the msgpack request,
+        check topic/geometry, start pixel decoding on the decode thread, submit to the batcher
+        (bounded: full → 'busy' error reply)
+    batcher ─▶ inference thread: wait for the batch's pixels, embed, forward (packed/padded), top-k
+    ─▶ outbox ─▶ sender: Reply/ErrorReply to the request's response topic with its correlation data
+
+Malformed input never stops the worker: every failure becomes an ErrorReply with the error's code
+(to the response topic when the request named one, else to the worker's errors topic) and a count.
+Background loops run in one TaskGroup with task names; :meth:`InferenceWorker.stop` (SIGTERM,
+SIGINT) unsubscribes, drains the queue within ``shutdown_grace_s``, publishes offline
+availability and leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from inference_worker.batcher import Batcher
+from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
+from inference_worker.prometheus import serve_prometheus
+from inference_worker.stats import WorkerStats
+from shared.config import Config
+from shared.errors import BadGeometryError, BadTopicError, BusyError, PatchCastError, ProtocolError
+from shared.logs import get_logger
+from shared.models import LoadedModel, build_model
+from shared.naming import default_worker_id, model_id
+from shared.protocol import (
+    DEFAULT_LIMITS,
+    Availability,
+    ErrorReply,
+    Message,
+    PatchRequest,
+    ProtocolLimits,
+    Reply,
+    WorkerMetrics,
+    decode_patches,
+    decode_request,
+    encode,
+)
+from shared.topics import V1, Topics
+from shared.transport import Incoming, Outgoing, Transport
+
+TOPK = 5
+_BUSY_LOG_EVERY_S = 5.0  # 'busy' refusals are logged at most this often (with the count since)
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """A validated request waiting for inference; its pixels decode on the decode thread meanwhile."""
+
+    request: PatchRequest
+    pixels: Future[np.ndarray]
+    indices: np.ndarray
+    response_topic: str
+    correlation: bytes | None
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: int
+    topk_ids: tuple[int, ...]
+    topk_probs: tuple[float, ...]
+    batch_started: float  # monotonic
+    infer_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    topic: str
+    correlation: bytes | None
+    message: Message | None  # None: a Reply built from ``prediction`` at publish time
+    arrived: float | None = None  # for service time; None for refusals of unreadable requests
+    item: WorkItem | None = None
+    prediction: Prediction | None = None
+
+
+class InferenceWorker:
+    """A pool member. Build with a loaded server model; run :meth:`run` until :meth:`stop`."""
+
+    def __init__(self, config: Config, server: LoadedModel, *, worker_id: str | None = None,
+                 topics: Topics = V1, limits: ProtocolLimits = DEFAULT_LIMITS) -> None:
+        self.config = config
+        self.worker_id = worker_id or config.worker.worker_id or default_worker_id()
+        self.model_id = model_id(config.models.server, config.models.model_id)
+        self.topics = topics
+        self.limits = limits
+        self.precision = resolve_precision(config.worker.precision)
+        self.engine = ServerEngine(server, config.batching, self.precision)
+        self.stats = WorkerStats()
+        self.log = get_logger("patchcast.worker", worker_id=self.worker_id, model=self.model_id)
+        self.subscription = topics.worker_subscription(config.worker.group, self.model_id)
+        availability = topics.availability("worker", self.worker_id)
+        self.transport = Transport(
+            config.broker, client_id=f"worker-{self.worker_id}", handler=self._on_message,
+            will=Outgoing(availability, self._availability("offline"), qos=1, retain=True),
+            birth=[Outgoing(availability, self._availability("online"), qos=1, retain=True)],
+            max_in_flight=config.worker.max_publish_in_flight, log_context={"worker_id": self.worker_id})
+        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._decode_pool = ThreadPoolExecutor(max_workers=config.worker.decode_threads,
+                                               thread_name_prefix="decode")
+        self.batcher: Batcher[WorkItem, Prediction] = Batcher(
+            self._run_batch, config.batching, capacity=config.worker.queue_capacity,
+            executor=self._infer_pool, on_batch=self.stats.on_batch)
+        # Replies plus refusals: bounded by the queue capacity and the broker's inflight window in
+        # normal operation; the cap only matters under a flood of unreadable messages.
+        self._outbox: asyncio.Queue[OutboxEntry] = asyncio.Queue(
+            maxsize=4 * config.worker.queue_capacity + 64)
+        self._publish_slots = asyncio.Semaphore(config.worker.max_publish_in_flight)
+        self._stop = asyncio.Event()
+        self._accepting = True
+        self._busy_since_log = 0
+        self._busy_logged_at = 0.0
+        self._sending = 0  # replies being published right now
+        self._sent_all = asyncio.Event()
+        self._sent_all.set()
+        self.ready = asyncio.Event()  # set once subscribed: requests are being served
+        self.last_metrics: WorkerMetrics | None = None
+
+    # ---- wire helpers ------------------------------------------------------------------------
+    def _availability(self, state: str) -> bytes:
+        return encode(Availability("worker", self.worker_id, state, time.time()))  # type: ignore[arg-type]
+
+    def _refuse(self, msg: Incoming, request_id: str | None, exc: PatchCastError | Exception) -> None:
+        """Answer a request that will not be served; never raises."""
+        code = getattr(exc, "code", "internal")
+        self.stats.on_error(code)
+        if code == "busy":
+            self._busy_since_log += 1
+            now = time.monotonic()
+            if now - self._busy_logged_at >= _BUSY_LOG_EVERY_S:
+                self.log.warning("requests_refused_busy", count=self._busy_since_log,
+                                 queue_capacity=self.config.worker.queue_capacity)
+                self._busy_since_log, self._busy_logged_at = 0, now
+        else:
+            self.log.info("request_refused", code=code, error=str(exc)[:200], topic=msg.topic,
+                          request_id=request_id)
+        reply = ErrorReply.from_error(exc, request_id=request_id, worker_id=self.worker_id)
+        # Without a response topic the device cannot be told; the errors topic keeps it visible.
+        topic = msg.response_topic or self.topics.errors("worker", self.worker_id)
+        self._post(OutboxEntry(topic, msg.correlation_data, reply))
+
+    def _post(self, entry: OutboxEntry) -> None:
+        try:
+            self._outbox.put_nowait(entry)
+        except asyncio.QueueFull:
+            self.stats.on_error("reply_dropped")
+
+    # ---- intake (event loop; must stay cheap) ------------------------------------------------
+    def _on_message(self, msg: Incoming) -> None:
+        request_id: str | None = None
+        try:
+            request = decode_request(msg.payload, limits=self.limits)
+            request_id = request.request_id
+            _model, device = self.topics.parse_request(msg.topic)
+            if device != request.device_id:
+                raise BadTopicError(f"request from {request.device_id!r} published on {device!r}'s topic")
+            if request.patch_size != self.engine.patch_size or (request.height, request.width) != (
+                    self.engine.input_size, self.engine.input_size):
+                size = self.engine.input_size
+                raise BadGeometryError(
+                    f"request is {request.height}×{request.width} in {request.patch_size}-pixel patches; "
+                    f"this worker's model takes {size}×{size} in {self.engine.patch_size}-pixel patches")
+            if msg.response_topic is None:
+                raise BadTopicError("request has no response topic")
+            if not self._accepting:
+                raise PatchCastError("worker is shutting down", code="shutdown")
+        except (ProtocolError, PatchCastError) as exc:
+            self._refuse(msg, request_id, exc)
+            return
+        indices = request.indices
+        deadline = None
+        if request.deadline is not None:  # device wall clock → this host's monotonic clock
+            deadline = time.monotonic() + (request.deadline - time.time())
+        pixels = self._decode_pool.submit(decode_patches, request)
+        item = WorkItem(request, pixels, indices, msg.response_topic, msg.correlation_data, msg.received_at)
+        try:
+            future = self.batcher.submit_nowait(item, int(indices.size) + 1, deadline=deadline)
+        except BusyError as exc:
+            pixels.cancel()
+            self._refuse(msg, request_id, exc)
+            return
+        self.stats.on_request()
+        future.add_done_callback(lambda f, it=item: self._on_done(it, f))  # type: ignore[misc]
+
+    def _on_done(self, item: WorkItem, future: asyncio.Future[Prediction]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        rid = item.request.request_id
+        if exc is not None:
+            code = getattr(exc, "code", "internal")
+            self.stats.on_error(code)
+            if code not in ("expired", "bad_payload"):
+                self.log.warning("request_failed", request_id=rid, code=code, error=str(exc)[:300])
+            error = exc if isinstance(exc, Exception) else Exception(exc)
+            reply = ErrorReply.from_error(error, request_id=rid, worker_id=self.worker_id)
+            self._post(OutboxEntry(item.response_topic, item.correlation, reply, arrived=item.arrived))
+            return
+        prediction = future.result()
+        # The Reply itself is built at publish time so that total_ms covers the wait in the outbox.
+        self._post(OutboxEntry(item.response_topic, item.correlation, None, arrived=item.arrived, item=item,
+                               prediction=prediction))
+
+    # ---- inference thread --------------------------------------------------------------------
+    def _run_batch(self, items: Sequence[WorkItem]) -> list[Prediction | PatchCastError]:
+        started = time.monotonic()
+        results: list[Prediction | PatchCastError | None] = [None] * len(items)
+        sets: list[PatchSet] = []
+        positions: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                sets.append(PatchSet(item.pixels.result(), item.indices))
+                positions.append(i)
+            except ProtocolError as exc:  # one bad payload fails its request only
+                results[i] = exc
+        if sets:
+            t0 = time.perf_counter()
+            logits = self.engine.logits_checked(sets)  # InferenceError fails the whole batch
+            infer_ms = (time.perf_counter() - t0) * 1000.0
+            probs = torch.softmax(logits, dim=-1)
+            k = min(TOPK, probs.shape[-1])
+            top_p, top_i = probs.topk(k, dim=-1)
+            for row, i in enumerate(positions):
+                ids = tuple(int(v) for v in top_i[row])
+                results[i] = Prediction(label=ids[0], topk_ids=ids,
+                                        topk_probs=tuple(float(v) for v in top_p[row]),
+                                        batch_started=started, infer_ms=infer_ms, batch_size=len(sets))
+        return [r if r is not None else PatchCastError("no result", code="internal") for r in results]
+
+    # ---- background loops --------------------------------------------------------------------
+    async def _send(self, entry: OutboxEntry) -> None:
+        try:
+            message = entry.message
+            if message is None and entry.prediction is not None and entry.item is not None:
+                p, arrived = entry.prediction, entry.item.arrived
+                now = time.monotonic()
+                message = Reply(
+                    request_id=entry.item.request.request_id, label=p.label, topk_ids=p.topk_ids,
+                    topk_probs=p.topk_probs, queue_ms=max(0.0, (p.batch_started - arrived) * 1000.0),
+                    infer_ms=p.infer_ms, total_ms=max(0.0, (now - arrived) * 1000.0),
+                    worker_id=self.worker_id, batch_size=p.batch_size)
+            assert message is not None
+            await self.transport.publish(entry.topic, encode(message, limits=self.limits), qos=1,
+                                         correlation_data=entry.correlation)
+            if isinstance(message, Reply) and entry.arrived is not None:
+                self.stats.on_reply(time.monotonic() - entry.arrived)
+        except PatchCastError as exc:
+            self.stats.on_error("reply_failed")
+            self.log.warning("reply_failed", topic=entry.topic, code=exc.code, error=exc.message)
+        finally:
+            self._publish_slots.release()
+            self._sending -= 1
+            if self._sending == 0:
+                self._sent_all.set()
+
+    async def _sender_loop(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                entry = await self._outbox.get()
+                await self._publish_slots.acquire()
+                self._sending += 1
+                self._sent_all.clear()
+                tg.create_task(self._send(entry), name="reply")
+                self._outbox.task_done()
+
+    def metrics_message(self) -> WorkerMetrics:
+        now = time.monotonic()
+        f = self.stats.drain(now)
+        return WorkerMetrics(
+            worker_id=self.worker_id, model=self.model_id, at=time.time(), window_s=f.window_s,
+            queue_depth=self.batcher.depth, queue_capacity=self.config.worker.queue_capacity,
+            oldest_queued_ms=self.batcher.oldest_age_s(now) * 1000.0, requests=f.requests_total,
+            requests_per_s=f.requests_per_s, batches=f.batches, batch_size_mean=f.batch_size_mean,
+            batch_size_max=f.batch_size_max, tokens_per_batch_mean=f.tokens_per_batch_mean,
+            busy_fraction=f.busy_fraction, service_ms_p50=f.service_p50_ms, service_ms_p95=f.service_p95_ms,
+            service_ms_p99=f.service_p99_ms, errors_by_code=f.errors_by_code)
+
+    async def _metrics_loop(self) -> None:
+        topic = self.topics.metrics("worker", self.worker_id)
+        while True:
+            await asyncio.sleep(self.config.worker.metrics_interval_s)
+            self.last_metrics = self.metrics_message()
+            try:
+                await self.transport.publish(topic, encode(self.last_metrics), qos=0, retain=True)
+            except PatchCastError as exc:
+                self.log.warning("metrics_publish_failed", code=exc.code, error=exc.message)
+
+    async def _subscribe(self) -> None:
+        # Registered before the first connect: the transport subscribes, then announces 'online',
+        # so online availability means "serving"; it re-subscribes after every reconnect.
+        await self.transport.subscribe(self.subscription, qos=1)
+        await self.transport.wait_connected(math.inf)
+        self.ready.set()
+        self.log.info("worker_ready", subscription=self.subscription, precision=self.precision,
+                      policy=self.config.batching.policy, threads=torch.get_num_threads())
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the worker to shut down gracefully (safe from a signal handler on the loop)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`; then drain, say offline, disconnect."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                subscribe = tg.create_task(self._subscribe(), name="subscribe")
+                loops = [tg.create_task(self.transport.run(), name="mqtt"),
+                         tg.create_task(self.batcher.run(), name="batcher"),
+                         tg.create_task(self._sender_loop(), name="sender"),
+                         tg.create_task(self._metrics_loop(), name="metrics")]
+                if self.config.worker.metrics_port:
+                    loops.append(tg.create_task(serve_prometheus(self, self.config.worker.metrics_port),
+                                                name="prometheus"))
+                await self._stop.wait()
+                subscribe.cancel()
+                await self._shutdown()
+                for task in loops:
+                    task.cancel()
+        finally:
+            self._infer_pool.shutdown(wait=True, cancel_futures=True)
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _shutdown(self) -> None:
+        grace = self.config.worker.shutdown_grace_s
+        self.log.info("worker_stopping", queued=self.batcher.depth, grace_s=grace)
+        with contextlib.suppress(PatchCastError):
+            await self.transport.unsubscribe(self.subscription)  # no new work from the pool
+        # Messages the broker had already sent us are still accepted and answered.
+        await asyncio.sleep(0.05)
+        self._accepting = False
+        try:
+            async with asyncio.timeout(grace):
+                await self.batcher.wait_idle()
+                await self._outbox.join()
+                await self._sent_all.wait()
+        except TimeoutError:
+            failed = self.batcher.fail_all(PatchCastError("worker shut down before serving it",
+                                                          code="shutdown"))
+            self.log.warning("shutdown_grace_expired", unanswered=failed)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._outbox.join()
+        await self.transport.close([Outgoing(self.topics.availability("worker", self.worker_id),
+                                             self._availability("offline"), qos=1, retain=True)])
+        self.log.info("worker_stopped", replies=self.stats.replies, errors=dict(self.stats.errors_by_code))
+
+
+def load_server(config: Config) -> LoadedModel:
+    return build_model(config.models.server, pretrained=config.models.pretrained, role="server")
+
+
+async def run_worker(config: Config, *, server: LoadedModel | None = None, worker_id: str | None = None,
+                     handle_signals: bool = True, started: asyncio.Event | None = None,
+                     stop: asyncio.Event | None = None) -> InferenceWorker:
+    """Load the server model (unless given), serve until SIGTERM/SIGINT (or ``stop`` is set), then
+    shut down gracefully and return the worker (its ``stats`` hold the run's counters).
+
+    The entry point for ``patchcast worker`` and for supervisors that run workers in-process.
+    ``started`` is set once the worker is subscribed and serving.
+    """
+    configure_threads(config.worker.threads)
+    if server is None:
+        server = await asyncio.to_thread(load_server, config)
+    worker = InferenceWorker(config, server, worker_id=worker_id)
+    loop = asyncio.get_running_loop()
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+
+    async def announce_ready(event: asyncio.Event) -> None:
+        await worker.ready.wait()
+        event.set()
+
+    async def stop_when(event: asyncio.Event) -> None:
+        await event.wait()
+        worker.stop()
+
+    control = [asyncio.create_task(announce_ready(started), name="worker-ready")] if started is not None else []
+    if stop is not None:
+        control.append(asyncio.create_task(stop_when(stop), name="worker-stop"))
+    try:
+        await worker.run()
+    finally:
+        for task in control:
+            task.cancel()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    return worker

@@ -1,0 +1,106 @@
+"""Worker statistics: counters since start plus a window that each metrics message drains.
+
+Pure bookkeeping on the event loop (no locks: every call happens on the loop thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference_worker.batcher import BatchReport
+
+_RECENT = 4096  # service times kept for percentiles (the most recent ones)
+
+
+def percentiles(values: list[float] | collections.deque[float], qs: tuple[float, ...]) -> list[float]:
+    if not values:
+        return [0.0 for _ in qs]
+    arr = np.fromiter(values, dtype=np.float64)
+    return [float(v) for v in np.percentile(arr, [q * 100 for q in qs])]
+
+
+@dataclass
+class WindowStats:
+    """Since the previous metrics message."""
+
+    started: float = field(default_factory=time.monotonic)
+    requests: int = 0  # accepted into the queue
+    replies: int = 0  # successful replies published
+    batches: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    batch_tokens: list[int] = field(default_factory=list)
+    busy_s: float = 0.0
+    service_s: list[float] = field(default_factory=list)  # arrival → reply published
+
+
+@dataclass
+class WorkerStats:
+    started: float = field(default_factory=time.monotonic)
+    requests: int = 0
+    replies: int = 0
+    batches: int = 0
+    errors_by_code: collections.Counter[str] = field(default_factory=collections.Counter)
+    recent_service_s: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=_RECENT))
+    window: WindowStats = field(default_factory=WindowStats)
+
+    def on_request(self) -> None:
+        self.requests += 1
+        self.window.requests += 1
+
+    def on_batch(self, report: BatchReport) -> None:
+        self.batches += 1
+        w = self.window
+        w.batches += 1
+        w.batch_sizes.append(report.size)
+        w.batch_tokens.append(report.tokens)
+        w.busy_s += report.run_s
+
+    def on_reply(self, service_s: float) -> None:
+        self.replies += 1
+        self.window.replies += 1
+        self.window.service_s.append(service_s)
+        self.recent_service_s.append(service_s)
+
+    def on_error(self, code: str) -> None:
+        self.errors_by_code[code] += 1
+
+    def drain(self, now: float | None = None) -> WindowFigures:
+        """Figures for one metrics message; starts a new window."""
+        now = time.monotonic() if now is None else now
+        w = self.window
+        elapsed = max(now - w.started, 1e-9)
+        service = w.service_s or list(self.recent_service_s)
+        p50, p95, p99 = percentiles(service, (0.5, 0.95, 0.99))
+        sizes = w.batch_sizes
+        self.window = WindowStats(started=now)
+        return WindowFigures(
+            window_s=elapsed, requests_per_s=w.requests / elapsed, replies_per_s=w.replies / elapsed,
+            batches=w.batches, batch_size_mean=float(np.mean(sizes)) if sizes else 0.0,
+            batch_size_max=max(sizes) if sizes else 0,
+            tokens_per_batch_mean=float(np.mean(w.batch_tokens)) if w.batch_tokens else 0.0,
+            busy_fraction=min(1.0, w.busy_s / elapsed), service_p50_ms=p50 * 1000.0,
+            service_p95_ms=p95 * 1000.0, service_p99_ms=p99 * 1000.0, requests_total=self.requests,
+            replies_total=self.replies, errors_by_code=dict(self.errors_by_code))
+
+
+@dataclass(frozen=True)
+class WindowFigures:
+    window_s: float
+    requests_per_s: float
+    replies_per_s: float
+    batches: int
+    batch_size_mean: float
+    batch_size_max: int
+    tokens_per_batch_mean: float
+    busy_fraction: float
+    service_p50_ms: float
+    service_p95_ms: float
+    service_p99_ms: float
+    requests_total: int
+    replies_total: int
+    errors_by_code: dict[str, int]

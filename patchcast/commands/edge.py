@@ -1,0 +1,81 @@
+"""``patchcast edge``: a fleet of simulated edge devices (one process, one shared edge model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from patchcast.commands.worker import add_broker_args, broker_overrides
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "edge", help="simulate N edge devices: edge ViT, gate, patch selection, requests over MQTT",
+        description="Run N simulated devices in one process. Each has its own MQTT client id and reply topic "
+        "and walks its own slice of the image source; they share one edge model, batched across devices in "
+        "one thread. Per image: edge ViT → gate (send when uncertainty ≥ η) → select patches → encode → "
+        "publish → await the reply (timeout → keep the edge label). Prints a JSON summary at the end "
+        "(images, sent fraction, patch fraction, bytes, accuracy edge-only/collaborative when labels are "
+        "known, latency percentiles, timeouts, errors).")
+    add_broker_args(p)
+    p.add_argument("--devices", type=int, help="simulated devices (edge.devices)")
+    p.add_argument("--rate", type=float, help="images per second per device, 0 = as fast as replies allow "
+                   "(edge.rate_hz)")
+    p.add_argument("--source", help="images: folder, ImageFolder tree, tar, labels.csv folder or one file; "
+                   "relative paths resolve under $PATCHCAST_DATA (edge.source)")
+    p.add_argument("--duration", type=float, help="seconds to run, looping over the source (edge.duration_s)")
+    p.add_argument("--limit", type=int, help="images per device (edge.limit; 0 = the whole source)")
+    p.add_argument("--max-in-flight", type=int, help="requests awaiting a reply per device (edge.max_in_flight)")
+    p.add_argument("--reply-timeout", type=float, help="seconds before keeping the edge label (edge.reply_timeout_s)")
+    p.add_argument("--retries", type=int, help="re-sends after a timeout or 'busy' (edge.retries)")
+    p.add_argument("--edge-model", help="edge model reference (models.edge)")
+    p.add_argument("--server-model", help="server model reference, only to derive the topic's model id "
+                   "(models.server)")
+    p.add_argument("--model-id", help="model id in request topics (models.model_id)")
+    p.add_argument("--threshold", type=float, help="gate threshold η (gate.threshold)")
+    p.add_argument("--rule", choices=["topk", "threshold", "sum_threshold", "random_k"], help="selection.rule")
+    p.add_argument("--value", type=float, help="selection.value (k, δ or δ_sum)")
+    p.add_argument("--codec", help="patch codec (codec.name)")
+    p.add_argument("--quality", type=int, help="codec quality (codec.quality)")
+    p.add_argument("--no-outcomes", action="store_true", help="do not publish a per-image Outcome message")
+    p.add_argument("--summary", type=Path, help="also write the JSON summary to this file")
+    p.add_argument("--outcomes-jsonl", type=Path, help="write every outcome record as JSON lines")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    from dataclasses import asdict
+
+    from edge_node.fleet import run_fleet
+    from shared.config import load_config
+    from shared.logs import configure
+
+    overrides = broker_overrides(args)
+    overrides["edge"] = {"devices": args.devices, "rate_hz": args.rate, "source": args.source,
+                         "duration_s": args.duration, "limit": args.limit, "max_in_flight": args.max_in_flight,
+                         "reply_timeout_s": args.reply_timeout, "retries": args.retries,
+                         "publish_outcomes": False if args.no_outcomes else None}
+    overrides["models"] = {"edge": args.edge_model, "server": args.server_model, "model_id": args.model_id}
+    overrides["gate"] = {"threshold": args.threshold}
+    overrides["selection"] = {"rule": args.rule, "value": args.value}
+    overrides["codec"] = {"name": args.codec, "quality": args.quality}
+    cfg = load_config(args.config, overrides=overrides)
+    configure(cfg.logging.format, cfg.logging.level)
+    result = asyncio.run(run_fleet(cfg, handle_signals=True))
+    text = json.dumps(result.summary, indent=2)
+    print(text)
+    if args.summary:
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(text + "\n")
+    if args.outcomes_jsonl:
+        args.outcomes_jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.outcomes_jsonl, "w") as f:
+            for record in result.outcomes:
+                f.write(json.dumps(asdict(record)) + "\n")
+    if result.summary["images"] == 0:
+        print("patchcast edge: no image was processed", file=sys.stderr)
+        return 1
+    return 0

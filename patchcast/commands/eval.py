@@ -1,0 +1,127 @@
+"""``patchcast eval``: accuracy / communication trade-off curves offline (see :mod:`patchcast.eval`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from shared.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="sweep selection rules, scores, gates and thresholds offline; CSV, plots, tables",
+        description="Run the edge and the server model once over a labelled dataset (cached), then sweep "
+        "selection rule (top-k, threshold δ, sum-threshold δ_sum) × score (mean attention, rollout, server "
+        "attention, random) × gate (min-entropy, Shannon, margin) × threshold η. Writes OUT/points.csv, "
+        "plots (paper Figs. 8, 11–14), Tables II–III and OUT/report.md with the cheapest point within "
+        "--max-loss of server-only accuracy. ImageNet with DeiT: --edge timm:deit_tiny_patch16_224 "
+        "--server timm:deit_base_patch16_224 --pretrained --data /path/to/imagenet/val",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="cifar10/test.tar",
+                   help="labelled images: ImageFolder tree, tar of one, or a folder with labels.csv "
+                   "(relative paths resolve under $PATCHCAST_DATA)")
+    p.add_argument("--edge", default="zoo:cifar10-edge", help="edge model (zoo:NAME, timm:NAME, file:PATH)")
+    p.add_argument("--server", default="zoo:cifar10-server",
+                   help="server model (zoo:NAME, timm:NAME, file:PATH)")
+    p.add_argument("--pretrained", action="store_true", help="timm: models load their official weights")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate a fixed seeded spread of N images (not the first N: a sorted tar starts "
+                   "with one class)")
+    p.add_argument("--out", default="reports/eval", help="results folder")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: OUT/cache)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument("--sweep", choices=("full", "quick"), default="full",
+                   help="quick: 2–3 values per rule and a coarse η grid (smoke tests)")
+    p.add_argument("--no-rollout", action="store_true", help="skip attention rollout scores")
+    p.add_argument("--no-server-encoder", action="store_true",
+                   help="skip the server-attention selections (Fig. 14)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="model arithmetic; auto = bf16 autocast where the CPU has AMX")
+    p.add_argument("--batch-size", type=int, default=64, help="images per full-image forward")
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="padded tokens per server forward on selected patches (small forwards are fastest "
+                   "on CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all free cores, 1 on a busy machine)")
+    p.add_argument("--codec", default="jpeg", help="patch codec whose bytes are measured (see shared.codecs)")
+    p.add_argument("--codec-param", action="append", default=[], metavar="KEY=INT",
+                   help="codec parameter, repeatable (e.g. q=90); codec defaults otherwise")
+    p.add_argument("--bytes-sample", type=int, default=256,
+                   help="images whose selections are actually encoded to measure bytes")
+    p.add_argument("--max-loss", type=float, default=1.0,
+                   help="accuracy points below server-only the recommended operating point may lose")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the --limit spread, random patches and byte sample")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(handler=run)
+
+
+def _codec_params(items: list[str]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--codec-param {item!r}: expected KEY=INT")
+        try:
+            out.append((key.strip(), int(value)))
+        except ValueError as exc:
+            raise ConfigError(f"--codec-param {item!r}: value must be an integer") from exc
+    return tuple(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from patchcast.eval import EvalConfig, run_eval
+
+    if args.limit is not None and args.limit <= 0:
+        raise ConfigError("--limit must be positive")
+    cfg = EvalConfig(
+        data=args.data, edge=args.edge, server=args.server, pretrained=args.pretrained, limit=args.limit,
+        out=args.out, cache_dir=args.cache_dir, use_cache=not args.no_cache, sweep=args.sweep,
+        rollout=not args.no_rollout, server_encoder=not args.no_server_encoder, precision=args.precision,
+        batch_size=args.batch_size, max_tokens=args.max_tokens, threads=args.threads, codec=args.codec,
+        codec_params=_codec_params(args.codec_param), bytes_sample=args.bytes_sample, max_loss=args.max_loss,
+        seed=args.seed, plots=not args.no_plots)
+    console = Console(stderr=True)
+    labels = {"full": "edge + server, full images", "subsets": "server on selected patches",
+              "bytes": "encoding selections"}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console, transient=False) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def on_progress(phase: str, done: int, total: int, info: str) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(labels.get(phase, phase), total=total, info="")
+            progress.update(tasks[phase], completed=done, total=total, info=info)
+
+        result = run_eval(cfg, on_progress)
+    s = result.summary
+    out = Console()
+    acc = s["acceptance"]
+    out.print(f"images {s['images']:,}  edge {s['edge']['accuracy'] * 100:.2f} %  "
+              f"server {s['server']['accuracy'] * 100:.2f} %  ({s['timings_s']['total_s']:.0f} s)")
+    if s["paper_point"]:
+        pp = s["paper_point"]
+        out.print(f"δ_sum 0.97, η 0.8: {pp['accuracy'] * 100:.2f} % at comm cost {pp['comm_cost']:.3f}")
+    bp = s["best_point"]
+    if bp:
+        out.print(f"cheapest within {args.max_loss:g} pt: {bp['label']} {bp['gate']} η={bp['eta']}: "
+                  f"{bp['accuracy'] * 100:.2f} % at comm cost {bp['comm_cost']:.3f} "
+                  f"(bytes {bp['bytes_frac']:.3f})")
+    else:
+        out.print(f"no operating point within {args.max_loss:g} pt of server-only")
+    out.print(f"frontier at cost ≤ 0.5: {acc['frontier_accuracy_at_cost_0.5'] * 100:.2f} %  "
+              f"beats random everywhere: {acc['beats_random_frontier_everywhere']}")
+    out.print(f"results in {cfg.out}/ (points.csv, report.md, tables.md, *.png)")
+    return 0

@@ -1,0 +1,72 @@
+"""``patchcast worker``: one inference worker of a pool (shared MQTT subscription)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="PatchCast config file (TOML/YAML); flags below override it")
+    p.add_argument("--broker", metavar="HOST:PORT",
+                   help="MQTT broker (default: broker.host/port from the config, 127.0.0.1:1883)")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default=None,
+                   help="log rendering (default: logging.format; JSON lines when not on a terminal)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+
+
+def broker_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    from patchcast.broker import parse_address
+
+    out: dict[str, dict[str, Any]] = {"logging": {"format": args.log_format, "level": args.log_level}}
+    if args.broker:
+        host, port = parse_address(args.broker)
+        out["broker"] = {"host": host, "port": port}
+    return out
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "worker", help="run one inference worker: server ViT on received patches, replies over MQTT",
+        description="Run one inference worker. It joins the worker pool '$share/GROUP/patchcast/v1/req/MODEL/+' "
+        "(the broker hands each request to one pool member), batches requests dynamically (closes at "
+        "--max-batch requests, --max-tokens tokens or --max-delay-ms after the first), runs the server ViT "
+        "in one inference thread (bf16 where the CPU has native bf16) and publishes each reply to the "
+        "request's response topic. Retained availability (online; offline as last will) and a WorkerMetrics "
+        "message every worker.metrics_interval_s. SIGTERM/SIGINT: stop taking work, answer what is queued "
+        "within worker.shutdown_grace_s, publish offline, exit 0.")
+    add_broker_args(p)
+    p.add_argument("--server-model", help="server model: zoo:NAME, timm:NAME or file:PATH.safetensors "
+                   "(default: models.server)")
+    p.add_argument("--model-id", help="model id in request topics (default: derived from the server model; "
+                   "devices must use the same)")
+    p.add_argument("--group", help="shared-subscription group (default: worker.group)")
+    p.add_argument("--worker-id", help="worker id in topics and logs (default: host name + pid)")
+    p.add_argument("--max-batch", type=int, help="batch closes at this many requests (batching.max_batch)")
+    p.add_argument("--max-tokens", type=int, help="… or this many tokens, CLS included (batching.max_tokens)")
+    p.add_argument("--max-delay-ms", type=float, help="… or this long after its first request (batching.max_delay_ms)")
+    p.add_argument("--policy", choices=["packed", "padded", "sequential"], help="batched forward (batching.policy)")
+    p.add_argument("--queue-capacity", type=int, help="bounded queue; beyond it 'busy' replies (worker.queue_capacity)")
+    p.add_argument("--threads", type=int, help="torch threads for inference, 0 = all cores (worker.threads)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="worker.precision")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (worker.metrics_port)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from inference_worker.service import run_worker
+    from shared.config import load_config
+    from shared.logs import configure
+
+    overrides = broker_overrides(args)
+    overrides["models"] = {"server": args.server_model, "model_id": args.model_id}
+    overrides["worker"] = {"group": args.group, "worker_id": args.worker_id, "queue_capacity": args.queue_capacity,
+                           "threads": args.threads, "precision": args.precision, "metrics_port": args.metrics_port}
+    overrides["batching"] = {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
+                             "max_delay_ms": args.max_delay_ms, "policy": args.policy}
+    cfg = load_config(args.config, overrides=overrides)
+    configure(cfg.logging.format, cfg.logging.level)
+    asyncio.run(run_worker(cfg))
+    return 0

@@ -1,0 +1,1202 @@
+"""``patchcast eval``: the paper's accuracy / communication trade-off, reproduced offline on real images.
+
+The expensive work is split so that a sweep never re-runs what it need not:
+
+1. **Full-image passes, once per dataset.** The edge model yields logits, last-layer CLS attention
+   scores and rollout scores; the server model yields its full-image logits (the server-only
+   baseline) and its own attention scores (the "server as semantic encoder" upper bound, Fig. 14).
+2. **Selected-patch passes, once per selection** (encoder, score, rule, value): the server classifies
+   *every* image from the selected patches only. The server's answer on a selection does not depend
+   on the gate, so gates are applied afterwards as masks: an image takes the server's answer when
+   the gate sends it and the edge's answer otherwise.
+3. **Sweep (pure numpy):** every selection × gate kind × threshold η becomes one operating point.
+
+Everything from steps 1–2 is cached in ``.npz`` files under a cache folder keyed by a fingerprint of
+the two models' weights, the data, the precision and the seed, and one file per selection, so a
+second run (another ``--max-loss``, more plots) costs seconds.
+
+Communication cost is the paper's metric: (images sent ÷ all) × (patches sent ÷ patches of the sent
+images). Bytes are measured, not modelled: the actual selections of a fixed subsample of images are
+encoded with the chosen codec (:mod:`shared.codecs`) and divided by the bytes of the same images as
+full-image JPEG (quality 90); see :func:`bytes_fraction`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.floating[Any]]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.integer[Any]]
+
+Encoder = Literal["edge", "server"]
+ScoreName = Literal["attention", "rollout", "random"]
+RuleName = Literal["topk", "threshold", "sum_threshold"]
+GateName = Literal["min_entropy", "shannon", "margin"]
+RULES: tuple[RuleName, ...] = ("topk", "threshold", "sum_threshold")
+GATES: tuple[GateName, ...] = ("min_entropy", "shannon", "margin")
+PAPER_SUM_THRESHOLD = 0.97
+PAPER_ETA = 0.8
+REFERENCE_JPEG_QUALITY = 90
+
+ProgressFn = Callable[[str, int, int, str], None]
+"""``(phase, done, total, info)``; phases: ``full``, ``subsets``, ``bytes``."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep grids and selection specs
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """Values swept per rule. Top-k and δ are given relative to the patch count N so that one grid
+    fits a 64-patch CIFAR model and a 196-patch DeiT alike."""
+
+    topk_fractions: tuple[float, ...]
+    threshold_multiples: tuple[float, ...]  # δ = multiple / N (1/N is the uniform score)
+    sum_thresholds: tuple[float, ...]
+    eta_quantiles: int  # thresholds at this many evenly spaced quantiles of each gate's uncertainty
+    fixed_etas: tuple[float, ...]  # round η values (bits) for the entropy gates, kept for the tables
+    fixed_margins: tuple[float, ...]
+    # Server passes dominate the run time, so the comparisons that only need one rule get one:
+    # rollout and server attention (Figs. 11, 14) use δ_sum only; random twins cover every rule
+    # because the acceptance check compares against them point by point.
+    comparison_rules: tuple[RuleName, ...] = ("sum_threshold",)
+
+
+FULL_GRID = SweepGrid(
+    topk_fractions=(1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4),
+    threshold_multiples=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+    sum_thresholds=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99),
+    eta_quantiles=40,
+    fixed_etas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0),
+    fixed_margins=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+)
+QUICK_GRID = SweepGrid(
+    topk_fractions=(1 / 4, 1 / 2),
+    threshold_multiples=(1.0,),
+    sum_thresholds=(0.8, 0.97),
+    eta_quantiles=8,
+    fixed_etas=(0.0, 0.4, 0.8, 1.2),
+    fixed_margins=(0.5, 1.0),
+)
+GRIDS = {"full": FULL_GRID, "quick": QUICK_GRID}
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """One selection: which model's scores (``encoder``/``score``) and which rule at which value.
+
+    ``score == "random"`` is the score-blind baseline: per image, as many uniformly random patches as
+    the edge attention selection with the same rule and value keeps (matched patch counts, so the
+    communication cost is identical point by point).
+    """
+
+    encoder: Encoder
+    score: ScoreName
+    rule: RuleName
+    value: float
+
+    @property
+    def id(self) -> str:
+        return f"{self.encoder}-{self.score}-{self.rule}-{self.value:g}"
+
+    @property
+    def twin(self) -> SelectionSpec:
+        """The selection whose per-image counts a random spec matches (itself otherwise)."""
+        if self.score == "random":
+            return SelectionSpec(self.encoder, "attention", self.rule, self.value)
+        return self
+
+
+def rule_values(grid: SweepGrid, rule: RuleName, num_patches: int) -> list[float]:
+    if rule == "topk":
+        return sorted({float(max(1, round(f * num_patches))) for f in grid.topk_fractions})
+    if rule == "threshold":
+        return sorted({round(m / num_patches, 6) for m in grid.threshold_multiples})
+    return sorted(set(grid.sum_thresholds))
+
+
+def build_specs(grid: SweepGrid, num_patches: int, *, rollout: bool = True, server_encoder: bool = True,
+                random: bool = True) -> list[SelectionSpec]:
+    """Every selection the sweep needs. Twins (edge attention) come before their random specs."""
+    specs: list[SelectionSpec] = []
+    for rule in RULES:
+        for value in rule_values(grid, rule, num_patches):
+            specs.append(SelectionSpec("edge", "attention", rule, value))
+            if rollout and rule in grid.comparison_rules:
+                specs.append(SelectionSpec("edge", "rollout", rule, value))
+            if server_encoder and rule in grid.comparison_rules:
+                specs.append(SelectionSpec("server", "attention", rule, value))
+            if random:
+                specs.append(SelectionSpec("edge", "random", rule, value))
+    return specs
+
+
+def gate_thresholds(u: FloatArray, kind: GateName, grid: SweepGrid) -> list[float]:
+    """η values for one gate: evenly spaced quantiles of the observed uncertainty (so sent fractions
+    cover 0…1 evenly whatever the model's calibration) plus round values for the tables."""
+    qs = np.quantile(np.asarray(u, dtype=np.float64), np.linspace(0.0, 1.0, grid.eta_quantiles + 1))
+    fixed = grid.fixed_margins if kind == "margin" else grid.fixed_etas
+    values = {round(float(q), 4) for q in qs} | {float(v) for v in fixed}
+    hi = 1.0 if kind == "margin" else math.inf
+    return sorted({min(hi, max(0.0, v)) for v in values})
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure sweep math
+# --------------------------------------------------------------------------------------------------
+
+def send_masks(u: FloatArray, kind: GateName, thresholds: Sequence[float]) -> BoolArray:
+    """(T, B) gate decisions for T thresholds, identical to :func:`shared.gates.should_send`.
+
+    The comparison runs in float32 like the torch version (a Python float threshold is rounded to
+    the tensor's float32 there), so a threshold equal to an observed value decides the same way.
+    """
+    u32 = np.asarray(u, dtype=np.float32)[None, :]
+    t32 = np.asarray(thresholds, dtype=np.float32)[:, None]
+    return u32 <= t32 if kind == "margin" else u32 >= t32
+
+
+@dataclass(frozen=True)
+class GateSweep:
+    """Operating points of one selection under one gate, arrays over thresholds (T,)."""
+
+    images_sent: IntArray
+    patches_sent: IntArray
+    accuracy: FloatArray
+
+
+def sweep_gate(edge_correct: BoolArray, server_correct: BoolArray, counts: IntArray,
+               send: BoolArray) -> GateSweep:
+    """Accuracy and traffic when images in ``send`` (T, B) take the server's answer on their
+    selection (``counts`` patches each) and the rest keep the edge's."""
+    send = np.asarray(send, dtype=bool)
+    if send.ndim == 1:
+        send = send[None, :]
+    correct = np.where(send, np.asarray(server_correct, bool)[None, :],
+                       np.asarray(edge_correct, bool)[None, :])
+    return GateSweep(images_sent=send.sum(axis=1).astype(np.int64),
+                     patches_sent=(send.astype(np.int64) @ np.asarray(counts, dtype=np.int64)),
+                     accuracy=correct.mean(axis=1))
+
+
+def pareto_frontier(cost: FloatArray, accuracy: FloatArray) -> IntArray:
+    """Indices of the points no other point beats (lower-or-equal cost *and* higher accuracy),
+    ordered by cost; accuracy strictly increases along the result."""
+    cost = np.asarray(cost, dtype=np.float64)
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    order = np.lexsort((-accuracy, cost))  # by cost, then best accuracy first among equal costs
+    keep: list[int] = []
+    best = -math.inf
+    for i in order:
+        if accuracy[i] > best:
+            keep.append(int(i))
+            best = float(accuracy[i])
+    return np.asarray(keep, dtype=np.int64)
+
+
+def frontier_at(front_cost: FloatArray, front_acc: FloatArray, cost: float) -> float:
+    """Best accuracy reachable at a cost ≤ ``cost`` on a frontier (NaN when none is that cheap)."""
+    ok = np.asarray(front_cost) <= cost + 1e-12
+    return float(np.max(np.asarray(front_acc)[ok])) if ok.any() else math.nan
+
+
+def random_matched_selection(counts: IntArray, num_patches: int, rng: np.random.Generator) -> BoolArray:
+    """(B, N) masks with ``counts[b]`` uniformly random patches per image (without replacement)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    ranks = np.argsort(rng.random((len(counts), num_patches)), axis=1).argsort(axis=1)
+    return ranks < counts[:, None]
+
+
+@dataclass(frozen=True)
+class FrontierComparison:
+    """Method frontier vs a baseline frontier at the baseline's own frontier costs."""
+
+    costs: list[float]
+    baseline: list[float]
+    method: list[float]
+
+    @property
+    def min_margin(self) -> float:
+        diffs = [m - b for m, b in zip(self.method, self.baseline, strict=True)]
+        return min(diffs) if diffs else math.nan
+
+    @property
+    def beats_everywhere(self) -> bool:
+        return bool(self.costs) and self.min_margin >= 0.0
+
+
+def compare_frontiers(method_cost: FloatArray, method_acc: FloatArray,
+                      base_cost: FloatArray, base_acc: FloatArray) -> FrontierComparison:
+    mf = pareto_frontier(method_cost, method_acc)
+    bf = pareto_frontier(base_cost, base_acc)
+    mc, ma = np.asarray(method_cost)[mf], np.asarray(method_acc)[mf]
+    costs = [float(c) for c in np.asarray(base_cost)[bf]]
+    return FrontierComparison(costs=costs, baseline=[float(a) for a in np.asarray(base_acc)[bf]],
+                              method=[frontier_at(mc, ma, c) for c in costs])
+
+
+def bytes_fraction(send: BoolArray, sel_bytes: IntArray, full_bytes: IntArray) -> FloatArray:
+    """Bytes on the link ÷ bytes of sending every image as full JPEG, over the bytes subsample.
+
+    ``send`` (T, S) are the gate decisions of the S subsampled images, ``sel_bytes`` (S,) the encoded
+    size of each one's actual selection and ``full_bytes`` (S,) its full-image JPEG size. A ratio of
+    sums (not a mean of ratios), so it estimates total traffic.
+    """
+    total = float(np.sum(full_bytes))
+    return (np.asarray(send, dtype=np.float64) @ np.asarray(sel_bytes, dtype=np.float64)) / max(total, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Operating points
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Point:
+    """One row of ``points.csv``. Accuracy is a fraction; ``eta`` is None where no gate applies."""
+
+    encoder: str
+    score: str
+    rule: str
+    value: float | None
+    gate: str
+    eta: float | None
+    images_sent_frac: float
+    patch_frac: float
+    comm_cost: float
+    bytes_frac: float
+    accuracy: float
+    mean_patches_sent: float
+    server_gmacs_per_image: float
+
+    @property
+    def label(self) -> str:
+        if self.value is None:
+            return self.rule
+        return f"{self.encoder}/{self.score}/{self.rule}={self.value:g}"
+
+
+CSV_FIELDS = [f for f in Point.__dataclass_fields__]
+
+
+def write_csv(path: Path, points: Sequence[Point]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for p in points:
+            row = asdict(p)
+            for k, v in row.items():
+                if v is None:
+                    row[k] = ""
+                elif isinstance(v, float):
+                    row[k] = f"{v:.6g}" if k in ("value", "eta") else f"{v:.6f}"
+            w.writerow(row)
+
+
+def read_csv(path: Path) -> list[Point]:
+    """Read ``points.csv`` back (for tests and re-plotting)."""
+    out: list[Point] = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            out.append(Point(
+                encoder=r["encoder"], score=r["score"], rule=r["rule"],
+                value=float(r["value"]) if r["value"] else None, gate=r["gate"],
+                eta=float(r["eta"]) if r["eta"] else None,
+                **{k: float(r[k]) for k in CSV_FIELDS[6:]}))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and cache
+# --------------------------------------------------------------------------------------------------
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str = "cifar10/test.tar"
+    edge: str = "zoo:cifar10-edge"
+    server: str = "zoo:cifar10-server"
+    pretrained: bool = False
+    limit: int | None = None
+    out: str = "reports/eval"
+    cache_dir: str | None = None  # default: OUT/cache
+    use_cache: bool = True
+    sweep: Literal["full", "quick"] = "full"
+    rollout: bool = True
+    server_encoder: bool = True
+    precision: Precision = "fp32"
+    batch_size: int = 64
+    max_tokens: int = 4096  # padded tokens per server forward on selected patches
+    threads: int | None = None
+    codec: str = "jpeg"
+    codec_params: tuple[tuple[str, int], ...] = ()  # e.g. (("q", 90),); codec defaults otherwise
+    bytes_sample: int = 256
+    max_loss: float = 1.0  # accuracy points below server-only
+    seed: int = 0
+    plots: bool = True
+
+    @property
+    def grid(self) -> SweepGrid:
+        return GRIDS[self.sweep]
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model: Any) -> str:
+    """Hash of a model's weights: the cache follows the weights, whatever reference loaded them."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(samples: Sequence[Any]) -> str:
+    """Hash of sample keys, sizes, labels and a digest of the bytes: cheap even for 50k images."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.key}\0{len(s.data)}\0{s.label}\0".encode())
+        h.update(hashlib.blake2b(s.data, digest_size=8).digest())
+    return h.hexdigest()[:16]
+
+
+class Cache:
+    """One folder per (edge weights, server weights, data, precision, seed); one npz per product."""
+
+    def __init__(self, root: Path | None, key_parts: dict[str, Any]) -> None:
+        self.key = _sha(key_parts)
+        self.dir = root / self.key if root is not None else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "meta.json"
+            if not meta.is_file():
+                meta.write_text(json.dumps(key_parts, indent=2, sort_keys=True) + "\n")
+
+    def load(self, name: str) -> dict[str, np.ndarray] | None:
+        if self.dir is None or not (self.dir / f"{name}.npz").is_file():
+            return None
+        try:
+            with np.load(self.dir / f"{name}.npz") as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError):  # a truncated file from an interrupted run: recompute
+            return None
+
+    def save(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        if self.dir is None:
+            return
+        tmp = self.dir / f"{name}.tmp.npz"
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        tmp.replace(self.dir / f"{name}.npz")  # atomic: readers never see half a file
+
+
+# --------------------------------------------------------------------------------------------------
+# Model passes (torch)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Arrays:
+    """Everything the sweep needs, per image (B = images, N = patches)."""
+
+    labels: IntArray
+    edge_logits: FloatArray
+    server_logits: FloatArray
+    scores: dict[tuple[Encoder, ScoreName], FloatArray]  # (B, N) float32
+    counts: dict[str, IntArray] = field(default_factory=dict)  # spec id → (B,)
+    masks: dict[str, BoolArray] = field(default_factory=dict)  # spec id → (B, N)
+    server_pred: dict[str, IntArray] = field(default_factory=dict)  # spec id → (B,)
+
+
+def resolve_precision(precision: Precision) -> bool:
+    """True for bf16 autocast. ``auto`` picks bf16 only where the CPU has native bf16 matrix units."""
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    from patchcast.commands.info import bf16_support
+
+    s = bf16_support()
+    return s["amx_bf16"]
+
+
+def default_threads() -> int:
+    """Torch's thread count on an idle machine, fewer on a busy one. OpenMP workers meet at a barrier
+    after every op; when other processes hold the cores, each op waits for a descheduled thread
+    (measured here: 25× slower for small batches at 2 threads on 2 busy cores than at 1)."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    free = cores - os.getloadavg()[0]
+    return max(1, min(torch.get_num_threads(), int(free + 0.5)))
+
+
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def _autocast(bf16: bool) -> Any:
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def _select_masks(scores: FloatArray, spec: SelectionSpec, num_patches: int) -> BoolArray:
+    """(B, N) kept-patch masks for a non-random spec, through :mod:`shared.selection`."""
+    from shared.selection import SelectionRule, select_batch
+
+    rule = SelectionRule(spec.rule, int(spec.value) if spec.rule == "topk" else spec.value)
+    masks = np.zeros((scores.shape[0], num_patches), dtype=bool)
+    for i, sel in enumerate(select_batch(scores, rule)):
+        masks[i, sel.indices] = True
+    return masks
+
+
+def padded_groups(counts: IntArray, max_tokens: int) -> list[IntArray]:
+    """Split images into forwards: sorted by patch count, consecutive runs whose padded size
+    (images × (largest count + CLS)) fits ``max_tokens``. Sorting keeps padding small; small
+    forwards are the fast ones on CPU (activations stay in cache)."""
+    order = np.argsort(np.asarray(counts), kind="stable")
+    sorted_counts = np.asarray(counts)[order]
+    groups: list[IntArray] = []
+    s = 0
+    while s < len(order):
+        e = s + 1
+        while e < len(order) and (e + 1 - s) * (int(sorted_counts[e]) + 1) <= max_tokens:
+            e += 1
+        groups.append(order[s:e])
+        s = e
+    return groups
+
+
+def _server_on_masks(server: Any, tokens: Any, masks: BoolArray, max_tokens: int, bf16: bool) -> IntArray:
+    """Server predictions (B,) from the kept tokens only, in padded groups with a key-padding mask
+    (padding is never attended to, so each image's result is its own; see shared.subset)."""
+    import torch
+
+    from shared.subset import forward_tokens, gather_tokens
+
+    counts = masks.sum(axis=1)
+    preds = np.zeros(len(counts), dtype=np.int64)
+    for rows in padded_groups(counts, max_tokens):
+        k = int(counts[rows].max())
+        # Kept indices first, ascending (row-major, the order a device packs them in), then padding.
+        idx = np.argsort(~masks[rows], axis=1, kind="stable")[:, :max(k, 1)]
+        valid = np.arange(idx.shape[1])[None, :] < counts[rows][:, None]
+        kpm = None if valid.all() else torch.from_numpy(valid)
+        with _autocast(bf16):
+            kept = gather_tokens(tokens[torch.from_numpy(rows)], torch.from_numpy(idx))
+            logits = forward_tokens(server, kept, key_padding_mask=kpm)
+        preds[rows] = logits.float().argmax(-1).numpy()
+    return preds
+
+
+def _full_passes(edge: Any, server: Any, pixels: Any, edge_pre: Any, server_pre: Any, batch: int,
+                 bf16: bool, rollout: bool) -> dict[str, np.ndarray]:
+    from shared.attention import edge_forward
+    from shared.datasets import normalize
+    from shared.scores import scores_from_output
+
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("edge_logits", "edge_attention", "edge_rollout",
+                                                         "server_logits", "server_attention")}
+    for s, e in _chunks(len(pixels), batch):
+        with _autocast(bf16):
+            out = edge_forward(edge, normalize(pixels[s:e], edge_pre), all_layers=rollout)
+            sout = edge_forward(server, normalize(pixels[s:e], server_pre))
+        parts["edge_logits"].append(out.logits.float().numpy())
+        parts["edge_attention"].append(scores_from_output(out, "attention").numpy())
+        if rollout:
+            parts["edge_rollout"].append(scores_from_output(out, "rollout").numpy())
+        parts["server_logits"].append(sout.logits.float().numpy())
+        parts["server_attention"].append(scores_from_output(sout, "attention").numpy())
+        del out, sout
+    return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    points: list[Point]
+    summary: dict[str, Any]
+    files: list[Path]
+
+
+def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
+    """Run (or load from cache) every pass, sweep, and write CSV, tables, plots and a report."""
+    import torch
+
+    from shared import datasets
+    from shared.errors import ConfigError, ModelError
+    from shared.models import build_model, set_fused_attention
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    threads = cfg.threads or default_threads()
+    torch.set_num_threads(threads)
+    report = progress or (lambda *_: None)
+    bf16 = resolve_precision(cfg.precision)
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    edge_m = build_model(cfg.edge, pretrained=cfg.pretrained, role="edge")
+    # Fused attention off on the server too for the full-image pass: its attention map is the
+    # "server as semantic encoder" score. Subset passes turn it back on (faster, same math).
+    server_m = build_model(cfg.server, pretrained=cfg.pretrained, role="edge")
+    if edge_m.grid != server_m.grid or edge_m.patch_size != server_m.patch_size:
+        raise ModelError(f"edge grid {edge_m.grid}×{edge_m.patch_size}px and server grid "
+                         f"{server_m.grid}×{server_m.patch_size}px differ: patches cannot be shared")
+    if edge_m.preprocess.input_size != server_m.preprocess.input_size:
+        raise ModelError("edge and server expect different input sizes")
+    n_patches = edge_m.num_patches
+    ds = datasets.load(cfg.data).spread(cfg.limit, seed=cfg.seed)
+    if len(ds) == 0:
+        raise ConfigError(f"{cfg.data}: no images")
+    if any(s.label is None for s in ds.samples):
+        raise ConfigError(f"{cfg.data}: accuracy needs labels (an ImageFolder tree, a tar of one, "
+                          "or labels.csv)")
+    timings["load_s"] = time.perf_counter() - t_start
+
+    key_parts = {"edge": weights_fingerprint(edge_m.model), "server": weights_fingerprint(server_m.model),
+                 "data": data_fingerprint(ds.samples), "images": len(ds), "bf16": bf16, "seed": cfg.seed,
+                 "edge_pre": edge_m.preprocess.to_json(), "server_pre": server_m.preprocess.to_json(),
+                 "format": 1}
+    cache_root = None if not cfg.use_cache else Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
+    cache = Cache(cache_root, key_parts)
+
+    # The pixels a device owns: the edge's resize + center crop. Both models normalise them their way.
+    edge_pre, server_pre = edge_m.preprocess, server_m.preprocess
+    chunk = max(64, int(256e6 // (n_patches * server_m.embed_dim * 4)))  # server tokens ≤ ~256 MB
+
+    full = cache.load("full")
+    if full is not None and cfg.rollout and "edge_rollout" not in full:
+        full = None
+    specs = build_specs(cfg.grid, n_patches, rollout=cfg.rollout, server_encoder=cfg.server_encoder)
+    arrays_cached = {sp.id: cache.load(f"sel-{sp.id}") for sp in specs}
+    todo = [sp for sp in specs if arrays_cached[sp.id] is None]
+
+    parts: dict[str, list[np.ndarray]] = {}
+    sel_parts: dict[str, dict[str, list[np.ndarray]]] = {sp.id: {"mask": [], "pred": []} for sp in todo}
+    t0 = time.perf_counter()
+    if full is None or todo:
+        total_units = len(todo) * math.ceil(len(ds) / chunk)
+        done_units = done_images = 0
+        with torch.inference_mode():
+            for c_start, c_end in _chunks(len(ds), chunk):
+                pixels, labels = datasets.to_tensor_batch(ds.samples[c_start:c_end], edge_pre)
+                if full is None:
+                    # Only the last block's map is read from the server: the rest may stay fused.
+                    set_fused_attention(server_m.model, True)
+                    last_attn: Any = server_m.model.blocks[-1].attn
+                    last_attn.fused_attn = False
+                    got = _full_passes(edge_m.model, server_m.model, pixels, edge_pre, server_pre,
+                                       cfg.batch_size, bf16, cfg.rollout)
+                    got["labels"] = labels.numpy()
+                    for k, v in got.items():
+                        parts.setdefault(k, []).append(v)
+                    done_images += c_end - c_start
+                    report("full", done_images, len(ds), "edge + server on full images")
+                    source, offset = got, 0
+                else:
+                    source, offset = full, c_start
+                chunk_scores: dict[tuple[str, str], FloatArray] = {
+                    (enc, score): source[f"{enc}_{score}"][offset:offset + c_end - c_start]
+                    for enc, score in (("edge", "attention"), ("edge", "rollout"), ("server", "attention"))
+                    if f"{enc}_{score}" in source}
+                if not todo:
+                    continue
+                set_fused_attention(server_m.model, True)
+                from shared.datasets import normalize
+                from shared.subset import embed_all
+
+                with _autocast(bf16):
+                    tokens = torch.cat([embed_all(server_m.model, normalize(pixels[s:e], server_pre))
+                                        for s, e in _chunks(len(pixels), cfg.batch_size)])
+                twin_masks: dict[str, BoolArray] = {}
+                for sp in todo:
+                    if sp.score == "random":
+                        twin = sp.twin
+                        if twin.id in twin_masks:
+                            counts = twin_masks[twin.id].sum(axis=1)
+                        else:
+                            counts = _select_masks(chunk_scores[("edge", "attention")], twin,
+                                                   n_patches).sum(axis=1)
+                        rng = np.random.default_rng([cfg.seed, c_start, *sp.id.encode()])
+                        masks = random_matched_selection(counts, n_patches, rng)
+                    else:
+                        masks = _select_masks(chunk_scores[(sp.encoder, sp.score)], sp, n_patches)
+                        twin_masks[sp.id] = masks
+                    preds = _server_on_masks(server_m.model, tokens, masks, cfg.max_tokens, bf16)
+                    sel_parts[sp.id]["mask"].append(np.packbits(masks, axis=1))
+                    sel_parts[sp.id]["pred"].append(preds.astype(np.int32))
+                    done_units += 1
+                    report("subsets", done_units, total_units, sp.id)
+                del tokens
+    timings["passes_s"] = time.perf_counter() - t0
+    if full is None:
+        full = {k: np.concatenate(v) for k, v in parts.items()}
+        cache.save("full", full)
+    for sp in todo:
+        arr = {k: np.concatenate(v) for k, v in sel_parts[sp.id].items()}
+        cache.save(f"sel-{sp.id}", arr)
+        arrays_cached[sp.id] = arr
+
+    data = Arrays(
+        labels=full["labels"].astype(np.int64), edge_logits=full["edge_logits"],
+        server_logits=full["server_logits"],
+        scores={("edge", "attention"): full["edge_attention"],
+                ("server", "attention"): full["server_attention"]})
+    if "edge_rollout" in full:
+        data.scores[("edge", "rollout")] = full["edge_rollout"]
+    for sp in specs:
+        a = arrays_cached[sp.id]
+        assert a is not None
+        m = np.unpackbits(a["mask"], axis=1, count=n_patches).astype(bool)
+        data.masks[sp.id] = m
+        data.counts[sp.id] = m.sum(axis=1)
+        data.server_pred[sp.id] = a["pred"].astype(np.int64)
+
+    t0 = time.perf_counter()
+    sample, full_bytes, sel_bytes, file_bytes = measure_bytes(cfg, ds, edge_pre, edge_m.patch_size, data,
+                                                              specs, cache, report)
+    timings["bytes_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    points, gate_u = sweep(cfg, data, specs, n_patches, server_m, sample, full_bytes, sel_bytes)
+    timings["sweep_s"] = time.perf_counter() - t0
+
+    summary = summarise(cfg, data, points, n_patches, edge_m, server_m, gate_u, specs, len(sample))
+    summary["bytes"] = {"sample": len(sample), "codec": cfg.codec, "codec_params": dict(cfg.codec_params),
+                        "reference_mean_bytes": float(np.mean(full_bytes)),
+                        "jpeg_file_mean_bytes": file_bytes}
+    files = write_outputs(cfg, out_dir, points, summary, data, specs, n_patches, gate_u)
+    timings["total_s"] = time.perf_counter() - t_start
+    summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    summary["threads"] = threads
+    summary["precision"] = "bf16" if bf16 else "fp32"
+    summary["cache"] = str(cache.dir) if cache.dir else None
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return EvalResult(points=points, summary=summary, files=[out_dir / "summary.json", *files])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bytes on the wire
+# --------------------------------------------------------------------------------------------------
+
+def reference_bytes(pixels: np.ndarray, patch_size: int) -> int:
+    """The full image as PatchCast would send it: the ``jpeg`` codec (table-less baseline JPEG,
+    quality 90, 4:2:0) with every patch kept. Table-less on both sides keeps the ratio honest: the
+    ~610 header bytes a JPEG *file* would add are not on the wire for either."""
+    from shared.codecs import get_codec
+
+    n = (pixels.shape[0] // patch_size) * (pixels.shape[1] // patch_size)
+    return len(get_codec("jpeg").encode(pixels, np.arange(n), patch_size, {"q": REFERENCE_JPEG_QUALITY}))
+
+
+def jpeg_file_bytes(pixels: np.ndarray, quality: int = REFERENCE_JPEG_QUALITY) -> int:
+    """Size of the same image as a standalone JPEG file (Pillow, headers included), for reference."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.tell()
+
+
+def measure_bytes(cfg: EvalConfig, ds: Any, pre: Any, patch_size: int, data: Arrays,
+                  specs: Sequence[SelectionSpec], cache: Cache,
+                  report: ProgressFn) -> tuple[IntArray, IntArray, dict[str, IntArray], float]:
+    """Encode the actual selections (the cached masks) of a fixed, seeded subsample of images with
+    the chosen codec. Returns the subsample, its reference sizes (:func:`reference_bytes`), each
+    selection's payload sizes, and the mean standalone JPEG file size of the subsample."""
+    from shared import datasets
+    from shared.codecs import get_codec
+
+    codec = get_codec(cfg.codec)
+    params = codec.resolve_params(dict(cfg.codec_params))
+    n = len(data.labels)
+    size = min(cfg.bytes_sample, n)
+    sample = np.sort(np.random.default_rng([cfg.seed, 7]).permutation(n)[:size])
+    name = "bytes-" + _sha({"codec": cfg.codec, "params": params, "size": size})
+    cached = cache.load(name) or {}
+    todo = [sp for sp in specs if sp.id not in cached]
+    if "__reference__" in cached and not todo:
+        sizes = {sp.id: cached[sp.id] for sp in specs}
+        return sample, cached["__reference__"], sizes, float(cached["__file__"])
+    pixels, _ = datasets.to_tensor_batch([ds.samples[int(i)] for i in sample], pre)
+    px = pixels.numpy()
+    ref = cached.get("__reference__")
+    if ref is None:
+        ref = np.array([reference_bytes(p, patch_size) for p in px], dtype=np.int64)
+    file_mean = np.array(float(np.mean([jpeg_file_bytes(p) for p in px])))
+    out = {sp.id: cached[sp.id] for sp in specs if sp.id in cached}
+    for j, sp in enumerate(todo):
+        masks = data.masks[sp.id][sample]
+        # Score-aware codecs (jpeg-tiered) rank kept patches by the encoder's scores; a random
+        # selection has none of its own, so it borrows the edge attention.
+        scores = data.scores[(sp.encoder, "attention" if sp.score == "random" else sp.score)][sample]
+        lengths = []
+        for i in range(size):
+            idx = np.flatnonzero(masks[i])
+            lengths.append(len(codec.encode(px[i], idx, patch_size, params, scores=scores[i][idx])))
+        out[sp.id] = np.array(lengths, dtype=np.int64)
+        report("bytes", j + 1, len(todo), sp.id)
+    cache.save(name, {"__reference__": ref, "__file__": file_mean, **out})
+    return sample, ref, out, float(file_mean)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep
+# --------------------------------------------------------------------------------------------------
+
+def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patches: int, server_m: Any,
+          sample: IntArray, full_bytes: IntArray,
+          sel_bytes: dict[str, IntArray]) -> tuple[list[Point], dict[str, FloatArray]]:
+    """Every operating point: baselines, then each selection × (no gate, each gate × each η)."""
+    import torch
+
+    from shared.costs import communication_cost, model_flops
+    from shared.gates import uncertainty
+
+    n = len(data.labels)
+    edge_correct = data.edge_logits.argmax(1) == data.labels
+    server_correct = data.server_logits.argmax(1) == data.labels
+    macs = np.array([model_flops(server_m, k + 1) for k in range(n_patches + 1)]) / 1e9
+    logits_t = torch.from_numpy(np.ascontiguousarray(data.edge_logits))
+    gate_u: dict[str, FloatArray] = {g: uncertainty(logits_t, g).numpy() for g in GATES}
+    gate_eta = {g: gate_thresholds(gate_u[g], g, cfg.grid) for g in GATES}
+    full_mask = np.ones(n_patches, dtype=bool)
+    points: list[Point] = []
+
+    def add(encoder: str, score: str, rule: str, value: float | None, gate: str, etas: Sequence[float | None],
+            send: BoolArray, correct: BoolArray, counts: IntArray, sbytes: IntArray) -> None:
+        gs = sweep_gate(edge_correct, correct, counts, send)
+        bf = bytes_fraction(send[:, sample], sbytes, full_bytes)
+        for t, eta in enumerate(etas):
+            k, p = int(gs.images_sent[t]), int(gs.patches_sent[t])
+            cost = communication_cost(k, n, p, k * n_patches)
+            points.append(Point(
+                encoder=encoder, score=score, rule=rule, value=value, gate=gate, eta=eta,
+                images_sent_frac=k / n, patch_frac=p / (k * n_patches) if k else 0.0, comm_cost=cost,
+                bytes_frac=float(bf[t]), accuracy=float(gs.accuracy[t]),
+                mean_patches_sent=p / k if k else 0.0,
+                server_gmacs_per_image=float(send[t].astype(np.float64) @ macs[counts]) / n))
+
+    all_send = np.ones((1, n), dtype=bool)
+    none_send = np.zeros((1, n), dtype=bool)
+    full_counts = np.full(n, n_patches, dtype=np.int64)
+    add("", "", "none", None, "none", [None], none_send, server_correct, full_counts, full_bytes)
+    add("", "", "full", None, "none", [None], all_send, server_correct, full_counts, full_bytes)
+    for g in GATES:
+        add("", "", "full", None, g, gate_eta[g], send_masks(gate_u[g], g, gate_eta[g]), server_correct,
+            full_counts, full_bytes)
+    del full_mask
+    for sp in specs:
+        correct = data.server_pred[sp.id] == data.labels
+        counts = data.counts[sp.id]
+        sb = sel_bytes[sp.id]
+        add(sp.encoder, sp.score, sp.rule, sp.value, "none", [None], all_send, correct, counts, sb)
+        for g in GATES:
+            add(sp.encoder, sp.score, sp.rule, sp.value, g, gate_eta[g],
+                send_masks(gate_u[g], g, gate_eta[g]), correct, counts, sb)
+    return points, gate_u
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary, tables, plots
+# --------------------------------------------------------------------------------------------------
+
+def _is_method(p: Point, gate: str = "min_entropy", score: str = "attention", encoder: str = "edge",
+               rules: Sequence[str] = RULES) -> bool:
+    """Edge attention selection (any of ``rules``) under ``gate`` (its η = 0 twin: no gate)."""
+    return (p.encoder == encoder and p.score == score and p.rule in rules and p.gate in (gate, "none"))
+
+
+def _deployable(p: Point) -> bool:
+    """What a device can run: every point except those whose patches the *server* chose (the
+    server's attention needs the full image, so those are an upper bound, not a configuration)."""
+    return p.encoder != "server"
+
+
+def _is_full(p: Point, gate: str) -> bool:
+    """Full images under ``gate`` (the gate alone, no patch selection)."""
+    return p.rule == "full" and p.gate in (gate, "none")
+
+
+def _edge_only(points: Sequence[Point]) -> Point:
+    return next(p for p in points if p.rule == "none")
+
+
+def _server_only(points: Sequence[Point]) -> Point:
+    return next(p for p in points if p.rule == "full" and p.gate == "none")
+
+
+def series(points: Sequence[Point], pred: Callable[[Point], bool], *, with_edge_only: bool = True,
+           x: str = "comm_cost") -> tuple[FloatArray, FloatArray]:
+    chosen = [p for p in points if pred(p)]
+    if with_edge_only:
+        chosen.append(_edge_only(points))
+    return (np.array([getattr(p, x) for p in chosen], dtype=np.float64),
+            np.array([p.accuracy for p in chosen], dtype=np.float64))
+
+
+def frontier_points(points: Sequence[Point], pred: Callable[[Point], bool]) -> list[Point]:
+    chosen = [p for p in points if pred(p)] + [_edge_only(points)]
+    idx = pareto_frontier(np.array([p.comm_cost for p in chosen]), np.array([p.accuracy for p in chosen]))
+    return [chosen[int(i)] for i in idx]
+
+
+def best_point(points: Sequence[Point], pred: Callable[[Point], bool], min_accuracy: float) -> Point | None:
+    """Cheapest point (comm cost, then higher accuracy) with accuracy ≥ ``min_accuracy``."""
+    ok = [p for p in points if pred(p) and p.accuracy >= min_accuracy - 1e-12]
+    return min(ok, key=lambda p: (p.comm_cost, -p.accuracy)) if ok else None
+
+
+def _find(points: Sequence[Point], **kw: Any) -> Point | None:
+    for p in points:
+        if all((abs(getattr(p, k) - v) < 1e-9 if isinstance(v, float) and getattr(p, k) is not None
+                else getattr(p, k) == v) for k, v in kw.items()):
+            return p
+    return None
+
+
+def _point_json(p: Point | None) -> dict[str, Any] | None:
+    return None if p is None else {**asdict(p), "label": p.label}
+
+
+def summarise(cfg: EvalConfig, data: Arrays, points: list[Point], n_patches: int, edge_m: Any,
+              server_m: Any, gate_u: dict[str, FloatArray], specs: Sequence[SelectionSpec],
+              bytes_sample: int) -> dict[str, Any]:
+    from shared.costs import model_flops
+
+    edge_only, server_only = _edge_only(points), _server_only(points)
+    target = server_only.accuracy - cfg.max_loss / 100.0
+    method = frontier_points(points, _is_method)
+    mc = np.array([p.comm_cost for p in method])
+    ma = np.array([p.accuracy for p in method])
+    at_half = frontier_at(mc, ma, 0.5)
+    mcost, macc = series(points, lambda p: _is_method(p))
+    rcost, racc = series(points, lambda p: _is_method(p, score="random"))
+    cmp = compare_frontiers(mcost, macc, rcost, racc)
+    # Point by point: the random twin has the same images sent and the same patch counts.
+    twins = {(p.rule, p.value, p.gate, p.eta): p.accuracy for p in points if p.score == "random"}
+    diffs = [p.accuracy - twins[(p.rule, p.value, p.gate, p.eta)] for p in points
+             if p.encoder == "edge" and p.score == "attention" and (p.rule, p.value, p.gate, p.eta) in twins
+             and p.gate in ("none", "min_entropy")]
+    paper = _find(points, encoder="edge", score="attention", rule="sum_threshold", value=PAPER_SUM_THRESHOLD,
+                  gate="min_entropy", eta=PAPER_ETA)
+    return {
+        "config": {k: v for k, v in asdict(cfg).items()},
+        "images": len(data.labels),
+        "num_patches": n_patches,
+        "edge": {"ref": cfg.edge, "name": edge_m.name, "accuracy": edge_only.accuracy,
+                 "gmacs": round(model_flops(edge_m, n_patches + 1) / 1e9, 4)},
+        "server": {"ref": cfg.server, "name": server_m.name, "accuracy": server_only.accuracy,
+                   "gmacs": round(server_only.server_gmacs_per_image, 4)},
+        "bytes_sample": bytes_sample,
+        "max_loss_points": cfg.max_loss,
+        "target_accuracy": target,
+        "best_point": _point_json(best_point(points, _deployable, target)),
+        "best_point_paper_rule": _point_json(best_point(
+            points, lambda p: _is_method(p, rules=("sum_threshold",)), target)),
+        "best_point_by_bytes": _point_json(min(
+            (p for p in points if _deployable(p) and p.accuracy >= target - 1e-12),
+            key=lambda p: (p.bytes_frac, -p.accuracy), default=None)),
+        "paper_point": _point_json(paper),
+        "acceptance": {
+            "frontier_accuracy_at_cost_0.5": at_half,
+            "loss_at_cost_0.5_points": (server_only.accuracy - at_half) * 100,
+            "within_1_point_at_cost_0.5": bool(at_half >= server_only.accuracy - 0.01 - 1e-12),
+            "random_frontier_costs": cmp.costs,
+            "random_frontier_accuracy": cmp.baseline,
+            "method_frontier_at_those_costs": cmp.method,
+            "min_margin_over_random_frontier_points": cmp.min_margin * 100,
+            "beats_random_frontier_everywhere": cmp.beats_everywhere,
+            "matched_points": len(diffs),
+            "matched_points_method_not_worse": int(sum(d >= 0 for d in diffs)),
+            "matched_points_min_margin_points": (min(diffs) * 100) if diffs else None,
+            "matched_points_mean_margin_points": (float(np.mean(diffs)) * 100) if diffs else None,
+        },
+        "frontier": [_point_json(p) for p in method],
+    }
+
+
+def table_expected_patches(data: Arrays, specs: Sequence[SelectionSpec], n_patches: int,
+                           points: Sequence[Point]) -> str:
+    """Paper Table II: δ_sum → expected patches kept per image (mean ± std) and no-gate accuracy."""
+    scores = sorted({sp.score for sp in specs if sp.encoder == "edge" and sp.score != "random"})
+    head = "| δ_sum | " + " | ".join(f"{s}: patches (mean ± std) | {s}: % of N | {s}: accuracy, all sent"
+                                       for s in scores) + " |"
+    lines = [head, "|---" * (1 + 3 * len(scores)) + "|"]
+    values = sorted({sp.value for sp in specs if sp.rule == "sum_threshold"})
+    for v in values:
+        cells = [f"{v:g}"]
+        for s in scores:
+            sid = SelectionSpec("edge", s, "sum_threshold", v).id
+            c = data.counts[sid]
+            p = _find(points, encoder="edge", score=s, rule="sum_threshold", value=v, gate="none")
+            cells += [f"{c.mean():.1f} ± {c.std():.1f}", f"{100 * c.mean() / n_patches:.1f} %",
+                      f"{100 * p.accuracy:.2f} %" if p else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_sent_fraction(points: Sequence[Point], gate_u: dict[str, FloatArray], grid: SweepGrid,
+                        data: Arrays) -> str:
+    """Paper Table III: η → fraction of images sent (min-entropy gate), edge accuracy on the images it
+    keeps, and the end-to-end accuracy / cost at the paper's δ_sum = 0.97."""
+    u = gate_u["min_entropy"]
+    edge_correct = data.edge_logits.argmax(1) == data.labels
+    lines = ["| η (bits) | images sent | edge accuracy on kept images | accuracy (δ_sum 0.97) | comm cost |",
+             "|---|---|---|---|---|"]
+    for eta in grid.fixed_etas:
+        if eta > math.log2(data.edge_logits.shape[1]) + 1e-9:
+            continue
+        send = send_masks(u, "min_entropy", [eta])[0]
+        kept = ~send
+        p = _find(points, encoder="edge", score="attention", rule="sum_threshold", value=PAPER_SUM_THRESHOLD,
+                  gate="min_entropy", eta=float(eta))
+        kept_acc = f"{100 * edge_correct[kept].mean():.2f} %" if kept.any() else "–"
+        end = f"{100 * p.accuracy:.2f} % | {p.comm_cost:.3f}" if p else "– | –"
+        lines.append(f"| {eta:g} | {100 * send.mean():.1f} % | {kept_acc} | {end} |")
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f} %"
+
+
+def report_markdown(summary: dict[str, Any], table2: str, table3: str) -> str:
+    acc = summary["acceptance"]
+    e, s = summary["edge"], summary["server"]
+    lines = [
+        "# PatchCast evaluation", "",
+        f"- Images: {summary['images']:,} ({summary['config']['data']}), "
+        f"{summary['num_patches']} patches per image",
+        f"- Edge `{e['ref']}`: **{_pct(e['accuracy'])}**; server `{s['ref']}` on full images: "
+        f"**{_pct(s['accuracy'])}**",
+    ]
+    pp = summary["paper_point"]
+    if pp:
+        lines.append(f"- Paper setting (mean attention, δ_sum = {PAPER_SUM_THRESHOLD}, min-entropy "
+                     f"η = {PAPER_ETA}): {_pct(pp['accuracy'])} at comm cost {pp['comm_cost']:.3f} "
+                     f"({100 * (1 - pp['comm_cost']):.0f} % less communication), "
+                     f"{100 * pp['images_sent_frac']:.1f} % of images sent, "
+                     f"bytes {pp['bytes_frac']:.3f} of full JPEG")
+    for key, what in (("best_point", "Cheapest deployable point (any edge score, rule and gate)"),
+                      ("best_point_paper_rule", "Cheapest with the paper's rule (δ_sum, min-entropy)"),
+                      ("best_point_by_bytes", "Fewest bytes (any edge score, rule and gate)")):
+        bp = summary[key]
+        found = (f"{bp['label']}, gate {bp['gate']} η = {bp['eta']}: {_pct(bp['accuracy'])} at comm cost "
+                 f"{bp['comm_cost']:.3f}, bytes {bp['bytes_frac']:.3f}" if bp else "none")
+        lines.append(f"- {what} within {summary['max_loss_points']:g} point(s) of server-only "
+                     f"(≥ {_pct(summary['target_accuracy'])}): {found}")
+    lines += [
+        "", "## Acceptance", "",
+        f"- Method frontier (edge mean attention, any rule, min-entropy gate) at comm cost ≤ 0.5: "
+        f"{_pct(acc['frontier_accuracy_at_cost_0.5'])}, {acc['loss_at_cost_0.5_points']:.2f} points below "
+        f"server-only → {'PASS' if acc['within_1_point_at_cost_0.5'] else 'MISS'} (≤ 1 point)",
+        f"- Versus random patches (matched counts): at each of the {len(acc['random_frontier_costs'])} "
+        f"costs on the random frontier the method frontier is ahead by "
+        f"≥ {acc['min_margin_over_random_frontier_points']:.2f} points → "
+        f"{'PASS' if acc['beats_random_frontier_everywhere'] else 'MISS'}",
+        f"- Point by point (same gate, same patch counts): method ≥ random at "
+        f"{acc['matched_points_method_not_worse']} of {acc['matched_points']} matched points; mean margin "
+        f"{acc['matched_points_mean_margin_points']:.2f} points, worst "
+        f"{acc['matched_points_min_margin_points']:.2f}",
+        "", "## Expected patches per δ_sum (paper Table II)", "", table2,
+        "", "## Images sent per η, min-entropy gate (paper Table III)", "", table3,
+        "", "## Frontier (method)", "",
+        "| comm cost | accuracy | bytes | point | gate | η |", "|---|---|---|---|---|---|",
+    ]
+    for p in summary["frontier"]:
+        eta = "" if p["eta"] is None else p["eta"]
+        lines.append(f"| {p['comm_cost']:.3f} | {_pct(p['accuracy'])} | {p['bytes_frac']:.3f} | "
+                     f"{p['label']} | {p['gate']} | {eta} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(cfg: EvalConfig, out_dir: Path, points: list[Point], summary: dict[str, Any],
+                  data: Arrays, specs: Sequence[SelectionSpec], n_patches: int,
+                  gate_u: dict[str, FloatArray]) -> list[Path]:
+    files = [out_dir / "points.csv", out_dir / "tables.md", out_dir / "report.md"]
+    write_csv(files[0], points)
+    t2 = table_expected_patches(data, specs, n_patches, points)
+    t3 = table_sent_fraction(points, gate_u, cfg.grid, data)
+    files[1].write_text("## Table II: expected patches per δ_sum\n\n" + t2 +
+                        "\n\n## Table III: images sent per η (min-entropy)\n\n" + t3 + "\n")
+    files[2].write_text(report_markdown(summary, t2, t3))
+    if cfg.plots:
+        files += plot_all(points, out_dir, summary)
+    return files
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+
+def _frontier_xy(points: Sequence[Point], pred: Callable[[Point], bool]) -> tuple[list[float], list[float]]:
+    """Frontier as a step curve, held flat to cost 1 so curves that stop early stay comparable."""
+    f = frontier_points(points, pred)
+    return [p.comm_cost for p in f] + [1.0], [100 * p.accuracy for p in f] + [100 * f[-1].accuracy]
+
+
+def _nogate_xy(points: Sequence[Point], **kw: Any) -> tuple[list[float], list[float]]:
+    """Every image sent: accuracy vs kept fraction, ending at the full image (server-only)."""
+    chosen = sorted((p for p in points
+                     if p.gate == "none" and all(getattr(p, k) == v for k, v in kw.items())),
+                    key=lambda p: p.patch_frac)
+    full = _server_only(points)
+    return [p.patch_frac for p in chosen] + [1.0], [100 * p.accuracy for p in chosen] + [100 * full.accuracy]
+
+
+def plot_all(points: Sequence[Point], out_dir: Path, summary: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edge_acc, server_acc = 100 * summary["edge"]["accuracy"], 100 * summary["server"]["accuracy"]
+    files: list[Path] = []
+    # Frontier panels zoom on the interesting band: from below edge-only to above the best point.
+    top = max(server_acc, 100 * max(p.accuracy for p in points if p.gate != "none" or p.rule == "full"))
+    ylim = (min(edge_acc, server_acc) - 2.0, top + 1.0)
+
+    def baselines(ax: Any) -> None:
+        ax.axhline(server_acc, color="k", lw=0.8, ls="--", label=f"server only ({server_acc:.1f} %)")
+        ax.axhline(edge_acc, color="0.5", lw=0.8, ls=":", label=f"edge only ({edge_acc:.1f} %)")
+        ax.grid(alpha=0.3)
+        ax.set_ylabel("accuracy (%)")
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+
+    # Fig. 8: the trade-off and its frontier.
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs, ys = series(points, _is_method, with_edge_only=False)
+    ax.scatter(xs, 100 * ys, s=4, color="tab:blue", alpha=0.15, label="edge attention × min-entropy (all)")
+    ax.step(*_frontier_xy(points, _is_method), where="post", color="tab:blue", lw=2,
+            label="frontier: attention")
+    ax.step(*_frontier_xy(points, lambda p: _is_method(p, score="random")), where="post",
+            color="tab:orange", lw=1.5, ls="-.", label="frontier: random patches")
+    ax.step(*_frontier_xy(points, lambda p: _is_full(p, "min_entropy")), where="post",
+            color="tab:green", lw=1.2, ls=":", label="frontier: full images, gate only")
+    if summary["paper_point"]:
+        pp = summary["paper_point"]
+        ax.plot(pp["comm_cost"], 100 * pp["accuracy"], "r*", ms=12, label="δ_sum 0.97, η 0.8")
+    if summary["best_point"]:
+        bp = summary["best_point"]
+        ax.plot(bp["comm_cost"], 100 * bp["accuracy"], "kD", ms=6,
+                label=f"cheapest within {summary['max_loss_points']:g} pt")
+    baselines(ax)
+    ax.set_xlabel("communication cost (images sent × patches sent)")
+    ax.set_ylim(*ylim)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Accuracy vs communication cost (cf. paper Fig. 8)", fontsize=10)
+    save(fig, "fig8_tradeoff.png")
+
+    Curve = tuple[str, dict[str, Any], Callable[[Point], bool], str]
+
+    def two_panel(name: str, title: str, curves: list[Curve]) -> None:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.6, 3.8))
+        for label, nogate_kw, pred, style in curves:
+            if nogate_kw:
+                a1.plot(*_nogate_xy(points, **nogate_kw), style, ms=3, label=label)
+            a2.step(*_frontier_xy(points, pred), style.rstrip("o.s^v"), where="post", label=label)
+        for a in (a1, a2):
+            baselines(a)
+        a1.set_xlabel("patches sent ÷ patches (every image sent)")
+        a1.set_title("no gate", fontsize=9)
+        a2.set_xlabel("communication cost")
+        a2.set_title("frontier with min-entropy gate", fontsize=9)
+        a2.set_ylim(*ylim)
+        a1.legend(fontsize=7, loc="lower right")
+        a2.legend(fontsize=7, loc="lower right")
+        fig.suptitle(title, fontsize=10)
+        save(fig, name)
+
+    sum_only = ("sum_threshold",)
+    two_panel("fig11_scores.png", "Mean attention vs attention rollout, δ_sum rule (cf. paper Fig. 11)", [
+        ("mean attention", {"encoder": "edge", "score": "attention", "rule": "sum_threshold"},
+         lambda p: _is_method(p, rules=sum_only), "-o"),
+        ("rollout", {"encoder": "edge", "score": "rollout", "rule": "sum_threshold"},
+         lambda p: _is_method(p, score="rollout", rules=sum_only), "--s"),
+        ("random, matched", {"encoder": "edge", "score": "random", "rule": "sum_threshold"},
+         lambda p: _is_method(p, score="random", rules=sum_only), ":^"),
+    ])
+    two_panel("fig12_rules.png", "Selection rules, mean attention (cf. paper Fig. 12)", [
+        ("top-k", {"encoder": "edge", "score": "attention", "rule": "topk"},
+         lambda p: _is_method(p, rules=("topk",)), "-o"),
+        ("threshold δ", {"encoder": "edge", "score": "attention", "rule": "threshold"},
+         lambda p: _is_method(p, rules=("threshold",)), "--s"),
+        ("sum-threshold δ_sum", {"encoder": "edge", "score": "attention", "rule": "sum_threshold"},
+         lambda p: _is_method(p, rules=("sum_threshold",)), "-.^"),
+    ])
+    two_panel("fig14_encoder.png", "Edge vs server attention as semantic encoder, δ_sum (cf. Fig. 14)", [
+        ("edge attention", {"encoder": "edge", "score": "attention", "rule": "sum_threshold"},
+         lambda p: _is_method(p, rules=sum_only), "-o"),
+        ("server attention", {"encoder": "server", "score": "attention", "rule": "sum_threshold"},
+         lambda p: _is_method(p, encoder="server", rules=sum_only), "--s"),
+        ("random, matched", {"encoder": "edge", "score": "random", "rule": "sum_threshold"},
+         lambda p: _is_method(p, score="random", rules=sum_only), ":^"),
+    ])
+
+    # Fig. 13: gates.
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for g, color in zip(GATES, ("tab:blue", "tab:red", "tab:purple"), strict=True):
+        ax.step(*_frontier_xy(points, partial(_is_method, gate=g)), where="post", color=color, lw=1.8,
+                label=f"{g}, attention selection")
+        ax.step(*_frontier_xy(points, partial(_is_full, gate=g)), where="post", color=color, lw=1, ls=":",
+                label=f"{g}, full images")
+    baselines(ax)
+    ax.set_xlabel("communication cost")
+    ax.set_ylim(*ylim)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Gates: min-entropy vs Shannon vs margin (cf. paper Fig. 13)", fontsize=10)
+    save(fig, "fig13_gates.png")
+
+    # Bytes: what the link actually carries.
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    def bytes_frontier(pred: Callable[[Point], bool]) -> tuple[list[float], list[float]]:
+        chosen = [p for p in points if pred(p)] + [_edge_only(points)]
+        idx = pareto_frontier(np.array([p.bytes_frac for p in chosen]),
+                              np.array([p.accuracy for p in chosen]))
+        return [chosen[i].bytes_frac for i in idx], [100 * chosen[i].accuracy for i in idx]
+
+    for score, color in (("attention", "tab:blue"), ("random", "tab:orange")):
+        ax.step(*bytes_frontier(partial(_is_method, score=score)), where="post", color=color,
+                label=f"{score} selection, frontier")
+    ax.step(*bytes_frontier(partial(_is_full, gate="min_entropy")), where="post", color="tab:green", ls=":",
+            label="full images, gate only")
+    baselines(ax)
+    ax.set_xlabel(f"bytes ÷ full-image JPEG q{REFERENCE_JPEG_QUALITY} (patches: codec "
+                  f"{summary['config']['codec']})")
+    ax.set_ylim(*ylim)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Accuracy vs bytes on the link", fontsize=10)
+    save(fig, "fig_bytes.png")
+    return files

@@ -1,0 +1,397 @@
+"""One typed, closed configuration schema.
+
+Sources, later wins: the dataclass defaults → a TOML (or YAML) file → environment variables
+``PATCHCAST_<SECTION>__<FIELD>`` (e.g. ``PATCHCAST_BROKER__PORT=1884``) → explicit overrides
+(CLI flags). Unknown sections or keys are rejected with a suggestion, values are type-checked,
+and every field carries a description (``patchcast config --describe`` prints them).
+
+Each component takes only its own section (``cfg.worker``, ``cfg.batching`` …).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "PATCHCAST_"
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at call sites
+    """A field with a default and a description (shown by ``--describe``)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = _f("127.0.0.1", "MQTT broker host name or address")
+    port: int = _f(1883, "MQTT broker TCP port")
+    username: str = _f("", "user name (empty: anonymous); the password comes from PATCHCAST_BROKER__PASSWORD")
+    password: str = _f("", "password; prefer the environment variable over the file")
+    keepalive_s: int = _f(30, "MQTT keep-alive interval in seconds")
+    connect_timeout_s: float = _f(10.0, "seconds to wait for the broker's CONNACK")
+    publish_timeout_s: float = _f(10.0, "seconds to wait for one publish/subscribe call to complete")
+    max_packet_bytes: int = _f(1_048_576, "largest MQTT packet; must match the broker's max_packet_size")
+    reconnect_min_s: float = _f(0.5, "first reconnect delay; doubles per failure with jitter")
+    reconnect_max_s: float = _f(30.0, "largest reconnect delay")
+
+    def __post_init__(self) -> None:
+        _check(0 < self.port < 65536, "broker.port must be in 1..65535")
+        _check(self.max_packet_bytes >= 1024, "broker.max_packet_bytes must be ≥ 1024")
+        _check(0 < self.reconnect_min_s <= self.reconnect_max_s, "broker reconnect delays must be 0 < min ≤ max")
+        _check(self.connect_timeout_s > 0 and self.publish_timeout_s > 0, "broker timeouts must be positive")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    edge: str = _f("zoo:cifar10-edge", "edge model: zoo:NAME, timm:NAME or file:PATH.safetensors")
+    server: str = _f("zoo:cifar10-server", "server model: zoo:NAME, timm:NAME or file:PATH.safetensors")
+    pretrained: bool = _f(False, "for timm: names, load the official pretrained weights (needs network or cache)")
+    model_id: str = _f("", "model name in request topics (default: derived from the server model)")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    rule: Literal["topk", "threshold", "sum_threshold", "random_k"] = _f(
+        "sum_threshold", "patch selection rule")
+    value: float = _f(0.97, "k for topk/random_k, δ for threshold, δ_sum for sum_threshold")
+    score: Literal["attention", "rollout"] = _f("attention", "patch score: last-layer CLS attention or rollout")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    kind: Literal["min_entropy", "shannon", "margin"] = _f("min_entropy", "uncertainty measure of the edge logits")
+    threshold: float = _f(0.8, "η: send when uncertainty ≥ η (margin: when top-2 margin ≤ threshold)")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    name: str = _f("jpeg", "patch codec (see 'patchcast codecs')")
+    quality: int = _f(90, "quality for lossy codecs (1..100)")
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.quality <= 100, "codec.quality must be in 1..100")
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    source: str = _f("cifar10/test.tar", "images: folder, ImageFolder tree, tar of one, or labels.csv folder")
+    devices: int = _f(1, "simulated devices (each its own MQTT client and reply topic)")
+    rate_hz: float = _f(2.0, "images per second per device (0: as fast as replies allow)")
+    max_in_flight: int = _f(4, "requests awaiting a reply per device")
+    reply_timeout_s: float = _f(5.0, "seconds to wait for a reply before keeping the edge label")
+    retries: int = _f(0, "re-sends after a timeout before falling back to the edge label")
+    limit: int = _f(0, "images per device (0: the whole source, looping when --duration is set)")
+    device_prefix: str = _f("cam", "device id prefix; ids are PREFIX-0000, PREFIX-0001, …")
+    threads: int = _f(1, "torch threads for the shared edge model")
+    batch_size: int = _f(8, "edge images run through the model together (amortises the forward)")
+    duration_s: float = _f(0.0, "seconds to run the fleet (0: until every device has sent its images)")
+    batch_delay_ms: float = _f(5.0, "longest wait for more devices' images before an edge batch runs")
+    publish_outcomes: bool = _f(True, "publish an Outcome message per image on the device's metrics topic")
+    metrics_interval_s: float = _f(5.0, "seconds between a device's EdgeMetrics messages")
+    busy_retry_delay_s: float = _f(0.2, "wait before re-sending after a 'busy' reply (counts as a retry)")
+
+    def __post_init__(self) -> None:
+        _check(self.devices >= 1, "edge.devices must be ≥ 1")
+        _check(self.rate_hz >= 0, "edge.rate_hz must be ≥ 0")
+        _check(self.max_in_flight >= 1, "edge.max_in_flight must be ≥ 1")
+        _check(self.reply_timeout_s > 0, "edge.reply_timeout_s must be positive")
+        _check(self.retries >= 0 and self.limit >= 0, "edge.retries and edge.limit must be ≥ 0")
+        _check(self.batch_size >= 1, "edge.batch_size must be ≥ 1")
+        _check(self.duration_s >= 0 and self.batch_delay_ms >= 0,
+               "edge.duration_s and edge.batch_delay_ms must be ≥ 0")
+        _check(self.metrics_interval_s > 0, "edge.metrics_interval_s must be positive")
+        _check(self.busy_retry_delay_s >= 0, "edge.busy_retry_delay_s must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch: int = _f(32, "a batch closes at this many requests …")
+    max_tokens: int = _f(4096, "… or this many tokens (CLS included) …")
+    max_delay_ms: float = _f(10.0, "… or this long after its first request, whichever comes first")
+    policy: Literal["packed", "padded", "sequential"] = _f(
+        "packed", "packed: all tokens in one sequence, attention per sample; padded: pad + key-padding mask")
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch >= 1 and self.max_tokens >= 2, "batching limits must be positive")
+        _check(self.max_delay_ms >= 0, "batching.max_delay_ms must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    group: str = _f("workers", "shared-subscription group: workers of one group split the requests")
+    worker_id: str = _f("", "worker id (default: host name + pid)")
+    queue_capacity: int = _f(256, "bounded request queue; beyond it devices get a 'busy' error reply")
+    threads: int = _f(0, "torch threads for inference (0: all cores)")
+    precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 where the CPU has native bf16")
+    metrics_interval_s: float = _f(1.0, "seconds between metrics messages")
+    shutdown_grace_s: float = _f(10.0, "on SIGTERM, seconds to finish and answer what is queued")
+    metrics_port: int = _f(0, "Prometheus /metrics HTTP port (0: off)")
+    decode_threads: int = _f(1, "threads decoding patch payloads to pixels (CPU work, off the event loop)")
+    max_publish_in_flight: int = _f(10, "replies awaiting the broker's PUBACK at once (aiomqtt: ≤ 10)")
+
+    def __post_init__(self) -> None:
+        _check(self.queue_capacity >= 1, "worker.queue_capacity must be ≥ 1")
+        _check(self.metrics_interval_s > 0, "worker.metrics_interval_s must be positive")
+        _check(self.threads >= 0 and self.decode_threads >= 1,
+               "worker.threads must be ≥ 0 and worker.decode_threads ≥ 1")
+        _check(self.shutdown_grace_s >= 0, "worker.shutdown_grace_s must be ≥ 0")
+        _check(0 <= self.metrics_port < 65536, "worker.metrics_port must be in 0..65535")
+        _check(1 <= self.max_publish_in_flight <= 10, "worker.max_publish_in_flight must be in 1..10")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Literal["auto", "json", "console"] = _f("auto", "auto: console on a terminal, JSON lines otherwise")
+    level: Literal["debug", "info", "warning", "error"] = _f("info", "minimum log level")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    refresh_s: float = _f(1.0, "seconds between dashboard refreshes (one immutable snapshot each)")
+    window_s: float = _f(30.0, "sliding window for rates, fractions and latency percentiles")
+    sparkline_points: int = _f(40, "latency p95 history points kept for the sparkline (one per refresh)")
+    worker_stale_s: float = _f(5.0, "a worker silent this long is shown stale and left out of totals")
+    sys_topics: bool = _f(True, "subscribe to the broker's $SYS/# statistics (clients, message rates)")
+
+    def __post_init__(self) -> None:
+        _check(self.refresh_s > 0 and self.window_s > 0, "monitor refresh_s and window_s must be positive")
+        _check(self.sparkline_points >= 2, "monitor.sparkline_points must be ≥ 2")
+        _check(self.worker_stale_s > 0, "monitor.worker_stale_s must be positive")
+
+
+@dataclass(frozen=True)
+class ScalerConfig:
+    min_workers: int = _f(1, "smallest pool size (also the size at start)")
+    max_workers: int = _f(4, "largest pool size")
+    backend: Literal["process", "compose"] = _f(
+        "process", "process: supervise 'patchcast worker' subprocesses; compose: docker compose --scale")
+    interval_s: float = _f(1.0, "seconds between scaling decisions")
+    queue_per_worker_high: float = _f(8.0, "scale up when the mean queue depth per worker exceeds this …")
+    queue_age_high_ms: float = _f(400.0, "… or the oldest queued request is older than this …")
+    busy_high: float = _f(0.85, "… or the mean busy fraction exceeds this")
+    queue_per_worker_low: float = _f(1.0, "scale down only when the queue depth per worker is below this …")
+    busy_low: float = _f(0.35, "… and the busy fraction (rescaled to one worker fewer) is below this")
+    up_after_s: float = _f(2.0, "a scale-up condition must hold this long before acting (hysteresis)")
+    down_after_s: float = _f(8.0, "a scale-down condition must hold this long before acting (hysteresis)")
+    up_cooldown_s: float = _f(4.0, "after any change, no scale-up for this long (new workers warm up)")
+    down_cooldown_s: float = _f(15.0, "after any change, no scale-down for this long (prevents flapping)")
+    max_step_up: int = _f(2, "most workers added by one decision (backlog-proportional below that)")
+    metrics_stale_s: float = _f(5.0, "worker metrics older than this are ignored")
+    latency_target_ms: float = _f(1000.0, "end-to-end p95 the pool is sized for (reported as the SLO)")
+    drain_timeout_s: float = _f(15.0, "stopping a worker: SIGTERM, wait this long to drain, then SIGKILL")
+    restart_max: int = _f(5, "crashed workers are restarted at most this many times …")
+    restart_window_s: float = _f(60.0, "… within this many seconds; beyond that the slot waits")
+    restart_backoff_s: float = _f(1.0, "delay before restarting a crashed worker (doubles per recent crash)")
+    startup_grace_s: float = _f(60.0, "a new worker is 'starting' until its first metrics or this long")
+    metrics_host: str = _f("127.0.0.1", "address of the scaler's Prometheus /metrics endpoint")
+    metrics_port: int = _f(9464, "port of the scaler's Prometheus /metrics endpoint (0: off)")
+    compose_file: str = _f("compose.yaml", "compose backend: the compose file")
+    compose_service: str = _f("worker", "compose backend: the service to scale")
+    compose_project: str = _f("", "compose backend: project name (empty: compose's default)")
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.min_workers <= self.max_workers, "scaler needs 1 ≤ min_workers ≤ max_workers")
+        _check(self.interval_s > 0, "scaler.interval_s must be positive")
+        _check(0 <= self.busy_low < self.busy_high <= 1.0, "scaler needs 0 ≤ busy_low < busy_high ≤ 1")
+        _check(0 <= self.queue_per_worker_low < self.queue_per_worker_high,
+               "scaler needs 0 ≤ queue_per_worker_low < queue_per_worker_high")
+        _check(self.max_step_up >= 1, "scaler.max_step_up must be ≥ 1")
+        _check(self.drain_timeout_s > 0, "scaler.drain_timeout_s must be positive")
+        _check(self.restart_max >= 0 and self.restart_window_s > 0, "scaler restart limits must be ≥ 0")
+        _check(0 <= self.metrics_port < 65536, "scaler.metrics_port must be in 0..65535")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    profile: Literal["cifar10", "deit"] = _f(
+        "cifar10", "cifar10: offline zoo models + CIFAR-10 test set; deit: timm DeiT-Tiny/Base + a folder")
+    devices: int = _f(8, "simulated devices")
+    rate_hz: float = _f(2.0, "images per second per device")
+    duration_s: float = _f(30.0, "seconds the devices send images")
+    deit_source: str = _f("imagenet_samples", "image folder for the deit profile (under $PATCHCAST_DATA)")
+    startup_timeout_s: float = _f(180.0, "seconds to wait for the broker and the first worker")
+    settle_s: float = _f(3.0, "seconds after the devices stop for the last outcomes to arrive")
+    shutdown_timeout_s: float = _f(20.0, "bound on stopping each child process (then it is killed)")
+
+    def __post_init__(self) -> None:
+        _check(self.devices >= 1, "demo.devices must be ≥ 1")
+        _check(self.rate_hz >= 0 and self.duration_s > 0, "demo needs rate_hz ≥ 0 and duration_s > 0")
+        _check(self.startup_timeout_s > 0 and self.shutdown_timeout_s > 0, "demo timeouts must be positive")
+
+
+@dataclass(frozen=True)
+class Config:
+    broker: BrokerConfig = field(default_factory=BrokerConfig, metadata={"help": "MQTT broker connection"})
+    models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "edge and server models"})
+    selection: SelectionConfig = field(default_factory=SelectionConfig, metadata={"help": "patch selection"})
+    gate: GateConfig = field(default_factory=GateConfig, metadata={"help": "entropy-aware transmission"})
+    codec: CodecConfig = field(default_factory=CodecConfig, metadata={"help": "patch encoding on the wire"})
+    edge: EdgeConfig = field(default_factory=EdgeConfig, metadata={"help": "edge devices / fleet simulator"})
+    batching: BatchingConfig = field(default_factory=BatchingConfig, metadata={"help": "worker dynamic batching"})
+    worker: WorkerConfig = field(default_factory=WorkerConfig, metadata={"help": "inference worker"})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "structured logs"})
+    monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"help": "live dashboard"})
+    scaler: ScalerConfig = field(default_factory=ScalerConfig, metadata={"help": "worker pool autoscaler"})
+    demo: DemoConfig = field(default_factory=DemoConfig, metadata={"help": "the one-command demo"})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and, for env strings, parse) one value against a field's type."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(exc.message)
+        raise ConfigError("; ".join(errors))
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: expected an integer, got {value!r}") from exc
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from exc
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def _apply(obj: Any, data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(names))})"
+            raise ConfigError(f"{path}: unknown key{hint}")
+        current = getattr(obj, key)
+        changes[key] = _apply(current, value, path) if is_dataclass(current) else _coerce(value, hints[key], path)
+    try:
+        return replace(obj, **changes)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """``PATCHCAST_SECTION__FIELD=value`` → ``{section: {field: value}}`` (lower-cased names)."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and "__" in key:
+            section, _, name = key[len(ENV_PREFIX):].lower().partition("__")
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config ({exc.strerror})") from exc
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as exc:  # tomllib/yaml each raise their own error types
+        raise ConfigError(f"{p}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'TOML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a table of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, *, overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults → file → environment → overrides; raises :class:`ConfigError` on anything unknown or invalid."""
+    cfg = Config()
+    if path is not None:
+        cfg = _apply(cfg, read_file(path), "")
+    cfg = _apply(cfg, env_overrides(os.environ if environ is None else environ), "")
+    if overrides:
+        cfg = _apply(cfg, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()}, "")
+    return typing.cast(Config, cfg)
+
+
+def describe(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every field: the reference for config files."""
+    obj = Config() if obj is None else obj
+    rows: list[tuple[str, str, str]] = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            rows.append((f"[{name}]", "", f.metadata.get("help", "")))
+            rows.extend(describe(value, f"{name}."))
+        else:
+            assert f.default is not MISSING or f.default_factory is not MISSING
+            rows.append((name, repr(value), f.metadata.get("help", "")))
+    return rows
+
+
+def to_toml(cfg: Config) -> str:
+    """Render a config as TOML (for ``patchcast config --show``)."""
+    lines: list[str] = []
+    for section in fields(cfg):
+        lines.append(f"[{section.name}]")
+        sub = getattr(cfg, section.name)
+        for f in fields(sub):
+            v = getattr(sub, f.name)
+            if isinstance(v, bool):
+                text = "true" if v else "false"
+            elif isinstance(v, str):
+                text = '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(v)
+            lines.append(f"{f.name} = {text}  # {f.metadata.get('help', '')}")
+        lines.append("")
+    return "\n".join(lines)

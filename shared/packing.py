@@ -1,0 +1,294 @@
+"""Batched server forward for variable-length token sets (CLS + each request's received patches).
+
+Why packing: every request carries a different number of patch tokens. Padding a batch to its
+longest set (or to 197) spends matrix-multiply time on tokens that do not exist, and on this CPU
+the matrix multiplies are almost all of the work (QKV, projection and MLP: ≈ 97 % of DeiT-Base's
+MACs at ~150 tokens). Everything in a ViT block except attention is *token-wise* (LayerNorm,
+Linear, GELU, LayerScale), so we concatenate all real tokens of the batch into one (T, D) matrix
+and run those layers once with no padding at all; only attention needs the set boundaries, and
+we run it per set on views of the packed QKV.
+
+Two more exact savings:
+
+* the last block only has to produce the CLS rows (the head reads nothing else), so its query,
+  output projection and MLP run on B rows instead of T (keys and values still use every token);
+* ``plan_batches`` groups requests of similar length so that the ``padded`` fallback wastes little
+  and the token budget bounds a batch's latency.
+
+The result equals the padded-and-masked forward (:func:`shared.subset.forward_tokens` with a
+key-padding mask) and the one-request-at-a-time forward up to floating-point reassociation:
+``tests/perf`` checks ≤ 1e-4 (fp32) and a bf16 bound stated there.
+
+Only blocks whose math we reproduce exactly are accepted (timm ``Block`` + ``Attention`` with
+token-wise norms/MLP, CLS pooling); anything else raises :class:`UnsupportedModelError` instead of
+silently computing something different.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, GluMlp, LayerScale, Mlp, RmsNorm, SwiGLU
+from timm.layers.drop import DropPath
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from shared.errors import ModelError
+from shared.subset import forward_tokens
+
+Policy = Literal["packed", "padded", "sequential"]
+AttentionImpl = Literal["split", "padded"]
+
+POLICIES: tuple[Policy, ...] = ("packed", "padded", "sequential")
+
+# Modules that act on each token (last dimension) independently: safe to run on the packed (T, D)
+# matrix. A norm or MLP outside this list could mix tokens (e.g. a conv MLP) and is refused.
+_TOKENWISE_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, RmsNorm, nn.Identity)
+_TOKENWISE_MLPS: tuple[type[nn.Module], ...] = (Mlp, GluMlp, SwiGLU)
+_SCALES: tuple[type[nn.Module], ...] = (LayerScale, nn.Identity)
+
+
+class UnsupportedModelError(ModelError):
+    """The model has a layer whose math the packed forward does not reproduce."""
+
+
+def check_packable(model: VisionTransformer) -> None:
+    """Raise :class:`UnsupportedModelError` unless :func:`forward_packed` reproduces ``model`` exactly."""
+
+    def fail(what: str) -> None:
+        raise UnsupportedModelError(f"packed forward cannot reproduce this model: {what}")
+
+    if not isinstance(model, VisionTransformer):
+        fail(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    if model.training:
+        # Dropout / drop-path / patch-dropout are random in training mode; packing is for inference.
+        fail("model is in training mode (call .eval())")
+    if model.cls_token is None or model.reg_token is not None or model.no_embed_class:
+        fail("needs a CLS token with its own pos-embed and no register tokens")
+    if model.attn_pool is not None or model.global_pool != "token":
+        fail(f"needs CLS-token pooling, got global_pool={model.global_pool!r}"
+             f"{' with attention pooling' if model.attn_pool is not None else ''}")
+    if not isinstance(model.norm_pre, _TOKENWISE_NORMS) or not isinstance(model.norm, _TOKENWISE_NORMS):
+        fail("norm_pre / norm must be token-wise (LayerNorm, RMSNorm or Identity)")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            fail(f"block {i} is {type(blk).__name__}, only timm's pre-norm Block is supported")
+        attn = blk.attn
+        if type(attn) is not Attention:
+            fail(f"block {i} attention is {type(attn).__name__}, only timm's Attention is supported")
+        if type(attn.qkv) is not nn.Linear or type(attn.proj) is not nn.Linear:
+            fail(f"block {i}: qkv/proj must be nn.Linear")
+        for name in ("norm1", "norm2"):
+            if not isinstance(getattr(blk, name), _TOKENWISE_NORMS):
+                fail(f"block {i}.{name} is {type(getattr(blk, name)).__name__}, not a token-wise norm")
+        for name in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(attn, name), _TOKENWISE_NORMS):
+                fail(f"block {i}.attn.{name} is not a token-wise norm")
+        for name in ("ls1", "ls2"):
+            if not isinstance(getattr(blk, name), _SCALES):
+                fail(f"block {i}.{name} is {type(getattr(blk, name)).__name__}")
+        for name in ("drop_path1", "drop_path2"):
+            if not isinstance(getattr(blk, name), DropPath | nn.Identity):
+                fail(f"block {i}.{name} is {type(getattr(blk, name)).__name__}")
+        if not isinstance(blk.mlp, _TOKENWISE_MLPS) or any(isinstance(m, nn.Conv2d) for m in blk.mlp.modules()):
+            fail(f"block {i} MLP {type(blk.mlp).__name__} is not a token-wise Linear MLP")
+
+
+def _model_dtype(model: VisionTransformer) -> torch.dtype:
+    return model.cls_token.dtype
+
+
+def _empty_logits(model: VisionTransformer) -> Tensor:
+    width = int(model.num_classes) or int(model.embed_dim)  # num_classes 0: the head is Identity
+    return model.cls_token.new_zeros(0, width)
+
+
+def _pack(model: VisionTransformer, token_sets: Sequence[Tensor]) -> tuple[Tensor, list[int]]:
+    """[CLS, set 0, CLS, set 1, …] as one (T, D) tensor, and each segment's length (CLS included)."""
+    dtype = _model_dtype(model)
+    d = int(model.embed_dim)
+    cls = (model.cls_token + model.pos_embed[:, :1]).reshape(1, d).to(dtype)
+    parts: list[Tensor] = []
+    lengths: list[int] = []
+    for i, t in enumerate(token_sets):
+        if t.dim() != 2 or t.shape[1] != d:
+            raise ValueError(f"token set {i} has shape {tuple(t.shape)}, expected (K, {d})")
+        parts.append(cls)
+        parts.append(t.to(dtype))
+        lengths.append(int(t.shape[0]) + 1)
+    return torch.cat(parts, dim=0), lengths
+
+
+def _attend_split(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengths: list[int],
+                  scale: float) -> Tensor:
+    """Attention per set. q (H, Tq, hd), k/v (H, Tkv, hd) → (H, Tq, hd).
+
+    Each set's q/k/v are strided views (no copy); SDPA's CPU flash kernel takes them as they are.
+    """
+    outs = [
+        F.scaled_dot_product_attention(qi, ki, vi, scale=scale)
+        for qi, ki, vi in zip(q.split(q_lengths, dim=1), k.split(kv_lengths, dim=1),
+                              v.split(kv_lengths, dim=1), strict=True)
+    ]
+    return torch.cat(outs, dim=1)
+
+
+def _attend_padded(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], scale: float) -> Tensor:
+    """Attention in one masked SDPA call over sets scattered into a padded (B, H, Lmax, hd) batch."""
+    h, t, hd = q.shape
+    b, lmax = len(lengths), max(lengths)
+    lens = torch.tensor(lengths)
+    valid = torch.arange(lmax)[None, :] < lens[:, None]  # (B, Lmax)
+
+    def pad(x: Tensor) -> Tensor:
+        out = x.new_zeros(b, lmax, h, hd)
+        out[valid] = x.transpose(0, 1)
+        return out.transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :], scale=scale)
+    return o.transpose(1, 2)[valid].transpose(0, 1)
+
+
+def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionImpl,
+               query_rows: Tensor | None = None) -> Tensor:
+    """timm ``Attention.forward`` on packed tokens x (T, D).
+
+    With ``query_rows`` only those rows are queries (keys/values still come from every token) and
+    the result has one row per query: used for the CLS rows of the last block.
+    """
+    h, hd = attn.num_heads, attn.head_dim
+    a = attn.attn_dim
+    w, bias = attn.qkv.weight, attn.qkv.bias
+    if query_rows is None:
+        qkv = attn.qkv(x).view(-1, 3, h, hd)
+        q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # each (H, T, hd), strided views
+        xq = x
+        q_lengths = lengths
+    else:
+        xq = x.index_select(0, query_rows)
+        # Same weights as attn.qkv, split: Q for the query rows only, K and V for every token.
+        q = F.linear(xq, w[:a], None if bias is None else bias[:a]).view(-1, h, hd).transpose(0, 1)
+        kv = F.linear(x, w[a:], None if bias is None else bias[a:]).view(-1, 2, h, hd)
+        k, v = kv.permute(1, 2, 0, 3).unbind(0)
+        q_lengths = [1] * len(lengths)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if impl == "split" or query_rows is not None:
+        o = _attend_split(q, k, v, q_lengths, lengths, attn.scale)
+    else:
+        o = _attend_padded(q, k, v, lengths, attn.scale)
+    o = o.transpose(0, 1).reshape(-1, a)  # (Tq, H*hd), same layout as timm's transpose+reshape
+    o = attn.norm(o)
+    if attn.gate is not None:
+        o = o * attn.gate(xq).sigmoid()
+    return attn.proj_drop(attn.proj(o))
+
+
+def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
+                   attention: AttentionImpl = "split", cls_only_last: bool = True) -> Tensor:
+    """Logits (B, num_classes) for B token sets, each (K_i, D) patch tokens with pos-embed added.
+
+    CLS (+ its pos-embed) is prepended to each set; all real tokens are processed as one packed
+    (T, D) matrix; attention never crosses sets. Inputs are cast to the model's parameter dtype
+    (cast the model to bf16 for bf16 inference). ``attention``: ``split`` (SDPA per set, default:
+    fastest here) or ``padded`` (one masked SDPA over a padded copy of Q/K/V). ``cls_only_last``:
+    compute the last block for the CLS rows only (exact; the head reads nothing else).
+    """
+    check_packable(model)
+    if len(token_sets) == 0:
+        return _empty_logits(model)
+    x, lengths = _pack(model, token_sets)
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)  # CLS row of each set
+    x = model.norm_pre(x)
+    blocks = list(model.blocks)
+    last = len(blocks) - 1
+    for i, blk in enumerate(blocks):
+        if cls_only_last and i == last:
+            xc = x.index_select(0, starts)
+            xc = xc + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lengths, attention, starts)))
+            x = xc + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xc))))
+        else:
+            x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lengths, attention)))
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    cls_rows = x if cls_only_last else x.index_select(0, starts)
+    # (B, 1, D) so that forward_head's CLS pooling (x[:, 0]), fc_norm and head apply unchanged.
+    return model.forward_head(model.norm(cls_rows).unsqueeze(1))
+
+
+def pad_sets(token_sets: Sequence[Tensor], length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Pad (K_i, D) sets to (B, L, D) (L = ``length`` or the longest set) + key mask (B, L), True = real."""
+    if not token_sets:
+        raise ValueError("pad_sets needs at least one token set")
+    lmax = max(int(t.shape[0]) for t in token_sets)
+    length = lmax if length is None else length
+    if length < lmax:
+        raise ValueError(f"pad length {length} is shorter than the longest set ({lmax})")
+    first = token_sets[0]
+    out = first.new_zeros(len(token_sets), length, first.shape[-1])
+    mask = torch.zeros(len(token_sets), length, dtype=torch.bool)
+    for i, t in enumerate(token_sets):
+        out[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    return out, mask
+
+
+def forward_padded(model: VisionTransformer, token_sets: Sequence[Tensor], length: int | None = None) -> Tensor:
+    """Reference batched forward: pad to ``length`` (default: the batch max) with a key-padding mask."""
+    dtype = _model_dtype(model)
+    padded, mask = pad_sets([t.to(dtype) for t in token_sets], length)
+    return forward_tokens(model, padded, mask if not bool(mask.all()) else None)
+
+
+def forward_sequential(model: VisionTransformer, token_sets: Sequence[Tensor]) -> Tensor:
+    """One request at a time, no padding (how the official implementation serves requests)."""
+    dtype = _model_dtype(model)
+    return torch.cat([forward_tokens(model, t.to(dtype).unsqueeze(0)) for t in token_sets], dim=0)
+
+
+def forward_token_sets(model: VisionTransformer, token_sets: Sequence[Tensor],
+                       policy: Policy = "packed") -> Tensor:
+    """The worker's single entry point: logits (B, num_classes) for B token sets under ``policy``."""
+    if policy == "packed":
+        return forward_packed(model, token_sets)
+    if not token_sets:
+        return _empty_logits(model)
+    if policy == "padded":
+        return forward_padded(model, token_sets)
+    if policy == "sequential":
+        return forward_sequential(model, token_sets)
+    raise ValueError(f"unknown batching policy {policy!r}; expected one of {', '.join(POLICIES)}")
+
+
+def plan_batches(lengths: Sequence[int], max_batch: int, max_tokens: int, *,
+                 pad_to_max: bool = False) -> list[list[int]]:
+    """Group request indices into batches: sorted by length, each batch ≤ ``max_batch`` requests and
+    ≤ ``max_tokens`` tokens.
+
+    ``lengths`` are patch-token counts; the budget counts each set's CLS token too (K_i + 1).
+    With ``pad_to_max`` a batch costs (its longest set + 1) × its size, as the padded policy pays.
+    Sorting keeps similar lengths together (less padding, and batches of similar latency); a set
+    that alone exceeds the budget still gets a batch of its own. Every index appears exactly once;
+    batches come out shortest first and each is a contiguous run of the (stable) sorted order.
+    """
+    if max_batch < 1 or max_tokens < 1:
+        raise ValueError(f"max_batch and max_tokens must be ≥ 1, got {max_batch}, {max_tokens}")
+    if any(n < 0 for n in lengths):
+        raise ValueError("lengths must be ≥ 0")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        cost = lengths[i] + 1
+        # Ascending order: the newest item is the batch's longest, so the padded cost is simple.
+        new_used = (cost * (len(current) + 1)) if pad_to_max else used + cost
+        if current and (len(current) >= max_batch or new_used > max_tokens):
+            batches.append(current)
+            current, new_used = [], cost
+        current.append(i)
+        used = new_used
+    if current:
+        batches.append(current)
+    return batches

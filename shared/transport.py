@@ -1,0 +1,354 @@
+"""MQTT v5 transport: the only module that imports aiomqtt.
+
+One :class:`Transport` per MQTT client identity (one per worker process, one per simulated
+device). Its :meth:`Transport.run` coroutine owns the connection: connect under a timeout,
+re-subscribe, publish the "birth" messages (retained availability), deliver messages to a
+synchronous handler, and on any loss reconnect with jittered exponential backoff. Services run it
+as a named task in their TaskGroup and call :meth:`publish` / :meth:`subscribe` from anywhere on
+the same event loop.
+
+Rules it enforces (see the measurements notes):
+
+* TCP_NODELAY on the client socket (the broker sets it too): no 40 ms delayed-ACK stalls.
+* At most ``max_in_flight`` publishes awaiting their PUBACK (a semaphore), and aiomqtt's
+  "pending publish calls" warning silenced: it fires per publish and costs throughput.
+* Every publish/subscribe under ``asyncio.timeout(publish_timeout_s)``.
+* The broker's maximum packet size is checked *before* publishing: an over-size publish would
+  make the broker drop the whole connection. It raises :class:`TransportError` code ``too_large``.
+* aiomqtt/paho errors never leak: they become :class:`TransportError` (``raise … from``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shared.config import BrokerConfig
+from shared.errors import TransportError
+from shared.logs import get_logger
+
+DEFAULT_MAX_IN_FLIGHT = 10  # aiomqtt warns (and slows down) beyond 10 pending calls
+_SUBACK_FAILURE = 0x80  # MQTT v5 reason codes ≥ 0x80 are failures (e.g. 0x87 not authorised)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to publish later: birth (on every connect), will, or farewell messages."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {self.qos}")
+        if not self.topic or any(c in self.topic for c in "+#"):
+            raise ValueError(f"invalid publish topic {self.topic!r}")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One received message with the MQTT v5 properties PatchCast uses."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    expiry_s: int | None = None  # remaining message-expiry interval as delivered by the broker
+    user_properties: tuple[tuple[str, str], ...] = ()
+    retain: bool = False
+    received_at: float = field(default_factory=time.monotonic)
+
+
+MessageHandler = Callable[[Incoming], None]
+
+
+class _DropPendingCallsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pending publish calls" not in record.getMessage()
+
+
+def _quiet_mqtt_logger() -> logging.Logger:
+    logger = logging.getLogger("patchcast.mqtt")
+    if not any(isinstance(f, _DropPendingCallsWarning) for f in logger.filters):
+        logger.addFilter(_DropPendingCallsWarning())
+    logger.setLevel(logging.WARNING)
+    return logger
+
+
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def publish_packet_size(topic: str, payload: bytes, qos: int, properties: Properties | None) -> int:
+    """Exact size in bytes of the MQTT v5 PUBLISH packet paho would send."""
+    props = properties.pack() if properties is not None else b"\x00"
+    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + len(props) + len(payload)
+    return 1 + _varint_len(remaining) + remaining
+
+
+def publish_properties(*, response_topic: str | None = None, correlation_data: bytes | None = None,
+                       expiry_s: float | None = None,
+                       user_properties: Sequence[tuple[str, str]] = ()) -> Properties | None:
+    """PUBLISH properties for request/reply: response topic, correlation data, message expiry."""
+    if response_topic is None and correlation_data is None and expiry_s is None and not user_properties:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    if expiry_s is not None:
+        # The interval is whole seconds on the wire; round up so a short deadline never becomes 0
+        # (0 would not mean "expired", it is still a valid interval that expires at once).
+        props.MessageExpiryInterval = max(1, int(-(-expiry_s // 1)))
+    if user_properties:
+        props.UserProperty = list(user_properties)
+    return props
+
+
+def _incoming(message: aiomqtt.Message) -> Incoming:
+    props = message.properties
+    raw = message.payload
+    payload = raw if isinstance(raw, bytes | bytearray) else str(raw).encode()
+    user = tuple(getattr(props, "UserProperty", ()) or ()) if props is not None else ()
+    return Incoming(
+        topic=message.topic.value,
+        payload=bytes(payload),
+        response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
+        correlation_data=getattr(props, "CorrelationData", None) if props is not None else None,
+        expiry_s=getattr(props, "MessageExpiryInterval", None) if props is not None else None,
+        user_properties=tuple((str(k), str(v)) for k, v in user),
+        retain=bool(message.retain),
+    )
+
+
+@dataclass
+class TransportStats:
+    connects: int = 0
+    disconnects: int = 0
+    published: int = 0
+    publish_failures: int = 0
+    received: int = 0
+    handler_errors: int = 0
+
+
+class Transport:
+    """A long-lived MQTT v5 client identity with automatic reconnection.
+
+    ``handler`` is called on the event loop for every message; it must be quick (validate and
+    enqueue) and must not raise — exceptions are logged and counted, never stop the connection.
+    """
+
+    def __init__(self, config: BrokerConfig, *, client_id: str, handler: MessageHandler | None = None,
+                 will: Outgoing | None = None, birth: Sequence[Outgoing] = (),
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 log_context: dict[str, str] | None = None) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be ≥ 1")
+        self.config = config
+        self.client_id = client_id
+        self.handler = handler
+        self.will = will
+        self.birth = tuple(birth)
+        self.stats = TransportStats()
+        self._subscriptions: dict[str, int] = {}
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._closing = False
+        self._log = get_logger("patchcast.transport", client_id=client_id, **(log_context or {}))
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set() and self._client is not None
+
+    async def wait_connected(self, wait_s: float | None = None) -> None:
+        """Wait until connected (default: up to ``connect_timeout_s``; ``math.inf``: forever);
+        :class:`TransportError` code ``timeout`` if not."""
+        limit = self.config.connect_timeout_s if wait_s is None else wait_s
+        try:
+            async with asyncio.timeout(None if limit == math.inf else limit):
+                await self._connected.wait()
+        except TimeoutError as exc:
+            raise TransportError(f"no connection to {self.config.host}:{self.config.port} "
+                                 f"(client {self.client_id})", code="timeout") from exc
+
+    # ---- connection loop ---------------------------------------------------------------------
+    def _new_client(self) -> aiomqtt.Client:
+        cfg = self.config
+        will = None
+        if self.will is not None:
+            will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
+        return aiomqtt.Client(
+            cfg.host, cfg.port, identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
+            username=cfg.username or None, password=cfg.password or None, will=will,
+            keepalive=cfg.keepalive_s, timeout=cfg.publish_timeout_s, logger=_quiet_mqtt_logger(),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+
+    def backoff_delay(self, failures: int) -> float:
+        """Jittered exponential backoff: ``min·2^failures`` capped at max, times U(0.5, 1)."""
+        base = min(self.config.reconnect_max_s, self.config.reconnect_min_s * (2 ** min(failures, 30)))
+        return base * random.uniform(0.5, 1.0)
+
+    async def run(self) -> None:
+        """Connect and stay connected until cancelled (or :meth:`close`)."""
+        failures = 0
+        while not self._closing:
+            client = self._new_client()
+            try:
+                async with asyncio.timeout(self.config.connect_timeout_s):
+                    await client.__aenter__()
+            except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
+                delay = self.backoff_delay(failures)
+                failures += 1
+                self._log.warning("mqtt_connect_failed", broker=f"{self.config.host}:{self.config.port}",
+                                  error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            try:
+                await self._serve(client)
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                self.stats.disconnects += 1
+                self._log.warning("mqtt_connection_lost", error=str(exc) or type(exc).__name__)
+            except TransportError as exc:
+                if exc.code == "subscribe_refused":
+                    raise  # an ACL problem: reconnecting cannot fix it
+                self.stats.disconnects += 1
+                self._log.warning("mqtt_connection_lost", error=exc.message)
+            finally:
+                self._connected.clear()
+                self._client = None
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError, RuntimeError):
+                    async with asyncio.timeout(2.0):
+                        await client.__aexit__(None, None, None)
+            if not self._closing:
+                delay = self.backoff_delay(0)
+                await asyncio.sleep(delay)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        # Subscribe and announce before anyone may publish through this client.
+        for topic_filter, qos in self._subscriptions.items():
+            await self._subscribe_on(client, topic_filter, qos)
+        for msg in self.birth:
+            async with asyncio.timeout(self.config.publish_timeout_s):
+                await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+        self._client = client
+        self._connected.set()
+        self.stats.connects += 1
+        self._log.info("mqtt_connected", broker=f"{self.config.host}:{self.config.port}",
+                       subscriptions=list(self._subscriptions))
+        async for message in client.messages:
+            self.stats.received += 1
+            if self.handler is None:
+                continue
+            try:
+                self.handler(_incoming(message))
+            except Exception:  # a handler bug must not take the connection down
+                self.stats.handler_errors += 1
+                self._log.exception("mqtt_handler_failed", topic=message.topic.value)
+
+    # ---- calls -------------------------------------------------------------------------------
+    async def _subscribe_on(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
+        try:
+            async with asyncio.timeout(self.config.publish_timeout_s):
+                codes = await client.subscribe(topic_filter, qos=qos)
+        except TimeoutError as exc:
+            raise TransportError(f"subscribe {topic_filter!r} timed out", code="timeout") from exc
+        for code in codes:
+            value = code.value if hasattr(code, "value") else int(code)
+            if value >= _SUBACK_FAILURE:
+                raise TransportError(f"broker refused subscription {topic_filter!r}: {code}",
+                                     code="subscribe_refused")
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after every reconnect."""
+        self._subscriptions[topic_filter] = qos
+        client = self._client
+        if client is not None:
+            try:
+                await self._subscribe_on(client, topic_filter, qos)
+            except aiomqtt.MqttError as exc:
+                raise TransportError(f"subscribe {topic_filter!r}: {exc}") from exc
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Stop receiving ``topic_filter`` (also after reconnects)."""
+        self._subscriptions.pop(topic_filter, None)
+        client = self._client
+        if client is None:
+            return
+        try:
+            async with asyncio.timeout(self.config.publish_timeout_s):
+                await client.unsubscribe(topic_filter)
+        except TimeoutError as exc:
+            raise TransportError(f"unsubscribe {topic_filter!r} timed out", code="timeout") from exc
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"unsubscribe {topic_filter!r}: {exc}") from exc
+
+    def check_size(self, topic: str, payload: bytes, qos: int, properties: Properties | None) -> int:
+        size = publish_packet_size(topic, payload, qos, properties)
+        if size > self.config.max_packet_bytes:
+            raise TransportError(f"message of {size} bytes exceeds the broker's maximum packet size "
+                                 f"{self.config.max_packet_bytes} (topic {topic})", code="too_large")
+        return size
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      response_topic: str | None = None, correlation_data: bytes | None = None,
+                      expiry_s: float | None = None, user_properties: Sequence[tuple[str, str]] = ()) -> None:
+        """Publish once (QoS 1: until the broker's PUBACK), waiting for a connection if needed.
+
+        Raises :class:`TransportError`: ``too_large`` before sending anything, ``timeout`` when no
+        connection or acknowledgement came within ``publish_timeout_s``, ``transport`` otherwise.
+        """
+        props = publish_properties(response_topic=response_topic, correlation_data=correlation_data,
+                                   expiry_s=expiry_s, user_properties=user_properties)
+        self.check_size(topic, payload, qos, props)
+        try:
+            async with asyncio.timeout(self.config.publish_timeout_s):
+                async with self._in_flight:
+                    await self._connected.wait()
+                    client = self._client
+                    if client is None:
+                        raise TransportError("connection lost before publishing", code="transport")
+                    await client.publish(topic, payload, qos=qos, retain=retain, properties=props,
+                                         timeout=self.config.publish_timeout_s + 1.0)
+        except TimeoutError as exc:
+            self.stats.publish_failures += 1
+            raise TransportError(f"publish to {topic} timed out after {self.config.publish_timeout_s} s",
+                                 code="timeout") from exc
+        except aiomqtt.MqttError as exc:
+            self.stats.publish_failures += 1
+            raise TransportError(f"publish to {topic}: {exc}") from exc
+        self.stats.published += 1
+
+    async def publish_message(self, msg: Outgoing) -> None:
+        await self.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+
+    async def close(self, farewell: Sequence[Outgoing] = ()) -> None:
+        """Publish ``farewell`` (e.g. offline availability: a clean disconnect suppresses the will)
+        and stop reconnecting. Cancel the :meth:`run` task afterwards to disconnect."""
+        if self.connected:
+            for msg in farewell:
+                try:
+                    await self.publish_message(msg)
+                except TransportError as exc:
+                    self._log.warning("mqtt_farewell_failed", topic=msg.topic, error=exc.message)
+        self._closing = True

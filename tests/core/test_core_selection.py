@@ -1,0 +1,281 @@
+"""Selection rules: hand-worked cases, validation, and properties over random scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from shared.errors import ConfigError
+from shared.selection import (
+    SUM_TOLERANCE,
+    Selection,
+    SelectionRule,
+    mask_nbytes,
+    pack_mask,
+    select,
+    select_batch,
+    unpack_mask,
+)
+
+PROPS = settings(max_examples=150, deadline=None)
+
+# s = [0.1, 0.4, 0.2, 0.3]: descending order is patch 1 (0.4), 3 (0.3), 2 (0.2), 0 (0.1),
+# cumulative mass 0.4, 0.7, 0.9, 1.0.
+S = np.array([0.1, 0.4, 0.2, 0.3])
+
+
+def kept(scores: np.ndarray | list[float], kind: str, value: float, min_patches: int = 1) -> list[int]:
+    rule = SelectionRule(kind, value, min_patches)  # type: ignore[arg-type]
+    return select(np.asarray(scores, dtype=np.float64), rule).indices.tolist()
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "min_patches", "expected"),
+    [
+        ("topk", 1, 1, [1]),
+        ("topk", 2, 1, [1, 3]),
+        ("topk", 3, 0, [1, 2, 3]),
+        ("topk", 9, 1, [0, 1, 2, 3]),  # k > N: every patch
+        ("threshold", 0.2, 1, [1, 2, 3]),  # s_i ≥ δ includes the 0.2 patch
+        ("threshold", 0.3, 1, [1, 3]),
+        ("threshold", 0.0, 1, [0, 1, 2, 3]),
+        ("threshold", 0.5, 1, [1]),  # nothing ≥ 0.5: degenerate, top patch
+        ("threshold", 0.5, 2, [1, 3]),  # degenerate, top min_patches
+        ("threshold", 0.5, 0, []),  # empty allowed
+        ("sum_threshold", 0.75, 1, [1, 3]),  # 0.4 + 0.3 ≤ 0.75 < 0.9
+        ("sum_threshold", 0.7, 1, [1, 3]),  # exactly δ_sum (0.4 + 0.3 rounds above 0.7 in float64)
+        ("sum_threshold", 0.69, 1, [1]),
+        ("sum_threshold", 0.9, 1, [1, 2, 3]),
+        ("sum_threshold", 1.0, 1, [0, 1, 2, 3]),  # the whole mass, despite rounding
+        ("sum_threshold", 0.3, 1, [1]),  # top patch alone exceeds δ_sum: degenerate
+        ("sum_threshold", 0.3, 3, [1, 2, 3]),
+        ("sum_threshold", 0.3, 0, []),
+        ("sum_threshold", 0.75, 3, [1, 2, 3]),  # min_patches above the prefix length wins
+    ],
+)
+def test_rules_on_hand_worked_scores(kind: str, value: float, min_patches: int, expected: list[int]) -> None:
+    assert kept(S, kind, value, min_patches) == expected
+
+
+def test_sum_threshold_uses_share_of_total_mass() -> None:
+    # Unnormalised scores 1, 4, 2, 3 (total 10) select like 0.1, 0.4, 0.2, 0.3.
+    assert kept([1.0, 4.0, 2.0, 3.0], "sum_threshold", 0.75) == [1, 3]
+    assert kept([1.0, 4.0, 2.0, 3.0], "sum_threshold", 0.95) == [1, 2, 3]
+
+
+def test_all_zero_scores_are_degenerate() -> None:
+    assert kept([0.0, 0.0, 0.0], "sum_threshold", 0.5) == [0]
+    assert kept([0.0, 0.0, 0.0], "sum_threshold", 0.5, min_patches=2) == [0, 1]
+    assert kept([0.0, 0.0, 0.0], "threshold", 0.1) == [0]
+
+
+def test_ties_rank_lower_index_first() -> None:
+    flat = [0.25, 0.25, 0.25, 0.25]
+    assert kept(flat, "topk", 2) == [0, 1]
+    assert kept(flat, "sum_threshold", 0.5) == [0, 1]
+    assert kept(flat, "sum_threshold", 0.6) == [0, 1]
+    assert kept(flat, "threshold", 0.25) == [0, 1, 2, 3]
+    # Tie at the top, nothing reaches δ: min_patches cuts the tie at the lower index.
+    assert kept([0.1, 0.45, 0.45], "threshold", 0.5) == [1]
+    assert kept([0.1, 0.45, 0.45], "topk", 1) == [1]
+    # A later, higher score still ranks first.
+    assert kept([0.2, 0.2, 0.6], "topk", 2) == [0, 2]
+
+
+def test_torch_and_list_scores_are_accepted() -> None:
+    t = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.bfloat16)
+    assert select(t, SelectionRule("topk", 2)).indices.tolist() == [1, 3]
+    batch = select_batch(torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.7, 0.1, 0.1, 0.1]]), SelectionRule("topk", 1))
+    assert [s.indices.tolist() for s in batch] == [[1], [0]]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [[0.1, float("nan")]],
+        [[0.1, float("inf")]],
+        [[0.5, -0.1]],
+        [[]],
+        [[[0.1, 0.2]]],
+    ],
+)
+def test_bad_scores_are_rejected(bad: list) -> None:
+    with pytest.raises(ValueError):
+        select_batch(np.array(bad, dtype=np.float64), SelectionRule("topk", 1))
+
+
+def test_select_wants_one_row() -> None:
+    with pytest.raises(ValueError):
+        select(np.ones((2, 3)), SelectionRule("topk", 1))
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "min_patches"),
+    [
+        ("topK", 3, 1),
+        ("topk", 0, 1),
+        ("topk", 2.5, 1),
+        ("topk", True, 1),
+        ("random_k", -1, 1),
+        ("topk", 2, 3),  # k below min_patches
+        ("threshold", -0.1, 1),
+        ("threshold", 1.5, 1),
+        ("threshold", float("nan"), 1),
+        ("sum_threshold", 0.0, 1),
+        ("sum_threshold", 1.01, 1),
+        ("sum_threshold", float("inf"), 1),
+        ("sum_threshold", "half", 1),
+        ("sum_threshold", None, 1),
+        ("sum_threshold", 0.5, -1),
+        ("sum_threshold", 0.5, 1.0),
+    ],
+)
+def test_rule_validation(kind: str, value: object, min_patches: object) -> None:
+    with pytest.raises(ConfigError):
+        SelectionRule(kind, value, min_patches)  # type: ignore[arg-type]
+
+
+def test_rule_normalises_k_and_is_frozen() -> None:
+    rule = SelectionRule("topk", 4.0)
+    assert rule.value == 4 and isinstance(rule.value, int) and rule.k == 4
+    with pytest.raises(ConfigError):
+        _ = SelectionRule("threshold", 0.1).k
+    with pytest.raises(AttributeError):
+        rule.value = 3  # type: ignore[misc]
+
+
+def test_random_k_is_uniform_without_replacement_and_seeded() -> None:
+    n, k, draws = 5, 2, 4000
+    rng = np.random.default_rng(7)
+    counts = np.zeros(n)
+    scores = np.array([0.9, 0.05, 0.03, 0.01, 0.01])  # score-blind: must not favour patch 0
+    for sel in select_batch(np.tile(scores, (draws, 1)), SelectionRule("random_k", k), rng=rng):
+        assert sel.num_kept == k
+        counts[sel.indices] += 1
+    expected = draws * k / n  # 1600 per patch; binomial sd ≈ 31
+    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(draws * (k / n) * (1 - k / n)))
+    a = select(scores, SelectionRule("random_k", 3), rng=np.random.default_rng(1))
+    b = select(scores, SelectionRule("random_k", 3), rng=np.random.default_rng(1))
+    assert a == b and a.num_kept == 3
+    assert select(scores, SelectionRule("random_k", 9)).indices.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_selection_dataclass() -> None:
+    sel = Selection(np.array([1, 3], dtype=np.int32), 12)
+    assert sel.indices.dtype == np.int64 and not sel.indices.flags.writeable
+    assert sel.fraction == pytest.approx(2 / 12) and len(sel) == 2
+    assert sel.mask == bytes([0b01010000, 0b00000000])  # bits 1 and 3, MSB first
+    assert Selection.from_mask(sel.mask, 12) == sel
+    assert sel != Selection(np.array([1, 3]), 13)
+    t = sel.index_tensor()
+    assert t.dtype == torch.long and t.tolist() == [1, 3]
+    for bad in ([3, 1], [1, 1], [-1, 2], [2, 12], [[1, 2]], [0.5]):
+        with pytest.raises(ValueError):
+            Selection(np.array(bad), 12)
+    with pytest.raises(ValueError):
+        Selection(np.array([], dtype=np.int64), 0)
+    assert Selection(np.array([], dtype=np.int64), 4).fraction == 0.0
+
+
+# ---------- properties ----------
+
+scores_1d = arrays(np.float64, st.integers(1, 64),
+                   elements=st.floats(0.0, 1.0, allow_nan=False, allow_subnormal=False))
+rules = st.one_of(
+    st.builds(SelectionRule, st.just("topk"), st.integers(1, 70), st.integers(0, 1)),
+    st.builds(SelectionRule, st.just("threshold"), st.floats(0.0, 1.0), st.integers(0, 3)),
+    st.builds(SelectionRule, st.just("sum_threshold"), st.floats(0.001, 1.0), st.integers(0, 3)),
+    st.builds(SelectionRule, st.just("random_k"), st.integers(1, 70), st.integers(0, 1)),
+)
+
+
+def descending(s: np.ndarray) -> np.ndarray:
+    """Reference order written independently: sort by (−score, index)."""
+    return np.array(sorted(range(len(s)), key=lambda i: (-s[i], i)), dtype=np.int64)
+
+
+@PROPS
+@given(scores_1d, rules, st.integers(0, 2**32 - 1))
+def test_selection_is_sorted_unique_in_range(s: np.ndarray, rule: SelectionRule, seed: int) -> None:
+    sel = select(s, rule, rng=np.random.default_rng(seed))
+    idx = sel.indices
+    assert sel.num_patches == len(s)
+    assert np.all(np.diff(idx) > 0)
+    assert idx.size == 0 or (idx[0] >= 0 and idx[-1] < len(s))
+    assert idx.size >= min(rule.min_patches, len(s))
+
+
+@PROPS
+@given(scores_1d, st.integers(1, 70))
+def test_topk_keeps_exactly_k_best(s: np.ndarray, k: int) -> None:
+    sel = select(s, SelectionRule("topk", k, min_patches=0))
+    assert sel.num_kept == min(k, len(s))
+    assert set(sel.indices.tolist()) == set(descending(s)[: min(k, len(s))].tolist())
+
+
+@PROPS
+@given(scores_1d, st.floats(0.0, 1.0), st.integers(0, 3))
+def test_threshold_keeps_scores_at_or_above_delta(s: np.ndarray, delta: float, min_patches: int) -> None:
+    sel = set(select(s, SelectionRule("threshold", delta, min_patches)).indices.tolist())
+    above = {i for i in range(len(s)) if s[i] >= delta}
+    if len(above) >= min_patches:
+        assert sel == above
+    else:
+        assert sel == set(descending(s)[: min(min_patches, len(s))].tolist())
+
+
+@PROPS
+@given(scores_1d, st.floats(0.001, 1.0), st.integers(0, 3))
+def test_sum_threshold_keeps_the_longest_prefix_within_delta(s: np.ndarray, delta: float,
+                                                             min_patches: int) -> None:
+    sel = select(s, SelectionRule("sum_threshold", delta, min_patches))
+    order = descending(s)
+    m = sel.num_kept
+    assert set(sel.indices.tolist()) == set(order[:m].tolist())  # a prefix of the descending order
+    total = float(np.sum(s))
+    if total == 0.0:
+        assert m == min(min_patches, len(s))
+        return
+    share = lambda j: float(np.sum(s[order[:j]])) / total  # noqa: E731
+    if m > min(min_patches, len(s)):  # not degenerate: mass within δ_sum
+        assert share(m) <= delta + 1e-9
+    if m < len(s):  # maximal: one more patch would exceed δ_sum
+        assert share(m + 1) > delta - SUM_TOLERANCE
+
+
+@PROPS
+@given(st.integers(1, 4), st.integers(1, 40), rules, st.integers(0, 1000))
+def test_batch_equals_rows(b: int, n: int, rule: SelectionRule, seed: int) -> None:
+    scores = np.random.default_rng(seed).random((b, n))
+    if rule.kind == "random_k":
+        batch = select_batch(scores, rule, rng=np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        rows = [select(scores[i], rule, rng=rng) for i in range(b)]
+    else:
+        batch = select_batch(scores, rule)
+        rows = [select(scores[i], rule) for i in range(b)]
+    assert batch == rows
+
+
+@PROPS
+@given(st.integers(1, 300).flatmap(
+    lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1), max_size=n))))
+def test_mask_round_trip(case: tuple[int, set[int]]) -> None:
+    n, kept_set = case
+    data = pack_mask(sorted(kept_set), n)
+    assert len(data) == mask_nbytes(n) == (n + 7) // 8
+    assert unpack_mask(data, n).tolist() == sorted(kept_set)
+    sel = Selection(np.array(sorted(kept_set), dtype=np.int64), n)
+    assert Selection.from_mask(sel.mask, n) == sel
+
+
+def test_unpack_mask_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        unpack_mask(b"\x00", 9)
+    with pytest.raises(ValueError):
+        unpack_mask(b"\x00\x01", 9)  # bit 15 set, past patch 8
+    assert unpack_mask(b"\x80\x80", 9).tolist() == [0, 8]

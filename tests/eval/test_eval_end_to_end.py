@@ -1,0 +1,147 @@
+"""``patchcast eval`` end to end on tiny random-init models: files exist and agree with each other."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchcast.cli import main
+from patchcast.eval import read_csv
+from shared import datasets
+from shared.models import LoadedModel, Preprocess, VitArch, build_model, save_checkpoint
+
+FIGURES = ["fig8_tradeoff.png", "fig11_scores.png", "fig12_rules.png", "fig13_gates.png", "fig14_encoder.png",
+           "fig_bytes.png"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only wait on each other on a busy machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evalset")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    for c in range(4):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            img[8 * c:8 * c + 8] = 255  # a class-dependent stripe, so labels are not pure noise
+            Image.fromarray(img).save(data / f"class{c}" / f"{i}.png")
+    pre = Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", 1.0)
+    paths = {"data": data}
+    for name, dim, seed in (("edge", 32, 1), ("server", 48, 2)):
+        torch.manual_seed(seed)
+        arch = VitArch(img_size=32, patch_size=4, embed_dim=dim, depth=2, num_heads=2, num_classes=4)
+        paths[name] = root / f"{name}.safetensors"
+        save_checkpoint(paths[name], LoadedModel(arch.build().eval(), name, pre, []), arch=arch)
+    return paths
+
+
+def _args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["eval", "--data", str(setup["data"]), "--edge", f"file:{setup['edge']}", "--server",
+            f"file:{setup['server']}", "--sweep", "quick", "--out", str(out), "--bytes-sample", "12",
+            "--threads", "1", "--limit", "40", *extra]
+
+
+def test_eval_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(_args(setup, out)) == 0
+    for name in ["points.csv", "report.md", "tables.md", "summary.json", *FIGURES]:
+        assert (out / name).is_file(), name
+    for fig in FIGURES:
+        assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = read_csv(out / "points.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 40
+
+    # The paper's metric, recomputed from the CSV's own columns.
+    for p in points:
+        assert p.comm_cost == pytest.approx(p.images_sent_frac * p.patch_frac, abs=2e-6)
+        assert 0.0 <= p.comm_cost <= 1.0 and 0.0 <= p.accuracy <= 1.0
+
+    # Server-only accuracy, computed here independently with the plain timm forward.
+    server = build_model(f"file:{setup['server']}")
+    ds = datasets.load(str(setup["data"])).spread(40, seed=0)
+    pixels, labels = datasets.to_tensor_batch(ds.samples, server.preprocess)
+    with torch.inference_mode():
+        expected = float((server.model(datasets.normalize(pixels, server.preprocess)).argmax(-1) == labels)
+                         .float().mean())
+    server_only = next(p for p in points if p.rule == "full" and p.gate == "none")
+    assert server_only.accuracy == pytest.approx(expected, abs=1e-9)
+    assert server_only.comm_cost == 1.0 and server_only.bytes_frac == pytest.approx(1.0)
+    edge_only = next(p for p in points if p.rule == "none")
+    assert edge_only.comm_cost == 0.0 and edge_only.images_sent_frac == 0.0
+
+    # The frontier is monotone: cost and accuracy both strictly increase.
+    front = summary["frontier"]
+    assert front[0]["comm_cost"] == 0.0
+    for a, b in itertools.pairwise(front):
+        assert b["comm_cost"] > a["comm_cost"] and b["accuracy"] > a["accuracy"]
+
+    # η = 0 sends every image (min-entropy ≥ 0), so it equals the no-gate row of the same selection.
+    nogate = {(p.encoder, p.score, p.rule, p.value): p for p in points if p.gate == "none"}
+    for p in points:
+        if p.gate == "min_entropy" and p.eta == 0.0:
+            q = nogate[(p.encoder, p.score, p.rule, p.value)]
+            assert (p.accuracy, p.comm_cost) == (q.accuracy, q.comm_cost)
+
+    # Random patches are matched point by point: identical traffic, only the patches differ.
+    costs = {(p.rule, p.value, p.gate, p.eta): p.comm_cost for p in points
+             if p.encoder == "edge" and p.score == "attention"}
+    randoms = [p for p in points if p.score == "random"]
+    assert randoms and all(p.comm_cost == costs[(p.rule, p.value, p.gate, p.eta)] for p in randoms)
+
+    # The recommended point is the cheapest that meets the target.
+    best = summary["best_point"]
+    assert best["accuracy"] >= summary["target_accuracy"] - 1e-12
+    assert "Table II" in (out / "tables.md").read_text() and "Acceptance" in (out / "report.md").read_text()
+
+
+def test_second_run_reads_the_cache(setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(_args(setup, out, "--no-plots")) == 0
+    first = (out / "points.csv").read_text()
+    cached = sorted(p.name for p in (out / "cache").rglob("*.npz"))
+    assert any(n.startswith("sel-edge-random") for n in cached) and "full.npz" in cached
+    t0 = time.perf_counter()
+    assert main(_args(setup, out, "--no-plots")) == 0
+    assert (out / "points.csv").read_text() == first
+    assert json.loads((out / "summary.json").read_text())["timings_s"]["passes_s"] < 0.5
+    assert time.perf_counter() - t0 < 30
+
+
+def test_eval_is_registered() -> None:
+    from patchcast.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--limit", "5", "--max-loss", "0.5"])
+    assert args.command == "eval" and args.limit == 5 and args.max_loss == 0.5
+
+
+@pytest.mark.slow
+def test_full_cifar10_run_matches_the_model_cards(tmp_path: Path) -> None:
+    """The whole CIFAR-10 test set with the zoo models: server-only accuracy equals the card's."""
+    from shared.models import ZOO_DIR
+
+    if not all((ZOO_DIR / f"cifar10-{r}.safetensors").is_file() for r in ("edge", "server")):
+        pytest.skip("zoo models not exported yet")
+    out = tmp_path / "full"
+    assert main(["eval", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 10_000
+    for role in ("edge", "server"):
+        card = json.loads((ZOO_DIR / f"cifar10-{role}.json").read_text())
+        assert summary[role]["accuracy"] == pytest.approx(card["test_accuracy"], abs=1.5e-4)

@@ -1,0 +1,123 @@
+"""The sweep math of ``patchcast eval``: pure numpy, checked against the shared definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchcast.eval import (
+    FULL_GRID,
+    QUICK_GRID,
+    SelectionSpec,
+    build_specs,
+    bytes_fraction,
+    compare_frontiers,
+    frontier_at,
+    gate_thresholds,
+    padded_groups,
+    pareto_frontier,
+    random_matched_selection,
+    send_masks,
+    sweep_gate,
+)
+from shared.costs import communication_cost
+from shared.gates import should_send, uncertainty
+
+
+@pytest.mark.parametrize("kind", ["min_entropy", "shannon", "margin"])
+def test_send_masks_match_shared_gate(kind: str) -> None:
+    logits = torch.randn(300, 10, generator=torch.Generator().manual_seed(1)) * 3
+    u = uncertainty(logits, kind).numpy()  # type: ignore[arg-type]
+    # Observed values are the hard case: the threshold equals an image's uncertainty exactly.
+    thresholds = [*gate_thresholds(u, kind, FULL_GRID), float(u[0]), float(u[17])]  # type: ignore[arg-type]
+    masks = send_masks(u, kind, thresholds)  # type: ignore[arg-type]
+    for t, row in zip(thresholds, masks, strict=True):
+        assert np.array_equal(row, should_send(logits, kind, t).numpy()), (kind, t)  # type: ignore[arg-type]
+
+
+def test_gate_thresholds_cover_all_sent_fractions() -> None:
+    u = np.random.default_rng(0).uniform(0, 3.3, 1000).astype(np.float32)
+    etas = gate_thresholds(u, "min_entropy", QUICK_GRID)
+    sent = send_masks(u, "min_entropy", etas).mean(axis=1)
+    assert etas == sorted(etas) and sent[0] == 1.0 and sent[-1] < 0.01
+    assert set(QUICK_GRID.fixed_etas) <= set(etas)
+    margins = gate_thresholds(np.random.default_rng(0).uniform(0, 1, 100), "margin", QUICK_GRID)
+    assert min(margins) >= 0.0 and max(margins) <= 1.0
+
+
+def test_sweep_gate_by_hand() -> None:
+    edge = np.array([True, False, False, True])
+    server = np.array([False, True, True, True])
+    counts = np.array([10, 20, 30, 40])
+    send = np.array([[False, False, False, False], [False, True, True, False], [True, True, True, True]])
+    gs = sweep_gate(edge, server, counts, send)
+    assert gs.images_sent.tolist() == [0, 2, 4]
+    assert gs.patches_sent.tolist() == [0, 50, 100]
+    assert gs.accuracy.tolist() == [0.5, 1.0, 0.75]
+    # The paper's metric from those counts, N = 64 patches per image.
+    assert communication_cost(2, 4, 50, 2 * 64) == pytest.approx(50 / (4 * 64))
+
+
+def _dominated(i: int, cost: np.ndarray, acc: np.ndarray) -> bool:
+    return bool(np.any((cost <= cost[i]) & (acc >= acc[i]) & ((cost < cost[i]) | (acc > acc[i]))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=40))
+def test_pareto_frontier_is_exactly_the_undominated_set(pts: list[tuple[int, int]]) -> None:
+    cost = np.array([p[0] / 20 for p in pts])
+    acc = np.array([p[1] / 20 for p in pts])
+    front = pareto_frontier(cost, acc)
+    assert np.all(np.diff(cost[front]) > 0) and np.all(np.diff(acc[front]) > 0)  # monotone
+    for i in range(len(pts)):
+        on = any(cost[j] == cost[i] and acc[j] == acc[i] for j in front)
+        assert on != _dominated(i, cost, acc)
+
+
+def test_frontier_at_and_comparison() -> None:
+    fc, fa = np.array([0.0, 0.2, 0.5]), np.array([0.7, 0.8, 0.9])
+    assert [frontier_at(fc, fa, c) for c in (0.1, 0.5, 9.0)] == [0.7, 0.9, 0.9]
+    assert np.isnan(frontier_at(fc + 0.1, fa, 0.05))
+    cmp = compare_frontiers(fc, fa, np.array([0.0, 0.3, 0.6]), np.array([0.7, 0.75, 0.95]))
+    assert cmp.costs == [0.0, 0.3, 0.6] and cmp.method == [0.7, 0.8, 0.9]
+    assert not cmp.beats_everywhere and cmp.min_margin == pytest.approx(-0.05)
+
+
+def test_random_matched_selection_keeps_counts() -> None:
+    counts = np.array([0, 1, 5, 64, 33])
+    masks = random_matched_selection(counts, 64, np.random.default_rng(3))
+    assert masks.shape == (5, 64) and masks.sum(axis=1).tolist() == counts.tolist()
+    again = random_matched_selection(counts, 64, np.random.default_rng(3))
+    assert np.array_equal(masks, again)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 64), min_size=1, max_size=300), st.integers(1, 3000))
+def test_padded_groups_partition_and_respect_budget(counts: list[int], budget: int) -> None:
+    c = np.array(counts)
+    groups = padded_groups(c, budget)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(counts)))
+    for g in groups:  # over budget only when one image alone exceeds it
+        assert len(g) == 1 or len(g) * (c[g].max() + 1) <= budget
+
+
+def test_bytes_fraction_is_a_ratio_of_sums() -> None:
+    send = np.array([[True, False], [True, True], [False, False]])
+    got = bytes_fraction(send, np.array([30, 10]), np.array([100, 300]))
+    assert got.tolist() == [30 / 400, 40 / 400, 0.0]
+
+
+def test_specs_have_twins_and_scale_with_patches() -> None:
+    specs = build_specs(FULL_GRID, 196)
+    ids = [s.id for s in specs]
+    assert len(ids) == len(set(ids))
+    for i, s in enumerate(specs):
+        if s.score == "random":
+            assert s.twin.id in ids[:i]
+    topk = sorted(s.value for s in specs if s.rule == "topk" and s.score == "attention")
+    assert topk[0] == 12 and topk[-1] == 147  # 1/16 and 3/4 of 196
+    assert SelectionSpec("edge", "attention", "sum_threshold", 0.97).id == "edge-attention-sum_threshold-0.97"
+    assert {s.rule for s in specs if s.score == "rollout"} == set(FULL_GRID.comparison_rules)

@@ -1,0 +1,91 @@
+"""Image sources: folder, ImageFolder tree, tar of one, labels.csv folder, single file."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared import datasets
+from shared.errors import DatasetError
+from shared.models import Preprocess
+
+
+def _jpeg(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    for cls, color in (("cat", (200, 10, 10)), ("dog", (10, 200, 10))):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.jpg").write_bytes(_jpeg(color))
+    return root
+
+
+def test_imagefolder_labels_follow_sorted_class_names(imagefolder: Path) -> None:
+    ds = datasets.load(imagefolder)
+    assert ds.class_names == ("cat", "dog")
+    assert [s.label for s in ds.samples] == [0, 0, 0, 1, 1, 1]
+
+
+def test_tar_of_an_imagefolder(imagefolder: Path, tmp_path: Path) -> None:
+    tar_path = tmp_path / "split.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(imagefolder, arcname="test")
+    ds = datasets.load(tar_path, limit=4)
+    assert ds.class_names == ("cat", "dog") and len(ds) == 4
+    assert ds.samples[0].key == "test/cat/0.jpg" and ds.samples[3].label == 1
+
+
+def test_plain_folder_and_single_file(imagefolder: Path) -> None:
+    flat = datasets.load(imagefolder / "dog")
+    assert len(flat) == 3 and all(s.label is None for s in flat.samples)
+    single = datasets.load(imagefolder / "cat" / "1.jpg")
+    assert len(single) == 1
+
+
+def test_labels_csv_folder(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.JPEG").write_bytes(_jpeg((1, 2, 3)))
+    (tmp_path / "images" / "b.JPEG").write_bytes(_jpeg((4, 5, 6)))
+    (tmp_path / "labels.csv").write_text("file,class_index,class_name\nimages/a.JPEG,2,x\nimages/b.JPEG,0,y\n")
+    ds = datasets.load(tmp_path)
+    assert [s.label for s in ds.samples] == [2, 0] and ds.class_names == ("y", "", "x")
+
+
+def test_missing_and_empty_sources_are_dataset_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no such file"):
+        datasets.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        datasets.load(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="not a decodable image"):
+        datasets.decode_rgb(b"not an image")
+
+
+def test_crop_follows_the_preprocess_config() -> None:
+    img = Image.fromarray(np.arange(60 * 80 * 3, dtype=np.uint8).reshape(60, 80, 3))
+    pre = Preprocess(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)  # resize 36, crop 32
+    assert pre.resize_size == 36
+    out = datasets.crop_uint8(img, pre)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    x = datasets.normalize(torch.from_numpy(out.copy()), pre)
+    assert x.shape == (3, 32, 32) and float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+
+
+def test_shared_cifar10_test_split_if_present() -> None:
+    path = datasets.resolve("cifar10/test.tar")
+    if not path.is_file():
+        pytest.skip(f"CIFAR-10 not found under {datasets.data_root()} (set PATCHCAST_DATA)")
+    ds = datasets.load(path, limit=20)
+    assert len(ds) == 20 and len(ds.class_names) == 10

@@ -1,0 +1,62 @@
+"""Shared fixtures for the protocol tests: deterministic images and valid messages of every kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared import protocol as P
+
+
+def natural_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A photo-like uint8 image: smooth gradients and blobs plus mild texture (deterministic)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    img = np.zeros((height, width, 3))
+    for c in range(3):
+        fx, fy, phase = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 6.28)
+        img[..., c] = 128 + 70 * np.sin(2 * np.pi * (fx * x / width + fy * y / height) + phase)
+    for _ in range(6):  # a few soft blobs with their own colour
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(0.1, 0.3) * min(height, width)
+        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
+        img = img * (1 - blob) + rng.uniform(0, 255, 3) * blob
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_request(codec: str = "jpeg", *, size: int = 64, patch: int = 16, keep_every: int = 2,
+                 seed: int = 0, **overrides: object) -> P.PatchRequest:
+    pixels = natural_image(size, size, seed)
+    n = (size // patch) ** 2
+    indices = np.arange(0, n, keep_every)
+    kwargs: dict[str, object] = dict(
+        device_id="cam-01", request_id="r-000042", pixels=pixels, indices=indices, patch_size=patch,
+        codec=codec, scores=np.linspace(1.0, 0.0, indices.size), topk_ids=[7, 3, 1],
+        topk_probs=[0.6, 0.25, 0.1], uncertainty=1.25, uncertainty_kind="min_entropy",
+        sent_at=1_763_800_000.5, label=7, deadline=1_763_800_002.5)
+    kwargs.update(overrides)
+    return P.build_request(**kwargs)  # type: ignore[arg-type]
+
+
+def sample_messages() -> list[P.Message]:
+    return [
+        make_request(),
+        make_request("raw", label=None, deadline=None),
+        P.Reply("r-000042", 7, (7, 3), (0.9, 0.05), 1.5, 20.25, 23.0, "worker-1", 8),
+        P.ErrorReply("r-000042", "bad_mask", "mask keeps no patch", "worker-1"),
+        P.ErrorReply(None, "malformed", "not msgpack", "worker-1"),
+        P.WorkerMetrics("worker-1", "deit_base", 1_763_800_000.0, 5.0, 3, 256, 12.5, 100, 20.0, 14, 7.1, 16,
+                        480.0, 0.82, 40.0, 95.5, 130.0, {"bad_mask": 2, "busy": 1}),
+        P.Outcome("cam-01", "r-000042", 1_763_800_001.0, "server", 63, 196, 7000, 41.5, 3, 7, 7, 1.25),
+        P.Outcome("cam-01", "r-000043", 1_763_800_001.0, "edge", 0, 196, 0, None, 3, 3),
+        P.Outcome("cam-01", "r-000044", 1_763_800_001.0, "timeout", 63, 196, 7000, None, 3, 3, None, 1.5,
+                  "timeout"),
+        P.EdgeMetrics("cam-01", 1_763_800_000.0, 5.0, 100, 40, 37, 2, 1, 280_000, 2_500, 35.0, 80.0, 120.0,
+                      100, 91),
+        P.Availability("worker", "worker-1", "online", 1_763_800_000.0),
+    ]
+
+
+@pytest.fixture
+def request_message() -> P.PatchRequest:
+    return make_request()

@@ -1,0 +1,184 @@
+"""Codecs: exact lossless round trips, lossy quality bounds, the JPEG table contract, bomb guards."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+import zstandard
+from conftest import natural_image
+from PIL import Image
+
+from shared import codecs as C
+from shared.errors import BadFieldError, BadMaskError, ProtocolError, UnknownCodecError
+
+# Lossy codecs at their default quality (q=90; jpeg-tiered 90/70) on the synthetic photo-like image
+# must keep at least this PSNR on the kept patches. A 4-px patch is half a DCT block and, in a canvas,
+# shares it with grey fill (every 3rd patch kept is the worst case), so its bound is lower.
+PSNR_BOUND_DB = {16: 30.0, 4: 20.0}
+CASES = [(224, 16, 3), (32, 4, 3), (64, 16, 1)]  # (image side, patch size, keep every k-th patch)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_registry() -> None:
+    names = [c.name for c in C.list_codecs()]
+    assert {"raw", "raw+zlib", "raw+zstd", "png", "jpeg", "jpeg-mosaic", "webp", "webp-mosaic",
+            "jpeg-tiered"} <= set(names)
+    assert len(names) == len(set(names))
+    with pytest.raises(UnknownCodecError):
+        C.get_codec("gif")
+    assert C.get_codec("jpeg").resolve_params(None) == {"q": 90, "ss": 420}
+    with pytest.raises(BadFieldError):
+        C.get_codec("jpeg").resolve_params({"ss": 422})
+
+
+@pytest.mark.parametrize("codec", C.list_codecs(), ids=lambda c: c.name)
+@pytest.mark.parametrize(("side", "patch", "every"), CASES)
+def test_round_trip(codec: C.Codec, side: int, patch: int, every: int) -> None:
+    pixels = natural_image(side, side, seed=side)
+    indices = np.arange(0, (side // patch) ** 2, every)
+    scores = np.random.default_rng(0).random(indices.size)
+    payload = codec.encode(pixels, indices, patch, scores=scores)
+    out = codec.decode(payload, (side, side), indices, patch)
+    expected = C.extract_patches(pixels, indices, patch)
+    assert out.shape == expected.shape and out.dtype == np.uint8
+    if codec.lossless:
+        assert np.array_equal(out, expected)
+    else:
+        assert psnr(out, expected) >= PSNR_BOUND_DB[patch]
+
+
+def test_lossy_quality_follows_q() -> None:
+    pixels = natural_image(64, 64, seed=3)
+    indices = np.arange(16)
+    ref = C.extract_patches(pixels, indices, 16)
+    jpeg = C.get_codec("jpeg")
+    low, high = (jpeg.encode(pixels, indices, 16, {"q": q}) for q in (30, 95))
+    assert len(low) < len(high)
+    assert psnr(jpeg.decode(low, (64, 64), indices, 16, {"q": 30}), ref) < psnr(
+        jpeg.decode(high, (64, 64), indices, 16, {"q": 95}), ref)
+
+
+@pytest.mark.parametrize("quality", [1, 25, 50, 75, 90, 100])
+@pytest.mark.parametrize("subsampling", [420, 444])
+def test_jpeg_header_contract_matches_the_encoder(quality: int, subsampling: int) -> None:
+    # The payload carries no tables: the decoder's rebuilt header must be exactly what libjpeg wrote.
+    pixels = natural_image(48, 80, seed=quality)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality, subsampling=0 if subsampling == 444 else 2)
+    header, payload = C._split_at_sos(buf.getvalue())
+    assert header == C.jpeg_header(48, 80, quality, subsampling)
+    assert payload == C.jpeg_encode_stripped(pixels, quality, subsampling)
+    luma, chroma = C.quant_tables(quality)
+    assert list(Image.open(buf).quantization[0]) == luma  # type: ignore[attr-defined]
+    assert list(Image.open(buf).quantization[1]) == chroma  # type: ignore[attr-defined]
+
+
+def test_encode_validates_its_inputs() -> None:
+    raw = C.get_codec("raw")
+    pixels = natural_image(32, 32)
+    with pytest.raises(BadMaskError):
+        raw.encode(pixels, [3, 1], 4)
+    with pytest.raises(BadMaskError):
+        raw.encode(pixels, [1, 1], 4)
+    with pytest.raises(BadMaskError):
+        raw.encode(pixels, [64], 4)
+    with pytest.raises(BadMaskError):
+        raw.encode(pixels, [], 4)
+    with pytest.raises(ProtocolError):
+        raw.encode(pixels.astype(np.float32), [0], 4)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError):
+        raw.encode(pixels, [0], 5)
+    with pytest.raises(BadFieldError):
+        C.get_codec("jpeg-tiered").encode(pixels, [0, 1], 4)  # needs scores
+    with pytest.raises(BadFieldError):
+        C.get_codec("jpeg-tiered").encode(pixels, [0, 1], 4, scores=np.ones(3))
+
+
+def _code(fn: object, *args: object) -> str:
+    with pytest.raises(ProtocolError) as info:
+        fn(*args)  # type: ignore[operator]
+    return info.value.code
+
+
+def test_zstd_refuses_wrong_or_missing_content_size_before_decompressing() -> None:
+    codec, idx = C.get_codec("raw+zstd"), np.arange(4)
+    expected = 4 * 16 * 16 * 3
+    big = zstandard.ZstdCompressor().compress(bytes(expected * 1000))  # a 3 MB bomb in a few hundred bytes
+    assert _code(codec.decode, big, (64, 64), idx, 16) == "bad_payload"
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(expected))
+    assert _code(codec.decode, no_size, (64, 64), idx, 16) == "bad_payload"
+    trailing = zstandard.ZstdCompressor().compress(bytes(expected)) + b"junk"
+    assert _code(codec.decode, trailing, (64, 64), idx, 16) == "bad_payload"
+
+
+def test_zlib_output_is_bounded() -> None:
+    codec, idx = C.get_codec("raw+zlib"), np.arange(4)
+    bomb = zlib.compress(bytes(50_000_000), 9)  # 50 MB of zeros in ~50 KB
+    tracemalloc.start()
+    try:
+        assert _code(codec.decode, bomb, (64, 64), idx, 16) == "bad_payload"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # inflated only up to the expected 3 KB, not to 50 MB
+    short = zlib.compress(bytes(100))
+    assert _code(codec.decode, short, (64, 64), idx, 16) == "bad_payload"
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG start whose header claims a large size; the (compressible) rows would follow."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(bytes(3 * width + 1) * 64)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+
+
+def test_image_dimensions_are_checked_before_decoding() -> None:
+    idx = np.arange(4)
+    huge = _png_bomb(8000, 8000)  # 192 MB if decoded, yet under Pillow's own bomb limit
+    with pytest.raises(ProtocolError, match="8000×8000, expected"):  # refused from the header
+        C.get_codec("png").decode(huge, (64, 64), idx, 16)
+    other = io.BytesIO()
+    Image.fromarray(natural_image(128, 128)).save(other, "WEBP", quality=80)
+    assert _code(C.get_codec("webp").decode, other.getvalue(), (64, 64), idx, 16) == "bad_payload"
+    rgba = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8)).save(rgba, "PNG")
+    assert _code(C.get_codec("png").decode, rgba.getvalue(), (64, 64), idx, 16) == "bad_payload"
+    # A JPEG payload's size comes from the receiver's own SOF: a full JPEG file is not a payload.
+    assert _code(C.get_codec("jpeg").decode, other.getvalue(), (64, 64), idx, 16) == "bad_payload"
+
+
+def test_tiered_payload_framing_is_checked() -> None:
+    codec, pixels, idx = C.get_codec("jpeg-tiered"), natural_image(64, 64), np.arange(0, 16, 2)
+    payload = codec.encode(pixels, idx, 16, scores=np.arange(8.0))
+    assert codec.decode(payload, (64, 64), idx, 16).shape == (8, 16, 16, 3)
+    one_tier = codec.encode(pixels, idx, 16, {"hi": 100}, scores=np.arange(8.0))
+    assert codec.decode(one_tier, (64, 64), idx, 16, {"hi": 100}).shape == (8, 16, 16, 3)
+    assert _code(codec.decode, payload[:3], (64, 64), idx, 16) == "bad_payload"
+    wrong_len = payload[:1] + (10**6).to_bytes(4, "big") + payload[5:]
+    assert _code(codec.decode, wrong_len, (64, 64), idx, 16) == "bad_payload"
+    all_low = b"\x00" + payload[1:]  # the mask says no high tier, yet a high-tier stream is present
+    assert _code(codec.decode, all_low, (64, 64), idx, 16) == "bad_payload"
+    padded = C.get_codec("jpeg-tiered").encode(pixels, np.arange(5), 16, scores=np.arange(5.0))
+    padding_set = bytes([padded[0] | 1]) + padded[1:]
+    assert _code(codec.decode, padding_set, (64, 64), np.arange(5), 16) == "bad_payload"
+
+
+@pytest.mark.parametrize("codec", C.list_codecs(), ids=lambda c: c.name)
+def test_decode_refuses_bad_geometry_and_params(codec: C.Codec) -> None:
+    assert _code(codec.decode, b"x", (65, 64), np.arange(2), 16) == "bad_geometry"
+    assert _code(codec.decode, b"x", (64, 64), np.arange(17), 16) == "bad_mask"
+    assert _code(codec.decode, "x", (64, 64), np.arange(2), 16) == "bad_payload"
+    assert _code(codec.decode, b"x", (64, 64), np.arange(2), 16, {"nope": 1}) == "bad_field"

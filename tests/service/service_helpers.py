@@ -1,0 +1,93 @@
+"""Small random-init models, synthetic images and configs for the service tests (no zoo needed)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.config import Config, load_config
+from shared.models import LoadedModel, Preprocess, VitArch, save_checkpoint
+
+IMG = 32
+PATCH = 4
+EDGE_ARCH = VitArch(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+SERVER_ARCH = VitArch(img_size=IMG, patch_size=PATCH, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+PREPROCESS = Preprocess(input_size=IMG, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), crop_pct=1.0)
+
+
+def random_model(arch: VitArch, seed: int, name: str) -> LoadedModel:
+    torch.manual_seed(seed)
+    model = arch.build().eval()
+    # timm's init gives near-uniform logits; a larger head spreads them so labels are not near-ties.
+    with torch.no_grad():
+        model.head.weight.mul_(40.0)
+    return LoadedModel(model=model, name=name, preprocess=PREPROCESS, class_names=[f"c{i}" for i in range(10)])
+
+
+def write_models(folder: Path) -> tuple[Path, Path]:
+    """Edge and server checkpoints (safetensors) in ``folder``."""
+    edge_path, server_path = folder / "edge.safetensors", folder / "server.safetensors"
+    save_checkpoint(edge_path, random_model(EDGE_ARCH, 1, "edge"), arch=EDGE_ARCH)
+    save_checkpoint(server_path, random_model(SERVER_ARCH, 2, "server"), arch=SERVER_ARCH)
+    return edge_path, server_path
+
+
+def write_images(folder: Path, per_class: int = 25, classes: int = 10, seed: int = 0) -> Path:
+    """An ImageFolder tree of small PNGs: class-coloured noise, so labels exist and images differ."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = folder / f"class{c:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, size=3)
+        for i in range(per_class):
+            px = np.clip(base + rng.normal(0, 60, size=(IMG, IMG, 3)), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(px).save(buf, "PNG")
+            (d / f"{i:03d}.png").write_bytes(buf.getvalue())
+    return folder
+
+
+def service_config(port: int, edge_path: Path, server_path: Path, source: Path, **sections: dict) -> Config:
+    """A config for tests: this broker, these models, fp32, one thread each, quick timeouts."""
+    base: dict[str, dict] = {
+        "broker": {"port": port, "connect_timeout_s": 5.0, "publish_timeout_s": 5.0, "reconnect_min_s": 0.1,
+                   "reconnect_max_s": 1.0},
+        "models": {"edge": f"file:{edge_path}", "server": f"file:{server_path}", "model_id": "tiny"},
+        "selection": {"rule": "topk", "value": 24},
+        "gate": {"kind": "min_entropy", "threshold": 0.0},
+        "codec": {"name": "jpeg-mosaic", "quality": 90},
+        "edge": {"source": str(source), "devices": 2, "rate_hz": 0.0, "max_in_flight": 4, "reply_timeout_s": 5.0,
+                 "threads": 1, "batch_size": 8, "metrics_interval_s": 1.0},
+        "batching": {"max_batch": 16, "max_tokens": 1024, "max_delay_ms": 5.0, "policy": "packed"},
+        "worker": {"threads": 1, "precision": "fp32", "metrics_interval_s": 0.5, "shutdown_grace_s": 5.0,
+                   "queue_capacity": 256},
+        "logging": {"format": "json", "level": "warning"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return load_config(overrides=base, environ={})
+
+
+def with_section(cfg: Config, section: str, **values: object) -> Config:
+    return replace(cfg, **{section: replace(getattr(cfg, section), **values)})
+
+
+def async_test(timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
+    """Run an ``async def`` test in a fresh event loop (no pytest plugin needed), under a timeout."""
+    import asyncio
+    import functools
+
+    def wrap(fn):  # type: ignore[no-untyped-def]
+        @functools.wraps(fn)
+        def runner(*args, **kwargs):  # type: ignore[no-untyped-def]
+            async def bounded():  # type: ignore[no-untyped-def]
+                async with asyncio.timeout(timeout_s):
+                    return await fn(*args, **kwargs)
+            return asyncio.run(bounded())
+        return runner
+    return wrap

@@ -1,0 +1,77 @@
+"""Batched worker results equal one-by-one results.
+
+Tolerance: fp32, |Δlogit| ≤ 1e-4 (batching only reorders float additions) and identical labels;
+bf16 autocast (where the CPU has native bf16): |Δlogit| ≤ 0.1 on these O(10) logits and the same
+label wherever the fp32 top-2 gap exceeds that bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from service_helpers import SERVER_ARCH, random_model
+
+from inference_worker.engine import PatchSet, ServerEngine, cpu_has_native_bf16
+from shared.config import BatchingConfig
+from shared.subset import forward_patch_sets
+
+FP32_ATOL = 1e-4
+BF16_ATOL = 0.1
+
+
+def patch_sets(count: int, seed: int = 0) -> list[PatchSet]:
+    rng = np.random.default_rng(seed)
+    n, p = (SERVER_ARCH.img_size // SERVER_ARCH.patch_size) ** 2, SERVER_ARCH.patch_size
+    sets = []
+    for _ in range(count):
+        k = int(rng.integers(1, n + 1))  # from a single patch to all of them
+        idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+        sets.append(PatchSet(rng.integers(0, 256, size=(k, p, p, 3), dtype=np.uint8), idx))
+    return sets
+
+
+@pytest.fixture(scope="module")
+def server():  # type: ignore[no-untyped-def]
+    return random_model(SERVER_ARCH, 2, "server")
+
+
+@pytest.mark.parametrize("policy", ["packed", "padded"])
+def test_batched_equals_one_by_one_fp32(server, policy: str) -> None:  # type: ignore[no-untyped-def]
+    sets = patch_sets(24)
+    batched = ServerEngine(server, BatchingConfig(max_batch=32, max_tokens=4096, policy=policy), "fp32")
+    single = ServerEngine(server, BatchingConfig(policy="sequential"), "fp32")
+    together = batched.logits(sets)
+    alone = torch.cat([single.logits([s]) for s in sets])
+    assert together.shape == (24, 10)
+    torch.testing.assert_close(together, alone, atol=FP32_ATOL, rtol=0)
+    assert torch.equal(together.argmax(-1), alone.argmax(-1))
+
+
+def test_padded_groups_respect_the_token_budget_and_keep_order(server) -> None:  # type: ignore[no-untyped-def]
+    sets = patch_sets(12, seed=3)
+    small_budget = ServerEngine(server, BatchingConfig(max_batch=4, max_tokens=200, policy="padded"), "fp32")
+    reference = ServerEngine(server, BatchingConfig(policy="sequential"), "fp32")
+    torch.testing.assert_close(small_budget.logits(sets), reference.logits(sets), atol=FP32_ATOL, rtol=0)
+
+
+def test_engine_matches_the_reference_subset_forward(server) -> None:  # type: ignore[no-untyped-def]
+    sets = patch_sets(8, seed=5)
+    engine = ServerEngine(server, BatchingConfig(policy="packed"), "fp32")
+    from shared.datasets import normalize
+
+    patches = [normalize(torch.from_numpy(s.patches), server.preprocess) for s in sets]
+    with torch.inference_mode():
+        ref = forward_patch_sets(server.model, patches, [torch.from_numpy(s.indices) for s in sets])
+    torch.testing.assert_close(engine.logits(sets), ref, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is emulated on this CPU")
+def test_batched_bf16_stays_close_to_fp32(server) -> None:  # type: ignore[no-untyped-def]
+    sets = patch_sets(16, seed=7)
+    fp32 = ServerEngine(server, BatchingConfig(policy="sequential"), "fp32").logits(sets)
+    bf16 = ServerEngine(server, BatchingConfig(policy="packed"), "bf16").logits(sets)
+    assert (bf16 - fp32).abs().max().item() <= BF16_ATOL
+    top2 = fp32.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * BF16_ATOL
+    assert torch.equal(bf16.argmax(-1)[clear], fp32.argmax(-1)[clear])

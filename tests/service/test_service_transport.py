@@ -1,0 +1,147 @@
+"""The transport against a real Mosquitto: v5 properties, size check before sending, TCP_NODELAY,
+last will + birth on reconnect, re-subscription after a broker restart, publish timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from service_helpers import async_test
+
+from patchcast.broker import LOCAL_CONF, BrokerProcess
+from shared.config import BrokerConfig
+from shared.errors import TransportError
+from shared.transport import Incoming, Outgoing, Transport, publish_packet_size, publish_properties
+
+
+def broker_config(port: int, **kw: object) -> BrokerConfig:
+    values: dict = {"port": port, "connect_timeout_s": 3.0, "publish_timeout_s": 2.0, "reconnect_min_s": 0.05,
+                    "reconnect_max_s": 0.5, **kw}
+    return BrokerConfig(**values)
+
+
+async def wait_for(predicate, limit_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(limit_s):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+def test_packet_size_is_exact_for_what_paho_sends() -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = publish_properties(response_topic="a/b", correlation_data=b"xyz", expiry_s=2.2)
+    assert isinstance(props, Properties) and props.MessageExpiryInterval == 3  # rounded up, never 0
+    # PUBLISH QoS 1: 1 type byte + remaining-length varint + topic + packet id + properties + payload
+    payload = b"p" * 200
+    remaining = 2 + 3 + 2 + len(props.pack()) + 200
+    assert publish_packet_size("t/x", payload, 1, props) == 1 + 2 + remaining
+    assert publish_packet_size("t/x", b"", 0, None) == 1 + 1 + 2 + 3 + 1
+    assert Properties(PacketTypes.PUBLISH).pack() == b"\x00"
+
+
+@async_test(60)
+async def test_properties_roundtrip_and_oversize_is_refused_before_sending(broker, unique) -> None:  # type: ignore[no-untyped-def]
+    cfg = broker_config(broker.port, max_packet_bytes=64 * 1024)
+    got: list[Incoming] = []
+    sub = Transport(cfg, client_id=f"{unique}-sub", handler=got.append)
+    pub = Transport(cfg, client_id=f"{unique}-pub")
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(sub.run()), tg.create_task(pub.run())]
+        await sub.subscribe(f"{unique}/#")
+        await sub.wait_connected()
+        await pub.wait_connected()
+        await pub.publish(f"{unique}/a", b"hello", response_topic=f"{unique}/reply", correlation_data=b"\x00\x01",
+                          expiry_s=30, user_properties=[("k", "v")])
+        with pytest.raises(TransportError) as info:
+            await pub.publish(f"{unique}/big", b"x" * (64 * 1024))
+        assert info.value.code == "too_large"
+        # The connection survived: paho never sent the over-size packet.
+        await pub.publish(f"{unique}/b", b"after")
+        await wait_for(lambda: len(got) == 2)
+        assert pub.stats.connects == 1 and pub.stats.disconnects == 0
+        first = got[0]
+        assert (first.topic, first.payload, first.response_topic, first.correlation_data) == (
+            f"{unique}/a", b"hello", f"{unique}/reply", b"\x00\x01")
+        assert first.user_properties == (("k", "v"),) and first.expiry_s is not None and 0 < first.expiry_s <= 30
+        # TCP_NODELAY on the client socket.
+        client = pub._client
+        assert client is not None
+        sock = client._client.socket()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        for t in tasks:
+            t.cancel()
+
+
+@async_test(60)
+async def test_last_will_on_connection_loss_then_reconnect_and_birth(broker, unique) -> None:  # type: ignore[no-untyped-def]
+    cfg = broker_config(broker.port)
+    topic = f"{unique}/availability"
+    seen: list[bytes] = []
+    watcher = Transport(cfg, client_id=f"{unique}-watch", handler=lambda m: seen.append(m.payload))
+    service = Transport(cfg, client_id=f"{unique}-svc", will=Outgoing(topic, b"offline", retain=True),
+                        birth=[Outgoing(topic, b"online", retain=True)])
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(watcher.run())]
+        await watcher.subscribe(topic)
+        await watcher.wait_connected()
+        tasks.append(tg.create_task(service.run()))
+        await wait_for(lambda: seen == [b"online"])
+        # An abrupt loss (no DISCONNECT): the broker publishes the will, the transport reconnects and
+        # announces itself again.
+        assert service._client is not None
+        service._client._client.socket().shutdown(socket.SHUT_RDWR)
+        await wait_for(lambda: seen[-2:] == [b"offline", b"online"])
+        assert service.stats.connects == 2
+        await service.close([Outgoing(topic, b"offline", retain=True)])
+        await wait_for(lambda: seen[-1] == b"offline")
+        for t in tasks + [tasks[0]]:
+            t.cancel()
+        tasks[-1].cancel()
+    # The retained state is what a late subscriber sees.
+    retained: list[bytes] = []
+    late = Transport(cfg, client_id=f"{unique}-late", handler=lambda m: retained.append(m.payload))
+    async with asyncio.TaskGroup() as tg:
+        t = tg.create_task(late.run())
+        await late.subscribe(topic)
+        await wait_for(lambda: retained == [b"offline"])
+        t.cancel()
+
+
+@async_test(90)
+async def test_resubscribes_after_broker_restart_and_publish_times_out_while_down(unique) -> None:  # type: ignore[no-untyped-def]
+    first = BrokerProcess(port=0, template=LOCAL_CONF).start()
+    port = first.port
+    cfg = broker_config(port, publish_timeout_s=0.5)
+    got: list[Incoming] = []
+    sub = Transport(cfg, client_id=f"{unique}-sub", handler=got.append)
+    pub = Transport(cfg, client_id=f"{unique}-pub")
+    second: BrokerProcess | None = None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(sub.run()), tg.create_task(pub.run())]
+            await sub.subscribe(f"{unique}/t")
+            await sub.wait_connected()
+            await pub.wait_connected()
+            await pub.publish(f"{unique}/t", b"1")
+            await wait_for(lambda: len(got) == 1)
+            first.stop()
+            await wait_for(lambda: not pub.connected and not sub.connected)
+            with pytest.raises(TransportError) as info:
+                await pub.publish(f"{unique}/t", b"lost")
+            assert info.value.code == "timeout"
+            second = BrokerProcess(port=port, template=LOCAL_CONF).start()
+            await sub.wait_connected(10)
+            await pub.wait_connected(10)
+            await asyncio.sleep(0.1)
+            await pub.publish(f"{unique}/t", b"2")  # the new broker knows nothing: sub re-subscribed itself
+            await wait_for(lambda: len(got) == 2)
+            assert [m.payload for m in got] == [b"1", b"2"]
+            assert sub.stats.connects == 2
+            for t in tasks:
+                t.cancel()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

@@ -1,0 +1,61 @@
+"""The shipped model zoo loads offline by name and still scores what its model card says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from patchcast.train import evaluate, subset_indices
+from shared import datasets
+from shared.models import ZOO_DIR, build_model
+
+ZOO = ("cifar10-edge", "cifar10-server")
+
+
+def _card(name: str) -> dict:  # type: ignore[type-arg]
+    path = ZOO_DIR / f"{name}.json"
+    if not path.is_file():
+        pytest.fail(f"zoo model {name} has no model card at {path}")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def cifar_subset() -> tuple[torch.Tensor, torch.Tensor]:
+    path = datasets.resolve("cifar10/test.tar")
+    if not path.is_file():
+        pytest.skip(f"CIFAR-10 test split not found under {datasets.data_root()} (set PATCHCAST_DATA)")
+    ds = datasets.load(path)
+    sub = ds.subset(subset_indices(len(ds)))
+    edge = build_model("zoo:cifar10-edge")
+    return datasets.to_tensor_batch(sub.samples, edge.preprocess)
+
+
+def test_zoo_is_small_and_complete() -> None:
+    total = 0
+    for name in ZOO:
+        weights = ZOO_DIR / f"{name}.safetensors"
+        assert weights.is_file(), f"missing {weights}"
+        assert (ZOO_DIR / f"{name}.md").is_file()
+        total += weights.stat().st_size
+    assert total <= 25 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_accuracy_matches_model_card(name: str, cifar_subset: tuple[torch.Tensor, torch.Tensor]) -> None:
+    card = _card(name)
+    loaded = build_model(f"zoo:{name}")
+    assert loaded.class_names == card["class_names"] and loaded.num_patches == 64
+    pixels, labels = cifar_subset
+    accuracy = evaluate(loaded.model, pixels, labels, loaded.preprocess, bf16=False)
+    assert card["test_subset"]["size"] == len(labels) == 1000
+    assert abs(accuracy - card["test_subset"]["accuracy"]) <= 0.015, (accuracy, card["test_subset"])
+
+
+def test_zoo_meets_the_accuracy_targets() -> None:
+    edge, server = _card("cifar10-edge"), _card("cifar10-server")
+    assert server["test_accuracy"] >= 0.70
+    assert edge["test_accuracy"] >= 0.50
+    # the gap is what makes collaboration worth it (DeiT-Tiny 72.2 % vs DeiT-Base 81.8 % in the paper)
+    assert server["test_accuracy"] - edge["test_accuracy"] >= 0.10
