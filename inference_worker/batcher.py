@@ -71,6 +71,8 @@ class Batcher(Generic[ItemT, ResultT]):
         self.on_batch = on_batch
         self._queue: collections.deque[Pending[ItemT, ResultT]] = collections.deque()
         self._carry: Pending[ItemT, ResultT] | None = None
+        self._forming: list[Pending[ItemT, ResultT]] = []  # the batch being collected (still waiting)
+        self._draining = False
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -91,13 +93,19 @@ class Batcher(Generic[ItemT, ResultT]):
 
     @property
     def depth(self) -> int:
-        """Requests waiting (not yet in a running batch)."""
-        return len(self._queue) + (self._carry is not None)
+        """Requests waiting (queued or in the batch being collected; not yet running)."""
+        return len(self._queue) + (self._carry is not None) + len(self._forming)
 
     def oldest_age_s(self, now: float | None = None) -> float:
-        """Age of the oldest request still waiting for a batch (0 when none)."""
-        first = self._carry or (self._queue[0] if self._queue else None)
-        return 0.0 if first is None else (time.monotonic() if now is None else now) - first.arrived
+        """Age of the oldest request still waiting for its batch to run (0 when none)."""
+        candidates = self._forming[:1] + ([self._carry] if self._carry else []) + list(self._queue)[:1]
+        heads = [p.arrived for p in candidates]
+        return 0.0 if not heads else (time.monotonic() if now is None else now) - min(heads)
+
+    def drain(self) -> None:
+        """Shutting down: stop waiting for batch-mates; run what is queued as soon as possible."""
+        self._draining = True
+        self._arrived.set()
 
     async def wait_idle(self) -> None:
         """Until nothing is queued and no batch is running (graceful shutdown)."""
@@ -108,7 +116,7 @@ class Batcher(Generic[ItemT, ResultT]):
         """Next waiting request, waiting at most ``wait_s`` seconds (None: forever)."""
         while not self._queue:
             self._arrived.clear()
-            if wait_s is not None and wait_s <= 0:
+            if wait_s is not None and (wait_s <= 0 or self._draining):
                 return None
             try:
                 async with asyncio.timeout(wait_s):
@@ -138,22 +146,27 @@ class Batcher(Generic[ItemT, ResultT]):
             if not self._expire(first, time.monotonic()):
                 break
         batch, tokens = [first], first.tokens
+        self._forming = batch
         close_at = first.arrived + limits.max_delay_ms / 1000.0
-        while len(batch) < limits.max_batch and tokens < limits.max_tokens:
-            nxt = await self._take(close_at - time.monotonic())
-            if nxt is None:
-                break
-            if self._expire(nxt, time.monotonic()):
-                continue
-            if tokens + nxt.tokens > limits.max_tokens:
-                self._carry = nxt  # first of the next batch, keeps its own arrival time
-                break
-            batch.append(nxt)
-            tokens += nxt.tokens
+        try:
+            while len(batch) < limits.max_batch and tokens < limits.max_tokens:
+                nxt = await self._take(close_at - time.monotonic())
+                if nxt is None:
+                    break
+                if self._expire(nxt, time.monotonic()):
+                    continue
+                if tokens + nxt.tokens > limits.max_tokens:
+                    self._carry = nxt  # first of the next batch, keeps its own arrival time
+                    break
+                batch.append(nxt)
+                tokens += nxt.tokens
+        finally:
+            self._forming = []
         return batch
 
     # ---- execution ---------------------------------------------------------------------------
     async def execute(self, batch: list[Pending[ItemT, ResultT]]) -> None:
+        """Run one batch in the executor and settle every request's future."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         items = [p.item for p in batch]
@@ -196,9 +209,10 @@ class Batcher(Generic[ItemT, ResultT]):
 
     def fail_all(self, error: PatchCastError) -> int:
         """Fail every waiting request (after the shutdown grace ran out); returns how many."""
-        waiting = ([self._carry] if self._carry else []) + list(self._queue)
+        waiting = self._forming + ([self._carry] if self._carry else []) + list(self._queue)
         self._carry = None
         self._queue.clear()
+        self._forming = []
         for p in waiting:
             if not p.future.done():
                 p.future.set_exception(error)

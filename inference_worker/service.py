@@ -344,6 +344,7 @@ class InferenceWorker:
         # Messages the broker had already sent us are still accepted and answered.
         await asyncio.sleep(0.05)
         self._accepting = False
+        self.batcher.drain()
         try:
             async with asyncio.timeout(grace):
                 await self.batcher.wait_idle()

@@ -15,7 +15,8 @@ from shared import __version__
 from shared.errors import PatchCastError
 
 # Order here is the order in --help.
-COMMAND_MODULES = ["info", "config", "codecs", "train", "broker", "eval", "monitor", "health", "worker", "edge", "workers"]
+COMMAND_MODULES = ["info", "config", "codecs", "train", "broker", "eval", "monitor", "health", "worker",
+                   "edge", "workers", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,8 @@ RuleName = Literal["topk", "threshold", "sum_threshold"]
 GateName = Literal["min_entropy", "shannon", "margin"]
 RULES: tuple[RuleName, ...] = ("topk", "threshold", "sum_threshold")
 GATES: tuple[GateName, ...] = ("min_entropy", "shannon", "margin")
+SCORE_SOURCES: tuple[tuple[Encoder, ScoreName], ...] = (("edge", "attention"), ("edge", "rollout"),
+                                                       ("server", "attention"))
 PAPER_SUM_THRESHOLD = 0.97
 PAPER_ETA = 0.8
 REFERENCE_JPEG_QUALITY = 90
@@ -419,13 +421,18 @@ class Cache:
 class Arrays:
     """Everything the sweep needs, per image (B = images, N = patches)."""
 
+    num_patches: int
     labels: IntArray
     edge_logits: FloatArray
     server_logits: FloatArray
-    scores: dict[tuple[Encoder, ScoreName], FloatArray]  # (B, N) float32
+    scores: dict[tuple[str, str], FloatArray]  # (encoder, score) → (B, N) float32
     counts: dict[str, IntArray] = field(default_factory=dict)  # spec id → (B,)
-    masks: dict[str, BoolArray] = field(default_factory=dict)  # spec id → (B, N)
+    packed_masks: dict[str, np.ndarray] = field(default_factory=dict)  # spec id → (B, ceil(N/8)) bits
     server_pred: dict[str, IntArray] = field(default_factory=dict)  # spec id → (B,)
+
+    def masks(self, spec_id: str, rows: IntArray) -> BoolArray:
+        """Kept-patch masks of some images (unpacked on demand: all of them would be B × N × specs)."""
+        return np.unpackbits(self.packed_masks[spec_id][rows], axis=1, count=self.num_patches).astype(bool)
 
 
 def resolve_precision(precision: Precision) -> bool:
@@ -534,6 +541,99 @@ def _full_passes(edge: Any, server: Any, pixels: Any, edge_pre: Any, server_pre:
     return {k: np.concatenate(v) for k, v in parts.items() if v}
 
 
+def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: Sequence[SelectionSpec],
+                   cache: Cache, bf16: bool, report: ProgressFn) -> Arrays:
+    """Full-image passes and one server pass per selection, each skipped when cached.
+
+    Images are processed in chunks whose server tokens fit in ~512 MB (all of CIFAR-10 in one);
+    inside a chunk the server's patch embeddings are computed once and every selection gathers
+    from them. Results are saved as soon as their last chunk is done, so an interrupted run keeps
+    what it finished.
+    """
+    import torch
+
+    from shared import datasets
+    from shared.models import set_fused_attention
+    from shared.subset import embed_all
+
+    n_patches = edge_m.num_patches
+    edge_pre, server_pre = edge_m.preprocess, server_m.preprocess
+    full = cache.load("full")
+    if full is not None and cfg.rollout and "edge_rollout" not in full:
+        full = None
+    cached = {sp.id: cache.load(f"sel-{sp.id}") for sp in specs}
+    todo = [sp for sp in specs if cached[sp.id] is None]
+    chunk = max(64, int(512e6 // (n_patches * server_m.embed_dim * 4)))
+    bounds = list(_chunks(len(ds), chunk))
+    parts: dict[str, list[np.ndarray]] = {}
+    sel_parts: dict[str, dict[str, list[np.ndarray]]] = {sp.id: {"mask": [], "pred": []} for sp in todo}
+    done_units = 0
+    for c_start, c_end in bounds if (full is None or todo) else []:
+        last_chunk = c_end == len(ds)
+        # The pixels a device owns: the edge's resize + crop; each model normalises them its own way.
+        pixels, labels = datasets.to_tensor_batch(ds.samples[c_start:c_end], edge_pre)
+        if full is None:
+            # Only the last block's map is read from the server: the others may stay fused (faster).
+            set_fused_attention(server_m.model, True)
+            last_attn: Any = server_m.model.blocks[-1].attn
+            last_attn.fused_attn = False
+            got = _full_passes(edge_m.model, server_m.model, pixels, edge_pre, server_pre, cfg.batch_size,
+                               bf16, cfg.rollout)
+            got["labels"] = labels.numpy()
+            for k, v in got.items():
+                parts.setdefault(k, []).append(v)
+            report("full", c_end, len(ds), "edge + server on full images")
+            source, offset = got, 0
+            if last_chunk:
+                full = {k: np.concatenate(v) for k, v in parts.items()}
+                cache.save("full", full)
+        else:
+            source, offset = full, c_start
+        if not todo:
+            continue
+        scores: dict[tuple[str, str], FloatArray] = {
+            src: source[f"{src[0]}_{src[1]}"][offset:offset + c_end - c_start] for src in SCORE_SOURCES
+            if f"{src[0]}_{src[1]}" in source}
+        set_fused_attention(server_m.model, True)
+        with _autocast(bf16):
+            tokens = torch.cat([embed_all(server_m.model, datasets.normalize(pixels[s:e], server_pre))
+                                for s, e in _chunks(len(pixels), cfg.batch_size)])
+        masks_of: dict[str, BoolArray] = {}
+        for sp in todo:
+            if sp.score == "random":
+                twin = masks_of.get(sp.twin.id)
+                if twin is None:
+                    twin = _select_masks(scores[("edge", "attention")], sp.twin, n_patches)
+                # Seeded by the spec and the chunk, so a rerun draws the same patches.
+                rng = np.random.default_rng([cfg.seed, c_start, *sp.id.encode()])
+                masks = random_matched_selection(twin.sum(axis=1), n_patches, rng)
+            else:
+                masks = _select_masks(scores[(sp.encoder, sp.score)], sp, n_patches)
+                masks_of[sp.id] = masks
+            preds = _server_on_masks(server_m.model, tokens, masks, cfg.max_tokens, bf16)
+            sel_parts[sp.id]["mask"].append(np.packbits(masks, axis=1))
+            sel_parts[sp.id]["pred"].append(preds.astype(np.int32))
+            if last_chunk:
+                result = {k: np.concatenate(v) for k, v in sel_parts.pop(sp.id).items()}
+                cache.save(f"sel-{sp.id}", result)
+                cached[sp.id] = result
+            done_units += 1
+            report("subsets", done_units, len(todo) * len(bounds), sp.id)
+        del tokens
+    assert full is not None
+    data = Arrays(num_patches=n_patches, labels=full["labels"].astype(np.int64),
+                  edge_logits=full["edge_logits"], server_logits=full["server_logits"],
+                  scores={src: full[f"{src[0]}_{src[1]}"] for src in SCORE_SOURCES
+                          if f"{src[0]}_{src[1]}" in full})
+    for sp in specs:
+        a = cached[sp.id]
+        assert a is not None
+        data.packed_masks[sp.id] = a["mask"]
+        data.counts[sp.id] = np.unpackbits(a["mask"], axis=1, count=n_patches).sum(axis=1)
+        data.server_pred[sp.id] = a["pred"].astype(np.int64)
+    return data
+
+
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
@@ -551,7 +651,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
 
     from shared import datasets
     from shared.errors import ConfigError, ModelError
-    from shared.models import build_model, set_fused_attention
+    from shared.models import build_model
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -563,8 +663,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     edge_m = build_model(cfg.edge, pretrained=cfg.pretrained, role="edge")
-    # Fused attention off on the server too for the full-image pass: its attention map is the
-    # "server as semantic encoder" score. Subset passes turn it back on (faster, same math).
+    # Built unfused too: the server's own attention map is the "server as semantic encoder" score.
     server_m = build_model(cfg.server, pretrained=cfg.pretrained, role="edge")
     if edge_m.grid != server_m.grid or edge_m.patch_size != server_m.patch_size:
         raise ModelError(f"edge grid {edge_m.grid}×{edge_m.patch_size}px and server grid "
@@ -586,102 +685,16 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
                  "format": 1}
     cache_root = None if not cfg.use_cache else Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
     cache = Cache(cache_root, key_parts)
-
-    # The pixels a device owns: the edge's resize + center crop. Both models normalise them their way.
-    edge_pre, server_pre = edge_m.preprocess, server_m.preprocess
-    chunk = max(64, int(256e6 // (n_patches * server_m.embed_dim * 4)))  # server tokens ≤ ~256 MB
-
-    full = cache.load("full")
-    if full is not None and cfg.rollout and "edge_rollout" not in full:
-        full = None
     specs = build_specs(cfg.grid, n_patches, rollout=cfg.rollout, server_encoder=cfg.server_encoder)
-    arrays_cached = {sp.id: cache.load(f"sel-{sp.id}") for sp in specs}
-    todo = [sp for sp in specs if arrays_cached[sp.id] is None]
 
-    parts: dict[str, list[np.ndarray]] = {}
-    sel_parts: dict[str, dict[str, list[np.ndarray]]] = {sp.id: {"mask": [], "pred": []} for sp in todo}
     t0 = time.perf_counter()
-    if full is None or todo:
-        total_units = len(todo) * math.ceil(len(ds) / chunk)
-        done_units = done_images = 0
-        with torch.inference_mode():
-            for c_start, c_end in _chunks(len(ds), chunk):
-                pixels, labels = datasets.to_tensor_batch(ds.samples[c_start:c_end], edge_pre)
-                if full is None:
-                    # Only the last block's map is read from the server: the rest may stay fused.
-                    set_fused_attention(server_m.model, True)
-                    last_attn: Any = server_m.model.blocks[-1].attn
-                    last_attn.fused_attn = False
-                    got = _full_passes(edge_m.model, server_m.model, pixels, edge_pre, server_pre,
-                                       cfg.batch_size, bf16, cfg.rollout)
-                    got["labels"] = labels.numpy()
-                    for k, v in got.items():
-                        parts.setdefault(k, []).append(v)
-                    done_images += c_end - c_start
-                    report("full", done_images, len(ds), "edge + server on full images")
-                    source, offset = got, 0
-                else:
-                    source, offset = full, c_start
-                chunk_scores: dict[tuple[str, str], FloatArray] = {
-                    (enc, score): source[f"{enc}_{score}"][offset:offset + c_end - c_start]
-                    for enc, score in (("edge", "attention"), ("edge", "rollout"), ("server", "attention"))
-                    if f"{enc}_{score}" in source}
-                if not todo:
-                    continue
-                set_fused_attention(server_m.model, True)
-                from shared.datasets import normalize
-                from shared.subset import embed_all
-
-                with _autocast(bf16):
-                    tokens = torch.cat([embed_all(server_m.model, normalize(pixels[s:e], server_pre))
-                                        for s, e in _chunks(len(pixels), cfg.batch_size)])
-                twin_masks: dict[str, BoolArray] = {}
-                for sp in todo:
-                    if sp.score == "random":
-                        twin = sp.twin
-                        if twin.id in twin_masks:
-                            counts = twin_masks[twin.id].sum(axis=1)
-                        else:
-                            counts = _select_masks(chunk_scores[("edge", "attention")], twin,
-                                                   n_patches).sum(axis=1)
-                        rng = np.random.default_rng([cfg.seed, c_start, *sp.id.encode()])
-                        masks = random_matched_selection(counts, n_patches, rng)
-                    else:
-                        masks = _select_masks(chunk_scores[(sp.encoder, sp.score)], sp, n_patches)
-                        twin_masks[sp.id] = masks
-                    preds = _server_on_masks(server_m.model, tokens, masks, cfg.max_tokens, bf16)
-                    sel_parts[sp.id]["mask"].append(np.packbits(masks, axis=1))
-                    sel_parts[sp.id]["pred"].append(preds.astype(np.int32))
-                    done_units += 1
-                    report("subsets", done_units, total_units, sp.id)
-                del tokens
+    with torch.inference_mode():
+        data = compute_passes(cfg, ds, edge_m, server_m, specs, cache, bf16, report)
     timings["passes_s"] = time.perf_counter() - t0
-    if full is None:
-        full = {k: np.concatenate(v) for k, v in parts.items()}
-        cache.save("full", full)
-    for sp in todo:
-        arr = {k: np.concatenate(v) for k, v in sel_parts[sp.id].items()}
-        cache.save(f"sel-{sp.id}", arr)
-        arrays_cached[sp.id] = arr
-
-    data = Arrays(
-        labels=full["labels"].astype(np.int64), edge_logits=full["edge_logits"],
-        server_logits=full["server_logits"],
-        scores={("edge", "attention"): full["edge_attention"],
-                ("server", "attention"): full["server_attention"]})
-    if "edge_rollout" in full:
-        data.scores[("edge", "rollout")] = full["edge_rollout"]
-    for sp in specs:
-        a = arrays_cached[sp.id]
-        assert a is not None
-        m = np.unpackbits(a["mask"], axis=1, count=n_patches).astype(bool)
-        data.masks[sp.id] = m
-        data.counts[sp.id] = m.sum(axis=1)
-        data.server_pred[sp.id] = a["pred"].astype(np.int64)
 
     t0 = time.perf_counter()
-    sample, full_bytes, sel_bytes, file_bytes = measure_bytes(cfg, ds, edge_pre, edge_m.patch_size, data,
-                                                              specs, cache, report)
+    sample, full_bytes, sel_bytes, file_bytes = measure_bytes(cfg, ds, edge_m.preprocess, edge_m.patch_size,
+                                                              data, specs, cache, report)
     timings["bytes_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -753,7 +766,7 @@ def measure_bytes(cfg: EvalConfig, ds: Any, pre: Any, patch_size: int, data: Arr
     file_mean = np.array(float(np.mean([jpeg_file_bytes(p) for p in px])))
     out = {sp.id: cached[sp.id] for sp in specs if sp.id in cached}
     for j, sp in enumerate(todo):
-        masks = data.masks[sp.id][sample]
+        masks = data.masks(sp.id, sample)
         # Score-aware codecs (jpeg-tiered) rank kept patches by the encoder's scores; a random
         # selection has none of its own, so it borrows the edge attention.
         scores = data.scores[(sp.encoder, "attention" if sp.score == "random" else sp.score)][sample]

@@ -31,7 +31,15 @@ from safetensors.torch import load_file, save_file
 
 from shared import datasets
 from shared.errors import ConfigError
-from shared.models import LoadedModel, Preprocess, VitArch, build_model, load_checkpoint, save_checkpoint
+from shared.models import (
+    LoadedModel,
+    Preprocess,
+    VitArch,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+    set_fused_attention,
+)
 from shared.subset import embed_all, forward_tokens, gather_tokens
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -193,8 +201,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
 
     torch.manual_seed(cfg.seed)
     model = cfg.arch.build()
-    for blk in model.blocks:
-        blk.attn.fused_attn = False  # fused SDPA backward is the slow part of a CPU step
+    set_fused_attention(model, False)  # the fused SDPA backward is the slow part of a CPU step
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n
                                                                 and "cls_token" not in n)]
@@ -231,7 +238,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
             y = train_y[idx]
             keep = num_patches
             if cfg.token_dropout > 0 and float(torch.rand(1, generator=gen)) < cfg.token_dropout:
-                lo = max(1, int(round(cfg.token_keep_min * num_patches)))
+                lo = max(1, round(cfg.token_keep_min * num_patches))
                 keep = int(torch.randint(lo, num_patches + 1, (1,), generator=gen))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 if keep < num_patches:

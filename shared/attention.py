@@ -83,7 +83,7 @@ def edge_forward(model: VisionTransformer, images: torch.Tensor, *, all_layers: 
 
     def make_hook(i: int) -> Any:
         def hook(_module: torch.nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if True:  # another thread's forward on the same model
+            if threading.get_ident() == caller:  # another thread's forward on the same model
                 captured[i] = output.detach().float()
         return hook
 

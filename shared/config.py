@@ -25,7 +25,7 @@ from shared.errors import ConfigError
 ENV_PREFIX = "PATCHCAST_"
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at call sites
+def _f(default: Any, help: str) -> Any:
     """A field with a default and a description (shown by ``--describe``)."""
     if isinstance(default, list | dict):
         return field(default_factory=lambda: default, metadata={"help": help})

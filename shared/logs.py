@@ -13,7 +13,7 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(format: Literal["auto", "json", "console"] = "auto", level: str = "info",  # noqa: A002
+def configure(format: Literal["auto", "json", "console"] = "auto", level: str = "info",
               stream: Any = None) -> None:
     stream = stream or sys.stderr
     use_console = format == "console" or (format == "auto" and hasattr(stream, "isatty") and stream.isatty())

@@ -78,7 +78,7 @@ class Preprocess:
     @property
     def resize_size(self) -> int:
         """Shorter side before the center crop (timm's convention: floor(input_size / crop_pct))."""
-        return int(math.floor(self.input_size / self.crop_pct)) if self.crop_pct < 1.0 else self.input_size
+        return math.floor(self.input_size / self.crop_pct) if self.crop_pct < 1.0 else self.input_size
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,4 +264,4 @@ def _guess_kind(ref: str) -> str:
 
 def set_fused_attention(model: VisionTransformer, enabled: bool) -> None:
     for blk in model.blocks:
-        blk.attn.fused_attn = enabled
+        blk.attn.fused_attn = enabled  # type: ignore[union-attr]

@@ -40,7 +40,7 @@ from shared.errors import ModelError
 from shared.subset import forward_tokens
 
 Policy = Literal["packed", "padded", "sequential"]
-AttentionImpl = Literal["split", "padded"]
+AttentionImpl = Literal["sdpa", "matmul", "padded"]
 
 POLICIES: tuple[Policy, ...] = ("packed", "padded", "sequential")
 
@@ -122,18 +122,35 @@ def _pack(model: VisionTransformer, token_sets: Sequence[Tensor]) -> tuple[Tenso
     return torch.cat(parts, dim=0), lengths
 
 
-def _attend_split(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengths: list[int],
-                  scale: float) -> Tensor:
-    """Attention per set. q (H, Tq, hd), k/v (H, Tkv, hd) → (H, Tq, hd).
+def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengths: list[int],
+                 scale: float) -> Tensor:
+    """Attention per set with SDPA. q (H, Tq, hd), k/v (H, Tkv, hd) → (Tq, H*hd).
 
-    Each set's q/k/v are strided views (no copy); SDPA's CPU flash kernel takes them as they are.
+    Each set's q/k/v are strided views of the packed projection (no copy). SDPA's CPU kernel
+    returns (H, L, hd) as a transposed view of an (L, H, hd) buffer, so the per-set transpose
+    back to token-major is free and one ``cat`` assembles the packed output.
     """
+    h, _, hd = q.shape
     outs = [
-        F.scaled_dot_product_attention(qi, ki, vi, scale=scale)
+        F.scaled_dot_product_attention(qi, ki, vi, scale=scale).transpose(0, 1).reshape(-1, h * hd)
         for qi, ki, vi in zip(q.split(q_lengths, dim=1), k.split(kv_lengths, dim=1),
                               v.split(kv_lengths, dim=1), strict=True)
     ]
-    return torch.cat(outs, dim=1)
+    return torch.cat(outs, dim=0)
+
+
+def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengths: list[int],
+                   scale: float) -> Tensor:
+    """Attention per set with explicit matmuls, numerically like SDPA's CPU kernel: scores and
+    softmax in fp32, probabilities rounded to the input dtype for P·V. → (Tq, H*hd)."""
+    h, _, hd = q.shape
+    qf, kf = q.float(), k.float()
+    outs = []
+    for qi, ki, vi in zip(qf.split(q_lengths, dim=1), kf.split(kv_lengths, dim=1),
+                          v.split(kv_lengths, dim=1), strict=True):
+        p = torch.bmm(qi, ki.transpose(1, 2)).mul_(scale).softmax(dim=-1)
+        outs.append(torch.bmm(p.to(vi.dtype), vi).transpose(0, 1).reshape(-1, h * hd))
+    return torch.cat(outs, dim=0)
 
 
 def _attend_padded(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], scale: float) -> Tensor:
@@ -149,7 +166,7 @@ def _attend_padded(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], scale: f
         return out.transpose(1, 2)
 
     o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :], scale=scale)
-    return o.transpose(1, 2)[valid].transpose(0, 1)
+    return o.transpose(1, 2)[valid].reshape(t, h * hd)
 
 
 def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionImpl,
@@ -175,11 +192,13 @@ def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionIm
         k, v = kv.permute(1, 2, 0, 3).unbind(0)
         q_lengths = [1] * len(lengths)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if impl == "split" or query_rows is not None:
-        o = _attend_split(q, k, v, q_lengths, lengths, attn.scale)
-    else:
+    if impl == "padded" and query_rows is None:
         o = _attend_padded(q, k, v, lengths, attn.scale)
-    o = o.transpose(0, 1).reshape(-1, a)  # (Tq, H*hd), same layout as timm's transpose+reshape
+    elif impl == "matmul":
+        o = _attend_matmul(q, k, v, q_lengths, lengths, attn.scale)
+    else:
+        o = _attend_sdpa(q, k, v, q_lengths, lengths, attn.scale)
+    # o is (Tq, H*hd), the layout timm's transpose(1, 2).reshape gives.
     o = attn.norm(o)
     if attn.gate is not None:
         o = o * attn.gate(xq).sigmoid()
@@ -187,13 +206,14 @@ def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionIm
 
 
 def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
-                   attention: AttentionImpl = "split", cls_only_last: bool = True) -> Tensor:
+                   attention: AttentionImpl = "sdpa", cls_only_last: bool = True) -> Tensor:
     """Logits (B, num_classes) for B token sets, each (K_i, D) patch tokens with pos-embed added.
 
     CLS (+ its pos-embed) is prepended to each set; all real tokens are processed as one packed
     (T, D) matrix; attention never crosses sets. Inputs are cast to the model's parameter dtype
-    (cast the model to bf16 for bf16 inference). ``attention``: ``split`` (SDPA per set, default:
-    fastest here) or ``padded`` (one masked SDPA over a padded copy of Q/K/V). ``cls_only_last``:
+    (cast the model to bf16 for bf16 inference). ``attention``: ``sdpa`` (SDPA per set),
+    ``matmul`` (per set, explicit fp32 scores + softmax) or ``padded`` (one masked SDPA over a
+    padded copy of Q/K/V); see ``bench/worker_throughput.py`` for which wins. ``cls_only_last``:
     compute the last block for the CLS rows only (exact; the head reads nothing else).
     """
     check_packable(model)
@@ -210,8 +230,9 @@ def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
             xc = xc + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lengths, attention, starts)))
             x = xc + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xc))))
         else:
-            x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lengths, attention)))
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            # In-place residual adds: x is our own packed buffer, and this saves a (T, D) copy each.
+            x.add_(blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lengths, attention))))
+            x.add_(blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))))
     cls_rows = x if cls_only_last else x.index_select(0, starts)
     # (B, 1, D) so that forward_head's CLS pooling (x[:, 0]), fc_norm and head apply unchanged.
     return model.forward_head(model.norm(cls_rows).unsqueeze(1))

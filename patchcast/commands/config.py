@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "config", help="validate a config file, show the effective config, or describe every field",
         description="Configuration is one closed schema: defaults, then a TOML/YAML file, then "

@@ -6,7 +6,7 @@ import argparse
 import platform
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print versions, torch threads and CPU bf16/AMX support",
                        description="Print library versions, torch threading and whether bf16 matrix "
                        "work uses AMX on this CPU (the worker's default precision depends on it).")

@@ -10,7 +10,7 @@ from pathlib import Path
 from shared.errors import ConfigError
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a small ViT (edge or server) on an image folder or tar",
         description="Train a timm VisionTransformer (CLS + patch tokens) on CPU with bf16 autocast. "

@@ -80,4 +80,4 @@ def test_augment_keeps_shape_and_pixels() -> None:
     pixels = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     out = augment(pixels, torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 32, 32)
-    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0

@@ -1,0 +1,198 @@
+"""Worker throughput through the broker vs the same batches run in-process.
+
+    .venv/bin/python bench/worker.py                 # DeiT-Base shape (random init), 256 requests
+    .venv/bin/python bench/worker.py --quick         # DeiT-Tiny shape, a smoke run
+
+Requests are real PatchRequests: natural-looking 224×224 images, patches kept at a mix of ~75 %
+and ~32 % of 196 (alternating), JPEG-encoded, all built before timing. Two measurements, in one
+run, on one machine:
+
+* **broker**: a local Mosquitto (the project's broker/mosquitto.conf), one InferenceWorker in this
+  process, a load generator that keeps ``--in-flight`` requests outstanding (so the batcher always
+  has work). Replies/s from the first request to the last reply. Includes msgpack decode and
+  validation, pixel decode (decode thread), batching, inference, reply encode and publish.
+* **in-process**: the *same batches* (the sizes the worker formed, over the same requests in order)
+  through the same :class:`ServerEngine` on pixels decoded beforehand: the model alone.
+
+Their ratio is what the service costs on top of the model (target: ≥ 0.90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from inference_worker.batcher import BatchReport  # noqa: E402
+from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision  # noqa: E402
+from inference_worker.service import InferenceWorker  # noqa: E402
+from patchcast.broker import BrokerProcess  # noqa: E402
+from shared.config import load_config  # noqa: E402
+from shared.logs import configure  # noqa: E402
+from shared.models import LoadedModel, build_model  # noqa: E402
+from shared.protocol import PatchRequest, Reply, build_request, decode_patches, decode_reply, encode  # noqa: E402
+from shared.topics import V1  # noqa: E402
+from shared.transport import Incoming, Transport  # noqa: E402
+
+
+def natural_image(size: int, seed: int) -> np.ndarray:
+    """Smooth colour gradients, blobs and mild noise: JPEG sizes like photos, deterministic."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    img = np.zeros((size, size, 3))
+    for c in range(3):
+        img[..., c] = 128 + 70 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y)
+                                        + rng.uniform(0, 6.3))
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, 1, 3) * (1, 1, 0.25) + (0, 0, 0.05)
+        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
+        img = img * (1 - blob) + rng.uniform(0, 255, 3) * blob
+    return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+
+
+def make_requests(loaded: LoadedModel, count: int, keeps: list[float], codec: str, quality: int,
+                  device: str) -> list[PatchRequest]:
+    size, p, n = loaded.preprocess.input_size, loaded.patch_size, loaded.num_patches
+    rng = np.random.default_rng(0)
+    images = [natural_image(size, s) for s in range(16)]
+    requests = []
+    for i in range(count):
+        k = max(1, round(keeps[i % len(keeps)] * n))
+        idx = np.sort(rng.choice(n, size=k, replace=False))
+        requests.append(build_request(
+            device_id=device, request_id=f"r{i:06d}", pixels=images[i % len(images)], indices=idx, patch_size=p,
+            codec=codec, codec_params={"q": quality} if codec.startswith(("jpeg", "webp")) else None,
+            topk_ids=[0], topk_probs=[0.5], uncertainty=1.0, sent_at=time.time()))
+    return requests
+
+
+async def through_broker(cfg, server: LoadedModel, requests: list[PatchRequest], in_flight: int,  # type: ignore[no-untyped-def]
+                         model: str) -> tuple[float, list[int], dict[str, float]]:
+    device = requests[0].device_id
+    payloads = [encode(r) for r in requests]
+    reports: list[BatchReport] = []
+    worker = InferenceWorker(cfg, server, worker_id="bench-worker")
+    worker.batcher.on_batch = lambda r: (worker.stats.on_batch(r), reports.append(r))  # type: ignore[func-returns-value]
+    done = asyncio.Event()
+    answered: dict[str, float] = {}
+    slots = asyncio.Semaphore(in_flight)
+
+    def on_reply(msg: Incoming) -> None:
+        reply = decode_reply(msg.payload)
+        assert isinstance(reply, Reply), reply
+        if reply.request_id not in answered:
+            answered[reply.request_id] = time.perf_counter()
+            slots.release()
+        if len(answered) == len(requests):
+            done.set()
+
+    client = Transport(cfg.broker, client_id=device, handler=on_reply)
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(client.run(), name="client"), tg.create_task(worker.run(), name="worker")]
+        await client.subscribe(V1.reply(device))
+        await client.wait_connected()
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        start = time.perf_counter()
+
+        async def send(i: int) -> None:
+            await client.publish(V1.request(model, device), payloads[i], qos=1, response_topic=V1.reply(device),
+                                 correlation_data=requests[i].request_id.encode())
+
+        senders = []
+        for i in range(len(requests)):
+            await slots.acquire()
+            senders.append(tg.create_task(send(i)))
+        await done.wait()
+        elapsed = time.perf_counter() - start
+        worker.stop()
+        await tasks[1]
+        tasks[0].cancel()
+    figures = {"elapsed_s": elapsed, "bytes_mean": float(np.mean([len(p) for p in payloads])),
+               "busy_s": worker.batcher.busy_s}
+    return len(requests) / elapsed, [r.size for r in reports], figures
+
+
+def in_process(engine: ServerEngine, sets: list[PatchSet], batch_sizes: list[int]) -> tuple[float, float]:
+    start, i = time.perf_counter(), 0
+    for size in batch_sizes:
+        engine.logits_checked(sets[i:i + size])
+        i += size
+    elapsed = time.perf_counter() - start
+    return i / elapsed, elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="timm:deit_base_patch16_224", help="server model (random init for timm:)")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--keep", default="0.75,0.32", help="kept fractions of the patches, cycled")
+    ap.add_argument("--codec", default="jpeg")
+    ap.add_argument("--quality", type=int, default=90)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--max-delay-ms", type=float, default=10.0)
+    ap.add_argument("--policy", default="packed", choices=["packed", "padded", "sequential"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--in-flight", type=int, default=96, help="requests the load generator keeps outstanding")
+    ap.add_argument("--quick", action="store_true", help="DeiT-Tiny shape and 96 requests (smoke run)")
+    ap.add_argument("--json", type=Path, help="write the figures as JSON")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.requests = "timm:deit_tiny_patch16_224", min(args.requests, 96)
+    configure("console", "warning")
+    threads = configure_threads(args.threads)
+    loaded = build_model(args.model, role="server")
+    keeps = [float(k) for k in args.keep.split(",")]
+    model_id = "bench"
+    with BrokerProcess(port=0) as broker:
+        cfg = load_config(environ={}, overrides={
+            "broker": {"port": broker.port},
+            "models": {"server": args.model, "model_id": model_id},
+            "batching": {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
+                         "max_delay_ms": args.max_delay_ms, "policy": args.policy},
+            "worker": {"threads": args.threads, "precision": args.precision, "queue_capacity": 1024,
+                       "metrics_interval_s": 5.0}})
+        requests = make_requests(loaded, args.requests, keeps, args.codec, args.quality, "bench-device")
+        engine = ServerEngine(loaded, cfg.batching, resolve_precision(args.precision))
+        t0 = time.perf_counter()
+        sets = [PatchSet(decode_patches(r), r.indices) for r in requests]
+        decode_ms = (time.perf_counter() - t0) * 1000 / len(requests)
+        # Warm both paths (oneDNN primitive creation, allocator) on a few batches first.
+        in_process(engine, sets, [min(args.max_batch, len(sets))] * 2)
+        broker_rps, sizes, figures = asyncio.run(through_broker(cfg, loaded, requests, args.in_flight, model_id))
+        inproc_rps, inproc_s = in_process(engine, sets, sizes)
+    tokens = [r.kept + 1 for r in requests]
+    result = {
+        "model": args.model, "precision": engine.precision, "policy": args.policy, "threads": threads,
+        "requests": len(requests), "tokens_mean": float(np.mean(tokens)), "payload_bytes_mean": figures["bytes_mean"],
+        "batches": len(sizes), "batch_size_mean": float(np.mean(sizes)), "pixel_decode_ms_per_request": decode_ms,
+        "broker_replies_per_s": broker_rps, "in_process_replies_per_s": inproc_rps,
+        "ratio": broker_rps / inproc_rps, "worker_busy_fraction": figures["busy_s"] / figures["elapsed_s"],
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    }
+    print(f"model {args.model} ({engine.precision}, {args.policy}, {threads} threads), {len(requests)} requests, "
+          f"mean {result['tokens_mean']:.0f} tokens, {result['payload_bytes_mean'] / 1024:.1f} KiB each")
+    print(f"worker formed {len(sizes)} batches, mean size {result['batch_size_mean']:.1f}; pixel decode "
+          f"{decode_ms:.2f} ms/request")
+    print(f"{'path':<34}{'replies/s':>12}{'ratio':>9}")
+    print(f"{'in-process, same batches':<34}{inproc_rps:>12.2f}{1.0:>9.3f}")
+    print(f"{'through the broker (worker)':<34}{broker_rps:>12.2f}{result['ratio']:>9.3f}")
+    print(f"worker busy fraction during the broker run: {result['worker_busy_fraction']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
