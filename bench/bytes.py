@@ -16,6 +16,11 @@ is available (``zoo:cifar10-edge``), else a stand-in: per-patch gradient energy 
 central-difference gradient of luma), the most detailed patches first. Detailed patches cost more
 bytes than average ones, so the stand-in is on the pessimistic side for byte counts.
 
+Effect on classification (CIFAR-10, when a trained model is in the zoo): the classifier
+(``zoo:cifar10-server`` if present, else ``zoo:cifar10-edge``) runs on the *decoded* kept patches
+with the subset forward (each patch embedded at its own position, as the worker does), and its
+accuracy is compared with the same forward on the original, lossless kept patches.
+
     PATCHCAST_DATA=/path/to/datasets python bench/bytes.py --limit 100
 """
 
@@ -76,6 +81,7 @@ class Sample:
     scores: np.ndarray  # (N,) selection scores, higher = keep first
     topk_ids: tuple[int, ...]
     topk_probs: tuple[float, ...]
+    label: int = -1
 
 
 def gradient_energy(pixels: np.ndarray, patch: int) -> np.ndarray:
@@ -103,11 +109,48 @@ def load_samples(dataset: str, limit: int | None) -> tuple[list[Sample], int, st
                 "gradient-energy stand-in (no trained ImageNet edge model)")
     ds = datasets.load("cifar10/test.tar").spread(limit)
     pixels = [np.asarray(datasets.decode_rgb(s.data), dtype=np.uint8) for s in ds.samples]
+    labels = [-1 if s.label is None else s.label for s in ds.samples]
     patch = 4
     if (ZOO_DIR / "cifar10-edge.safetensors").is_file():
-        return _edge_attention(pixels), patch, "edge model CLS attention (zoo:cifar10-edge, last block)"
-    return ([Sample(px, gradient_energy(px, patch), *STANDIN_TOPK) for px in pixels], patch,
-            "gradient-energy stand-in (zoo:cifar10-edge not available)")
+        samples = _edge_attention(pixels)
+        how = "edge model CLS attention (zoo:cifar10-edge, last block, mean over heads)"
+    else:
+        samples = [Sample(px, gradient_energy(px, patch), *STANDIN_TOPK) for px in pixels]
+        how = "gradient-energy stand-in (zoo:cifar10-edge not available)"
+    for sample, label in zip(samples, labels, strict=True):
+        sample.label = label
+    return samples, patch, how
+
+
+def classifier_ref(dataset: str) -> str | None:
+    """The zoo model that classifies decoded patches, if there is one for this dataset."""
+    if dataset != "cifar10":
+        return None
+    for name in ("cifar10-server", "cifar10-edge"):
+        if (ZOO_DIR / f"{name}.safetensors").is_file():
+            return f"zoo:{name}"
+    return None
+
+
+def subset_correct(ref: str, patches: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per image, whether ``ref`` classifies its kept patches (B, K, p, p, 3) uint8 at ``indices`` (B, K)
+    right, with the worker's subset forward."""
+    import torch
+
+    from shared.models import build_model
+    from shared.subset import forward_subset
+
+    loaded = _model_cache.get(ref) or _model_cache.setdefault(ref, build_model(ref))
+    correct = []
+    with torch.inference_mode():
+        for start in range(0, len(labels), 512):
+            x = datasets.normalize(torch.from_numpy(patches[start:start + 512]), loaded.preprocess)
+            logits = forward_subset(loaded.model, x, torch.from_numpy(indices[start:start + 512]))
+            correct.append(logits.argmax(-1).numpy() == labels[start:start + 512])
+    return np.concatenate(correct)
+
+
+_model_cache: dict[str, Any] = {}
 
 
 def _edge_attention(pixels: list[np.ndarray]) -> list[Sample]:
@@ -167,6 +210,10 @@ def run_dataset(dataset: str, samples: list[Sample], patch: int, specs: list[Cod
                 fractions: tuple[float, ...], progress: Progress) -> dict[str, Any]:
     rec: Records = defaultdict(lambda: defaultdict(list))
     base: dict[str, list[float]] = defaultdict(list)
+    classifier = classifier_ref(dataset)
+    # Decoded kept patches per (fraction, codec), for the accuracy check; k is fixed per fraction.
+    decoded_sets: dict[tuple[float, str], list[np.ndarray]] = defaultdict(list)
+    index_sets: dict[float, list[np.ndarray]] = defaultdict(list)
     task = progress.add_task(dataset, total=len(samples))
     for i, s in enumerate(samples):
         h, w, _ = s.pixels.shape
@@ -180,12 +227,17 @@ def run_dataset(dataset: str, samples: list[Sample], patch: int, specs: list[Cod
             k = max(1, round(f * n))
             indices = np.sort(np.argsort(-s.scores, kind="stable")[:k])
             original = codecs.extract_patches(s.pixels, indices, patch)
+            if classifier:
+                index_sets[f].append(indices)
+                decoded_sets[(f, "original (lossless)")].append(original)
             top = np.zeros(k, dtype=bool)
             top[np.argsort(-s.scores[indices], kind="stable")[:(k + 1) // 2]] = True
             ref = rec[(f, "full-image JPEG q90 (reference)")]
             reference = codecs.extract_patches(jpeg_pixels, indices, patch)
             for key, value in quality(reference, original, top).items():
                 ref[key].append(value)
+            if classifier:
+                decoded_sets[(f, "full-image JPEG q90 (reference)")].append(reference)
             for spec in specs:
                 sent_at = time.time()
                 t0 = time.perf_counter()
@@ -206,8 +258,24 @@ def run_dataset(dataset: str, samples: list[Sample], patch: int, specs: list[Cod
                 r["decode_ms"].append((t2 - t1) * 1e3)
                 for key, value in quality(decoded, original, top).items():
                     r[key].append(value)
+                if classifier:
+                    decoded_sets[(f, spec.label)].append(decoded)
         progress.advance(task)
-    return summarise(dataset, samples, patch, rec, base, fractions)
+    result = summarise(dataset, samples, patch, rec, base, fractions)
+    if classifier:
+        labels = np.array([s.label for s in samples])
+        correct = {key: subset_correct(classifier, np.stack(sets), np.stack(index_sets[key[0]]), labels)
+                   for key, sets in decoded_sets.items()}
+        for row in result["rows"]:
+            row_key = (row["fraction"], row["codec"])
+            if row_key in correct:
+                mine, lossless = correct[row_key], correct[(row["fraction"], "original (lossless)")]
+                # Paired comparison on the same images: SE of the difference from the discordant pairs.
+                row["accuracy"] = float(mine.mean())
+                row["accuracy_delta"] = float(mine.mean() - lossless.mean())
+                row["accuracy_delta_ci95"] = 1.96 * float(np.sqrt(np.sum(mine != lossless))) / len(labels)
+        result["classifier"] = classifier
+    return result
 
 
 Records = dict[tuple[float, str], dict[str, list[float]]]
@@ -267,25 +335,35 @@ def headline(result: dict[str, Any]) -> str:
             f"Baseline: full-image JPEG q{BASELINE_QUALITY} 4:2:0, "
             f"mean {b['mean_bytes']:.0f} B, median {b['median_bytes']:.0f} B (the same JPEG without its "
             f"tables: {b['mean_bytes_tableless']:.0f} B); encode {b['encode_ms']:.2f} ms, "
-            f"decode {b['decode_ms']:.2f} ms.")
+            f"decode {b['decode_ms']:.2f} ms."
+            + (f" Accuracy: {result['classifier']} on the decoded kept patches (subset forward)."
+               if "classifier" in result else ""))
 
 
 COLUMNS = ("kept", "codec", "mean B", "median B", "mean vs JPEG", "median ratio", "enc ms", "dec ms",
            "PSNR dB", "PSNR top / bottom half", "ring / inner MAE")
 
 
-def row_cells(r: dict[str, Any]) -> list[str]:
+def columns(result: dict[str, Any]) -> tuple[str, ...]:
+    return COLUMNS + (("accuracy (Δ vs lossless ± 95 %)",) if "classifier" in result else ())
+
+
+def row_cells(r: dict[str, Any], with_accuracy: bool) -> list[str]:
     kept = f"{r['fraction']:.0%}"
+    acc = []
+    if with_accuracy:
+        acc = [f"{r['accuracy']:.1%} ({r['accuracy_delta'] * 100:+.1f} ± {r['accuracy_delta_ci95'] * 100:.1f})"
+               if "accuracy" in r else ""]
     if "mean_bytes" not in r:  # the quality reference: no bytes of its own at this fraction
         return [kept, r["codec"], "", "", "", "", "", "", f"{r['psnr_db']:.2f}",
                 f"{r['psnr_top']:.2f} / {r['psnr_bottom']:.2f}",
-                f"{r['ring_mae']:.2f} / {r['inner_mae']:.2f}"]
+                f"{r['ring_mae']:.2f} / {r['inner_mae']:.2f}", *acc]
     exact = r["lossless"]
     return [kept, r["codec"], f"{r['mean_bytes']:.0f}", f"{r['median_bytes']:.0f}", f"{r['vs_baseline']:.1%}",
             f"{r['median_ratio']:.1%}", f"{r['encode_ms']:.2f}", f"{r['decode_ms']:.2f}",
             "exact" if exact else f"{r['psnr_db']:.2f}",
             "exact" if exact else f"{r['psnr_top']:.2f} / {r['psnr_bottom']:.2f}",
-            "0 / 0" if exact else f"{r['ring_mae']:.2f} / {r['inner_mae']:.2f}"]
+            "0 / 0" if exact else f"{r['ring_mae']:.2f} / {r['inner_mae']:.2f}", *acc]
 
 
 def sorted_rows(result: dict[str, Any], fraction: float) -> list[dict[str, Any]]:
@@ -297,18 +375,19 @@ def print_tables(console: Console, result: dict[str, Any]) -> None:
     console.print(f"\n[bold]{result['dataset']}[/]: {headline(result)}")
     for f in result["fractions"]:
         table = Table(title=f"{result['dataset']}: {f:.0%} of patches kept")
-        for col in COLUMNS:
+        for col in columns(result):
             table.add_column(col, justify="left" if col in ("kept", "codec") else "right")
         for r in sorted_rows(result, f):
-            table.add_row(*row_cells(r))
+            table.add_row(*row_cells(r, "classifier" in result))
         console.print(table)
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"**{result['dataset']}**: {headline(result)}", "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+    cols = columns(result)
+    lines = [f"**{result['dataset']}**: {headline(result)}", "", "| " + " | ".join(cols) + " |",
+             "|" + "---|" * len(cols)]
     for f in result["fractions"]:
-        lines += ["| " + " | ".join(row_cells(r)) + " |" for r in sorted_rows(result, f)]
+        lines += ["| " + " | ".join(row_cells(r, "classifier" in result)) + " |" for r in sorted_rows(result, f)]
     return "\n".join(lines)
 
 
@@ -326,6 +405,16 @@ def acceptance(result: dict[str, Any]) -> list[str]:
                    f"{best['vs_baseline']:.1%} of the JPEG baseline (target {'<' if bound == 1.0 else '≤'} "
                    f"{bound:.0%}): {'PASS' if ok else 'FAIL'}")
     return out
+
+
+def write_outputs(args: argparse.Namespace, argv: list[str] | None, info: dict[str, Any],
+                  results: list[dict[str, Any]]) -> None:
+    command = "python bench/bytes.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=1))
+    if args.markdown:
+        args.markdown.write_text("\n\n".join([f"`{command}`", *(markdown(r) for r in results),
+                                              *(line for r in results for line in acceptance(r))]) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,21 +440,16 @@ def main(argv: list[str] | None = None) -> int:
         limit = args.limit if args.limit is not None else (1000 if name == "imagenet" else 3000)
         samples, patch, how = load_samples(name, limit)
         console.print(f"{name}: patches chosen by {how}")
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console) as progress:
+        bar = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*bar, console=console) as progress:
             result = run_dataset(name, samples, patch, specs, fractions, progress)
         result["selection"] = how
         print_tables(console, result)
         results.append(result)
+        write_outputs(args, argv, info, results)  # after each dataset: a long run keeps what it measured
     for r in results:
         for line in acceptance(r):
             console.print(line)
-    command = "python bench/bytes.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.json:
-        args.json.write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=1))
-    if args.markdown:
-        args.markdown.write_text("\n\n".join([f"`{command}`", *(markdown(r) for r in results),
-                                              *(line for r in results for line in acceptance(r))]) + "\n")
     return 0
 
 

@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference_worker.batcher import BatchReport  # noqa: E402
-from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision  # noqa: E402
-from inference_worker.service import InferenceWorker  # noqa: E402
-from patchcast.broker import BrokerProcess  # noqa: E402
-from shared.config import load_config  # noqa: E402
-from shared.logs import configure  # noqa: E402
-from shared.models import LoadedModel, build_model  # noqa: E402
-from shared.protocol import PatchRequest, Reply, build_request, decode_patches, decode_reply, encode  # noqa: E402
-from shared.topics import V1  # noqa: E402
-from shared.transport import Incoming, Transport  # noqa: E402
+from inference_worker.batcher import BatchReport
+from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
+from inference_worker.service import InferenceWorker
+from patchcast.broker import BrokerProcess
+from shared.config import load_config
+from shared.logs import configure
+from shared.models import LoadedModel, build_model
+from shared.protocol import PatchRequest, Reply, build_request, decode_patches, decode_reply, encode
+from shared.topics import V1
+from shared.transport import Incoming, Transport
 
 
 def natural_image(size: int, seed: int) -> np.ndarray:
@@ -122,13 +123,20 @@ async def through_broker(cfg, server: LoadedModel, requests: list[PatchRequest],
     return len(requests) / elapsed, [r.size for r in reports], figures
 
 
-def in_process(engine: ServerEngine, sets: list[PatchSet], batch_sizes: list[int]) -> tuple[float, float]:
+def _run_batches(engine: ServerEngine, sets: list[PatchSet], batch_sizes: list[int]) -> tuple[float, float]:
     start, i = time.perf_counter(), 0
     for size in batch_sizes:
         engine.logits_checked(sets[i:i + size])
         i += size
     elapsed = time.perf_counter() - start
     return i / elapsed, elapsed
+
+
+def in_process(engine: ServerEngine, sets: list[PatchSet], batch_sizes: list[int]) -> tuple[float, float]:
+    """Replies/s of the model alone, on a dedicated thread like the worker's inference thread (the
+    thread matters: torch's intra-op pool behaves differently from the main thread)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-infer") as pool:
+        return pool.submit(_run_batches, engine, sets, batch_sizes).result()
 
 
 def main() -> int:
@@ -145,6 +153,7 @@ def main() -> int:
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--in-flight", type=int, default=96, help="requests the load generator keeps outstanding")
+    ap.add_argument("--rounds", type=int, default=2, help="broker / in-process pairs to measure")
     ap.add_argument("--quick", action="store_true", help="DeiT-Tiny shape and 96 requests (smoke run)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON")
     args = ap.parse_args()
@@ -170,25 +179,33 @@ def main() -> int:
         decode_ms = (time.perf_counter() - t0) * 1000 / len(requests)
         # Warm both paths (oneDNN primitive creation, allocator) on a few batches first.
         in_process(engine, sets, [min(args.max_batch, len(sets))] * 2)
-        broker_rps, sizes, figures = asyncio.run(through_broker(cfg, loaded, requests, args.in_flight, model_id))
-        inproc_rps, inproc_s = in_process(engine, sets, sizes)
+        # Alternate the two paths (broker, then the same batches in-process) for --rounds rounds: on a
+        # shared machine the load drifts, and each pair is measured under similar conditions.
+        rounds = []
+        for _ in range(args.rounds):
+            broker_rps, sizes, figures = asyncio.run(through_broker(cfg, loaded, requests, args.in_flight,
+                                                                    model_id))
+            inproc_rps, _ = in_process(engine, sets, sizes)
+            rounds.append({"broker_replies_per_s": broker_rps, "in_process_replies_per_s": inproc_rps,
+                           "ratio": broker_rps / inproc_rps, "batches": len(sizes),
+                           "batch_size_mean": float(np.mean(sizes)),
+                           "worker_busy_fraction": figures["busy_s"] / figures["elapsed_s"]})
     tokens = [r.kept + 1 for r in requests]
     result = {
         "model": args.model, "precision": engine.precision, "policy": args.policy, "threads": threads,
         "requests": len(requests), "tokens_mean": float(np.mean(tokens)), "payload_bytes_mean": figures["bytes_mean"],
-        "batches": len(sizes), "batch_size_mean": float(np.mean(sizes)), "pixel_decode_ms_per_request": decode_ms,
-        "broker_replies_per_s": broker_rps, "in_process_replies_per_s": inproc_rps,
-        "ratio": broker_rps / inproc_rps, "worker_busy_fraction": figures["busy_s"] / figures["elapsed_s"],
+        "pixel_decode_ms_per_request": decode_ms, "rounds": rounds,
+        "ratio_mean": float(np.mean([r["ratio"] for r in rounds])),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
     }
     print(f"model {args.model} ({engine.precision}, {args.policy}, {threads} threads), {len(requests)} requests, "
-          f"mean {result['tokens_mean']:.0f} tokens, {result['payload_bytes_mean'] / 1024:.1f} KiB each")
-    print(f"worker formed {len(sizes)} batches, mean size {result['batch_size_mean']:.1f}; pixel decode "
-          f"{decode_ms:.2f} ms/request")
-    print(f"{'path':<34}{'replies/s':>12}{'ratio':>9}")
-    print(f"{'in-process, same batches':<34}{inproc_rps:>12.2f}{1.0:>9.3f}")
-    print(f"{'through the broker (worker)':<34}{broker_rps:>12.2f}{result['ratio']:>9.3f}")
-    print(f"worker busy fraction during the broker run: {result['worker_busy_fraction']:.3f}")
+          f"mean {result['tokens_mean']:.0f} tokens, {result['payload_bytes_mean'] / 1024:.1f} KiB each; "
+          f"pixel decode {decode_ms:.2f} ms/request")
+    print(f"{'round':<7}{'batches':>9}{'mean size':>11}{'in-process/s':>14}{'broker/s':>11}{'ratio':>8}{'busy':>7}")
+    for i, r in enumerate(rounds, 1):
+        print(f"{i:<7}{r['batches']:>9}{r['batch_size_mean']:>11.1f}{r['in_process_replies_per_s']:>14.2f}"
+              f"{r['broker_replies_per_s']:>11.2f}{r['ratio']:>8.3f}{r['worker_busy_fraction']:>7.2f}")
+    print(f"mean ratio (broker ÷ in-process): {result['ratio_mean']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

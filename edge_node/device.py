@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from edge_node.engine import EdgeDecision
@@ -203,26 +203,26 @@ class Device:
             self.on_outcome(record)
         await self._publish_outcome(record)
 
-    async def run(self, samples: Sequence[Sample], *, stop_at: float | None = None) -> None:
-        """Send ``samples`` at ``edge.rate_hz`` (0: as fast as the in-flight window allows), then wait for
-        the last answers. ``stop_at`` (monotonic) ends sending early."""
-        await self.transport.wait_connected()
+    async def run(self, samples: Iterable[Sample], *, stop_at: float | None = None) -> None:
+        """Send ``samples`` at ``edge.rate_hz`` (0: as fast as the in-flight window allows), then wait
+        for the last answers. ``stop_at`` (monotonic) ends sending early."""
         await self.transport.subscribe(self.reply_topic, qos=1)
-        rate = self.edge.rate_hz
-        started = time.monotonic()
-        async with asyncio.TaskGroup() as tg:
-            metrics = tg.create_task(self._metrics_loop(), name=f"{self.device_id}-metrics")
-            images = []
-            for seq, sample in enumerate(samples):
-                if rate > 0:
-                    delay = started + seq / rate - time.monotonic()
+        await self.transport.wait_connected()
+        interval = 1.0 / self.edge.rate_hz if self.edge.rate_hz > 0 else 0.0
+        async with asyncio.TaskGroup() as outer:
+            metrics = outer.create_task(self._metrics_loop(), name=f"{self.device_id}-metrics")
+            async with asyncio.TaskGroup() as images:
+                next_at = time.monotonic()
+                for seq, sample in enumerate(samples):
+                    delay = next_at - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                if stop_at is not None and time.monotonic() >= stop_at:
-                    break
-                await self._in_flight.acquire()  # backpressure: at most W awaiting replies
-                images.append(tg.create_task(self._handle(seq, sample), name=f"{self.device_id}-{seq}"))
-            await asyncio.gather(*images)
+                    if stop_at is not None and time.monotonic() >= stop_at:
+                        break
+                    await self._in_flight.acquire()  # backpressure: at most W images in progress
+                    images.create_task(self._handle(seq, sample), name=f"{self.device_id}-{seq}")
+                    # A device that fell behind (window full) does not burst to catch up.
+                    next_at = max(next_at + interval, time.monotonic())
             metrics.cancel()
         await self._publish_metrics()
 

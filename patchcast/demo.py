@@ -39,6 +39,7 @@ from shared.errors import PatchCastError
 from shared.logs import get_logger
 
 REPORT_SCHEMA = "patchcast.demo_report/1"
+EDGE_EXIT_GRACE_S = 3.0
 
 
 class DemoError(PatchCastError):
@@ -123,6 +124,14 @@ def measure_references(opts: DemoOptions, cfg: Config, jpeg_sample: int = 64) ->
     return References(round(sum(sizes) / len(sizes)), accuracy, n)
 
 
+def _complete_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _patchcast(*args: str) -> list[str]:
     return [sys.executable, "-m", "patchcast.cli", *args]
 
@@ -158,6 +167,7 @@ class Demo:
         self.session: MonitorSession | None = None
         self.scaler: ScalerService | None = None
         self.references: References | None = None
+        self.pids: dict[str, list[int]] = {"broker": [], "edge": [], "workers": []}
 
     # ---- display ------------------------------------------------------------------------------
     def _footer(self) -> Text:
@@ -229,6 +239,7 @@ class Demo:
                 self.phase = "starting broker"
                 broker = BrokerProcess(port=0, max_packet_bytes=cfg.broker.max_packet_bytes)
                 await asyncio.to_thread(broker.start)
+                self.pids["broker"] = [broker.pid] if broker.pid else []
                 cfg = replace(cfg, broker=replace(cfg.broker, host=broker.host, port=broker.port))
             self.cfg = cfg = replace(cfg, models=replace(cfg.models, edge=opts.edge, server=opts.server,
                                                          pretrained=opts.pretrained))
@@ -270,11 +281,18 @@ class Demo:
                     self.phase = "starting devices"
                     edge_log = (opts.log_dir / "edge.log").open("ab")
                     edge_proc = await start_child(edge_argv(opts, address, summary_path), output=edge_log)
+                    self.pids["edge"] = [edge_proc.pid]
                     self.sending_since = time.monotonic()
                     self.phase = "running"
                     waiter = asyncio.create_task(edge_proc.wait(), name="demo-edge-wait")
                     stopper = asyncio.create_task(self.stop.wait(), name="demo-stop-wait")
-                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    while not (waiter.done() or stopper.done()):
+                        await asyncio.wait({waiter, stopper}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                        if not waiter.done() and _complete_json(summary_path):
+                            # The fleet wrote its summary: its work is done. Give it a moment to exit
+                            # by itself (interpreter teardown with torch can be slow), then stop it.
+                            await asyncio.wait({waiter}, timeout=EDGE_EXIT_GRACE_S)
+                            break
                     stopper.cancel()
                     if not waiter.done():
                         self.phase = "stopping devices"
@@ -362,6 +380,7 @@ class Demo:
                 "scale_events": events,
             },
             "monitor": snapshot_dict(snap) if snap else None,
+            "pids": {**self.pids, "workers": list(getattr(pool, "all_pids", []))},
             "logs": str(opts.log_dir),
         }
         return report

@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,9 @@ GATES: tuple[GateName, ...] = ("min_entropy", "shannon", "margin")
 SCORE_SOURCES: tuple[tuple[Encoder, ScoreName], ...] = (("edge", "attention"), ("edge", "rollout"),
                                                        ("server", "attention"))
 PAPER_SUM_THRESHOLD = 0.97
+MAX_CACHED_CLASSES = 100
+"""Per-selection server logits are cached (float16) up to this many classes; beyond, only the
+predictions: 1000-class logits for 50k images × 60 selections would be ~6 GB."""
 PAPER_ETA = 0.8
 REFERENCE_JPEG_QUALITY = 90
 
@@ -289,7 +293,7 @@ class Point:
     @property
     def label(self) -> str:
         if self.value is None:
-            return self.rule
+            return {"none": "edge only", "full": "full image"}.get(self.rule, self.rule)
         return f"{self.encoder}/{self.score}/{self.rule}={self.value:g}"
 
 
@@ -353,6 +357,8 @@ class EvalConfig:
     max_loss: float = 1.0  # accuracy points below server-only
     seed: int = 0
     plots: bool = True
+    publish: str | None = None  # a markdown file whose generated section (and img/ figures) to rewrite
+    command: str = ""  # the command line, recorded in the report
 
     @property
     def grid(self) -> SweepGrid:
@@ -429,6 +435,7 @@ class Arrays:
     counts: dict[str, IntArray] = field(default_factory=dict)  # spec id → (B,)
     packed_masks: dict[str, np.ndarray] = field(default_factory=dict)  # spec id → (B, ceil(N/8)) bits
     server_pred: dict[str, IntArray] = field(default_factory=dict)  # spec id → (B,)
+    compute_seconds: float = 0.0  # model passes, whenever they ran (cached products included)
 
     def masks(self, spec_id: str, rows: IntArray) -> BoolArray:
         """Kept-patch masks of some images (unpacked on demand: all of them would be B × N × specs)."""
@@ -497,15 +504,15 @@ def padded_groups(counts: IntArray, max_tokens: int) -> list[IntArray]:
     return groups
 
 
-def _server_on_masks(server: Any, tokens: Any, masks: BoolArray, max_tokens: int, bf16: bool) -> IntArray:
-    """Server predictions (B,) from the kept tokens only, in padded groups with a key-padding mask
-    (padding is never attended to, so each image's result is its own; see shared.subset)."""
+def _server_on_masks(server: Any, tokens: Any, masks: BoolArray, max_tokens: int, bf16: bool) -> FloatArray:
+    """Server logits (B, C) float32 from the kept tokens only, in padded groups with a key-padding
+    mask (padding is never attended to, so each image's result is its own; see shared.subset)."""
     import torch
 
     from shared.subset import forward_tokens, gather_tokens
 
     counts = masks.sum(axis=1)
-    preds = np.zeros(len(counts), dtype=np.int64)
+    out = np.zeros((len(counts), int(server.num_classes)), dtype=np.float32)
     for rows in padded_groups(counts, max_tokens):
         k = int(counts[rows].max())
         # Kept indices first, ascending (row-major, the order a device packs them in), then padding.
@@ -515,8 +522,8 @@ def _server_on_masks(server: Any, tokens: Any, masks: BoolArray, max_tokens: int
         with _autocast(bf16):
             kept = gather_tokens(tokens[torch.from_numpy(rows)], torch.from_numpy(idx))
             logits = forward_tokens(server, kept, key_padding_mask=kpm)
-        preds[rows] = logits.float().argmax(-1).numpy()
-    return preds
+        out[rows] = logits.float().numpy()
+    return out
 
 
 def _full_passes(edge: Any, server: Any, pixels: Any, edge_pre: Any, server_pre: Any, batch: int,
@@ -568,6 +575,7 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
     parts: dict[str, list[np.ndarray]] = {}
     sel_parts: dict[str, dict[str, list[np.ndarray]]] = {sp.id: {"mask": [], "pred": []} for sp in todo}
     done_units = 0
+    spent: dict[str, float] = {}  # compute seconds per product
     for c_start, c_end in bounds if (full is None or todo) else []:
         last_chunk = c_end == len(ds)
         # The pixels a device owns: the edge's resize + crop; each model normalises them its own way.
@@ -577,8 +585,10 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
             set_fused_attention(server_m.model, True)
             last_attn: Any = server_m.model.blocks[-1].attn
             last_attn.fused_attn = False
+            t0 = time.perf_counter()
             got = _full_passes(edge_m.model, server_m.model, pixels, edge_pre, server_pre, cfg.batch_size,
                                bf16, cfg.rollout)
+            spent["full"] = spent.get("full", 0.0) + time.perf_counter() - t0
             got["labels"] = labels.numpy()
             for k, v in got.items():
                 parts.setdefault(k, []).append(v)
@@ -586,6 +596,7 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
             source, offset = got, 0
             if last_chunk:
                 full = {k: np.concatenate(v) for k, v in parts.items()}
+                full["seconds"] = np.array(spent["full"])  # compute time, reported by later cached runs
                 cache.save("full", full)
         else:
             source, offset = full, c_start
@@ -600,6 +611,7 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
                                 for s, e in _chunks(len(pixels), cfg.batch_size)])
         masks_of: dict[str, BoolArray] = {}
         for sp in todo:
+            t0 = time.perf_counter()
             if sp.score == "random":
                 twin = masks_of.get(sp.twin.id)
                 if twin is None:
@@ -610,11 +622,15 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
             else:
                 masks = _select_masks(scores[(sp.encoder, sp.score)], sp, n_patches)
                 masks_of[sp.id] = masks
-            preds = _server_on_masks(server_m.model, tokens, masks, cfg.max_tokens, bf16)
+            logits = _server_on_masks(server_m.model, tokens, masks, cfg.max_tokens, bf16)
+            spent[sp.id] = spent.get(sp.id, 0.0) + time.perf_counter() - t0
             sel_parts[sp.id]["mask"].append(np.packbits(masks, axis=1))
-            sel_parts[sp.id]["pred"].append(preds.astype(np.int32))
+            sel_parts[sp.id]["pred"].append(logits.argmax(axis=1).astype(np.int32))
+            if logits.shape[1] <= MAX_CACHED_CLASSES:
+                sel_parts[sp.id].setdefault("logits", []).append(logits.astype(np.float16))
             if last_chunk:
                 result = {k: np.concatenate(v) for k, v in sel_parts.pop(sp.id).items()}
+                result["seconds"] = np.array(spent[sp.id])
                 cache.save(f"sel-{sp.id}", result)
                 cached[sp.id] = result
             done_units += 1
@@ -625,9 +641,11 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
                   edge_logits=full["edge_logits"], server_logits=full["server_logits"],
                   scores={src: full[f"{src[0]}_{src[1]}"] for src in SCORE_SOURCES
                           if f"{src[0]}_{src[1]}" in full})
+    data.compute_seconds = float(full.get("seconds", 0.0))
     for sp in specs:
         a = cached[sp.id]
         assert a is not None
+        data.compute_seconds += float(a.get("seconds", 0.0))
         data.packed_masks[sp.id] = a["mask"]
         data.counts[sp.id] = np.unpackbits(a["mask"], axis=1, count=n_patches).sum(axis=1)
         data.server_pred[sp.id] = a["pred"].astype(np.int64)
@@ -705,12 +723,13 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     summary["bytes"] = {"sample": len(sample), "codec": cfg.codec, "codec_params": dict(cfg.codec_params),
                         "reference_mean_bytes": float(np.mean(full_bytes)),
                         "jpeg_file_mean_bytes": file_bytes}
-    files = write_outputs(cfg, out_dir, points, summary, data, specs, n_patches, gate_u)
-    timings["total_s"] = time.perf_counter() - t_start
-    summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     summary["threads"] = threads
+    summary["compute_s"] = round(data.compute_seconds, 1)
     summary["precision"] = "bf16" if bf16 else "fp32"
     summary["cache"] = str(cache.dir) if cache.dir else None
+    timings["total_s"] = time.perf_counter() - t_start  # up to the sweep; writing outputs is extra
+    summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    files = write_outputs(cfg, out_dir, points, summary, data, specs, n_patches, gate_u)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return EvalResult(points=points, summary=summary, files=[out_dir / "summary.json", *files])
 
@@ -895,8 +914,14 @@ def _find(points: Sequence[Point], **kw: Any) -> Point | None:
     return None
 
 
+def describe(p: Point) -> str:
+    """One line naming an operating point, e.g. ``edge/attention/sum_threshold=0.97, min_entropy η=0.8``."""
+    gate = "no gate" if p.gate == "none" else f"{p.gate} η={p.eta:g}"
+    return p.label if p.rule == "none" else f"{p.label}, {gate}"
+
+
 def _point_json(p: Point | None) -> dict[str, Any] | None:
-    return None if p is None else {**asdict(p), "label": p.label}
+    return None if p is None else {**asdict(p), "label": p.label, "description": describe(p)}
 
 
 def summarise(cfg: EvalConfig, data: Arrays, points: list[Point], n_patches: int, edge_m: Any,
@@ -1001,15 +1026,31 @@ def _pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f} %"
 
 
-def report_markdown(summary: dict[str, Any], table2: str, table3: str) -> str:
+FIGURES = (("fig8_tradeoff.png", "Accuracy vs communication cost with the Pareto frontier (paper Fig. 8)"),
+           ("fig12_rules.png", "Selection rules (paper Fig. 12)"),
+           ("fig11_scores.png", "Mean attention vs rollout (paper Fig. 11)"),
+           ("fig13_gates.png", "Min-entropy vs Shannon entropy vs margin gate (paper Fig. 13)"),
+           ("fig14_encoder.png", "Edge vs server as semantic encoder (paper Fig. 14)"),
+           ("fig_bytes.png", "Accuracy vs measured bytes"))
+
+
+def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_prefix: str | None = "",
+                    level: int = 1) -> str:
+    """The run's report. ``img_prefix`` is prepended to figure file names (None: no figures);
+    ``level`` is the heading depth of the title, so the report can sit inside another document."""
+    h = "#" * level
     acc = summary["acceptance"]
     e, s = summary["edge"], summary["server"]
+    t = summary.get("timings_s", {})
     lines = [
-        "# PatchCast evaluation", "",
+        f"{h} PatchCast evaluation", "",
+        f"- Command: `{summary['config'].get('command') or 'patchcast eval'}`",
         f"- Images: {summary['images']:,} ({summary['config']['data']}), "
-        f"{summary['num_patches']} patches per image",
-        f"- Edge `{e['ref']}`: **{_pct(e['accuracy'])}**; server `{s['ref']}` on full images: "
-        f"**{_pct(s['accuracy'])}**",
+        f"{summary['num_patches']} patches per image; {summary.get('precision', '')}, "
+        f"{summary.get('threads', '?')} thread(s); model passes {summary.get('compute_s', 0):.0f} s "
+        f"(when computed; this run {t.get('total_s', 0):.0f} s with the cache)",
+        f"- Edge `{e['ref']}`: **{_pct(e['accuracy'])}** ({e['gmacs']:.3f} GMACs/image); server "
+        f"`{s['ref']}` on full images: **{_pct(s['accuracy'])}** ({s['gmacs']:.3f} GMACs/image)",
     ]
     pp = summary["paper_point"]
     if pp:
@@ -1022,12 +1063,18 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str) -> str:
                       ("best_point_paper_rule", "Cheapest with the paper's rule (δ_sum, min-entropy)"),
                       ("best_point_by_bytes", "Fewest bytes (any edge score, rule and gate)")):
         bp = summary[key]
-        found = (f"{bp['label']}, gate {bp['gate']} η = {bp['eta']}: {_pct(bp['accuracy'])} at comm cost "
-                 f"{bp['comm_cost']:.3f}, bytes {bp['bytes_frac']:.3f}" if bp else "none")
+        found = (f"{bp['description']}: {_pct(bp['accuracy'])} at comm cost {bp['comm_cost']:.3f}, "
+                 f"bytes {bp['bytes_frac']:.3f}" if bp else "none")
         lines.append(f"- {what} within {summary['max_loss_points']:g} point(s) of server-only "
                      f"(≥ {_pct(summary['target_accuracy'])}): {found}")
+    b = summary.get("bytes")
+    if b:
+        lines.append(f"- Bytes: `{b['codec']}` codec {b['codec_params'] or '(defaults)'} on the actual "
+                     f"selections of {b['sample']} images; reference = the same images as full-image "
+                     f"table-less JPEG q{REFERENCE_JPEG_QUALITY}, mean {b['reference_mean_bytes']:.0f} B "
+                     f"(as standalone JPEG files with headers: {b['jpeg_file_mean_bytes']:.0f} B)")
     lines += [
-        "", "## Acceptance", "",
+        "", f"{h}# Acceptance", "",
         f"- Method frontier (edge mean attention, any rule, min-entropy gate) at comm cost ≤ 0.5: "
         f"{_pct(acc['frontier_accuracy_at_cost_0.5'])}, {acc['loss_at_cost_0.5_points']:.2f} points below "
         f"server-only → {'PASS' if acc['within_1_point_at_cost_0.5'] else 'MISS'} (≤ 1 point)",
@@ -1039,16 +1086,44 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str) -> str:
         f"{acc['matched_points_method_not_worse']} of {acc['matched_points']} matched points; mean margin "
         f"{acc['matched_points_mean_margin_points']:.2f} points, worst "
         f"{acc['matched_points_min_margin_points']:.2f}",
-        "", "## Expected patches per δ_sum (paper Table II)", "", table2,
-        "", "## Images sent per η, min-entropy gate (paper Table III)", "", table3,
-        "", "## Frontier (method)", "",
-        "| comm cost | accuracy | bytes | point | gate | η |", "|---|---|---|---|---|---|",
+    ]
+    if img_prefix is not None:
+        lines += ["", f"{h}# Figures", ""]
+        for name, caption in FIGURES:
+            lines += [f"![{caption}]({img_prefix}{name})", "", f"*{caption}.*", ""]
+    lines += [
+        "", f"{h}# Expected patches per δ_sum (paper Table II)", "", table2,
+        "", f"{h}# Images sent per η, min-entropy gate (paper Table III)", "", table3,
+        "", f"{h}# Frontier (method)", "",
+        "| comm cost | accuracy | bytes | operating point |", "|---|---|---|---|",
     ]
     for p in summary["frontier"]:
-        eta = "" if p["eta"] is None else p["eta"]
         lines.append(f"| {p['comm_cost']:.3f} | {_pct(p['accuracy'])} | {p['bytes_frac']:.3f} | "
-                     f"{p['label']} | {p['gate']} | {eta} |")
+                     f"{p['description']} |")
     return "\n".join(lines) + "\n"
+
+
+PUBLISH_BEGIN = "<!-- patchcast eval: generated section, rewritten by `patchcast eval --publish` -->"
+PUBLISH_END = "<!-- patchcast eval: end of generated section -->"
+
+
+def publish(doc: Path, out_dir: Path, summary: dict[str, Any], table2: str, table3: str) -> None:
+    """Copy the figures next to ``doc`` (``img/``) and rewrite only the generated section of ``doc``,
+    keeping the hand-written text around it."""
+    img = doc.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    for name, _ in FIGURES:
+        if (out_dir / name).is_file():
+            shutil.copyfile(out_dir / name, img / name)
+    block = f"{PUBLISH_BEGIN}\n\n{report_markdown(summary, table2, table3, img_prefix='img/', level=2)}\n{PUBLISH_END}"
+    text = doc.read_text() if doc.is_file() else ""
+    if PUBLISH_BEGIN in text and PUBLISH_END in text:
+        head, _, rest = text.partition(PUBLISH_BEGIN)
+        _, _, tail = rest.partition(PUBLISH_END)
+        text = head + block + tail
+    else:
+        text = (text.rstrip() + "\n\n" if text else "") + block + "\n"
+    doc.write_text(text)
 
 
 def write_outputs(cfg: EvalConfig, out_dir: Path, points: list[Point], summary: dict[str, Any],
@@ -1060,9 +1135,12 @@ def write_outputs(cfg: EvalConfig, out_dir: Path, points: list[Point], summary: 
     t3 = table_sent_fraction(points, gate_u, cfg.grid, data)
     files[1].write_text("## Table II: expected patches per δ_sum\n\n" + t2 +
                         "\n\n## Table III: images sent per η (min-entropy)\n\n" + t3 + "\n")
-    files[2].write_text(report_markdown(summary, t2, t3))
+    files[2].write_text(report_markdown(summary, t2, t3, img_prefix="" if cfg.plots else None))
     if cfg.plots:
         files += plot_all(points, out_dir, summary)
+    if cfg.publish:
+        publish(Path(cfg.publish), out_dir, summary, t2, t3)
+        files.append(Path(cfg.publish))
     return files
 
 

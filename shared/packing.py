@@ -27,7 +27,7 @@ silently computing something different.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NoReturn, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from shared.errors import ModelError
 from shared.subset import forward_tokens
 
 Policy = Literal["packed", "padded", "sequential"]
-AttentionImpl = Literal["sdpa", "matmul", "padded"]
+AttentionImpl = Literal["sdpa", "padded"]
 
 POLICIES: tuple[Policy, ...] = ("packed", "padded", "sequential")
 
@@ -57,8 +57,13 @@ class UnsupportedModelError(ModelError):
 
 def check_packable(model: VisionTransformer) -> None:
     """Raise :class:`UnsupportedModelError` unless :func:`forward_packed` reproduces ``model`` exactly."""
+    _packable_blocks(model)
 
-    def fail(what: str) -> None:
+
+def _packable_blocks(model: VisionTransformer) -> list[Block]:
+    """The model's blocks, after checking every layer the packed forward has to reproduce."""
+
+    def fail(what: str) -> NoReturn:
         raise UnsupportedModelError(f"packed forward cannot reproduce this model: {what}")
 
     if not isinstance(model, VisionTransformer):
@@ -73,6 +78,7 @@ def check_packable(model: VisionTransformer) -> None:
              f"{' with attention pooling' if model.attn_pool is not None else ''}")
     if not isinstance(model.norm_pre, _TOKENWISE_NORMS) or not isinstance(model.norm, _TOKENWISE_NORMS):
         fail("norm_pre / norm must be token-wise (LayerNorm, RMSNorm or Identity)")
+    blocks: list[Block] = []
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block:
             fail(f"block {i} is {type(blk).__name__}, only timm's pre-norm Block is supported")
@@ -95,22 +101,32 @@ def check_packable(model: VisionTransformer) -> None:
                 fail(f"block {i}.{name} is {type(getattr(blk, name)).__name__}")
         if not isinstance(blk.mlp, _TOKENWISE_MLPS) or any(isinstance(m, nn.Conv2d) for m in blk.mlp.modules()):
             fail(f"block {i} MLP {type(blk.mlp).__name__} is not a token-wise Linear MLP")
+        blocks.append(blk)
+    return blocks
+
+
+def _cls_token(model: VisionTransformer) -> Tensor:
+    if model.cls_token is None or model.pos_embed is None:
+        raise UnsupportedModelError("needs a CLS token and an absolute position embedding")
+    return model.cls_token
 
 
 def _model_dtype(model: VisionTransformer) -> torch.dtype:
-    return model.cls_token.dtype
+    return _cls_token(model).dtype
 
 
 def _empty_logits(model: VisionTransformer) -> Tensor:
     width = int(model.num_classes) or int(model.embed_dim)  # num_classes 0: the head is Identity
-    return model.cls_token.new_zeros(0, width)
+    return _cls_token(model).new_zeros(0, width)
 
 
 def _pack(model: VisionTransformer, token_sets: Sequence[Tensor]) -> tuple[Tensor, list[int]]:
     """[CLS, set 0, CLS, set 1, …] as one (T, D) tensor, and each segment's length (CLS included)."""
     dtype = _model_dtype(model)
     d = int(model.embed_dim)
-    cls = (model.cls_token + model.pos_embed[:, :1]).reshape(1, d).to(dtype)
+    pos = model.pos_embed
+    assert pos is not None  # checked by _cls_token
+    cls = (_cls_token(model) + pos[:, :1]).reshape(1, d).to(dtype)
     parts: list[Tensor] = []
     lengths: list[int] = []
     for i, t in enumerate(token_sets):
@@ -136,20 +152,6 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengt
         for qi, ki, vi in zip(q.split(q_lengths, dim=1), k.split(kv_lengths, dim=1),
                               v.split(kv_lengths, dim=1), strict=True)
     ]
-    return torch.cat(outs, dim=0)
-
-
-def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengths: list[int],
-                   scale: float) -> Tensor:
-    """Attention per set with explicit matmuls, numerically like SDPA's CPU kernel: scores and
-    softmax in fp32, probabilities rounded to the input dtype for P·V. → (Tq, H*hd)."""
-    h, _, hd = q.shape
-    qf, kf = q.float(), k.float()
-    outs = []
-    for qi, ki, vi in zip(qf.split(q_lengths, dim=1), kf.split(kv_lengths, dim=1),
-                          v.split(kv_lengths, dim=1), strict=True):
-        p = torch.bmm(qi, ki.transpose(1, 2)).mul_(scale).softmax(dim=-1)
-        outs.append(torch.bmm(p.to(vi.dtype), vi).transpose(0, 1).reshape(-1, h * hd))
     return torch.cat(outs, dim=0)
 
 
@@ -194,8 +196,6 @@ def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionIm
     q, k = attn.q_norm(q), attn.k_norm(k)
     if impl == "padded" and query_rows is None:
         o = _attend_padded(q, k, v, lengths, attn.scale)
-    elif impl == "matmul":
-        o = _attend_matmul(q, k, v, q_lengths, lengths, attn.scale)
     else:
         o = _attend_sdpa(q, k, v, q_lengths, lengths, attn.scale)
     # o is (Tq, H*hd), the layout timm's transpose(1, 2).reshape gives.
@@ -211,27 +211,27 @@ def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
 
     CLS (+ its pos-embed) is prepended to each set; all real tokens are processed as one packed
     (T, D) matrix; attention never crosses sets. Inputs are cast to the model's parameter dtype
-    (cast the model to bf16 for bf16 inference). ``attention``: ``sdpa`` (SDPA per set),
-    ``matmul`` (per set, explicit fp32 scores + softmax) or ``padded`` (one masked SDPA over a
-    padded copy of Q/K/V); see ``bench/worker_throughput.py`` for which wins. ``cls_only_last``:
+    (bf16: run under ``torch.autocast("cpu", dtype=torch.bfloat16)`` or cast the model).
+    ``attention``: ``sdpa`` (one SDPA call per set on views, the default: fastest measured) or
+    ``padded`` (one masked SDPA over a padded copy of Q/K/V). ``cls_only_last``:
     compute the last block for the CLS rows only (exact; the head reads nothing else).
     """
-    check_packable(model)
+    blocks = _packable_blocks(model)
     if len(token_sets) == 0:
         return _empty_logits(model)
     x, lengths = _pack(model, token_sets)
     starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)  # CLS row of each set
     x = model.norm_pre(x)
-    blocks = list(model.blocks)
     last = len(blocks) - 1
     for i, blk in enumerate(blocks):
+        attn = cast(Attention, blk.attn)  # checked by _packable_blocks
         if cls_only_last and i == last:
             xc = x.index_select(0, starts)
-            xc = xc + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lengths, attention, starts)))
+            xc = xc + blk.drop_path1(blk.ls1(_attention(attn, blk.norm1(x), lengths, attention, starts)))
             x = xc + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xc))))
         else:
             # In-place residual adds: x is our own packed buffer, and this saves a (T, D) copy each.
-            x.add_(blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), lengths, attention))))
+            x.add_(blk.drop_path1(blk.ls1(_attention(attn, blk.norm1(x), lengths, attention))))
             x.add_(blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))))
     cls_rows = x if cls_only_last else x.index_select(0, starts)
     # (B, 1, D) so that forward_head's CLS pooling (x[:, 0]), fc_norm and head apply unchanged.

@@ -286,6 +286,10 @@ class Transport:
         if client is not None:
             try:
                 await self._subscribe_on(client, topic_filter, qos)
+            except TransportError as exc:
+                if exc.code == "subscribe_refused":
+                    self._subscriptions.pop(topic_filter, None)  # never retried: it would fail again
+                raise
             except aiomqtt.MqttError as exc:
                 raise TransportError(f"subscribe {topic_filter!r}: {exc}") from exc
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 from shared.errors import ConfigError
 
@@ -53,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the --limit spread, random patches and byte sample")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--publish", metavar="FILE.md", default=None,
+                   help="also copy the figures to FILE's img/ folder and rewrite the generated section of "
+                   "FILE (e.g. docs/results.md), keeping its hand-written text")
     p.set_defaults(handler=run)
 
 
@@ -91,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         rollout=not args.no_rollout, server_encoder=not args.no_server_encoder, precision=args.precision,
         batch_size=args.batch_size, max_tokens=args.max_tokens, threads=args.threads, codec=args.codec,
         codec_params=_codec_params(args.codec_param), bytes_sample=args.bytes_sample, max_loss=args.max_loss,
-        seed=args.seed, plots=not args.no_plots)
+        seed=args.seed, plots=not args.no_plots, publish=args.publish,
+        command=shlex.join(["patchcast", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "")
     console = Console(stderr=True)
     labels = {"full": "edge + server, full images", "subsets": "server on selected patches",
               "bytes": "encoding selections"}
@@ -116,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         out.print(f"δ_sum 0.97, η 0.8: {pp['accuracy'] * 100:.2f} % at comm cost {pp['comm_cost']:.3f}")
     bp = s["best_point"]
     if bp:
-        out.print(f"cheapest within {args.max_loss:g} pt: {bp['label']} {bp['gate']} η={bp['eta']}: "
+        out.print(f"cheapest within {args.max_loss:g} pt: {bp['description']}: "
                   f"{bp['accuracy'] * 100:.2f} % at comm cost {bp['comm_cost']:.3f} "
                   f"(bytes {bp['bytes_frac']:.3f})")
     else:

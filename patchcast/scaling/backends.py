@@ -31,6 +31,10 @@ from shared.logs import get_logger
 
 SlotState = Literal["starting", "running", "draining", "backoff"]
 
+EXIT_AFTER_OFFLINE_S = 3.0
+"""A draining worker that has announced itself offline has finished its work: it gets this long (within
+``drain_timeout_s``) to exit before SIGKILL, instead of the whole drain bound."""
+
 
 class ScalingError(PatchCastError):
     code = "scaling"
@@ -77,6 +81,7 @@ class _Slot:
     crashes: deque[float] = field(default_factory=deque)
     restart_at: float | None = None
     log_file: IO[bytes] | None = None
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # it said "offline" while draining
 
 
 async def start_child(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -146,6 +151,7 @@ class ProcessPool:
         self._desired = 0
         self._slots: list[_Slot] = []
         self._draining: set[asyncio.Task[None]] = set()
+        self._draining_slots: dict[str, _Slot] = {}
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
         self.crashes_total = 0
@@ -153,6 +159,7 @@ class ProcessPool:
         self.kills_total = 0
         self.ever_started = 0
         self.peak_running = 0
+        self.all_pids: list[int] = []  # every worker process ever started (for orphan checks)
 
     # ---- view ---------------------------------------------------------------------------------
     @property
@@ -176,6 +183,7 @@ class ProcessPool:
                 slot.log_file = _open_log(self.log_dir / f"{slot.worker_id}.log")
             stdout = slot.log_file
         slot.proc = await start_child(self.argv, env=env, output=stdout)
+        self.all_pids.append(slot.proc.pid)
         slot.state = "starting"
         slot.started_at = self.clock()
         slot.restart_at = None
@@ -202,8 +210,15 @@ class ProcessPool:
             if s.worker_id == worker_id and s.state == "starting":
                 s.state = "running"
 
+    def note_offline(self, worker_id: str) -> None:
+        """The worker published offline availability: if it is draining, it is done."""
+        slot = self._draining_slots.get(worker_id)
+        if slot is not None:
+            slot.drained.set()
+
     def _start_drain(self, slot: _Slot) -> None:
         slot.state = "draining"
+        self._draining_slots[slot.worker_id] = slot
         task = asyncio.create_task(self._drain(slot), name=f"drain-{slot.worker_id}")
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
@@ -214,14 +229,29 @@ class ProcessPool:
             if proc is None or proc.returncode is not None:
                 return
             self.log.info("worker_draining", worker_id=slot.worker_id, pid=proc.pid)
-            code, killed = await stop_child(proc, self.cfg.drain_timeout_s)
-            if killed:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            deadline = self.clock() + self.cfg.drain_timeout_s
+            exited = asyncio.create_task(proc.wait(), name=f"wait-{slot.worker_id}")
+            drained = asyncio.create_task(slot.drained.wait(), name=f"drained-{slot.worker_id}")
+            try:
+                await asyncio.wait({exited, drained}, timeout=self.cfg.drain_timeout_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not exited.done() and drained.done():
+                    remaining = max(0.0, min(EXIT_AFTER_OFFLINE_S, deadline - self.clock()))
+                    await asyncio.wait({exited}, timeout=remaining)
+            finally:
+                drained.cancel()
+            if not exited.done():
                 self.kills_total += 1
-                self.log.warning("worker_drain_timeout_killed", worker_id=slot.worker_id, pid=proc.pid,
-                                 timeout_s=self.cfg.drain_timeout_s)
-            else:
-                self.log.info("worker_stopped", worker_id=slot.worker_id, pid=proc.pid, code=code)
+                self.log.warning("worker_stop_timeout_killed", worker_id=slot.worker_id, pid=proc.pid,
+                                 drained=slot.drained.is_set(), timeout_s=self.cfg.drain_timeout_s)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            code = await exited
+            self.log.info("worker_stopped", worker_id=slot.worker_id, pid=proc.pid, code=code)
         finally:
+            self._draining_slots.pop(slot.worker_id, None)
             if slot.log_file is not None:
                 slot.log_file.close()
                 slot.log_file = None

@@ -88,6 +88,9 @@ class ScalerService:
                     mark(m.worker_id)
             elif protocol.decode_availability(msg.payload).state == "offline":
                 self.samples.pop(ident, None)
+                note = getattr(self.backend, "note_offline", None)
+                if note is not None:
+                    note(ident)
         except ProtocolError:
             pass
 

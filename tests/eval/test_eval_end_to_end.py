@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from patchcast.cli import main
-from patchcast.eval import read_csv
+from patchcast.eval import PUBLISH_BEGIN, read_csv
 from shared import datasets
 from shared.models import LoadedModel, Preprocess, VitArch, build_model, save_checkpoint
 
@@ -59,7 +59,10 @@ def _args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 def test_eval_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert main(_args(setup, out)) == 0
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nHand-written analysis.\n")
+    assert main(_args(setup, out, "--publish", str(doc))) == 0
     for name in ["points.csv", "report.md", "tables.md", "summary.json", *FIGURES]:
         assert (out / name).is_file(), name
     for fig in FIGURES:
@@ -109,6 +112,16 @@ def test_eval_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
     best = summary["best_point"]
     assert best["accuracy"] >= summary["target_accuracy"] - 1e-12
     assert "Table II" in (out / "tables.md").read_text() and "Acceptance" in (out / "report.md").read_text()
+
+    # Publishing keeps the hand-written text, embeds the figures from img/, and replaces (not appends)
+    # its own section when run again.
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nHand-written analysis.") and "](img/fig8_tradeoff.png)" in text
+    assert all((doc.parent / "img" / fig).is_file() for fig in FIGURES)
+    doc.write_text(text + "\nA closing remark.\n")
+    assert main(_args(setup, out, "--publish", str(doc), "--no-plots")) == 0
+    again = doc.read_text()
+    assert again.count(PUBLISH_BEGIN) == 1 and again.endswith("A closing remark.\n")
 
 
 def test_second_run_reads_the_cache(setup: dict[str, Path], tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def tiny_models(folder: Path, *, server_dim: int = 96, server_depth: int = 4) -> tuple[str, str]:
+def tiny_models(folder: Path, *, server_dim: int = 96, server_depth: int = 4,
+                server_heads: int = 3) -> tuple[str, str]:
     """Random-init CIFAR-shaped (32×32, patch 4) edge and server checkpoints: fast stand-ins for the
     zoo models (accuracy ≈ chance, everything else real). Returns ``(file:edge, file:server)`` refs."""
     import torch
@@ -32,7 +33,8 @@ def tiny_models(folder: Path, *, server_dim: int = 96, server_depth: int = 4) ->
     pre = Preprocess(input_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616))
     refs = []
     for name, arch in (("tiny-edge", VitArch(32, 4, 48, 2, 3, num_classes=10)),
-                       ("tiny-server", VitArch(32, 4, server_dim, server_depth, 3, num_classes=10))):
+                       (f"tiny-server-{server_dim}x{server_depth}",
+                        VitArch(32, 4, server_dim, server_depth, server_heads, num_classes=10))):
         path = folder / f"{name}.safetensors"
         if not path.exists():
             torch.manual_seed(0)
@@ -50,3 +52,38 @@ def zoo_or_tiny(folder: Path) -> tuple[str, str]:
     if {"cifar10-edge", "cifar10-server"} <= names:
         return "zoo:cifar10-edge", "zoo:cifar10-server"
     return tiny_models(folder)
+
+
+def cifar_subset(folder: Path, every: int = 25) -> Path:
+    """An ImageFolder of every N-th CIFAR-10 test image (all classes, labels from the folder names):
+    the same images as the full test set, a fraction of the load time."""
+    import tarfile
+
+    from shared.datasets import resolve
+
+    if folder.is_dir() and any(folder.iterdir()):
+        return folder
+    with tarfile.open(resolve("cifar10/test.tar")) as tar:
+        members = [m for m in tar if m.isfile()]
+        for m in members[::every]:
+            parts = Path(m.name).parts
+            target = folder / parts[-2] / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fh = tar.extractfile(m)
+            assert fh is not None
+            target.write_bytes(fh.read())
+    return folder
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

@@ -133,3 +133,26 @@ def test_crashes_restart_with_rate_limit(tmp_path: Path):
 
 def test_shutdown_while_running_leaves_no_orphans(tmp_path: Path):
     asyncio.run(_shutdown_while_running_leaves_no_orphans(tmp_path))
+
+
+async def _drained_worker_gets_short_exit_grace(tmp_path: Path) -> None:
+    # A worker that said "offline" (drained) but hangs on exit is killed after EXIT_AFTER_OFFLINE_S,
+    # not after the whole drain bound.
+    from patchcast.scaling import backends
+
+    pool = pool_for("stubborn", tmp_path, drain_timeout_s=30.0)
+    await pool.scale_to(1)
+    pid = pool.pids()[0]
+    await _wait_for(lambda: any(tmp_path.glob("worker-1.*")))
+    t0 = time.monotonic()
+    shutdown = asyncio.create_task(pool.shutdown())
+    await asyncio.sleep(0.2)
+    pool.note_offline("worker-1")
+    await shutdown
+    took = time.monotonic() - t0
+    assert took < backends.EXIT_AFTER_OFFLINE_S + 2.0
+    assert pool.kills_total == 1 and not alive(pid)
+
+
+def test_drained_worker_gets_short_exit_grace(tmp_path: Path):
+    asyncio.run(_drained_worker_gets_short_exit_grace(tmp_path))

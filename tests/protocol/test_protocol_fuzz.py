@@ -6,6 +6,7 @@ that survives decoding is also pushed through ``decode_patches``, where the code
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import msgpack
@@ -18,7 +19,9 @@ from shared import codecs as C
 from shared import protocol as P
 from shared.errors import ProtocolError
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 200 examples keep the folder under a minute; a nightly job can fuzz longer with PATCHCAST_FUZZ_EXAMPLES.
+FUZZ = settings(max_examples=int(os.environ.get("PATCHCAST_FUZZ_EXAMPLES", "200")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 CODES = {"too_large", "malformed", "bad_version", "bad_field", "bad_geometry", "bad_mask", "unknown_codec",
          "bad_payload"}
 LIMITS = P.ProtocolLimits(max_message_bytes=64 * 1024)

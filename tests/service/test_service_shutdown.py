@@ -40,7 +40,7 @@ async def test_stop_answers_what_is_queued_then_goes_offline(broker, model_files
                                               response_topic=V1.reply(dev), correlation_data=f"r{i}".encode())
                                for i in range(10)))
         async with asyncio.timeout(10):
-            while worker.batcher.depth < 10:
+            while worker.batcher.depth < 10:  # noqa: ASYNC110 - polling the batcher from outside
                 await asyncio.sleep(0.01)
         worker.stop()
         await worker_task

@@ -1,0 +1,489 @@
+"""Worker throughput in-process: how fast the server ViT classifies variable-length token sets.
+
+    .venv/bin/python bench/worker_throughput.py            # full: DeiT-Base shape, 32 requests/mix, 5 rounds
+    .venv/bin/python bench/worker_throughput.py --quick    # a few seconds per variant, fewer variants
+
+Model: timm ``deit_base_patch16_224`` with random weights (compute does not depend on them), eval,
+``torch.inference_mode``. bf16 is the worker's mode: fp32 weights under CPU autocast.
+
+Token-length mixes (patch tokens per request, CLS not counted; every request gets its own set):
+
+* ``paper``: the paper's operating point, ~147 of 196 patches kept at δ_sum = 0.97, with spread
+  (kept fraction ~ Beta(9, 3): mean 0.75, sd 0.12);
+* ``keep32``: ~32 % kept (Beta(6.6, 14): mean 0.32, sd 0.10);
+* ``zoo``: the kept fractions of ``zoo:cifar10-edge`` (CLS attention, sum threshold δ_sum = 0.97) on
+  CIFAR-10 test images, scaled to 196 patches (skipped, and said so, if the zoo model or data is missing);
+* ``full``: all 196 patches (the full image, 197 tokens), and ``equal``: the mix's total real tokens
+  spread evenly over the same number of requests (no raggedness: the padding-free ideal).
+
+Variants (one workload = the mix's requests in arrival order):
+
+* ``one-by-one``: each request alone, as the official implementation serves them;
+* ``pad197`` / ``padmax``: FIFO batches of ``--batch``, padded to 197 tokens / to the batch's longest
+  set, key-padding mask (:func:`shared.packing.forward_padded`);
+* ``padmax-sorted``: :func:`shared.packing.plan_batches` (sorted, ``pad_to_max`` budget) then padmax:
+  the ``padded`` policy of the worker;
+* ``packed``: :func:`shared.packing.forward_packed` on batches from ``plan_batches`` under
+  ``--max-batch``/``--max-tokens``: the worker's default policy; ``packed-b32``: one FIFO batch of
+  exactly ``--batch`` requests (for MFU at batch 32);
+* ablations: fp32, bf16 by casting the weights, attention as one padded SDPA call, last block on all
+  tokens, one thread, other token budgets, and (``--compile``) the MLPs compiled with inductor.
+
+The machine's limit is measured in the same run: a 4096² bf16 ``torch.matmul`` (and 2048² fp32), and
+GEMMs of the model's MLP shape at one request's rows and at a batch's rows. MFU = model FLOPs (2 ×
+:func:`shared.costs.vit_flops`, i.e. 2 × MACs of the encoder, on each request's real tokens) ×
+images/s ÷ the bf16 matmul FLOP/s of the same round.
+
+Timing: ``time.perf_counter`` around a variant's whole workload, after one warm-up batch; variants run
+interleaved, ``--rounds`` times, each round in a rotated order; figures are medians over rounds, and
+ratios are medians of per-round ratios (a shared, noisy machine drifts within minutes). The process
+CPU time is recorded too: ``cpu share`` = CPU seconds ÷ (wall × threads) shows how much of the cores
+the run actually got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from shared.costs import vit_flops
+from shared.packing import AttentionImpl, forward_packed, forward_padded, forward_sequential, plan_batches
+
+NUM_PATCHES = 196
+Batch = list[torch.Tensor]
+
+
+# ---- workloads ------------------------------------------------------------------------------------
+
+def beta_lengths(rng: np.random.Generator, n: int, a: float, b: float) -> list[int]:
+    return [int(v) for v in np.clip(np.rint(rng.beta(a, b, n) * NUM_PATCHES), 1, NUM_PATCHES)]
+
+
+def zoo_fractions(limit: int) -> tuple[np.ndarray | None, str]:
+    """Kept fractions of zoo:cifar10-edge at δ_sum = 0.97 on CIFAR-10 test images, or None and why not."""
+    from shared import datasets
+    from shared.models import ZOO_DIR, build_model
+
+    if not (ZOO_DIR / "cifar10-edge.safetensors").is_file():
+        return None, "zoo:cifar10-edge not in shared/zoo"
+    try:
+        ds = datasets.load("cifar10/test.tar").spread(limit)
+    except Exception as exc:  # a missing data root is a skip, not a failure of the benchmark
+        return None, f"CIFAR-10 test data not found ({exc})"
+    from shared.attention import edge_forward
+    from shared.scores import cls_attention_scores
+    from shared.selection import SelectionRule, select_batch
+
+    loaded = build_model("zoo:cifar10-edge", role="edge")
+    rule = SelectionRule("sum_threshold", 0.97)
+    pixels = np.stack([np.asarray(datasets.decode_rgb(s.data), dtype=np.uint8) for s in ds.samples])
+    fractions: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), 250):
+            x = datasets.normalize(torch.from_numpy(pixels[start:start + 250]), loaded.preprocess)
+            scores = cls_attention_scores(edge_forward(loaded.model, x).cls_attention)
+            fractions += [s.fraction for s in select_batch(scores, rule)]
+    return np.asarray(fractions), f"zoo:cifar10-edge, {len(fractions)} CIFAR-10 test images, δ_sum 0.97"
+
+
+def equal_lengths(lengths: Sequence[int]) -> list[int]:
+    """Same request count and total real tokens, spread as evenly as integers allow."""
+    n, total = len(lengths), sum(lengths)
+    return [total // n + (1 if i < total % n else 0) for i in range(n)]
+
+
+def make_sets(lengths: Sequence[int], dim: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(k, dim, generator=g) for k in lengths]
+
+
+def fifo(sets: Sequence[torch.Tensor], size: int) -> list[Batch]:
+    return [list(sets[i:i + size]) for i in range(0, len(sets), size)]
+
+
+def planned(sets: Sequence[torch.Tensor], max_batch: int, max_tokens: int, pad_to_max: bool = False) -> list[Batch]:
+    groups = plan_batches([int(t.shape[0]) for t in sets], max_batch, max_tokens, pad_to_max=pad_to_max)
+    return [[sets[i] for i in g] for g in groups]
+
+
+# ---- variants -------------------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    key: str
+    mix: str
+    what: str
+    batches: list[Batch]
+    run: Callable[[Batch], object]
+    threads: int | None = None
+    images: int = 0
+    real_tokens: int = 0  # CLS included
+    computed_tokens: int = 0  # CLS and padding included
+    flops: float = 0.0  # model FLOPs (2 × MACs) of the whole workload; for peaks, of one run
+    peak: bool = False
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+
+    def per_round(self) -> list[float]:
+        """Images/s per round (GFLOP/s for peak variants)."""
+        work = self.flops / 1e9 if self.peak else self.images
+        return [work / w for w in self.walls]
+
+
+def model_flops(lengths: Sequence[int]) -> float:
+    return sum(2.0 * vit_flops(k + 1, 768, 12, 4.0) for k in lengths)
+
+
+def model_variant(key: str, mix: str, what: str, batches: list[Batch], run: Callable[[Batch], object], *,
+                  pad_to: int | None = None, per_batch_max: bool = False, threads: int | None = None) -> Variant:
+    lengths = [int(t.shape[0]) for b in batches for t in b]
+    if pad_to is not None:
+        computed = sum((pad_to + 1) * len(b) for b in batches)
+    elif per_batch_max:
+        computed = sum((max(int(t.shape[0]) for t in b) + 1) * len(b) for b in batches)
+    else:
+        computed = sum(k + 1 for k in lengths)
+    return Variant(key, mix, what, batches, run, threads, images=len(lengths),
+                   real_tokens=sum(k + 1 for k in lengths), computed_tokens=computed, flops=model_flops(lengths))
+
+
+def matmul_variant(key: str, n: int, dtype: torch.dtype, reps: int) -> Variant:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+
+    def run(_batch: Batch) -> None:
+        for _ in range(reps):
+            torch.matmul(a, b)
+
+    return Variant(key, "machine", f"torch.matmul {n}² {str(dtype).removeprefix('torch.')} ×{reps}", [[]], run,
+                   flops=2.0 * n**3 * reps, peak=True)
+
+
+def gemm_variant(key: str, rows: int, reps: int) -> Variant:
+    """The MLP's fc1 GEMM (rows × 768 → 3072) in bf16: how efficient one request's rows are vs a batch's."""
+    x = torch.randn(rows, 768).to(torch.bfloat16)
+    w = torch.randn(3072, 768).to(torch.bfloat16)
+
+    def run(_batch: Batch) -> None:
+        for _ in range(reps):
+            torch.nn.functional.linear(x, w)
+
+    return Variant(key, "machine", f"bf16 linear {rows}×768→3072 ×{reps}", [[]], run,
+                   flops=2.0 * rows * 768 * 3072 * reps, peak=True)
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def autocast_bf16() -> Any:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def build_variants(args: argparse.Namespace, model: torch.nn.Module, mixes: dict[str, list[int]],
+                   notes: list[str]) -> list[Variant]:
+    from timm.models.vision_transformer import VisionTransformer
+
+    assert isinstance(model, VisionTransformer)
+    vit: VisionTransformer = model
+    dim = int(vit.embed_dim)
+    bf16_cast = copy.deepcopy(vit).to(torch.bfloat16)
+    mb, mt, b = args.max_batch, args.max_tokens, args.batch
+
+    def packed(m: VisionTransformer, *, amp: bool = True, attention: AttentionImpl = "sdpa",
+               cls_only_last: bool = True) -> Callable[[Batch], object]:
+        def run(batch: Batch) -> object:
+            with autocast_bf16() if amp else nullcontext():
+                return forward_packed(m, batch, attention=attention, cls_only_last=cls_only_last)
+        return run
+
+    def padded(length: int | None, amp: bool = True) -> Callable[[Batch], object]:
+        def run(batch: Batch) -> object:
+            with autocast_bf16() if amp else nullcontext():
+                return forward_padded(vit, batch, length)
+        return run
+
+    def one_by_one(amp: bool = True) -> Callable[[Batch], object]:
+        def run(batch: Batch) -> object:
+            with autocast_bf16() if amp else nullcontext():
+                return forward_sequential(vit, batch)
+        return run
+
+    out: list[Variant] = []
+    peak = matmul_variant("peak-bf16", 4096 if not args.quick else 2048, torch.bfloat16, 1 if not args.quick else 2)
+    out.append(peak)
+    for mix, lengths in mixes.items():
+        sets = make_sets(lengths, dim, seed=args.seed)
+        eq = make_sets(equal_lengths(lengths), dim, seed=args.seed + 1)
+        default = planned(sets, mb, mt)
+        singles = [[s] for s in sets]
+        if mix == "paper":
+            # Order matters a little: neighbours in this list stay neighbours in every rotated round,
+            # so the pairs the acceptance compares are measured close together in time.
+            out += [
+                model_variant("packed-b32", mix, f"packed, FIFO batches of {b} (MFU)", fifo(sets, b), packed(vit)),
+                model_variant("packed", mix, f"packed, plan_batches({mb}, {mt}) — default", default, packed(vit)),
+                model_variant("equal", mix, "same total tokens, equal lengths, packed, same caps",
+                              planned(eq, mb, mt), packed(vit)),
+                model_variant("one-by-one", mix, "one request at a time (bf16)", singles, one_by_one()),
+                model_variant("padmax-sorted", mix, f"plan_batches({mb}, {mt}, pad_to_max), pad to batch max",
+                              planned(sets, mb, mt, pad_to_max=True), padded(None), per_batch_max=True),
+                model_variant("padmax", mix, f"FIFO batches of {b}, pad to batch max", fifo(sets, b), padded(None),
+                              per_batch_max=True),
+                model_variant("pad197", mix, f"FIFO batches of {b}, pad to 197", fifo(sets, b), padded(NUM_PATCHES),
+                              pad_to=NUM_PATCHES),
+                model_variant("packed-fp32", mix, "packed, default caps, fp32", default, packed(vit, amp=False)),
+            ]
+            if not args.quick:
+                out += [
+                    model_variant("one-by-one-fp32", mix, "one request at a time, fp32", singles,
+                                  one_by_one(amp=False)),
+                    model_variant("packed-bf16cast", mix, "packed, weights cast to bf16 (no autocast)", default,
+                                  packed(bf16_cast, amp=False)),
+                    model_variant("packed-padattn", mix, "packed, attention as one padded masked SDPA", default,
+                                  packed(vit, attention="padded")),
+                    model_variant("packed-alltok", mix, "packed, last block on every token", default,
+                                  packed(vit, cls_only_last=False)),
+                    model_variant("packed-1thread", mix, "packed, default caps, 1 thread", default, packed(vit),
+                                  threads=1),
+                ]
+                for budget in args.budgets:
+                    if budget != mt:
+                        out.append(model_variant(f"packed-t{budget}", mix, f"packed, plan_batches({mb}, {budget})",
+                                                 planned(sets, mb, budget), packed(vit)))
+                if args.compile:
+                    out.append(compiled_variant(vit, mix, default, notes))
+        else:
+            out += [model_variant("packed", mix, f"packed, plan_batches({mb}, {mt}) — default", default, packed(vit))]
+            if mix == "keep32":
+                out += [model_variant("equal", mix, "same total tokens, equal lengths, packed, same caps",
+                                      planned(eq, mb, mt), packed(vit))]
+            if mix != "full":
+                out += [model_variant("one-by-one", mix, "one request at a time (bf16)", singles, one_by_one()),
+                        model_variant("padmax", mix, f"FIFO batches of {b}, pad to batch max", fifo(sets, b),
+                                      padded(None), per_batch_max=True)]
+    if not args.quick:
+        out += [matmul_variant("peak-fp32", 2048, torch.float32, 1),
+                gemm_variant("gemm-1req", 148, 8), gemm_variant("gemm-batch", 32 * 148, 1)]
+    return out
+
+
+def compiled_variant(vit: Any, mix: str, batches: list[Batch], notes: list[str]) -> Variant:
+    """Packed forward with each block's MLP compiled by inductor (dynamic token count, weights frozen)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    m = copy.deepcopy(vit)
+    for blk in m.blocks:
+        blk.mlp.forward = torch.compile(blk.mlp.forward, dynamic=True)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), autocast_bf16():
+        forward_packed(m, batches[0])
+    notes.append(f"--compile: first call (compilation) took {time.perf_counter() - t0:.0f} s")
+
+    def run(batch: Batch) -> object:
+        with autocast_bf16():
+            return forward_packed(m, batch)
+
+    return model_variant("packed-compiled", mix, "packed, MLPs compiled (inductor, dynamic)", batches, run)
+
+
+# ---- measurement ----------------------------------------------------------------------------------
+
+def measure(variants: list[Variant], rounds: int, log: Callable[[str], None]) -> None:
+    with torch.inference_mode():
+        for v in variants:  # warm-up: oneDNN primitives, allocator, autocast caches
+            with num_threads(v.threads):
+                v.run(v.batches[0])
+        for r in range(rounds):
+            shift = r % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                with num_threads(v.threads):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    for batch in v.batches:
+                        v.run(batch)
+                    v.walls.append(time.perf_counter() - t0)
+                    v.cpus.append(time.process_time() - c0)
+            log(f"round {r + 1}/{rounds} done")
+
+
+def med(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def paired(a: Variant, b: Variant) -> float:
+    """Median over rounds of (a's throughput ÷ b's throughput)."""
+    return med([x / y for x, y in zip(a.per_round(), b.per_round(), strict=True)])
+
+
+def machine_info() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0] if Path(
+        "/proc/cpuinfo").is_file() else ""
+    return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags, "torch": torch.__version__, "python": platform.python_version(),
+            "loadavg_start": os.getloadavg()[0]}
+
+
+def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    by = {(v.mix, v.key): v for v in variants}
+    peak = by[("machine", "peak-bf16")]
+    threads = torch.get_num_threads()
+    lines = ["", "| mix | variant | what | images/s | real tokens/s | padding | rel. to packed | cpu share |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows: list[dict[str, Any]] = []
+    for v in variants:
+        thr = med(v.per_round())
+        share = med([c / (w * (v.threads or threads)) for c, w in zip(v.cpus, v.walls, strict=True)])
+        if v.peak:
+            lines.append(f"| {v.mix} | {v.key} | {v.what} | {thr:.0f} GFLOP/s | | | | {share:.2f} |")
+            rows.append({"mix": v.mix, "key": v.key, "gflops": thr, "cpu_share": share})
+            continue
+        base = by.get((v.mix, "packed"))
+        rel = f"{paired(v, base):.2f}" if base is not None else ""
+        tok = med([v.real_tokens / w for w in v.walls])
+        waste = 1 - v.real_tokens / v.computed_tokens
+        lines.append(f"| {v.mix} | {v.key} | {v.what} | {thr:.2f} | {tok:.0f} | {waste:.0%} | {rel} | {share:.2f} |")
+        rows.append({"mix": v.mix, "key": v.key, "images_per_s": thr, "tokens_per_s": tok, "padding": waste,
+                     "walls": v.walls, "cpus": v.cpus, "images": v.images, "real_tokens": v.real_tokens})
+
+    acc: list[tuple[str, str, str, str]] = []
+
+    def ratio(name: str, a: tuple[str, str], b: tuple[str, str], target: float | None, unit: str = "×") -> None:
+        if a in by and b in by:
+            val = paired(by[a], by[b])
+            verdict = "" if target is None else ("PASS" if val >= target else "MISS")
+            shown = f"{val:.0%}" if unit == "%" else f"{val:.2f}×"
+            goal = "" if target is None else (f"≥ {target:.0%}" if unit == "%" else f"≥ {target:g}×")
+            acc.append((name, shown, goal, verdict))
+
+    ratio("length-aware (packed) ÷ equal-length, same total real tokens", ("paper", "packed"), ("paper", "equal"),
+          0.85, "%")
+    ratio("  same, ~32 % kept mix", ("keep32", "packed"), ("keep32", "equal"), 0.85, "%")
+    ratio("packed ÷ one-by-one, same mix, both bf16", ("paper", "packed"), ("paper", "one-by-one"), 3.0)
+    ratio("  same, ~32 % kept mix", ("keep32", "packed"), ("keep32", "one-by-one"), 3.0)
+    ratio("  same, zoo mix", ("zoo", "packed"), ("zoo", "one-by-one"), 3.0)
+    ratio("packed bf16 ÷ one-by-one fp32 (official loop, fp32)", ("paper", "packed"), ("paper", "one-by-one-fp32"),
+          None)
+    ratio("bf16 ÷ fp32 (packed, default caps)", ("paper", "packed"), ("paper", "packed-fp32"), 2.0)
+    ratio("~32 % kept ÷ full image (packed, images/s)", ("keep32", "packed"), ("full", "packed"), 2.5)
+    ratio("packed ÷ pad-to-197", ("paper", "packed"), ("paper", "pad197"), None)
+    ratio("packed ÷ pad-to-batch-max", ("paper", "packed"), ("paper", "padmax"), None)
+    ratio("packed ÷ sorted pad-to-batch-max (padded policy)", ("paper", "packed"), ("paper", "padmax-sorted"), None)
+    b32 = by.get(("paper", "packed-b32"))
+    if b32 is not None:
+        mfu = med([(b32.flops / w) / (peak.flops / p) for w, p in zip(b32.walls, peak.walls, strict=True)])
+        acc.append((f"MFU at batch {args.batch} (model FLOPs ÷ same-round bf16 matmul peak)", f"{mfu:.0%}",
+                    "≥ 35%", "PASS" if mfu >= 0.35 else "MISS"))
+    g1, gb = by.get(("machine", "gemm-1req")), by.get(("machine", "gemm-batch"))
+    if g1 is not None and gb is not None:
+        acc.append(("GEMM efficiency, 148 rows ÷ 4736 rows (bf16 fc1 shape)", f"{1 / paired(gb, g1):.0%}", "", ""))
+    lines += ["", "| acceptance / ratio (median of per-round ratios) | value | target | |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in acc]
+    print("\n".join(lines))
+    for n in notes:
+        print(f"- {n}")
+    return {"machine": info, "args": vars(args), "rows": rows, "acceptance": acc, "notes": notes,
+            "peak_bf16_gflops_median": med(peak.per_round())}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small workloads, 2 rounds, fewer variants")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 2)")
+    p.add_argument("--requests", type=int, default=None, help="requests per mix (default 32; quick 8)")
+    p.add_argument("--batch", type=int, default=None, help="FIFO batch size of the padded baselines and MFU "
+                   "(default 32; quick 8)")
+    p.add_argument("--max-batch", type=int, default=32, help="plan_batches request cap (default 32)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="plan_batches token budget, CLS included")
+    p.add_argument("--budgets", type=int, nargs="*", default=[1024, 4096], help="other token budgets to compare")
+    p.add_argument("--zoo-images", type=int, default=1000, help="CIFAR-10 images for the zoo mix")
+    p.add_argument("--compile", action="store_true", help="also try the MLPs compiled with inductor (slow start)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write all figures here")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.requests = args.requests or (8 if args.quick else 32)
+    args.batch = args.batch or (8 if args.quick else 32)
+
+    torch.set_num_threads(args.threads)
+    with suppress(RuntimeError):  # only settable before the first parallel work
+        torch.set_num_interop_threads(1)
+    info = machine_info()
+    info["threads"] = torch.get_num_threads()
+    notes: list[str] = []
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    r = args.requests
+    mixes: dict[str, list[int]] = {"paper": beta_lengths(rng, r, 9.0, 3.0), "keep32": beta_lengths(rng, r, 6.6, 14.0)}
+    fractions, how = zoo_fractions(min(args.zoo_images, 250) if args.quick else args.zoo_images)
+    if fractions is not None:
+        mixes["zoo"] = [int(v) for v in np.clip(np.rint(rng.choice(fractions, r) * NUM_PATCHES), 1, NUM_PATCHES)]
+        notes.append(f"zoo mix from {how}: kept fraction mean {fractions.mean():.3f}, sd {fractions.std():.3f}, "
+                     f"p10/p50/p90 {np.percentile(fractions, 10):.2f}/{np.percentile(fractions, 50):.2f}/"
+                     f"{np.percentile(fractions, 90):.2f}")
+    else:
+        notes.append(f"zoo mix skipped: {how}")
+    mixes["full"] = [NUM_PATCHES] * r
+    for name, lengths in mixes.items():
+        notes.append(f"mix {name}: {len(lengths)} requests, patch tokens mean {np.mean(lengths):.1f}, "
+                     f"min {min(lengths)}, max {max(lengths)}")
+
+    import timm
+
+    model = timm.create_model("deit_base_patch16_224", pretrained=False).eval()
+    variants = build_variants(args, model, mixes, notes)
+    log(f"{len(variants)} variants × {args.rounds} rounds, {info['threads']} threads, "
+        f"load average {info['loadavg_start']:.1f}")
+    measure(variants, args.rounds, log)
+    info["loadavg_end"] = os.getloadavg()[0]
+    print(f"\nmachine: {info['cpu']}, {info['cores']} cores, avx512_bf16={info['avx512_bf16']}, "
+          f"amx_bf16={info['amx_bf16']}, torch {info['torch']}, {info['threads']} threads, "
+          f"load average {info['loadavg_start']:.1f} → {info['loadavg_end']:.1f}")
+    print(f"command: {' '.join(['python', 'bench/worker_throughput.py', *(argv or sys.argv[1:])])}")
+    result = report(variants, args, info, notes)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
