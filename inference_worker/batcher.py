@@ -92,6 +92,11 @@ class Batcher(Generic[ItemT, ResultT]):
         return future
 
     @property
+    def full(self) -> bool:
+        """The next :meth:`submit_nowait` would raise :class:`BusyError`."""
+        return len(self._queue) >= self.capacity
+
+    @property
     def depth(self) -> int:
         """Requests waiting (queued or in the batch being collected; not yet running)."""
         return len(self._queue) + (self._carry is not None) + len(self._forming)
@@ -178,9 +183,11 @@ class Batcher(Generic[ItemT, ResultT]):
                                      f"{len(batch)} requests")
         except Exception as exc:
             failed = True
-            error = exc if isinstance(exc, InferenceError) else InferenceError(
-                f"batch of {len(batch)} failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc if error is not exc else exc.__cause__
+            if isinstance(exc, InferenceError):
+                error = exc
+            else:
+                error = InferenceError(f"batch of {len(batch)} failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(error)

@@ -61,7 +61,9 @@ def configure_threads(threads: int) -> int:
     """Set torch's intra-op threads deliberately (0: one per core); returns the number in use."""
     import os
 
-    wanted = threads if threads > 0 else (os.cpu_count() or 1)
+    # The cores this process may run on (a container's cpuset), not the host's count.
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = threads if threads > 0 else available
     torch.set_num_threads(wanted)
     with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
         torch.set_num_interop_threads(1)

@@ -180,6 +180,8 @@ class InferenceWorker:
                 raise BadTopicError("request has no response topic")
             if not self._accepting:
                 raise PatchCastError("worker is shutting down", code="shutdown")
+            if self.batcher.full:  # refuse before spending a pixel decode on it
+                raise BusyError(f"request queue full ({self.config.worker.queue_capacity} waiting)")
         except (ProtocolError, PatchCastError) as exc:
             self._refuse(msg, request_id, exc)
             return

@@ -33,7 +33,7 @@ from patchcast.monitor.app import MonitorSession
 from patchcast.monitor.render import render
 from patchcast.monitor.state import Snapshot, snapshot_dict
 from patchcast.scaling.backends import ProcessPool, default_worker_argv, start_child, stop_child, worker_env
-from patchcast.scaling.service import ScalerService
+from patchcast.scaling.service import ScalerService, first_error
 from shared.config import Config
 from shared.errors import PatchCastError
 from shared.logs import get_logger
@@ -88,14 +88,17 @@ class References:
 
 
 def measure_references(opts: DemoOptions, cfg: Config, jpeg_sample: int = 64) -> References:
-    """Baselines the live system cannot measure by itself: what a full JPEG of each image would cost,
-    and the server model's accuracy on full images (a sample of the same source). CPU work: run it in
-    a thread, one torch thread."""
+    """Baselines the live system cannot measure by itself. CPU work: run it in a thread (one torch thread).
+
+    * Full-image cost: the same request message carrying *every* patch with the JPEG codec at the
+      configured quality (so message overhead is counted on both sides), averaged over a sample of the
+      source at the edge model's input size.
+    * Server-only accuracy: the server model on full images, a sample of the same source.
+    """
     import numpy as np
     import torch
 
-    from shared import datasets
-    from shared.codecs import get_codec
+    from shared import datasets, protocol
     from shared.models import build_model
 
     torch.set_num_threads(1)
@@ -103,12 +106,15 @@ def measure_references(opts: DemoOptions, cfg: Config, jpeg_sample: int = 64) ->
     ds = datasets.load(opts.source)
     if len(ds) == 0:
         raise DemoError(f"{opts.source}: no images")
-    jpeg = get_codec("jpeg")
-    params = jpeg.resolve_params({"q": cfg.codec.quality})
     sizes = []
-    for sample in ds.spread(jpeg_sample, seed=1).samples:
+    for i, sample in enumerate(ds.spread(jpeg_sample, seed=1).samples):
         pixels = datasets.crop_uint8(datasets.decode_rgb(sample.data), edge.preprocess)
-        sizes.append(len(jpeg.encode(pixels, np.arange(edge.num_patches), edge.patch_size, params)))
+        request = protocol.build_request(
+            device_id="cam-0000", request_id=f"cam-0000.{i:06d}", pixels=pixels,
+            indices=np.arange(edge.num_patches), patch_size=edge.patch_size, codec="jpeg",
+            codec_params={"q": cfg.codec.quality}, topk_ids=tuple(range(5)), topk_probs=(0.2,) * 5,
+            uncertainty=1.0, sent_at=time.time(), label=sample.label, deadline=time.time() + 5.0)
+        sizes.append(len(protocol.encode(request)))
     accuracy, n = None, 0
     if opts.server_eval > 0:
         server = build_model(opts.server, pretrained=opts.pretrained, role="server")
@@ -163,7 +169,6 @@ class Demo:
         self.interrupted = False
         self.phase = "starting"
         self.started = time.monotonic()
-        self.sending_since: float | None = None
         self.session: MonitorSession | None = None
         self.scaler: ScalerService | None = None
         self.references: References | None = None
@@ -173,9 +178,12 @@ class Demo:
     def _footer(self) -> Text:
         t = Text()
         t.append("demo ", style="bold")
-        if self.sending_since is not None and self.phase == "running":
-            done = min(self.opts.duration_s, time.monotonic() - self.sending_since)
+        first = self.session.aggregator.first_outcome_at if self.session else None
+        if self.phase == "running" and first is not None:
+            done = min(self.opts.duration_s, time.monotonic() - first)
             t.append(f"{done:.0f}/{self.opts.duration_s:.0f} s")
+        elif self.phase == "running":
+            t.append("devices starting")
         else:
             t.append(self.phase)
         if self.scaler is not None:
@@ -282,7 +290,6 @@ class Demo:
                     edge_log = (opts.log_dir / "edge.log").open("ab")
                     edge_proc = await start_child(edge_argv(opts, address, summary_path), output=edge_log)
                     self.pids["edge"] = [edge_proc.pid]
-                    self.sending_since = time.monotonic()
                     self.phase = "running"
                     waiter = asyncio.create_task(edge_proc.wait(), name="demo-edge-wait")
                     stopper = asyncio.create_task(self.stop.wait(), name="demo-stop-wait")
@@ -357,6 +364,7 @@ class Demo:
             "bytes_full_jpeg": jpeg_total,
             "bytes_vs_full_jpeg": round(bytes_sent / jpeg_total, 4) if jpeg_total else None,
             "full_jpeg_bytes_per_image": refs.jpeg_bytes_per_image if refs else None,
+            "full_jpeg_baseline": f"the same request message carrying every patch, JPEG q={self.cfg.codec.quality}",
             "accuracy": {
                 "labelled": accuracy.get("labelled", 0),
                 "edge_only": accuracy.get("edge_only"),
@@ -401,15 +409,15 @@ def summary_table(report: dict[str, Any]) -> Table:
                    f"({report['outcomes_received']} outcomes received)"),
         ("offload rate", pct(report["offload_rate"])),
         ("patches sent", f"{pct(report['patch_fraction'])} of offloaded images' patches"),
-        ("bytes sent", f"{report['bytes_sent']:,} B vs {report['bytes_full_jpeg'] or 0:,} B as full "
-                       f"JPEGs ({pct(report['bytes_vs_full_jpeg'])})"),
+        ("bytes sent", f"{report['bytes_sent']:,} B vs {report['bytes_full_jpeg'] or 0:,} B for full-image "
+                       f"JPEG requests ({pct(report['bytes_vs_full_jpeg'])})"),
         ("accuracy edge-only", pct(acc["edge_only"])),
         ("accuracy collaborative", pct(acc["collaborative"])),
         ("accuracy server-only", f"{pct(acc['server_only'])} ({acc['server_only_images']} full images)"),
         ("latency p50/p95/p99", " / ".join(f"{lat[k]:.0f} ms" if lat.get(k) is not None else "–"
                                            for k in ("p50", "p95", "p99"))),
-        ("workers", f"peak {w['peak']} (min {w['min']}, max {w['max']}), {len(w['served_by'])} served "
-                    f"replies, {len(w['scale_events'])} scaling events"),
+        ("workers", f"peak {w['peak']} (min {w['min']}, max {w['max']}), replies from "
+                    f"{len(w['served_by'])}, {len(w['scale_events'])} scaling events"),
         ("lost requests", str(report["lost_requests"])),
         ("unaccounted images", str(report["unaccounted_images"])),
     ]
@@ -419,4 +427,10 @@ def summary_table(report: dict[str, Any]) -> Table:
 
 
 async def run_demo(cfg: Config, opts: DemoOptions, console: Console) -> dict[str, Any]:
-    return await Demo(cfg, opts, console).run()
+    try:
+        return await Demo(cfg, opts, console).run()
+    except BaseExceptionGroup as group:
+        error = first_error(group)
+        if error is None:
+            raise
+        raise error from group

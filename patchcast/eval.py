@@ -18,7 +18,11 @@ second run (another ``--max-loss``, more plots) costs seconds.
 Communication cost is the paper's metric: (images sent ÷ all) × (patches sent ÷ patches of the sent
 images). Bytes are measured, not modelled: the actual selections of a fixed subsample of images are
 encoded with the chosen codec (:mod:`shared.codecs`) and divided by the bytes of the same images as
-full-image JPEG (quality 90); see :func:`bytes_fraction`.
+full-image JPEG (quality 90); see :func:`measure_bytes` and :func:`bytes_fraction`.
+
+The model passes are torch; everything from the sweep on is pure numpy over cached arrays, and the
+functions it is built from (:func:`send_masks`, :func:`sweep_gate`, :func:`pareto_frontier`, …) are
+unit-tested on their own.
 """
 
 from __future__ import annotations
@@ -53,10 +57,10 @@ GATES: tuple[GateName, ...] = ("min_entropy", "shannon", "margin")
 SCORE_SOURCES: tuple[tuple[Encoder, ScoreName], ...] = (("edge", "attention"), ("edge", "rollout"),
                                                        ("server", "attention"))
 PAPER_SUM_THRESHOLD = 0.97
+PAPER_ETA = 0.8
 MAX_CACHED_CLASSES = 100
 """Per-selection server logits are cached (float16) up to this many classes; beyond, only the
 predictions: 1000-class logits for 50k images × 60 selections would be ~6 GB."""
-PAPER_ETA = 0.8
 REFERENCE_JPEG_QUALITY = 90
 
 ProgressFn = Callable[[str, int, int, str], None]
@@ -359,6 +363,18 @@ class EvalConfig:
     plots: bool = True
     publish: str | None = None  # a markdown file whose generated section (and img/ figures) to rewrite
     command: str = ""  # the command line, recorded in the report
+
+    def __post_init__(self) -> None:
+        from shared.errors import ConfigError
+
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError("limit must be positive")
+        if self.batch_size < 1 or self.max_tokens < 2 or self.bytes_sample < 1:
+            raise ConfigError("batch_size and bytes_sample must be ≥ 1, max_tokens ≥ 2")
+        if self.sweep not in GRIDS:
+            raise ConfigError(f"sweep must be one of {sorted(GRIDS)}")
+        if self.max_loss < 0:
+            raise ConfigError("max_loss must be ≥ 0 points")
 
     @property
     def grid(self) -> SweepGrid:
@@ -668,11 +684,14 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     import torch
 
     from shared import datasets
+    from shared.codecs import get_codec
     from shared.errors import ConfigError, ModelError
     from shared.models import build_model
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    # Fail on a bad codec name or parameter now, not after the model passes.
+    get_codec(cfg.codec).resolve_params(dict(cfg.codec_params))
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
     report = progress or (lambda *_: None)
@@ -819,7 +838,6 @@ def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patch
     logits_t = torch.from_numpy(np.ascontiguousarray(data.edge_logits))
     gate_u: dict[str, FloatArray] = {g: uncertainty(logits_t, g).numpy() for g in GATES}
     gate_eta = {g: gate_thresholds(gate_u[g], g, cfg.grid) for g in GATES}
-    full_mask = np.ones(n_patches, dtype=bool)
     points: list[Point] = []
 
     def add(encoder: str, score: str, rule: str, value: float | None, gate: str, etas: Sequence[float | None],
@@ -844,7 +862,6 @@ def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patch
     for g in GATES:
         add("", "", "full", None, g, gate_eta[g], send_masks(gate_u[g], g, gate_eta[g]), server_correct,
             full_counts, full_bytes)
-    del full_mask
     for sp in specs:
         correct = data.server_pred[sp.id] == data.labels
         counts = data.counts[sp.id]
@@ -1276,7 +1293,9 @@ def plot_all(points: Sequence[Point], out_dir: Path, summary: dict[str, Any]) ->
         chosen = [p for p in points if pred(p)] + [_edge_only(points)]
         idx = pareto_frontier(np.array([p.bytes_frac for p in chosen]),
                               np.array([p.accuracy for p in chosen]))
-        return [chosen[i].bytes_frac for i in idx], [100 * chosen[i].accuracy for i in idx]
+        xs = [chosen[i].bytes_frac for i in idx]
+        ys = [100 * chosen[i].accuracy for i in idx]
+        return [*xs, max(1.0, xs[-1])], [*ys, ys[-1]]  # held flat to 1, like the cost frontiers
 
     for score, color in (("attention", "tab:blue"), ("random", "tab:orange")):
         ax.step(*bytes_frontier(partial(_is_method, score=score)), where="post", color=color,

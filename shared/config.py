@@ -174,8 +174,9 @@ class MonitorConfig:
 class ScalerConfig:
     min_workers: int = _f(1, "smallest pool size (also the size at start)")
     max_workers: int = _f(4, "largest pool size")
-    backend: Literal["process", "compose"] = _f(
-        "process", "process: supervise 'patchcast worker' subprocesses; compose: docker compose --scale")
+    backend: Literal["process", "compose", "observe"] = _f(
+        "process", "process: supervise 'patchcast worker' subprocesses; compose: docker compose --scale; "
+        "observe: only compute and export the desired size (Kubernetes/KEDA scale on it)")
     interval_s: float = _f(1.0, "seconds between scaling decisions")
     queue_per_worker_high: float = _f(8.0, "scale up when the mean queue depth per worker exceeds this …")
     queue_age_high_ms: float = _f(400.0, "… or the oldest queued request is older than this …")

@@ -88,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
     from patchcast.eval import EvalConfig, run_eval
 
-    if args.limit is not None and args.limit <= 0:
-        raise ConfigError("--limit must be positive")
     cfg = EvalConfig(
         data=args.data, edge=args.edge, server=args.server, pretrained=args.pretrained, limit=args.limit,
         out=args.out, cache_dir=args.cache_dir, use_cache=not args.no_cache, sweep=args.sweep,

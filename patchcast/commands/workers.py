@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_broker_args(p)
     p.add_argument("--min", dest="min_workers", type=int, default=None, help="scaler.min_workers")
     p.add_argument("--max", dest="max_workers", type=int, default=None, help="scaler.max_workers")
-    p.add_argument("--backend", choices=("process", "compose"), default=None, help="scaler.backend")
+    p.add_argument("--backend", choices=("process", "compose", "observe"), default=None,
+                   help="scaler.backend (observe: export the desired size only, e.g. for KEDA)")
     p.add_argument("--metrics-port", type=int, default=None, help="scaler.metrics_port (0: off)")
     p.add_argument("--metrics-host", default=None, help="scaler.metrics_host")
     p.add_argument("--interval", type=float, default=None, help="scaler.interval_s")
@@ -37,8 +38,14 @@ def run(args: argparse.Namespace) -> int:
     import signal
     from pathlib import Path
 
-    from patchcast.scaling.backends import ComposeBackend, PoolBackend, ProcessPool, worker_env
-    from patchcast.scaling.service import ScalerService
+    from patchcast.scaling.backends import (
+        ComposeBackend,
+        ObserveBackend,
+        PoolBackend,
+        ProcessPool,
+        worker_env,
+    )
+    from patchcast.scaling.service import ScalerService, first_error
     from shared.logs import configure
 
     cfg = load(args, scaler={
@@ -54,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         backend: PoolBackend
         if cfg.scaler.backend == "compose":
             backend = ComposeBackend(cfg.scaler)
+        elif cfg.scaler.backend == "observe":
+            backend = ObserveBackend()
         else:
             from patchcast.scaling.backends import default_worker_argv
 
@@ -66,5 +75,11 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, service.stop)
         await service.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except BaseExceptionGroup as group:
+        error = first_error(group)
+        if error is None:
+            raise
+        raise error from group
     return 0

@@ -40,7 +40,8 @@ def _figures(s: Snapshot, spark_width: int) -> Table:
     grid.add_row("requests/s", num(s.requests_per_s), "offload rate", pct(s.offload_rate))
     grid.add_row("patches sent", pct(s.patch_fraction), "edge accuracy", pct(a.edge))
     grid.add_row("sent", human_bytes(s.bytes_per_s, "B/s"), "collab accuracy", pct(a.collaborative))
-    grid.add_row("full JPEG", jpeg if saving is None else f"{jpeg} (−{saving * 100:.0f} %)",
+    grid.add_row("full JPEG", jpeg if saving is None else f"{jpeg} ({'−' if saving >= 0 else '+'}"
+                 f"{abs(saving) * 100:.0f} %)",
                  "server accuracy", pct(a.server))
     grid.add_row("latency p50", ms(s.latency_p50_ms), "p95 / p99",
                  f"{ms(s.latency_p95_ms)} / {ms(s.latency_p99_ms)}")

@@ -366,3 +366,30 @@ class ComposeBackend:
 
     async def shutdown(self) -> None:
         """Leave the deployment as it is: compose owns the containers' lifetime."""
+
+
+class ObserveBackend:
+    """Starts and stops nothing: the scaler only computes the pool size it would want and exports it
+    (``patchcast_pool_desired_workers``) for an external autoscaler — Kubernetes HPA/KEDA — to apply.
+    The current size is whatever reports metrics."""
+
+    observes_only = True
+
+    def __init__(self) -> None:
+        self._desired = 0
+
+    @property
+    def desired(self) -> int:
+        return self._desired
+
+    def members(self) -> tuple[PoolMember, ...]:
+        return ()
+
+    async def scale_to(self, n: int) -> None:
+        self._desired = n
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def shutdown(self) -> None:
+        """Nothing to stop."""

@@ -33,6 +33,19 @@ POOL = "patchcast_pool_"
 WORKER = "patchcast_worker_"
 
 
+def first_error(group: BaseExceptionGroup[BaseException]) -> PatchCastError | None:
+    """The first PatchCastError inside a TaskGroup's exception group (nested groups included), so a
+    command can report it in one line instead of a traceback."""
+    for exc in group.exceptions:
+        if isinstance(exc, PatchCastError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = first_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
 @dataclass(frozen=True)
 class DecisionRecord:
     t: float  # seconds since the service started
@@ -97,6 +110,10 @@ class ScalerService:
     def observation(self, now: float) -> PoolObservation:
         members = self.backend.members()
         size = self.backend.desired
+        fresh = sum(1 for _, at in self.samples.values() if now - at <= self.scfg.metrics_stale_s)
+        if getattr(self.backend, "observes_only", False):
+            # Someone else (e.g. Kubernetes) sizes the pool: the current size is what reports.
+            size = max(fresh, 1)
         if members:  # a backend that knows its workers' ids: count only those
             ids = {m.worker_id for m in members if m.state != "draining"}
             starting = sum(1 for m in members if m.state == "starting"
@@ -104,7 +121,6 @@ class ScalerService:
         else:  # compose: whatever reports on the pool's metrics topics
             ids = set(self.samples)
             since = self.history[-1].t + self.started_at if self.history else self.started_at
-            fresh = sum(1 for _, at in self.samples.values() if now - at <= self.scfg.metrics_stale_s)
             starting = max(0, size - fresh) if now - since < self.scfg.startup_grace_s else 0
         loads = tuple(
             WorkerLoad(wid, s.queue_depth, s.oldest_queued_ms, s.busy_fraction, s.requests_per_s, now - at)

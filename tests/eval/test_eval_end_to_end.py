@@ -124,6 +124,42 @@ def test_eval_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
     assert again.count(PUBLISH_BEGIN) == 1 and again.endswith("A closing remark.\n")
 
 
+def test_cached_selection_matches_a_per_image_forward(setup: dict[str, Path], tmp_path: Path) -> None:
+    """One selection recomputed independently: edge attention → shared.selection → server on the
+    kept patches' pixels, one image at a time (no batching, no padding)."""
+    from shared.attention import edge_forward
+    from shared.scores import cls_attention_scores
+    from shared.selection import SelectionRule, select
+    from shared.subset import forward_subset, patchify
+
+    out = tmp_path / "out"
+    assert main(_args(setup, out, "--no-plots", "--no-rollout", "--no-server-encoder")) == 0
+    (sel_file,) = (out / "cache").rglob("sel-edge-attention-sum_threshold-0.8.npz")
+    with np.load(sel_file) as z:
+        masks = np.unpackbits(z["mask"], axis=1, count=64).astype(bool)
+        preds, logits = z["pred"], z["logits"]
+    assert logits.shape == (40, 4) and np.array_equal(logits.astype(np.float32).argmax(1), preds)
+    edge = build_model(f"file:{setup['edge']}", role="edge")
+    server = build_model(f"file:{setup['server']}")
+    ds = datasets.load(str(setup["data"])).spread(40, seed=0)
+    pixels, labels = datasets.to_tensor_batch(ds.samples, edge.preprocess)
+    with torch.inference_mode():
+        scores = cls_attention_scores(edge_forward(edge.model, datasets.normalize(pixels, edge.preprocess))
+                                      .cls_attention)
+        patches = patchify(datasets.normalize(pixels, server.preprocess), 4)
+        for i in range(40):
+            kept = select(scores[i], SelectionRule("sum_threshold", 0.8)).indices
+            assert np.array_equal(np.flatnonzero(masks[i]), kept)
+            idx = torch.from_numpy(kept.copy())[None]
+            logit = forward_subset(server.model, patches[i:i + 1, idx[0]], idx)
+            assert int(logit.argmax()) == int(preds[i])
+    points = read_csv(out / "points.csv")
+    row = next(p for p in points if p.score == "attention" and p.rule == "sum_threshold" and p.value == 0.8
+               and p.gate == "none")
+    assert row.accuracy == pytest.approx(float(np.mean(preds == labels.numpy())), abs=1e-9)
+    assert row.patch_frac == pytest.approx(masks.mean(), abs=1e-6)
+
+
 def test_second_run_reads_the_cache(setup: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(_args(setup, out, "--no-plots")) == 0

@@ -128,3 +128,11 @@ def test_helpers():
     assert sparkline([5, 5], 4) == "▁▁"
     assert short_id("worker-hostname-1234567") == "worke…-1234567"
     assert short_id("w1") == "w1"
+
+
+def test_render_more_bytes_than_full_jpeg_is_a_plus():
+    agg = Aggregator(MonitorConfig(), started_at=0.0)
+    rec = dataclasses.replace(outcome(1, sent=True, latency=5.0), bytes_sent=1500, full_jpeg_bytes=1000)
+    agg.add_outcome(rec, now=0.5)
+    text = capture(agg.snapshot(1.0))
+    assert "(+50 %)" in text and "−-" not in text

@@ -44,10 +44,10 @@ class FakePool:
         pass
 
 
-def metrics_message(worker: str) -> Incoming:
+def metrics_message(worker: str, queue: int = 7, oldest_ms: float = 250.0) -> Incoming:
     m = protocol.WorkerMetrics(
-        worker_id=worker, model="m", at=time.time(), window_s=1.0, queue_depth=7, queue_capacity=256,
-        oldest_queued_ms=250.0, requests=40, requests_per_s=12.5, batches=5, batch_size_mean=2.5,
+        worker_id=worker, model="m", at=time.time(), window_s=1.0, queue_depth=queue, queue_capacity=256,
+        oldest_queued_ms=oldest_ms, requests=40, requests_per_s=12.5, batches=5, batch_size_mean=2.5,
         batch_size_max=4, tokens_per_batch_mean=120.0, busy_fraction=0.6, service_ms_p50=10.0,
         service_ms_p95=40.0, service_ms_p99=80.0, errors_by_code={"busy": 3})
     return Incoming(topic=V1.metrics("worker", worker), payload=protocol.encode(m))
@@ -88,3 +88,29 @@ def test_scaler_metrics_endpoint():
     assert 'patchcast_worker_service_seconds{quantile="0.95",worker="w1"} 0.04' in text
     assert 'patchcast_worker_errors_total{code="busy",worker="w1"} 3' in text
     assert "# TYPE patchcast_scaler_decisions_total counter" in text
+
+
+async def _observe_only() -> list[int]:
+    from dataclasses import replace as dc_replace
+
+    from patchcast.scaling.backends import ObserveBackend
+
+    now = [1000.0]
+    cfg = Config(scaler=ScalerConfig(min_workers=1, max_workers=5, up_after_s=2.0, up_cooldown_s=0.0))
+    service = ScalerService(cfg, ObserveBackend(), clock=lambda: now[0])
+    await service.backend.scale_to(1)
+    desired = []
+    for _ in range(6):
+        hot = metrics_message("k8s-pod-a", queue=40, oldest_ms=2000.0)
+        service._on_message(dc_replace(hot, received_at=now[0]))
+        await service._decide_once()
+        desired.append(service.backend.desired)
+        now[0] += 1.0
+    return desired
+
+
+def test_observe_backend_exports_desired_size_for_an_external_autoscaler():
+    # One reporting worker, backlog over the thresholds: the desired size grows (KEDA/HPA applies it);
+    # nothing is started here.
+    desired = asyncio.run(_observe_only())
+    assert desired[0] == 1 and desired[-1] > 1, desired
