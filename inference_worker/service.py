@@ -18,6 +18,7 @@ availability and leaves.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import signal
@@ -55,7 +56,7 @@ from shared.topics import V1, Topics
 from shared.transport import Incoming, Outgoing, Transport
 
 TOPK = 5
-_BUSY_LOG_EVERY_S = 5.0  # 'busy' refusals are logged at most this often (with the count since)
+_REFUSAL_LOG_EVERY_S = 5.0  # refusals are logged at most this often per code (with the count since)
 
 
 @dataclass(eq=False)
@@ -124,8 +125,8 @@ class InferenceWorker:
         self._publish_slots = asyncio.Semaphore(config.worker.max_publish_in_flight)
         self._stop = asyncio.Event()
         self._accepting = True
-        self._busy_since_log = 0
-        self._busy_logged_at = 0.0
+        self._refused_since_log: collections.Counter[str] = collections.Counter()
+        self._refused_logged_at: dict[str, float] = {}
         self._sending = 0  # replies being published right now
         self._sent_all = asyncio.Event()
         self._sent_all.set()
@@ -138,22 +139,23 @@ class InferenceWorker:
 
     def _refuse(self, msg: Incoming, request_id: str | None, exc: PatchCastError | Exception) -> None:
         """Answer a request that will not be served; never raises."""
-        code = getattr(exc, "code", "internal")
-        self.stats.on_error(code)
-        if code == "busy":
-            self._busy_since_log += 1
-            now = time.monotonic()
-            if now - self._busy_logged_at >= _BUSY_LOG_EVERY_S:
-                self.log.warning("requests_refused_busy", count=self._busy_since_log,
-                                 queue_capacity=self.config.worker.queue_capacity)
-                self._busy_since_log, self._busy_logged_at = 0, now
-        else:
-            self.log.info("request_refused", code=code, error=str(exc)[:200], topic=msg.topic,
-                          request_id=request_id)
+        self._count_failure(getattr(exc, "code", "internal"), exc, msg.topic, request_id)
         reply = ErrorReply.from_error(exc, request_id=request_id, worker_id=self.worker_id)
         # Without a response topic the device cannot be told; the errors topic keeps it visible.
         topic = msg.response_topic or self.topics.errors("worker", self.worker_id)
         self._post(OutboxEntry(topic, msg.correlation_data, reply))
+
+    def _count_failure(self, code: str, exc: BaseException, topic: str, request_id: str | None) -> None:
+        """Count a request that got an error reply; log it rate-limited per code (a flood of busy or
+        malformed messages, or one failed batch of 32, must not flood the logs)."""
+        self.stats.on_error(code)
+        self._refused_since_log[code] += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at.get(code, -math.inf) >= _REFUSAL_LOG_EVERY_S:
+            self.log.warning("requests_failed", code=code, count=self._refused_since_log[code],
+                             last_error=str(exc)[:300], last_topic=topic, last_request_id=request_id,
+                             queue_capacity=self.config.worker.queue_capacity)
+            self._refused_since_log[code], self._refused_logged_at[code] = 0, now
 
     def _post(self, entry: OutboxEntry) -> None:
         try:
@@ -206,10 +208,7 @@ class InferenceWorker:
         exc = future.exception()
         rid = item.request.request_id
         if exc is not None:
-            code = getattr(exc, "code", "internal")
-            self.stats.on_error(code)
-            if code not in ("expired", "bad_payload"):
-                self.log.warning("request_failed", request_id=rid, code=code, error=str(exc)[:300])
+            self._count_failure(getattr(exc, "code", "internal"), exc, item.response_topic, rid)
             error = exc if isinstance(exc, Exception) else Exception(exc)
             reply = ErrorReply.from_error(error, request_id=rid, worker_id=self.worker_id)
             self._post(OutboxEntry(item.response_topic, item.correlation, reply, arrived=item.arrived))
@@ -287,7 +286,7 @@ class InferenceWorker:
         return WorkerMetrics(
             worker_id=self.worker_id, model=self.model_id, at=time.time(), window_s=f.window_s,
             queue_depth=self.batcher.depth, queue_capacity=self.config.worker.queue_capacity,
-            oldest_queued_ms=self.batcher.oldest_age_s(now) * 1000.0, requests=f.requests_total,
+            oldest_queued_ms=self.batcher.oldest_age_s(now) * 1000.0, requests=f.replies,
             requests_per_s=f.requests_per_s, batches=f.batches, batch_size_mean=f.batch_size_mean,
             batch_size_max=f.batch_size_max, tokens_per_batch_mean=f.tokens_per_batch_mean,
             busy_fraction=f.busy_fraction, service_ms_p50=f.service_p50_ms, service_ms_p95=f.service_p95_ms,

@@ -13,10 +13,8 @@ import numpy as np
 
 from inference_worker.batcher import BatchReport
 
-_RECENT = 4096  # service times kept for percentiles (the most recent ones)
 
-
-def percentiles(values: list[float] | collections.deque[float], qs: tuple[float, ...]) -> list[float]:
+def percentiles(values: list[float], qs: tuple[float, ...]) -> list[float]:
     if not values:
         return [0.0 for _ in qs]
     arr = np.fromiter(values, dtype=np.float64)
@@ -44,8 +42,6 @@ class WorkerStats:
     replies: int = 0
     batches: int = 0
     errors_by_code: collections.Counter[str] = field(default_factory=collections.Counter)
-    recent_service_s: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=_RECENT))
     window: WindowStats = field(default_factory=WindowStats)
 
     def on_request(self) -> None:
@@ -64,7 +60,6 @@ class WorkerStats:
         self.replies += 1
         self.window.replies += 1
         self.window.service_s.append(service_s)
-        self.recent_service_s.append(service_s)
 
     def on_error(self, code: str) -> None:
         self.errors_by_code[code] += 1
@@ -74,8 +69,7 @@ class WorkerStats:
         now = time.monotonic() if now is None else now
         w = self.window
         elapsed = max(now - w.started, 1e-9)
-        service = w.service_s or list(self.recent_service_s)
-        p50, p95, p99 = percentiles(service, (0.5, 0.95, 0.99))
+        p50, p95, p99 = percentiles(w.service_s, (0.5, 0.95, 0.99))  # this window's replies only
         sizes = w.batch_sizes
         self.window = WindowStats(started=now)
         return WindowFigures(
@@ -85,7 +79,7 @@ class WorkerStats:
             tokens_per_batch_mean=float(np.mean(w.batch_tokens)) if w.batch_tokens else 0.0,
             busy_fraction=min(1.0, w.busy_s / elapsed), service_p50_ms=p50 * 1000.0,
             service_p95_ms=p95 * 1000.0, service_p99_ms=p99 * 1000.0, requests_total=self.requests,
-            replies_total=self.replies, errors_by_code=dict(self.errors_by_code))
+            replies_total=self.replies, replies=w.replies, errors_by_code=dict(self.errors_by_code))
 
 
 @dataclass(frozen=True)
@@ -103,4 +97,5 @@ class WindowFigures:
     service_p99_ms: float
     requests_total: int
     replies_total: int
-    errors_by_code: dict[str, int]
+    replies: int  # replies published in this window (the service-time percentiles cover these)
+    errors_by_code: dict[str, int]  # since start

@@ -30,10 +30,11 @@ from rich.table import Table
 from rich.text import Text
 
 from patchcast.monitor.app import MonitorSession
+from patchcast.monitor.errors import first_error
 from patchcast.monitor.render import render
 from patchcast.monitor.state import Snapshot, snapshot_dict
 from patchcast.scaling.backends import ProcessPool, default_worker_argv, start_child, stop_child, worker_env
-from patchcast.scaling.service import ScalerService, first_error
+from patchcast.scaling.service import ScalerService
 from shared.config import Config
 from shared.errors import PatchCastError
 from shared.logs import get_logger
@@ -172,6 +173,7 @@ class Demo:
         self.session: MonitorSession | None = None
         self.scaler: ScalerService | None = None
         self.references: References | None = None
+        self.finished_at: float | None = None
         self.pids: dict[str, list[int]] = {"broker": [], "edge": [], "workers": []}
 
     # ---- display ------------------------------------------------------------------------------
@@ -197,6 +199,9 @@ class Demo:
         t.append("  Ctrl-C stops", style="dim")
         return t
 
+    def last_outcome_at(self) -> float | None:
+        return self.session.aggregator.last_outcome_at if self.session is not None else None
+
     def view(self) -> RenderableType:
         assert self.session is not None
         return Group(render(self.session.snapshot(), width=self.console.width), self._footer())
@@ -218,13 +223,16 @@ class Demo:
                 live.update(self.view(), refresh=True)
 
     # ---- phases -------------------------------------------------------------------------------
-    async def _wait(self, condition: Any, timeout_s: float, what: str) -> None:
+    async def _wait(self, condition: Any, timeout_s: float, what: str, pool: ProcessPool | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if self.stop.is_set():
                 return
             if time.monotonic() > deadline:
                 raise DemoError(f"{what} within {timeout_s:.0f} s (logs: {self.opts.log_dir})")
+            if pool is not None and pool.crashes_total >= 3:
+                raise DemoError(f"{what}: workers exited {pool.crashes_total} times "
+                                f"(see {self.opts.log_dir / 'workers'})")
             await asyncio.sleep(0.2)
 
     async def run(self) -> dict[str, Any]:
@@ -284,7 +292,7 @@ class Demo:
                 await session.wait_connected()
                 self.phase = "waiting for the first worker"
                 await self._wait(lambda: any(m.state == "running" for m in pool.members()),
-                                 cfg.demo.startup_timeout_s, "no worker came online")
+                                 cfg.demo.startup_timeout_s, "no worker came online", pool)
                 if not self.stop.is_set():
                     self.phase = "starting devices"
                     edge_log = (opts.log_dir / "edge.log").open("ab")
@@ -308,6 +316,7 @@ class Demo:
                     self.phase = "collecting the last outcomes"
                     await asyncio.sleep(cfg.demo.settle_s)
                 final = session.snapshot()
+                self.finished_at = self.last_outcome_at()
             finally:
                 self.phase = "stopping"
                 if edge_proc is not None and edge_proc.returncode is None:
@@ -325,6 +334,9 @@ class Demo:
         return self.report(final, summary_path, edge_code)
 
     # ---- report -------------------------------------------------------------------------------
+    def _first_outcome(self) -> float | None:
+        return self.session.aggregator.first_outcome_at if self.session is not None else None
+
     def report(self, snap: Snapshot | None, summary_path: Path, edge_code: int | None) -> dict[str, Any]:
         opts = self.opts
         summary: dict[str, Any] = {}
@@ -351,6 +363,8 @@ class Demo:
             "rate_hz": opts.rate_hz,
             "duration_s": opts.duration_s,
             "wall_s": round(time.monotonic() - self.started, 1),
+            "sending_s": (round(self.finished_at - first, 1) if (first := self._first_outcome()) is not None
+                          and self.finished_at is not None else None),
             "interrupted": self.interrupted,
             "edge_exit_code": edge_code,
             "images": images,
@@ -405,8 +419,9 @@ def summary_table(report: dict[str, Any]) -> Table:
     table.add_column(style="dim", no_wrap=True)
     table.add_column()
     rows = [
-        ("images", f"{report['images']} from {report['devices']} devices in {report['duration_s']:.0f} s "
-                   f"({report['outcomes_received']} outcomes received)"),
+        ("images", f"{report['images']} from {report['devices']} devices in {report['sending_s'] or 0:.0f} s"
+                   f"{' (interrupted)' if report['interrupted'] else ''}, "
+                   f"{report['outcomes_received']} outcomes received"),
         ("offload rate", pct(report["offload_rate"])),
         ("patches sent", f"{pct(report['patch_fraction'])} of offloaded images' patches"),
         ("bytes sent", f"{report['bytes_sent']:,} B vs {report['bytes_full_jpeg'] or 0:,} B for full-image "

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     from pathlib import Path
 
+    from patchcast.monitor.errors import first_error
     from patchcast.scaling.backends import (
         ComposeBackend,
         ObserveBackend,
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         ProcessPool,
         worker_env,
     )
-    from patchcast.scaling.service import ScalerService, first_error
+    from patchcast.scaling.service import ScalerService
     from shared.logs import configure
 
     cfg = load(args, scaler={

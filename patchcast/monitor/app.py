@@ -14,6 +14,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.live import Live
 
+from patchcast.monitor.errors import first_error
 from patchcast.monitor.ingest import Ingest, subscriptions
 from patchcast.monitor.render import render, render_text
 from patchcast.monitor.state import Aggregator, Snapshot, snapshot_dict
@@ -61,7 +62,16 @@ async def run_monitor(cfg: Config, *, once_s: float | None = None, console: Cons
                       as_json: bool = False) -> Snapshot | None:
     """``once_s``: collect that long, print one plain snapshot and return it; else run Live until
     cancelled (Ctrl-C)."""
-    console = console or Console()
+    try:
+        return await _run(cfg, once_s, console or Console(), as_json)
+    except BaseExceptionGroup as group:
+        error = first_error(group)
+        if error is None:
+            raise
+        raise error from group
+
+
+async def _run(cfg: Config, once_s: float | None, console: Console, as_json: bool) -> Snapshot | None:
     session = MonitorSession(cfg)
     result: Snapshot | None = None
     async with asyncio.TaskGroup() as tg:

@@ -202,12 +202,14 @@ class Aggregator:
         self._sys: dict[str, str] = {}
         self._server_reference: tuple[float, int] | None = None
         self.first_outcome_at: float | None = None
+        self.last_outcome_at: float | None = None
         self._sys_rates = {name: _RateOf() for name in _SYS_RATES.values()}
 
     # ---- folding ------------------------------------------------------------------------------
     def add_outcome(self, rec: OutcomeRecord, now: float) -> None:
         if self.first_outcome_at is None:
             self.first_outcome_at = now
+        self.last_outcome_at = now
         t = self.totals
         t.images += 1
         if rec.sent:

@@ -33,19 +33,6 @@ POOL = "patchcast_pool_"
 WORKER = "patchcast_worker_"
 
 
-def first_error(group: BaseExceptionGroup[BaseException]) -> PatchCastError | None:
-    """The first PatchCastError inside a TaskGroup's exception group (nested groups included), so a
-    command can report it in one line instead of a traceback."""
-    for exc in group.exceptions:
-        if isinstance(exc, PatchCastError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = first_error(exc)
-            if found is not None:
-                return found
-    return None
-
-
 @dataclass(frozen=True)
 class DecisionRecord:
     t: float  # seconds since the service started

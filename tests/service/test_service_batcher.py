@@ -118,3 +118,23 @@ async def test_per_request_errors_and_expired_requests() -> None:
     assert isinstance(results[2], PatchCastError) and results[2].code == "expired"
     await asyncio.wait_for(batcher.wait_idle(), 2)
     task.cancel()
+
+
+def test_worker_stats_window_drains_and_errors_are_cumulative() -> None:
+    from inference_worker.stats import WorkerStats
+
+    stats = WorkerStats()
+    stats.window.started -= 2.0  # a 2 s window
+    for _ in range(4):
+        stats.on_request()
+    stats.on_batch(BatchReport(size=4, tokens=300, run_s=0.5, waits_s=(0.01,) * 4, failed=False))
+    for ms in (10, 20, 30, 40):
+        stats.on_reply(ms / 1000)
+    stats.on_error("busy")
+    first = stats.drain()
+    assert first.replies == 4 and first.batches == 1 and first.batch_size_mean == 4
+    assert first.tokens_per_batch_mean == 300 and 0.2 < first.busy_fraction < 0.3
+    assert 1.9 < first.requests_per_s < 2.1 and first.service_p50_ms == pytest.approx(25)
+    second = stats.drain()
+    assert second.replies == 0 and second.batches == 0 and second.service_p99_ms == 0
+    assert second.errors_by_code == {"busy": 1} and second.requests_total == 4
