@@ -1,7 +1,8 @@
 """Autoscaling with real processes: ``patchcast workers`` (real worker subprocesses, real broker) under a
 load step ×4. The pool grows, the backlog drains, p95 latency returns under the target; after the load
-drops the pool shrinks. Calibrated on this machine: the step is 1.4× one worker's measured saturation
-throughput, so it overloads one worker whatever the CPU."""
+drops the pool shrinks. Calibrated on this machine: the step is 1.2× one worker's measured saturation
+throughput (×4 of a base at 0.3×), so it overloads one worker whatever the CPU; the test takes 3–6
+minutes, most of it worker start-up and draining on a shared CPU."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ SCALER_ENV = {
     "PATCHCAST_SCALER__DOWN_AFTER_S": "5", "PATCHCAST_SCALER__DOWN_COOLDOWN_S": "8",
     "PATCHCAST_SCALER__QUEUE_AGE_HIGH_MS": "500", "PATCHCAST_SCALER__LATENCY_TARGET_MS": str(TARGET_MS),
     "PATCHCAST_SCALER__DRAIN_TIMEOUT_S": "20",
+    # Backlog-driven only: on a CPU shared with other jobs a worker's busy fraction (wall time inside
+    # batches) reads high even at light load; the busy signal is covered by the policy's unit tests.
+    "PATCHCAST_SCALER__BUSY_HIGH": "1.0",
 }
 
 
@@ -96,7 +100,7 @@ async def _scenario(broker: BrokerProcess, tmp_path: Path) -> Result:
         while gen.outstanding() and time.monotonic() - t < 120:  # noqa: ASYNC110 - polling a counter
             await asyncio.sleep(0.1)
         capacity = burst / (time.monotonic() - t)
-        base = 0.35 * capacity
+        base = 0.3 * capacity  # step = 1.2× one worker's saturation: overload, yet drainable on 2 shared cores
         step = 4 * base
         # 3. Base load: one worker copes.
         base_task = asyncio.create_task(gen.send_at(base, 8.0))
@@ -105,10 +109,10 @@ async def _scenario(broker: BrokerProcess, tmp_path: Path) -> Result:
             await asyncio.sleep(1.0)
         assert (await sample("base"))["patchcast_pool_desired_workers"] == 1
         # 4. Load step ×4: grow, drain, recover (bounded).
-        step_task = asyncio.create_task(gen.send_at(step, 150.0))
+        step_task = asyncio.create_task(gen.send_at(step, 180.0))
         peak, over, recovered_at = 1.0, False, None
         step_started = time.monotonic()
-        while time.monotonic() - step_started < 150:
+        while time.monotonic() - step_started < 180:
             await asyncio.sleep(1.0)
             g = await sample("step")
             peak = max(peak, g.get("patchcast_pool_desired_workers", 0))
@@ -150,6 +154,7 @@ async def _scenario(broker: BrokerProcess, tmp_path: Path) -> Result:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_load_step_scales_up_drains_and_scales_down(broker: BrokerProcess, tmp_path: Path):
     r = asyncio.run(_scenario(broker, tmp_path))
     print(f"capacity {r.capacity:.1f}/s base {r.base:.1f}/s step {r.step:.1f}/s peak {r.peak:.0f} "
