@@ -183,3 +183,17 @@ def test_docker_compose_config_validates():
     if result.returncode != 0 and re.search(r"daemon|connect|engine", result.stderr, re.I):
         pytest.skip(f"compose config needs an engine here: {result.stderr.strip()[:120]}")
     assert result.returncode == 0, result.stderr
+
+
+def test_image_installs_every_module():
+    """``pip install .`` ships only what setuptools finds: every folder of Python modules under the
+    included packages must be a package (have ``__init__.py``), or the image would miss it."""
+    from setuptools import find_packages
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = set(find_packages(where=str(REPO), include=include))
+    for top in {p.split("*")[0] for p in include}:
+        for module in (REPO / top).rglob("*.py"):
+            package = ".".join(module.parent.relative_to(REPO).parts)
+            assert package in found, f"{module.relative_to(REPO)} is outside any installed package"

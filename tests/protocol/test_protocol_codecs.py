@@ -16,7 +16,7 @@ from PIL import Image
 from shared import codecs as C
 from shared.errors import BadFieldError, BadMaskError, ProtocolError, UnknownCodecError
 
-# Lossy codecs at their default quality (q=90; jpeg-tiered 90/70) on the synthetic photo-like image
+# Lossy codecs at their default quality (q=90) on the synthetic photo-like image
 # must keep at least this PSNR on the kept patches. A 4-px patch is half a DCT block and, in a canvas,
 # shares it with grey fill (every 3rd patch kept is the worst case), so its bound is lower.
 PSNR_BOUND_DB = {16: 30.0, 4: 20.0}
@@ -30,12 +30,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_registry() -> None:
     names = [c.name for c in C.list_codecs()]
-    assert {"raw", "raw+zlib", "raw+zstd", "png", "jpeg", "jpeg-mosaic", "webp", "webp-mosaic",
-            "jpeg-tiered"} <= set(names)
+    assert {"raw", "raw+zlib", "raw+zstd", "png", "webp-lossless", "jpeg", "jpeg-mosaic", "webp",
+            "webp-mosaic"} <= set(names)
     assert len(names) == len(set(names))
     with pytest.raises(UnknownCodecError):
         C.get_codec("gif")
-    assert C.get_codec("jpeg").resolve_params(None) == {"q": 90, "ss": 420}
+    assert C.get_codec("jpeg").resolve_params(None) == {"q": 90, "ss": 0}
     with pytest.raises(BadFieldError):
         C.get_codec("jpeg").resolve_params({"ss": 422})
 
@@ -98,9 +98,7 @@ def test_encode_validates_its_inputs() -> None:
     with pytest.raises(ProtocolError):
         raw.encode(pixels, [0], 5)
     with pytest.raises(BadFieldError):
-        C.get_codec("jpeg-tiered").encode(pixels, [0, 1], 4)  # needs scores
-    with pytest.raises(BadFieldError):
-        C.get_codec("jpeg-tiered").encode(pixels, [0, 1], 4, scores=np.ones(3))
+        C.get_codec("jpeg").encode(pixels, [0, 1], 4, scores=np.ones(3))  # one score per kept patch
 
 
 def _code(fn: object, *args: object) -> str:
@@ -160,20 +158,18 @@ def test_image_dimensions_are_checked_before_decoding() -> None:
     assert _code(C.get_codec("jpeg").decode, other.getvalue(), (64, 64), idx, 16) == "bad_payload"
 
 
-def test_tiered_payload_framing_is_checked() -> None:
-    codec, pixels, idx = C.get_codec("jpeg-tiered"), natural_image(64, 64), np.arange(0, 16, 2)
-    payload = codec.encode(pixels, idx, 16, scores=np.arange(8.0))
-    assert codec.decode(payload, (64, 64), idx, 16).shape == (8, 16, 16, 3)
-    one_tier = codec.encode(pixels, idx, 16, {"hi": 100}, scores=np.arange(8.0))
-    assert codec.decode(one_tier, (64, 64), idx, 16, {"hi": 100}).shape == (8, 16, 16, 3)
-    assert _code(codec.decode, payload[:3], (64, 64), idx, 16) == "bad_payload"
-    wrong_len = payload[:1] + (10**6).to_bytes(4, "big") + payload[5:]
-    assert _code(codec.decode, wrong_len, (64, 64), idx, 16) == "bad_payload"
-    all_low = b"\x00" + payload[1:]  # the mask says no high tier, yet a high-tier stream is present
-    assert _code(codec.decode, all_low, (64, 64), idx, 16) == "bad_payload"
-    padded = C.get_codec("jpeg-tiered").encode(pixels, np.arange(5), 16, scores=np.arange(5.0))
-    padding_set = bytes([padded[0] | 1]) + padded[1:]
-    assert _code(codec.decode, padding_set, (64, 64), np.arange(5), 16) == "bad_payload"
+def test_chroma_subsampling_auto_follows_mcu_alignment() -> None:
+    assert C.chroma_subsampling(0, 16) == 420 and C.chroma_subsampling(0, 32) == 420
+    assert C.chroma_subsampling(0, 4) == 444 and C.chroma_subsampling(0, 14) == 444
+    assert C.chroma_subsampling(420, 4) == 420 and C.chroma_subsampling(444, 16) == 444
+    pixels, idx = natural_image(64, 64), np.arange(0, 16, 2)
+    jpeg = C.get_codec("jpeg-mosaic")
+    auto, explicit = jpeg.encode(pixels, idx, 16), jpeg.encode(pixels, idx, 16, {"ss": 420})
+    assert auto == explicit  # the payload never says which; both sides derive it from the patch size
+    assert jpeg.encode(pixels, idx, 16, {"ss": 444}) != auto
+    for ss in (0, 420, 444):
+        payload = jpeg.encode(pixels, idx, 16, {"ss": ss})
+        assert psnr(jpeg.decode(payload, (64, 64), idx, 16, {"ss": ss}), C.extract_patches(pixels, idx, 16)) > 30
 
 
 @pytest.mark.parametrize("codec", C.list_codecs(), ids=lambda c: c.name)
