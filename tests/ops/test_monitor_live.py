@@ -80,7 +80,8 @@ def test_monitor_once_json_and_text(broker: BrokerProcess):
     assert workers["w-test-1"]["state"] == "online" and workers["w-test-1"]["queue_depth"] == 3
     assert workers["w-test-1"]["errors"] == 2 and workers["w-dead"]["state"] == "offline"
     assert snap["latency_p50_ms"] is not None
-    assert snap["broker"]["clients"] is None or snap["broker"]["clients"] >= 1
+    # $SYS figures are published every sys_interval and retained: within a 3 s window they may still
+    # describe the broker before any client connected, so their values are not asserted here.
 
     # Plain text, in-process: the retained metrics/availability alone give a worker table.
     buf = io.StringIO()
