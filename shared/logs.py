@@ -36,4 +36,5 @@ def configure(format: Literal["auto", "json", "console"] = "auto", level: str = 
 
 
 def get_logger(name: str, **context: Any) -> Any:
-    return structlog.get_logger(name).bind(**context)
+    # A lazy proxy: a module-level logger still picks up the configuration made later by configure().
+    return structlog.get_logger(name, **context)
