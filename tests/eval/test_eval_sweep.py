@@ -22,6 +22,7 @@ from patchcast.eval import (
     random_matched_selection,
     send_masks,
     sweep_gate,
+    thin_frontier,
 )
 from shared.costs import communication_cost
 from shared.gates import should_send, uncertainty
@@ -121,3 +122,8 @@ def test_specs_have_twins_and_scale_with_patches() -> None:
     assert topk[0] == 12 and topk[-1] == 147  # 1/16 and 3/4 of 196
     assert SelectionSpec("edge", "attention", "sum_threshold", 0.97).id == "edge-attention-sum_threshold-0.97"
     assert {s.rule for s in specs if s.score == "rollout"} == set(FULL_GRID.comparison_rules)
+
+
+def test_thin_frontier_keeps_one_point_per_cost_step() -> None:
+    front = [{"comm_cost": c} for c in (0.0, 0.001, 0.02, 0.049, 0.05, 0.07, 0.12, 0.13, 0.5, 0.74)]
+    assert [p["comm_cost"] for p in thin_frontier(front, 0.05)] == [0.0, 0.05, 0.12, 0.5, 0.74]
