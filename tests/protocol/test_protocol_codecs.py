@@ -10,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 import zstandard
-from conftest import natural_image
 from PIL import Image
+from protocol_helpers import natural_image
 
 from shared import codecs as C
 from shared.errors import BadFieldError, BadMaskError, ProtocolError, UnknownCodecError

@@ -11,9 +11,9 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from conftest import make_request, natural_image, sample_messages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protocol_helpers import make_request, natural_image, sample_messages
 
 from shared import codecs as C
 from shared import protocol as P

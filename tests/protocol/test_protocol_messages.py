@@ -7,7 +7,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from conftest import make_request, sample_messages
+from protocol_helpers import make_request, sample_messages
 
 from shared import protocol as P
 from shared.errors import BadMaskError, BusyError, ProtocolError, TooLargeError

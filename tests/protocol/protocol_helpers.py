@@ -1,9 +1,11 @@
-"""Shared fixtures for the protocol tests: deterministic images and valid messages of every kind."""
+"""Helpers for the protocol tests: deterministic images and valid messages of every kind.
+
+(A plain module, not a conftest: test folders share one import namespace, and several have a conftest.)
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from shared import protocol as P
 
@@ -55,8 +57,3 @@ def sample_messages() -> list[P.Message]:
                       100, 91),
         P.Availability("worker", "worker-1", "online", 1_763_800_000.0),
     ]
-
-
-@pytest.fixture
-def request_message() -> P.PatchRequest:
-    return make_request()
