@@ -19,6 +19,7 @@ from edge_node.engine import EdgeDecision
 from edge_node.outcome import OutcomeRecord
 from edge_node.runner import EdgeRunner
 from edge_node.summary import edge_metrics
+from shared.bitmask import pack_mask
 from shared.config import Config
 from shared.datasets import Sample
 from shared.errors import PatchCastError, ProtocolError
@@ -31,7 +32,6 @@ from shared.protocol import (
     decode_reply,
     encode,
 )
-from shared.selection import pack_mask
 from shared.topics import Topics
 from shared.transport import Incoming, Outgoing, Transport
 

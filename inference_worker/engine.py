@@ -12,7 +12,8 @@ per request and runs them through the blocks under the configured batching polic
 * ``sequential``: one request at a time (the baseline the others are measured against).
 
 Precision: ``bf16`` runs under CPU autocast (matrix products in bf16 on AMX/AVX512-BF16; norms and
-softmax stay float32), ``fp32`` plainly; ``auto`` picks bf16 only where the CPU has native bf16
+softmax stay float32) on a copy whose matrix weights are stored in bf16 (bit-identical to autocast
+over the fp32 weights, without the per-call weight casts), ``fp32`` plainly; ``auto`` picks bf16 only where the CPU has native bf16
 (emulated bf16 is slower than fp32). Everything runs under ``torch.inference_mode``.
 """
 
@@ -30,7 +31,7 @@ from shared.config import BatchingConfig
 from shared.datasets import normalize
 from shared.errors import InferenceError, ModelError
 from shared.models import LoadedModel
-from shared.packing import forward_token_sets, plan_batches
+from shared.packing import autocast_ready_copy, forward_token_sets, plan_batches
 from shared.subset import embed_patches
 
 Precision = Literal["bf16", "fp32"]
@@ -95,9 +96,11 @@ class ServerEngine:
 
     def __init__(self, loaded: LoadedModel, batching: BatchingConfig, precision: Precision = "fp32") -> None:
         self.loaded = loaded
-        self.model = loaded.model.eval()
         self.batching = batching
         self.precision = precision
+        # bf16: matrix weights stored in bf16 once (same results as autocast over fp32 weights, without
+        # re-casting ~all parameters at every forward); the loaded fp32 model is left untouched.
+        self.model = autocast_ready_copy(loaded.model.eval()) if precision == "bf16" else loaded.model.eval()
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches
         self.input_size = loaded.preprocess.input_size
@@ -131,7 +134,8 @@ class ServerEngine:
         with self._mode():
             tokens = self._token_sets(sets)
             if policy != "padded":
-                return forward_token_sets(self.model, tokens, policy).float()
+                return forward_token_sets(self.model, tokens, policy, attention=self.batching.attention,
+                                          cls_only_last=self.batching.cls_only_last).float()
             out = torch.empty(len(sets), self.loaded.num_classes)
             groups = plan_batches([t.shape[0] for t in tokens], self.batching.max_batch,
                                   self.batching.max_tokens, pad_to_max=True)

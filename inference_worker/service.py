@@ -32,13 +32,14 @@ import torch
 
 from inference_worker.batcher import Batcher
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
-from inference_worker.prometheus import serve_prometheus
+from inference_worker.prometheus import worker_families
 from inference_worker.stats import WorkerStats
 from shared.config import Config
 from shared.errors import BadGeometryError, BadTopicError, BusyError, PatchCastError, ProtocolError
 from shared.logs import get_logger
 from shared.models import LoadedModel, build_model
 from shared.naming import default_worker_id, model_id
+from shared.prometheus import MetricsServer
 from shared.protocol import (
     DEFAULT_LIMITS,
     Availability,
@@ -326,8 +327,9 @@ class InferenceWorker:
                          tg.create_task(self._sender_loop(), name="sender"),
                          tg.create_task(self._metrics_loop(), name="metrics")]
                 if self.config.worker.metrics_port:
-                    loops.append(tg.create_task(serve_prometheus(self, self.config.worker.metrics_port),
-                                                name="prometheus"))
+                    endpoint = MetricsServer(lambda: worker_families(self), "0.0.0.0",
+                                             self.config.worker.metrics_port)
+                    loops.append(tg.create_task(endpoint.run(), name="prometheus"))
                 await self._stop.wait()
                 subscribe.cancel()
                 await self._shutdown()

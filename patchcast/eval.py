@@ -355,7 +355,7 @@ class EvalConfig:
     batch_size: int = 64
     max_tokens: int = 4096  # padded tokens per server forward on selected patches
     threads: int | None = None
-    codec: str = "jpeg"
+    codec: str = "jpeg-mosaic"  # the service's default codec (shared.config.CodecConfig)
     codec_params: tuple[tuple[str, int], ...] = ()  # e.g. (("q", 90),); codec defaults otherwise
     bytes_sample: int = 256
     max_loss: float = 1.0  # accuracy points below server-only

@@ -3,8 +3,14 @@
 CPU-first: the whole split is decoded once into a uint8 tensor, augmentation runs batched in
 torch, the model runs under bf16 autocast (AMX through oneDNN) with timm's fused attention *off*
 (the fused SDPA backward is slow on CPU). AdamW, linear warm-up + cosine, label smoothing,
-optional soft distillation from a teacher, and — for server models — token dropout: a random
-subset of patch tokens per batch so the model stays accurate on the subsets devices send.
+optional soft distillation from a teacher, and — for server models — token dropout: a subset of
+patch tokens per batch so the model stays accurate on the subsets devices send. The subset is
+either uniformly random or the top-k patches by a *selector* edge model's CLS attention (the
+patches a device running that edge model would actually send), or a mix of both.
+
+``device`` picks where the arithmetic runs (a CUDA GPU when one is there, else the CPU); every
+random draw still comes from CPU generators, so a run's data order, crops and token subsets do
+not depend on the device.
 
 Resume is exact: every random draw of epoch ``e`` comes from generators seeded by
 ``(seed, e)``, and a checkpoint (weights, optimizer moments, step) is written at each epoch end.
@@ -22,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from shared import datasets
+from shared.attention import edge_forward
 from shared.errors import ConfigError
 from shared.models import (
     LoadedModel,
@@ -40,6 +47,7 @@ from shared.models import (
     save_checkpoint,
     set_fused_attention,
 )
+from shared.scores import cls_attention_scores
 from shared.subset import embed_all, forward_tokens, gather_tokens
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -60,8 +68,12 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    token_dropout: float = 0.0  # probability that a batch trains on a random token subset
+    token_dropout: float = 0.0  # probability that a batch trains on a token subset
     token_keep_min: float = 0.25  # smallest kept fraction when token dropout applies
+    token_selector: str | None = None  # edge model whose attention picks the subset (None: random subsets)
+    token_attention_share: float = 1.0  # with a selector: share of subset batches it picks (the rest random)
+    init: str | None = None  # start from these weights (fine-tuning) instead of random init
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     teacher: str | None = None
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
@@ -80,6 +92,17 @@ class TrainConfig:
             raise ConfigError("token_dropout must be in [0, 1] and token_keep_min in (0, 1]")
         if self.lr <= 0:
             raise ConfigError("lr must be positive")
+        if not 0.0 <= self.token_attention_share <= 1.0:
+            raise ConfigError("token_attention_share must be in [0, 1]")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but torch sees no CUDA device")
+        return torch.device(self.device)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -118,9 +141,27 @@ def augment(pixels: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.T
 
 
 def _normalise(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+TokenPick = Literal["attention", "random"]
+
+
+def pick_tokens(kind: TokenPick, keep: int, scores: torch.Tensor | None, batch: int, num_patches: int,
+                gen: torch.Generator) -> torch.Tensor:
+    """(B, keep) patch indices: the selector's top-``keep`` by attention score, or uniformly random.
+
+    The random draw happens either way, so the generator's stream (and so resume) does not depend
+    on which kind was picked.
+    """
+    random_order = torch.rand(batch, num_patches, generator=gen).argsort(1)[:, :keep]
+    if kind == "random":
+        return random_order
+    if scores is None:
+        raise ValueError("attention token picks need selector scores")
+    return scores.float().topk(keep, dim=1).indices.cpu()
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -134,12 +175,13 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, pre: Preprocess,
              bf16: bool, batch_size: int = 500) -> float:
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(labels), batch_size):
-        x = datasets.normalize(pixels[start:start + batch_size], pre)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x = datasets.normalize(pixels[start:start + batch_size], pre).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        correct += int((logits.argmax(-1) == labels[start:start + batch_size]).sum())
+        correct += int((logits.argmax(-1).cpu() == labels[start:start + batch_size]).sum())
     return correct / max(1, len(labels))
 
 
@@ -173,7 +215,8 @@ def _load_state(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -
             prefix = f"opt.{gi}.{pi}."
             st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if st:
-                opt.state[p] = st
+                # moments live with their parameter; Adam keeps its step counter on the CPU
+                opt.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in st.items()}
     return dict(meta)
 
 
@@ -182,6 +225,7 @@ ProgressFn = Callable[[str, int, int, dict[str, float]], None]
 
 def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train (or resume) and write ``<out>/model.safetensors`` plus a model card. Returns the card."""
+    device = cfg.torch_device()  # fail before the data is decoded
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -201,7 +245,15 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
 
     torch.manual_seed(cfg.seed)
     model = cfg.arch.build()
-    set_fused_attention(model, False)  # the fused SDPA backward is the slow part of a CPU step
+    if cfg.init:
+        start = build_model(cfg.init, role="server")
+        try:
+            model.load_state_dict(start.model.state_dict())
+        except RuntimeError as exc:
+            raise ConfigError(f"--init {cfg.init}: weights do not fit the architecture asked for") from exc
+    # On a CPU the fused SDPA backward is the slow part of a step; on a GPU the fused kernel wins.
+    set_fused_attention(model, device.type != "cpu")
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n
                                                                 and "cls_token" not in n)]
@@ -209,7 +261,15 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     teacher = None
     if cfg.teacher:
-        teacher = build_model(cfg.teacher, role="server").model.eval()
+        teacher = build_model(cfg.teacher, role="server").model.eval().to(device)
+    selector = None
+    if cfg.token_selector:
+        loaded_selector = build_model(cfg.token_selector, role="edge")
+        selector = loaded_selector.model.eval().to(device)
+        selector_pre = loaded_selector.preprocess
+        if (loaded_selector.preprocess.input_size, selector.patch_embed.patch_size) != \
+                (cfg.arch.img_size, (cfg.arch.patch_size, cfg.arch.patch_size)):
+            raise ConfigError("the token selector must see the same image and patch grid as the model trained")
 
     steps_per_epoch = len(train_y) // cfg.batch_size  # drop the last partial batch: fixed shapes
     total_steps = steps_per_epoch * cfg.epochs
@@ -234,15 +294,24 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr)
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = _normalise(augment(train_x[idx], gen), pre)
-            y = train_y[idx]
+            unit = augment(train_x[idx], gen).to(device, non_blocking=True)
+            x = _normalise(unit, pre)
+            y = train_y[idx].to(device, non_blocking=True)
             keep = num_patches
             if cfg.token_dropout > 0 and float(torch.rand(1, generator=gen)) < cfg.token_dropout:
                 lo = max(1, round(cfg.token_keep_min * num_patches))
                 keep = int(torch.randint(lo, num_patches + 1, (1,), generator=gen))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            kind: TokenPick = "random"
+            if keep < num_patches and selector is not None:
+                kind = "attention" if float(torch.rand(1, generator=gen)) < cfg.token_attention_share else "random"
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 if keep < num_patches:
-                    kept = torch.rand(len(y), num_patches, generator=gen).argsort(1)[:, :keep]
+                    scores = None
+                    if kind == "attention" and selector is not None:
+                        with torch.no_grad():
+                            scores = cls_attention_scores(edge_forward(selector, _normalise(unit, selector_pre))
+                                                          .cls_attention)
+                    kept = pick_tokens(kind, keep, scores, len(y), num_patches, gen).to(device)
                     logits = forward_tokens(model, gather_tokens(embed_all(model, x), kept))
                 else:
                     logits = model(x)
@@ -278,6 +347,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
 
     wall_s = wall_before + time.perf_counter() - t0
     model.eval()
+    model.to("cpu")
+    set_fused_attention(model, True)
     loaded = LoadedModel(model=model, name=cfg.name, preprocess=pre, class_names=list(train_ds.class_names))
     save_checkpoint(out / "model.safetensors", loaded, arch=cfg.arch)
     card = model_card(cfg, loaded, train_ds, test_ds, test_x, test_y, history, wall_s, load_s)
@@ -307,9 +378,10 @@ def model_card(cfg: TrainConfig, loaded: LoadedModel, train_ds: datasets.Dataset
                          "params": sum(p.numel() for p in loaded.model.parameters())},
         "preprocess": loaded.preprocess.to_json(),
         "class_names": loaded.class_names,
-        "data": {"train": train_ds.source, "train_sha256": _sha_or_none(train_ds.source),
+        # The data as named on the command line (relative to the data root), not this machine's path.
+        "data": {"train": cfg.data, "train_sha256": _sha_or_none(train_ds.source),
                  "train_images": len(train_ds),
-                 "test": test_ds.source if test_ds else None,
+                 "test": cfg.test_data if test_ds else None,
                  "test_sha256": _sha_or_none(test_ds.source) if test_ds else None},
         "training": {k: v for k, v in _jsonable(cfg).items() if k not in ("arch", "command")},
         "command": cfg.command,
@@ -318,8 +390,12 @@ def model_card(cfg: TrainConfig, loaded: LoadedModel, train_ds: datasets.Dataset
         "data_decode_s": round(load_s, 1),
         "history": history,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": _device_name(cfg.torch_device())},
     }
+    parent = init_card(cfg.init)
+    if parent is not None:
+        card["init_from"] = parent
     if test_x is not None and test_y is not None:
         # fp32 evaluation: what users (and CI) get when they load the checkpoint on any CPU
         card["test_accuracy"] = round(evaluate(reloaded, test_x, test_y, loaded.preprocess, bf16=False), 4)
@@ -331,9 +407,41 @@ def model_card(cfg: TrainConfig, loaded: LoadedModel, train_ds: datasets.Dataset
     return card
 
 
+def init_card(ref: str | None) -> dict[str, Any] | None:
+    """What a fine-tuned model started from: the starting checkpoint's own card, when it has one
+    (``zoo:NAME`` → ``NAME.json`` in the zoo; ``file:DIR/model.safetensors`` → the card in DIR)."""
+    if not ref:
+        return None
+    from shared.models import ZOO_DIR
+
+    kind, _, rest = ref.partition(":")
+    if kind == "zoo":
+        candidates = [ZOO_DIR / f"{rest}.json"]
+    elif kind == "file":
+        candidates = sorted(Path(rest).parent.glob("*.json"))
+    else:
+        return {"model": ref}
+    for path in candidates:
+        if path.is_file():
+            parent = json.loads(path.read_text())
+            keep = ("name", "command", "epochs", "wall_time_s", "test_accuracy", "machine", "init_from")
+            return {"model": ref, **{k: parent[k] for k in keep if k in parent}}
+    return {"model": ref}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def _sha_or_none(source: str) -> str | None:
     p = Path(source)
     return sha256_of(p) if p.is_file() else None
+
+
+def _where(machine: dict[str, Any]) -> str:
+    device = machine.get("device", "cpu")
+    cpu = f"{machine['threads']} threads ({machine['processor'] or machine['platform']})"
+    return cpu if device == "cpu" else f"{device} ({cpu} for data)"
 
 
 def write_card(out: Path, name: str, card: dict[str, Any]) -> None:
@@ -346,10 +454,16 @@ def write_card(out: Path, name: str, card: dict[str, Any]) -> None:
         f"- Data: `{Path(card['data']['train']).name}` (sha256 `{card['data']['train_sha256']}`), "
         f"{card['data']['train_images']:,} images",
         f"- Training: {card['epochs']} epochs, wall time {card['wall_time_s'] / 60:.1f} min "
-        f"on {card['machine']['threads']} threads ({card['machine']['processor'] or card['machine']['platform']})",
+        f"on {_where(card['machine'])}",
         f"- Settings: {json.dumps(card['training'])}",
         f"- Command: `{card['command']}`",
     ]
+    parent = card.get("init_from")
+    while parent:  # a fine-tuned model: say what it started from, and what that started from
+        lines.append(f"- Started from `{parent['model']}`" + (
+            f": {parent['epochs']} epochs, wall time {parent['wall_time_s'] / 60:.1f} min, test accuracy "
+            f"{parent['test_accuracy'] * 100:.2f} %, command `{parent['command']}`" if "command" in parent else ""))
+        parent = parent.get("init_from")
     if "test_accuracy" in card:
         lines += [f"- Test accuracy (all {Path(card['data']['test']).name} images, fp32): "
                   f"**{card['test_accuracy'] * 100:.2f} %**",

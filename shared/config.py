@@ -76,7 +76,8 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    name: str = _f("jpeg", "patch codec (see 'patchcast codecs')")
+    name: str = _f("jpeg-mosaic", "patch codec (see 'patchcast codecs'; jpeg-mosaic: the smallest JPEG, "
+                   "docs/benchmarks.md)")
     quality: int = _f(90, "quality for lossy codecs (1..100)")
 
     def __post_init__(self) -> None:
@@ -117,10 +118,16 @@ class EdgeConfig:
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch: int = _f(32, "a batch closes at this many requests …")
-    max_tokens: int = _f(4096, "… or this many tokens (CLS included) …")
+    max_tokens: int = _f(2048, "… or this many tokens (CLS included) … (2048 beat 1024 and 4096 on DeiT-Base, "
+                         "docs/benchmarks.md)")
     max_delay_ms: float = _f(10.0, "… or this long after its first request, whichever comes first")
     policy: Literal["packed", "padded", "sequential"] = _f(
         "packed", "packed: all tokens in one sequence, attention per sample; padded: pad + key-padding mask")
+    attention: Literal["sdpa", "padded"] = _f(
+        "sdpa", "packed policy: attention per sample on its own slice (sdpa) or one masked call over a padded "
+        "copy of Q/K/V (padded); see docs/benchmarks.md for which wins on which CPU")
+    cls_only_last: bool = _f(True, "packed policy: the last block computes only the CLS rows (its other outputs "
+                             "are never read)")
 
     def __post_init__(self) -> None:
         _check(self.max_batch >= 1 and self.max_tokens >= 2, "batching limits must be positive")

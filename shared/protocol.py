@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import msgpack
 import numpy as np
 
+from shared.bitmask import mask_nbytes, pack_mask, unpack_mask
 from shared.codecs import get_codec
 from shared.errors import (
     BadFieldError,
@@ -37,7 +38,6 @@ from shared.errors import (
     ProtocolError,
     TooLargeError,
 )
-from shared.selection import mask_nbytes, pack_mask, unpack_mask
 from shared.topics import validate_id, validate_role
 
 SCHEMA_VERSION = 1
@@ -219,7 +219,7 @@ class PatchRequest(Message):
     width: int
     patch_size: int
     grid: tuple[int, int]
-    mask: bytes  # bit i (MSB first) = patch i, row-major; see shared.selection.pack_mask
+    mask: bytes  # bit i (MSB first) = patch i, row-major; see shared.bitmask.pack_mask
     codec: str
     codec_params: Mapping[str, int]
     payload: bytes

@@ -18,7 +18,7 @@ order) ranks first. Top-k at a tie therefore keeps the lowest indices; threshold
 tie-consistent by construction (equal scores are kept or dropped together, except where
 ``min_patches`` cuts through a tie).
 
-The bitmask layout below (:func:`mask_nbytes`, :func:`pack_mask`, :func:`unpack_mask`) is part of
+The bitmask layout (:mod:`shared.bitmask`: :func:`mask_nbytes`, :func:`pack_mask`, :func:`unpack_mask`) is part of
 the wire contract.
 """
 
@@ -31,34 +31,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from shared.bitmask import pack_mask, unpack_mask
 from shared.errors import ConfigError
 
 RuleKind = Literal["topk", "threshold", "sum_threshold", "random_k"]
 RULE_KINDS: tuple[RuleKind, ...] = ("topk", "threshold", "sum_threshold", "random_k")
 SUM_TOLERANCE = 1e-9
 """Absolute slack on the cumulative share (float64) in ``sum_threshold``."""
-
-
-def mask_nbytes(num_patches: int) -> int:
-    """Bytes of a selection bitmask: ceil(N / 8)."""
-    return (num_patches + 7) // 8
-
-
-def pack_mask(indices: np.ndarray | list[int], num_patches: int) -> bytes:
-    """Bitmask of kept patches: bit i (MSB first within each byte) is patch i in row-major order."""
-    bits = np.zeros(num_patches, dtype=np.uint8)
-    bits[np.asarray(indices, dtype=np.int64)] = 1
-    return np.packbits(bits, bitorder="big").tobytes()
-
-
-def unpack_mask(data: bytes, num_patches: int) -> np.ndarray:
-    """Sorted kept indices from a bitmask. Padding bits past ``num_patches`` must be zero."""
-    if len(data) != mask_nbytes(num_patches):
-        raise ValueError(f"mask has {len(data)} bytes, expected {mask_nbytes(num_patches)}")
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="big")
-    if bits[num_patches:].any():
-        raise ValueError("mask has bits set past the last patch")
-    return np.flatnonzero(bits[:num_patches]).astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "on CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all free cores, 1 on a busy machine)")
-    p.add_argument("--codec", default="jpeg", help="patch codec whose bytes are measured (see shared.codecs)")
+    p.add_argument("--codec", default="jpeg-mosaic",
+                   help="patch codec whose bytes are measured (see shared.codecs; default: the service's)")
     p.add_argument("--codec-param", action="append", default=[], metavar="KEY=INT",
                    help="codec parameter, repeatable (e.g. q=90); codec defaults otherwise")
     p.add_argument("--bytes-sample", type=int, default=256,

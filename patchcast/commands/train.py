@@ -13,7 +13,8 @@ from shared.errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a small ViT (edge or server) on an image folder or tar",
-        description="Train a timm VisionTransformer (CLS + patch tokens) on CPU with bf16 autocast. "
+        description="Train a timm VisionTransformer (CLS + patch tokens) with bf16 autocast, on a CUDA GPU when "
+        "there is one, else on the CPU. "
         "Writes OUT/train_state.safetensors every epoch (re-running the same command resumes exactly), "
         "then OUT/model.safetensors and a model card (NAME.json, NAME.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -37,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-dropout", type=float, default=0.0,
                    help="probability that a batch trains on a random subset of patch tokens (server models)")
     p.add_argument("--token-keep-min", type=float, default=0.25, help="smallest kept fraction under token dropout")
+    p.add_argument("--token-selector", default=None, metavar="MODEL",
+                   help="edge model (zoo:NAME, file:PATH) whose last-block CLS attention picks the kept tokens under "
+                   "token dropout: the server trains on the patches that edge would send (default: random subsets)")
+    p.add_argument("--token-attention-share", type=float, default=1.0,
+                   help="with --token-selector: share of subset batches picked by attention (the rest random)")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from these weights (zoo:NAME, file:PATH) instead of random init: fine-tuning")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--teacher", default=None, help="teacher model reference for soft distillation (edge models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -59,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
         arch=VitArch(args.img_size, args.patch_size, args.dim, args.depth, args.heads, args.mlp_ratio, num_classes),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        token_dropout=args.token_dropout, token_keep_min=args.token_keep_min, teacher=args.teacher,
+        token_dropout=args.token_dropout, token_keep_min=args.token_keep_min,
+        token_selector=args.token_selector, token_attention_share=args.token_attention_share,
+        init=args.init, device=args.device, teacher=args.teacher,
         seed=args.seed, threads=args.threads, bf16=not args.fp32, name=args.name)
     console = Console()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

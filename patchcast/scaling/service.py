@@ -21,11 +21,11 @@ from patchcast.monitor.ingest import worker_sample
 from patchcast.monitor.state import WorkerSample
 from patchcast.scaling.backends import PoolBackend, ScalingError
 from patchcast.scaling.policy import Autoscaler, Decision, PoolObservation, WorkerLoad
-from patchcast.scaling.prometheus import Family, MetricsServer, MetricType
 from shared import protocol
 from shared.config import Config
 from shared.errors import PatchCastError, ProtocolError
 from shared.logs import get_logger
+from shared.prometheus import Family, MetricsServer, MetricType
 from shared.topics import V1, Topics
 from shared.transport import Incoming, Transport
 

@@ -9,17 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from shared.bitmask import mask_nbytes, pack_mask, unpack_mask
 from shared.errors import ConfigError
-from shared.selection import (
-    SUM_TOLERANCE,
-    Selection,
-    SelectionRule,
-    mask_nbytes,
-    pack_mask,
-    select,
-    select_batch,
-    unpack_mask,
-)
+from shared.selection import SUM_TOLERANCE, Selection, SelectionRule, select, select_batch
 
 PROPS = settings(max_examples=150, deadline=None)
 

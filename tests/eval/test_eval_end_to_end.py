@@ -181,14 +181,17 @@ def test_eval_is_registered() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_full_cifar10_run_matches_the_model_cards(tmp_path: Path) -> None:
-    """The whole CIFAR-10 test set with the zoo models: server-only accuracy equals the card's."""
+    """The whole CIFAR-10 test set with the zoo models: both accuracies equal the cards' (a quick
+    sweep: the model passes over all 10,000 images are what this checks, not the sweep)."""
     from shared.models import ZOO_DIR
 
     if not all((ZOO_DIR / f"cifar10-{r}.safetensors").is_file() for r in ("edge", "server")):
         pytest.skip("zoo models not exported yet")
     out = tmp_path / "full"
-    assert main(["eval", "--out", str(out)]) == 0
+    assert main(["eval", "--out", str(out), "--sweep", "quick", "--no-rollout", "--no-server-encoder",
+                 "--no-plots"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 10_000
     for role in ("edge", "server"):

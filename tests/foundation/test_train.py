@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from patchcast.train import TrainConfig, augment, lr_at, train
+from patchcast.train import TrainConfig, augment, lr_at, pick_tokens, train
+from shared.errors import ConfigError
 from shared.models import VitArch, build_model
 
 
@@ -32,8 +33,10 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(data: Path, out: Path, epochs: int = 3, **kw: object) -> TrainConfig:
     arch = VitArch(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+    settings: dict[str, object] = {"batch_size": 8, "lr": 3e-3, "warmup_epochs": 0.5, "name": "toy", "command": "test",
+                                   **kw}
     return TrainConfig(data=str(data), test_data=str(data), out=str(out), arch=arch, epochs=epochs,
-                       batch_size=8, lr=3e-3, warmup_epochs=0.5, name="toy", command="test", **kw)  # type: ignore[arg-type]
+                       **settings)  # type: ignore[arg-type]
 
 
 def test_training_learns_and_writes_card(toy_data: Path, tmp_path: Path) -> None:
@@ -81,3 +84,43 @@ def test_augment_keeps_shape_and_pixels() -> None:
     out = augment(pixels, torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 32, 32)
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_pick_tokens_takes_the_selector_top_k_or_a_random_subset() -> None:
+    scores = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.7, 0.1, 0.1, 0.1]])
+    picked = pick_tokens("attention", 2, scores, 2, 4, torch.Generator().manual_seed(0))
+    assert picked[0].tolist() == [1, 3] and picked[1, 0].item() == 0
+    random_pick = pick_tokens("random", 3, None, 2, 4, torch.Generator().manual_seed(0))
+    assert random_pick.shape == (2, 3) and all(len(set(row)) == 3 for row in random_pick.tolist())
+    # both kinds advance the generator alike, so resume is exact whichever kind a batch drew
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    pick_tokens("attention", 2, scores, 2, 4, g1)
+    pick_tokens("random", 2, None, 2, 4, g2)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    with pytest.raises(ValueError):
+        pick_tokens("attention", 2, None, 2, 4, torch.Generator())
+
+
+def test_attention_guided_token_dropout_and_fine_tuning(toy_data: Path, tmp_path: Path) -> None:
+    edge = train(_cfg(toy_data, tmp_path / "edge", epochs=2))
+    assert edge["machine"]["device"] == "cpu"
+    selector = f"file:{tmp_path / 'edge' / 'model.safetensors'}"
+    card = train(_cfg(toy_data, tmp_path / "server", epochs=3, token_dropout=1.0, token_selector=selector,
+                      token_attention_share=0.5))
+    assert card["test_accuracy"] >= 0.9 and card["training"]["token_selector"] == selector
+    # fine-tuning starts from the given weights (a vanishing learning rate leaves them as they were)
+    tuned = train(_cfg(toy_data, tmp_path / "tuned", epochs=1, lr=1e-12, init=selector))
+    a = load_file(str(tmp_path / "edge" / "model.safetensors"))
+    b = load_file(str(tmp_path / "tuned" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and tuned["test_accuracy"] >= 0.5
+    with pytest.raises(ConfigError):
+        train(_cfg(toy_data, tmp_path / "bad", epochs=1, init="zoo:cifar10-edge"))  # another architecture
+    with pytest.raises(ConfigError):
+            _cfg(toy_data, tmp_path / "bad2", device="tpu")
+
+
+def test_fine_tuned_card_names_its_starting_point(toy_data: Path, tmp_path: Path) -> None:
+    train(_cfg(toy_data, tmp_path / "base", epochs=1))
+    card = train(_cfg(toy_data, tmp_path / "tuned", epochs=1, init=f"file:{tmp_path / 'base' / 'model.safetensors'}"))
+    assert card["init_from"]["command"] == "test" and card["init_from"]["epochs"] == 1
+    assert "Started from `file:" in (tmp_path / "tuned" / "toy.md").read_text()

@@ -7,10 +7,10 @@ import re
 import time
 
 from patchcast.scaling.backends import PoolMember
-from patchcast.scaling.prometheus import Family, MetricsServer, render
 from patchcast.scaling.service import ScalerService
 from shared import protocol
 from shared.config import Config, ScalerConfig
+from shared.prometheus import Family, MetricsServer, render
 from shared.topics import V1
 from shared.transport import Incoming
 

@@ -36,10 +36,15 @@ def server():  # type: ignore[no-untyped-def]
     return random_model(SERVER_ARCH, 2, "server")
 
 
-@pytest.mark.parametrize("policy", ["packed", "padded"])
-def test_batched_equals_one_by_one_fp32(server, policy: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("policy", "attention", "cls_only_last"),
+                         [("packed", "sdpa", True), ("packed", "padded", False), ("packed", "padded", True),
+                          ("packed", "sdpa", False), ("padded", "sdpa", True)])
+def test_batched_equals_one_by_one_fp32(server, policy: str, attention: str,  # type: ignore[no-untyped-def]
+                                        cls_only_last: bool) -> None:
     sets = patch_sets(24)
-    batched = ServerEngine(server, BatchingConfig(max_batch=32, max_tokens=4096, policy=policy), "fp32")
+    batching = BatchingConfig(max_batch=32, max_tokens=4096, policy=policy, attention=attention,  # type: ignore[arg-type]
+                              cls_only_last=cls_only_last)
+    batched = ServerEngine(server, batching, "fp32")
     single = ServerEngine(server, BatchingConfig(policy="sequential"), "fp32")
     together = batched.logits(sets)
     alone = torch.cat([single.logits([s]) for s in sets])
@@ -75,3 +80,16 @@ def test_batched_bf16_stays_close_to_fp32(server) -> None:  # type: ignore[no-un
     top2 = fp32.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * BF16_ATOL
     assert torch.equal(bf16.argmax(-1)[clear], fp32.argmax(-1)[clear])
+
+
+def test_bf16_engine_equals_autocast_over_the_fp32_model(server) -> None:  # type: ignore[no-untyped-def]
+    """The engine stores matrix weights in bf16 once; that must be exactly what autocast computes
+    from the fp32 weights (same rounding, done once instead of per call), and leave the model alone."""
+    sets = patch_sets(10, seed=11)
+    engine = ServerEngine(server, BatchingConfig(policy="packed"), "bf16")
+    assert engine.model is not server.model and server.model.head.weight.dtype == torch.float32
+    assert engine.model.head.weight.dtype == torch.bfloat16 and engine.model.norm.weight.dtype == torch.float32
+    fp32_weights = ServerEngine(server, BatchingConfig(policy="packed"), "fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = fp32_weights.logits(sets)  # autocast over the fp32 model, casting weights per call
+    assert torch.equal(engine.logits(sets), reference)

@@ -70,7 +70,15 @@ async def test_sigkill_one_worker_loses_nothing_silently_and_sigterm_drains(
 
             await asyncio.gather(wait_state(victim_id, "online", 120), wait_state(survivor_id, "online", 120))
             fleet = tg.create_task(run_fleet(cfg))
-            await asyncio.sleep(1.5)
+
+            def requests_seen() -> int:
+                return sum(1 for x in seen if x.topic.startswith(V1.request_filter(model).removesuffix("+")))
+
+            # Kill while requests are flowing (the victim then holds an open batch: max_delay 300 ms),
+            # not on a clock: how long the fleet takes to start depends on the machine.
+            async with asyncio.timeout(60):
+                while requests_seen() < 10:  # noqa: ASYNC110 - polling what the spy recorded
+                    await asyncio.sleep(0.02)
             procs[victim_id].send_signal(signal.SIGKILL)
             result = await fleet
             await wait_state(victim_id, "offline", 10)  # the broker published the victim's last will

@@ -79,6 +79,14 @@ class MetricsServer:
         self.port = int(sock.getsockname()[1])
         self.log.info("metrics_endpoint_listening", url=f"http://{self.host}:{self.port}/metrics")
 
+    async def run(self) -> None:
+        """Serve until cancelled (for a task in the owner's TaskGroup), then close."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -1,0 +1,64 @@
+"""The worker's Prometheus families, rendered and served by the shared endpoint (pure units + loopback HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from types import SimpleNamespace
+
+from inference_worker.prometheus import worker_families
+from inference_worker.stats import WorkerStats
+from shared.prometheus import MetricsServer, render
+
+LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? [-+0-9.eEInfNa]+$')
+
+
+def _worker(with_window: bool) -> SimpleNamespace:
+    stats = WorkerStats()
+    stats.requests, stats.replies, stats.batches = 12, 11, 3
+    stats.errors_by_code["busy"] = 2
+    metrics = SimpleNamespace(busy_fraction=0.5, requests_per_s=4.0, batch_size_mean=3.5, service_ms_p50=20.0,
+                              service_ms_p95=40.0, service_ms_p99=80.0) if with_window else None
+    return SimpleNamespace(worker_id="w1", model_id="cifar10-server", stats=stats, last_metrics=metrics,
+                           batcher=SimpleNamespace(depth=4, oldest_age_s=lambda: 0.25),
+                           config=SimpleNamespace(worker=SimpleNamespace(queue_capacity=256)))
+
+
+def test_worker_families_render_in_exposition_format() -> None:
+    text = render(worker_families(_worker(True)))  # type: ignore[arg-type]
+    for line in text.splitlines():
+        assert line.startswith("#") or LINE.match(line), line
+    assert 'patchcast_worker_requests_total{model="cifar10-server",worker="w1"} 12' in text
+    assert 'patchcast_worker_errors_total{code="busy",model="cifar10-server",worker="w1"} 2' in text
+    assert 'patchcast_worker_queue_depth{model="cifar10-server",worker="w1"} 4' in text
+    assert 'patchcast_worker_service_seconds{model="cifar10-server",quantile="0.95",worker="w1"} 0.04' in text
+    assert "# TYPE patchcast_worker_service_seconds summary" in text
+    # before the first metrics window only the counters and queue gauges exist
+    early = render(worker_families(_worker(False)))  # type: ignore[arg-type]
+    assert "patchcast_worker_busy_fraction" not in early and "patchcast_worker_replies_total" in early
+
+
+async def _scrape() -> str:
+    server = MetricsServer(lambda: worker_families(_worker(True)), "127.0.0.1", 0)  # type: ignore[arg-type]
+    task = asyncio.create_task(server.run(), name="prometheus")
+    for _ in range(100):
+        if server._server is not None:
+            break
+        await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    response = (await asyncio.wait_for(reader.read(), timeout=5.0)).decode()
+    writer.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert server._server is None  # cancelled → closed
+    return response
+
+
+def test_worker_endpoint_serves_the_families_until_cancelled() -> None:
+    response = asyncio.run(_scrape())
+    assert response.startswith("HTTP/1.0 200")
+    assert 'patchcast_worker_batches_total{model="cifar10-server",worker="w1"} 3' in response
