@@ -27,7 +27,6 @@ silently computing something different.
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Sequence
 from typing import Literal, NoReturn, cast
 
