@@ -48,6 +48,8 @@ def worker_families(worker: InferenceWorker) -> list[Family]:
             .with_sample(m.requests_per_s, **labels),
             Family("patchcast_worker_batch_size_mean", "mean batch size in the last window")
             .with_sample(m.batch_size_mean, **labels),
+            Family("patchcast_worker_arrival_lateness_seconds", "p95 device send → worker receipt, last window")
+            .with_sample(m.arrival_ms_p95 / 1000.0, **labels),
             service,
         ]
     return families

@@ -200,7 +200,7 @@ class InferenceWorker:
             pixels.cancel()
             self._refuse(msg, request_id, exc)
             return
-        self.stats.on_request()
+        self.stats.on_request(time.time() - request.sent_at)
         future.add_done_callback(lambda f, it=item: self._on_done(it, f))  # type: ignore[misc]
 
     def _on_done(self, item: WorkItem, future: asyncio.Future[Prediction]) -> None:
@@ -291,7 +291,7 @@ class InferenceWorker:
             requests_per_s=f.requests_per_s, batches=f.batches, batch_size_mean=f.batch_size_mean,
             batch_size_max=f.batch_size_max, tokens_per_batch_mean=f.tokens_per_batch_mean,
             busy_fraction=f.busy_fraction, service_ms_p50=f.service_p50_ms, service_ms_p95=f.service_p95_ms,
-            service_ms_p99=f.service_p99_ms, errors_by_code=f.errors_by_code)
+            service_ms_p99=f.service_p99_ms, errors_by_code=f.errors_by_code, arrival_ms_p95=f.arrival_p95_ms)
 
     async def _metrics_loop(self) -> None:
         topic = self.topics.metrics("worker", self.worker_id)

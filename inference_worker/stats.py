@@ -33,6 +33,10 @@ class WindowStats:
     batch_tokens: list[int] = field(default_factory=list)
     busy_s: float = 0.0
     service_s: list[float] = field(default_factory=list)  # arrival → reply published
+    # device send → worker receipt (wall clocks): time a request spent in the broker and the socket
+    # buffers before the worker saw it. A worker whose event loop falls behind shows it here while
+    # its own queue stays short.
+    arrival_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -44,9 +48,11 @@ class WorkerStats:
     errors_by_code: collections.Counter[str] = field(default_factory=collections.Counter)
     window: WindowStats = field(default_factory=WindowStats)
 
-    def on_request(self) -> None:
+    def on_request(self, arrival_s: float | None = None) -> None:
         self.requests += 1
         self.window.requests += 1
+        if arrival_s is not None:
+            self.window.arrival_s.append(max(0.0, arrival_s))  # clock skew can make it negative
 
     def on_batch(self, report: BatchReport) -> None:
         self.batches += 1
@@ -70,6 +76,7 @@ class WorkerStats:
         w = self.window
         elapsed = max(now - w.started, 1e-9)
         p50, p95, p99 = percentiles(w.service_s, (0.5, 0.95, 0.99))  # this window's replies only
+        (arrival_p95,) = percentiles(w.arrival_s, (0.95,))
         sizes = w.batch_sizes
         self.window = WindowStats(started=now)
         return WindowFigures(
@@ -79,7 +86,8 @@ class WorkerStats:
             tokens_per_batch_mean=float(np.mean(w.batch_tokens)) if w.batch_tokens else 0.0,
             busy_fraction=min(1.0, w.busy_s / elapsed), service_p50_ms=p50 * 1000.0,
             service_p95_ms=p95 * 1000.0, service_p99_ms=p99 * 1000.0, requests_total=self.requests,
-            replies_total=self.replies, replies=w.replies, errors_by_code=dict(self.errors_by_code))
+            replies_total=self.replies, replies=w.replies, errors_by_code=dict(self.errors_by_code),
+            arrival_p95_ms=arrival_p95 * 1000.0)
 
 
 @dataclass(frozen=True)
@@ -99,3 +107,4 @@ class WindowFigures:
     replies_total: int
     replies: int  # replies published in this window (the service-time percentiles cover these)
     errors_by_code: dict[str, int]  # since start
+    arrival_p95_ms: float = 0.0  # device send → worker receipt, this window's requests

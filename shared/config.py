@@ -186,7 +186,8 @@ class ScalerConfig:
         "observe: only compute and export the desired size (Kubernetes/KEDA scale on it)")
     interval_s: float = _f(1.0, "seconds between scaling decisions")
     queue_per_worker_high: float = _f(8.0, "scale up when the mean queue depth per worker exceeds this …")
-    queue_age_high_ms: float = _f(400.0, "… or the oldest queued request is older than this …")
+    queue_age_high_ms: float = _f(400.0, "… or the oldest queued request is older than this (or, with "
+                                  "use_arrival_lateness, the p95 wait in the broker) …")
     busy_high: float = _f(0.85, "… or the mean busy fraction exceeds this")
     queue_per_worker_low: float = _f(1.0, "scale down only when the queue depth per worker is below this …")
     busy_low: float = _f(0.35, "… and the busy fraction (rescaled to one worker fewer) is below this")
@@ -196,6 +197,9 @@ class ScalerConfig:
     down_cooldown_s: float = _f(15.0, "after any change, no scale-down for this long (prevents flapping)")
     max_step_up: int = _f(2, "most workers added by one decision (backlog-proportional below that)")
     metrics_stale_s: float = _f(5.0, "worker metrics older than this are ignored")
+    use_arrival_lateness: bool = _f(True, "count the p95 time requests wait in the broker before a worker sees "
+                                    "them (device sent_at → receipt) as queue age; needs device and worker "
+                                    "clocks in sync (NTP): turn off where they are not")
     latency_target_ms: float = _f(1000.0, "end-to-end p95 the pool is sized for (reported as the SLO)")
     drain_timeout_s: float = _f(15.0, "stopping a worker: SIGTERM, wait this long to drain, then SIGKILL")
     restart_max: int = _f(5, "crashed workers are restarted at most this many times …")

@@ -350,7 +350,7 @@ class WorkerMetrics(Message):
         "queue_capacity": "qc", "oldest_queued_ms": "qo", "requests": "n", "requests_per_s": "rps",
         "batches": "nb", "batch_size_mean": "bsm", "batch_size_max": "bsx", "tokens_per_batch_mean": "tpb",
         "busy_fraction": "busy", "service_ms_p50": "s50", "service_ms_p95": "s95", "service_ms_p99": "s99",
-        "errors_by_code": "err"}
+        "errors_by_code": "err", "arrival_ms_p95": "al"}
 
     worker_id: str
     model: str
@@ -370,6 +370,9 @@ class WorkerMetrics(Message):
     service_ms_p95: float
     service_ms_p99: float
     errors_by_code: Mapping[str, int] = field(default_factory=dict)
+    # p95 of (worker receipt − device sent_at), wall clocks: time spent in the broker before the worker
+    # saw the request. Optional on the wire (0 when absent), so older workers' metrics still decode.
+    arrival_ms_p95: float = 0.0
 
     def __post_init__(self) -> None:
         _ident(self, "worker_id")
@@ -379,7 +382,7 @@ class WorkerMetrics(Message):
         for name in ("queue_depth", "queue_capacity", "requests", "batches", "batch_size_max"):
             _int(self, name, 0, 2**53)
         for name in ("oldest_queued_ms", "requests_per_s", "batch_size_mean", "tokens_per_batch_mean",
-                     "service_ms_p50", "service_ms_p95", "service_ms_p99"):
+                     "service_ms_p50", "service_ms_p95", "service_ms_p99", "arrival_ms_p95"):
             _float(self, name, 0.0)
         _float(self, "busy_fraction", 0.0, 1.0)
         _int_map(self, "errors_by_code", 64, 0, 2**53)

@@ -41,7 +41,7 @@ def worker_sample(m: protocol.WorkerMetrics) -> WorkerSample:
         service_p50_ms=m.service_ms_p50 if m.requests else None,
         service_p95_ms=m.service_ms_p95 if m.requests else None,
         service_p99_ms=m.service_ms_p99 if m.requests else None,
-        errors_by_code=dict(m.errors_by_code), errors_cumulative=True)
+        errors_by_code=dict(m.errors_by_code), errors_cumulative=True, arrival_p95_ms=m.arrival_ms_p95)
 
 
 def outcome_record(o: protocol.Outcome, *, jpeg_bytes_estimate: int = 0) -> OutcomeRecord:

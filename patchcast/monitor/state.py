@@ -59,6 +59,7 @@ class WorkerSample:
     service_p99_ms: float | None = None
     errors_by_code: Mapping[str, int] = field(default_factory=dict)
     errors_cumulative: bool = True  # errors_by_code counts since start (else: this interval only)
+    arrival_p95_ms: float = 0.0  # device send → worker receipt (time in the broker), p95 of the interval
 
 
 # ---------------------------------------------------------------------------------------------

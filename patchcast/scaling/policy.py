@@ -39,6 +39,7 @@ class WorkerLoad:
     busy_fraction: float
     requests_per_s: float = 0.0
     age_s: float = 0.0  # seconds since these metrics arrived
+    arrival_ms_p95: float = 0.0  # device send → worker receipt: backlog waiting in the broker
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class PoolSignals:
     oldest_queued_ms: float
     busy_mean: float
     requests_per_s: float
+    arrival_ms_p95: float = 0.0  # worst worker's; counts like queue age when cfg.use_arrival_lateness
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,20 @@ def signals(cfg: ScalerConfig, loads: Iterable[WorkerLoad]) -> PoolSignals:
         oldest_queued_ms=max((w.oldest_queued_ms for w in fresh), default=0.0),
         busy_mean=sum(min(1.0, max(0.0, w.busy_fraction)) for w in fresh) / n if n else 0.0,
         requests_per_s=sum(w.requests_per_s for w in fresh),
+        arrival_ms_p95=max((w.arrival_ms_p95 for w in fresh), default=0.0),
     )
+
+
+def _backlog_age_ms(cfg: ScalerConfig, s: PoolSignals) -> float:
+    """How long requests wait before a model sees them: in a worker's queue, or (when the worker's
+    event loop falls behind and its queue stays short) already in the broker."""
+    return max(s.oldest_queued_ms, s.arrival_ms_p95 if cfg.use_arrival_lateness else 0.0)
 
 
 def _pressure(cfg: ScalerConfig, s: PoolSignals) -> float:
     """How far over the scale-up thresholds the pool is (> 1: over)."""
     return max(s.queue_per_worker / cfg.queue_per_worker_high,
-               s.oldest_queued_ms / cfg.queue_age_high_ms,
+               _backlog_age_ms(cfg, s) / cfg.queue_age_high_ms,
                s.busy_mean / cfg.busy_high)
 
 
@@ -102,7 +111,7 @@ def _wants_down(cfg: ScalerConfig, s: PoolSignals, size: int) -> bool:
         return False
     projected_busy = s.busy_mean * size / (size - 1)
     return (s.queue_per_worker <= cfg.queue_per_worker_low
-            and s.oldest_queued_ms < cfg.queue_age_high_ms / 2
+            and _backlog_age_ms(cfg, s) < cfg.queue_age_high_ms / 2
             and s.busy_mean < cfg.busy_low
             and projected_busy < cfg.busy_high)
 

@@ -110,7 +110,8 @@ class ScalerService:
             since = self.history[-1].t + self.started_at if self.history else self.started_at
             starting = max(0, size - fresh) if now - since < self.scfg.startup_grace_s else 0
         loads = tuple(
-            WorkerLoad(wid, s.queue_depth, s.oldest_queued_ms, s.busy_fraction, s.requests_per_s, now - at)
+            WorkerLoad(wid, s.queue_depth, s.oldest_queued_ms, s.busy_fraction, s.requests_per_s, now - at,
+                       s.arrival_p95_ms)
             for wid, (s, at) in sorted(self.samples.items()) if wid in ids)
         return PoolObservation(t=now, size=size, starting=starting, loads=loads)
 
@@ -195,6 +196,8 @@ class ScalerService:
             out.add(POOL + "queue_depth", "queued requests, all workers", s.queue_total)
             out.add(POOL + "queue_depth_per_worker", "mean queue depth per worker", s.queue_per_worker)
             out.add(POOL + "oldest_queued_seconds", "oldest queued request", s.oldest_queued_ms / 1e3)
+            out.add(POOL + "arrival_lateness_seconds", "worst worker's p95 device send → worker receipt",
+                    s.arrival_ms_p95 / 1e3)
             out.add(POOL + "busy_fraction", "mean busy fraction", s.busy_mean)
             out.add(POOL + "requests_per_second", "requests/s, all workers", s.requests_per_s)
         for wid, (smp, at) in sorted(self.samples.items()):
@@ -202,6 +205,8 @@ class ScalerService:
             out.add(WORKER + "queue_depth", "queued requests", smp.queue_depth, w)
             out.add(WORKER + "oldest_queued_seconds", "oldest queued request", smp.oldest_queued_ms / 1e3,
                     w)
+            out.add(WORKER + "arrival_lateness_seconds", "p95 device send → worker receipt",
+                    smp.arrival_p95_ms / 1e3, w)
             out.add(WORKER + "busy_fraction", "share of the window in forwards", smp.busy_fraction, w)
             out.add(WORKER + "requests_per_second", "requests/s", smp.requests_per_s, w)
             out.add(WORKER + "metrics_age_seconds", "since the last metrics message", now - at, w)

@@ -171,3 +171,23 @@ def test_idle_pool_shrinks_to_min(busy):
         sizes.append(size)
     assert sizes[-1] == 1
     assert math.isclose(sizes.count(3), CFG.down_after_s, abs_tol=1)
+
+
+def test_backlog_waiting_in_the_broker_scales_up_when_arrival_lateness_counts():
+    """The blind spot of queue metrics: a worker whose event loop falls behind keeps a short queue
+    while requests wait in the broker. Its arrival lateness (device send → receipt) shows it."""
+    behind = tuple(WorkerLoad(f"w{i}", 0, 5.0, 0.5, arrival_ms_p95=2500.0) for i in range(2))
+    scaler = Autoscaler(CFG)
+    scaler.observe(PoolObservation(t=0.0, size=2, loads=behind))
+    d = scaler.observe(PoolObservation(t=CFG.up_after_s, size=2, loads=behind))
+    assert d.direction == "up" and d.signals.arrival_ms_p95 == 2500.0
+    blind = Autoscaler(replace(CFG, use_arrival_lateness=False))  # clocks not in sync: queue metrics only
+    for t in range(10):
+        d = blind.observe(PoolObservation(t=float(t), size=2, loads=behind))
+        assert d.direction == "hold"
+    # and a pool whose requests still arrive late does not shrink
+    late_idle = tuple(WorkerLoad(f"w{i}", 0, 0.0, 0.0, arrival_ms_p95=300.0) for i in range(3))
+    shrink = Autoscaler(CFG)
+    for t in range(40):
+        d = shrink.observe(PoolObservation(t=float(t), size=3, loads=late_idle))
+        assert d.direction != "down"

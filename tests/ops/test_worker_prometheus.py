@@ -19,6 +19,7 @@ def _worker(with_window: bool) -> SimpleNamespace:
     stats.requests, stats.replies, stats.batches = 12, 11, 3
     stats.errors_by_code["busy"] = 2
     metrics = SimpleNamespace(busy_fraction=0.5, requests_per_s=4.0, batch_size_mean=3.5, service_ms_p50=20.0,
+                              arrival_ms_p95=120.0,
                               service_ms_p95=40.0, service_ms_p99=80.0) if with_window else None
     return SimpleNamespace(worker_id="w1", model_id="cifar10-server", stats=stats, last_metrics=metrics,
                            batcher=SimpleNamespace(depth=4, oldest_age_s=lambda: 0.25),
@@ -34,6 +35,7 @@ def test_worker_families_render_in_exposition_format() -> None:
     assert 'patchcast_worker_queue_depth{model="cifar10-server",worker="w1"} 4' in text
     assert 'patchcast_worker_service_seconds{model="cifar10-server",quantile="0.95",worker="w1"} 0.04' in text
     assert "# TYPE patchcast_worker_service_seconds summary" in text
+    assert 'patchcast_worker_arrival_lateness_seconds{model="cifar10-server",worker="w1"} 0.12' in text
     # before the first metrics window only the counters and queue gauges exist
     early = render(worker_families(_worker(False)))  # type: ignore[arg-type]
     assert "patchcast_worker_busy_fraction" not in early and "patchcast_worker_replies_total" in early

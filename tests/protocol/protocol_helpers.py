@@ -48,7 +48,7 @@ def sample_messages() -> list[P.Message]:
         P.ErrorReply("r-000042", "bad_mask", "mask keeps no patch", "worker-1"),
         P.ErrorReply(None, "malformed", "not msgpack", "worker-1"),
         P.WorkerMetrics("worker-1", "deit_base", 1_763_800_000.0, 5.0, 3, 256, 12.5, 100, 20.0, 14, 7.1, 16,
-                        480.0, 0.82, 40.0, 95.5, 130.0, {"bad_mask": 2, "busy": 1}),
+                        480.0, 0.82, 40.0, 95.5, 130.0, {"bad_mask": 2, "busy": 1}, 35.5),
         P.Outcome("cam-01", "r-000042", 1_763_800_001.0, "server", 63, 196, 7000, 41.5, 3, 7, 7, 1.25),
         P.Outcome("cam-01", "r-000043", 1_763_800_001.0, "edge", 0, 196, 0, None, 3, 3),
         P.Outcome("cam-01", "r-000044", 1_763_800_001.0, "timeout", 63, 196, 7000, None, 3, 3, None, 1.5,

@@ -205,3 +205,17 @@ def test_limits_must_be_positive_ints() -> None:
         P.ProtocolLimits(max_patches=0)
     with pytest.raises(ProtocolError):
         P.ProtocolLimits(max_patches=True)
+
+
+def test_worker_metrics_without_arrival_lateness_still_decode() -> None:
+    """``arrival_ms_p95`` ("al") came after schema v1's first workers: absent on the wire means 0."""
+    import msgpack
+
+    full = P.WorkerMetrics("w1", "m", 1.0, 5.0, 0, 8, 0.0, 0, 0.0, 0, 0.0, 0, 0.0, 0.5, 0.0, 0.0, 0.0, {}, 250.0)
+    raw = msgpack.unpackb(P.encode(full), raw=False)
+    assert raw["al"] == 250.0
+    del raw["al"]
+    older = P.decode(msgpack.packb(raw, use_bin_type=True))
+    assert isinstance(older, P.WorkerMetrics) and older.arrival_ms_p95 == 0.0
+    with pytest.raises(ProtocolError):
+        P.WorkerMetrics("w1", "m", 1.0, 5.0, 0, 8, 0.0, 0, 0.0, 0, 0.0, 0, 0.0, 0.5, 0.0, 0.0, 0.0, {}, -1.0)

@@ -125,8 +125,8 @@ def test_worker_stats_window_drains_and_errors_are_cumulative() -> None:
 
     stats = WorkerStats()
     stats.window.started -= 2.0  # a 2 s window
-    for _ in range(4):
-        stats.on_request()
+    for lateness in (0.1, 0.2, -0.05, None):  # negative: clock skew, clamped; None: not measured
+        stats.on_request(lateness)
     stats.on_batch(BatchReport(size=4, tokens=300, run_s=0.5, waits_s=(0.01,) * 4, failed=False))
     for ms in (10, 20, 30, 40):
         stats.on_reply(ms / 1000)
@@ -135,6 +135,8 @@ def test_worker_stats_window_drains_and_errors_are_cumulative() -> None:
     assert first.replies == 4 and first.batches == 1 and first.batch_size_mean == 4
     assert first.tokens_per_batch_mean == 300 and 0.2 < first.busy_fraction < 0.3
     assert 1.9 < first.requests_per_s < 2.1 and first.service_p50_ms == pytest.approx(25)
+    assert first.arrival_p95_ms == pytest.approx(190.0)  # p95 of (100, 200, 0) ms, linear interpolation
     second = stats.drain()
     assert second.replies == 0 and second.batches == 0 and second.service_p99_ms == 0
+    assert second.arrival_p95_ms == 0
     assert second.errors_by_code == {"busy": 1} and second.requests_total == 4
