@@ -177,6 +177,10 @@ class Device:
             bytes=nbytes, latency_ms=latency_ms, edge_label=decision.edge_label, final_label=final_label,
             ground_truth=sample.label, uncertainty=decision.uncertainty, error_code=error_code,
             attempts=attempts, worker_id=worker_id, edge_ms=decision.edge_ms)
+        if attempts and decision.full_payload_bytes is not None and decision.payload is not None:
+            # the same attempts, each with the full image as the payload instead of the kept patches
+            full = nbytes + attempts * (decision.full_payload_bytes - len(decision.payload))
+            record = OutcomeRecord(**{**record.__dict__, "full_bytes": full})
         if status != "edge" and nbytes == 0 and record.patches == 0:
             record = OutcomeRecord(**{**record.__dict__, "patches": 1})  # keep the Outcome invariant
         return record

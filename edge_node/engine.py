@@ -43,6 +43,9 @@ class EdgeDecision:
     indices: np.ndarray | None = None
     payload: bytes | None = None
     edge_ms: float = 0.0  # this image's share of the batch's edge compute
+    # bytes of the same image as a full-image JPEG payload (what a device without patch selection
+    # would send); measured only for images that are sent, and only when asked for
+    full_payload_bytes: int | None = None
 
     @property
     def kept(self) -> int:
@@ -60,7 +63,7 @@ class EdgeEngine:
     """A loaded edge ViT with the gate, selection rule and codec a device applies."""
 
     def __init__(self, loaded: LoadedModel, gate: GateConfig, selection: SelectionConfig,
-                 codec: CodecConfig) -> None:
+                 codec: CodecConfig, *, measure_full_bytes: bool = False) -> None:
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.gate = Gate(gate.kind, gate.threshold)
@@ -71,6 +74,9 @@ class EdgeEngine:
         self.codec_params = codec_params(codec)
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches
+        self.measure_full_bytes = measure_full_bytes
+        self._full_codec = get_codec("jpeg")
+        self._full_params = self._full_codec.resolve_params({"q": codec.quality})
 
     def pixels(self, sample: Sample) -> np.ndarray:
         """(H, W, 3) uint8: the cropped image as the device holds it."""
@@ -95,14 +101,18 @@ class EdgeEngine:
         for i, px in enumerate(pixels):
             ids = tuple(int(v) for v in top_i[i])
             indices = payload = None
+            full_bytes = None
             if i in selections:
                 indices = np.asarray(selections[i].indices, dtype=np.int64)
                 kept_scores = scores[i].numpy().astype(np.float64)[indices]
                 payload = self.codec.encode(px, indices, self.patch_size, self.codec_params, scores=kept_scores)
+                if self.measure_full_bytes:
+                    full_bytes = len(self._full_codec.encode(px, np.arange(self.num_patches), self.patch_size,
+                                                             self._full_params))
             decisions.append(EdgeDecision(
                 edge_label=ids[0], topk_ids=ids, topk_probs=tuple(float(v) for v in top_p[i]),
                 uncertainty=float(unc[i]), send=i in selections, height=h, width=w, patch_size=self.patch_size,
-                num_patches=self.num_patches, indices=indices, payload=payload))
+                num_patches=self.num_patches, indices=indices, payload=payload, full_payload_bytes=full_bytes))
         share = (time.perf_counter() - started) * 1000.0 / max(len(samples), 1)
         return [_with_ms(d, share) for d in decisions]
 

@@ -27,10 +27,12 @@ class OutcomeRecord:
     attempts: int = 0  # requests published for this image (0: kept at the edge)
     worker_id: str | None = None
     edge_ms: float = 0.0
+    full_bytes: int | None = None  # the same requests with the full image as a JPEG (when measured)
 
     def to_message(self) -> Outcome:
         return Outcome(device_id=self.device_id, request_id=self.request_id, at=time.time(),
                        status=self.status, patches=self.patches, num_patches=self.num_patches,  # type: ignore[arg-type]
                        bytes=self.bytes, latency_ms=self.latency_ms, edge_label=self.edge_label,
                        final_label=self.final_label, ground_truth=self.ground_truth,
-                       uncertainty=self.uncertainty, error_code=self.error_code)
+                       uncertainty=self.uncertainty, error_code=self.error_code,
+                       full_bytes=self.full_bytes if self.status != "edge" else None)

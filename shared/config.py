@@ -99,6 +99,8 @@ class EdgeConfig:
     duration_s: float = _f(0.0, "seconds to run the fleet (0: until every device has sent its images)")
     batch_delay_ms: float = _f(5.0, "longest wait for more devices' images before an edge batch runs")
     publish_outcomes: bool = _f(True, "publish an Outcome message per image on the device's metrics topic")
+    measure_full_bytes: bool = _f(True, "also encode each sent image as a full-image JPEG (one extra encode) so "
+                                  "outcomes report the bytes patch selection saved")
     metrics_interval_s: float = _f(5.0, "seconds between a device's EdgeMetrics messages")
     busy_retry_delay_s: float = _f(0.2, "wait before re-sending after a 'busy' reply (counts as a retry)")
 

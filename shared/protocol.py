@@ -400,7 +400,7 @@ class Outcome(Message):
     WIRE: ClassVar[dict[str, str]] = {
         "device_id": "d", "request_id": "r", "at": "at", "status": "s", "patches": "np", "num_patches": "nn",
         "bytes": "nb", "latency_ms": "lat", "edge_label": "el", "final_label": "fl", "ground_truth": "y",
-        "uncertainty": "u", "error_code": "e"}
+        "uncertainty": "u", "error_code": "e", "full_bytes": "fb"}
 
     device_id: str
     request_id: str
@@ -415,6 +415,8 @@ class Outcome(Message):
     ground_truth: int | None = None
     uncertainty: float | None = None
     error_code: str | None = None
+    # the same requests with the full image as a JPEG payload: what patch selection saved (optional)
+    full_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _ident(self, "device_id")
@@ -434,6 +436,9 @@ class Outcome(Message):
         _opt_float(self, "uncertainty")
         if self.error_code is not None:
             _kind(self, "error_code")
+        _opt_int(self, "full_bytes", 0, 2**53)
+        if self.status == "edge" and self.full_bytes:
+            raise BadFieldError("an image kept at the edge sent nothing, so it has no full-image cost")
 
     @property
     def offloaded(self) -> bool:

@@ -46,7 +46,7 @@ def worker_sample(m: protocol.WorkerMetrics) -> WorkerSample:
 
 def outcome_record(o: protocol.Outcome, *, jpeg_bytes_estimate: int = 0) -> OutcomeRecord:
     sent = o.offloaded
-    full = getattr(o, "full_bytes", None)  # optional: the device's full-image cost, when it reports it
+    full = o.full_bytes  # the device's full-image cost, when it measures it
     return OutcomeRecord(
         device=o.device_id, sent=sent, patches_sent=o.patches, patches_total=o.num_patches if sent else 0,
         bytes_sent=o.bytes, full_jpeg_bytes=(int(full) if full else jpeg_bytes_estimate) if sent else 0,

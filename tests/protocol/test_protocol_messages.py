@@ -219,3 +219,18 @@ def test_worker_metrics_without_arrival_lateness_still_decode() -> None:
     assert isinstance(older, P.WorkerMetrics) and older.arrival_ms_p95 == 0.0
     with pytest.raises(ProtocolError):
         P.WorkerMetrics("w1", "m", 1.0, 5.0, 0, 8, 0.0, 0, 0.0, 0, 0.0, 0, 0.0, 0.5, 0.0, 0.0, 0.0, {}, -1.0)
+
+
+def test_outcome_full_bytes_is_optional_and_only_for_sent_images() -> None:
+    import msgpack
+
+    sent = P.Outcome("cam-01", "r1", 1.0, "server", 20, 64, 600, 12.0, 3, 3, 3, 1.5, None, 1_100)
+    raw = msgpack.unpackb(P.encode(sent), raw=False)
+    assert raw["fb"] == 1_100
+    del raw["fb"]
+    older = P.decode(msgpack.packb(raw, use_bin_type=True))  # devices that do not measure it
+    assert isinstance(older, P.Outcome) and older.full_bytes is None
+    with pytest.raises(ProtocolError):
+        P.Outcome("cam-01", "r2", 1.0, "edge", 0, 64, 0, None, 3, 3, 3, 0.2, None, 1_100)
+    with pytest.raises(ProtocolError):
+        P.Outcome("cam-01", "r3", 1.0, "server", 20, 64, 600, 12.0, 3, 3, 3, 1.5, None, -5)

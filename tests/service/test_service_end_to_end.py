@@ -117,10 +117,14 @@ async def test_two_workers_eight_devices_every_request_answered_once_on_its_own_
     clear = ((top2[:, 0] - top2[:, 1]) > 1e-3).tolist()  # fp32, batched vs not: ≤ 1e-4 apart
     assert sum(clear) >= 0.95 * len(order)
     assert [g for g, c in zip(got, clear, strict=True) if c] == [e for e, c in zip(expected, clear, strict=True) if c]
-    # Outcomes carry the server's label.
+    # Outcomes carry the server's label, and what the same requests would have cost with the full image.
     for record in result.outcomes:
         if record.status == "server":
             assert record.final_label == replies[record.request_id][1].label
+            assert record.full_bytes is not None and record.full_bytes > 0
+            assert record.to_message().full_bytes == record.full_bytes
+        if record.status == "edge":
+            assert record.full_bytes is None
 
     # Availability: online while serving, offline after a graceful stop; metrics from both workers.
     for w in workers:
