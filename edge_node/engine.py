@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shared.attention import edge_forward
-from shared.codecs import get_codec
+from shared.codecs import full_image_payload_bytes, get_codec
 from shared.config import CodecConfig, GateConfig, SelectionConfig
 from shared.datasets import Sample, crop_uint8, decode_rgb, normalize
 from shared.gates import Gate
@@ -75,8 +75,7 @@ class EdgeEngine:
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches
         self.measure_full_bytes = measure_full_bytes
-        self._full_codec = get_codec("jpeg")
-        self._full_params = self._full_codec.resolve_params({"q": codec.quality})
+        self.quality = codec.quality
 
     def pixels(self, sample: Sample) -> np.ndarray:
         """(H, W, 3) uint8: the cropped image as the device holds it."""
@@ -107,8 +106,7 @@ class EdgeEngine:
                 kept_scores = scores[i].numpy().astype(np.float64)[indices]
                 payload = self.codec.encode(px, indices, self.patch_size, self.codec_params, scores=kept_scores)
                 if self.measure_full_bytes:
-                    full_bytes = len(self._full_codec.encode(px, np.arange(self.num_patches), self.patch_size,
-                                                             self._full_params))
+                    full_bytes = full_image_payload_bytes(px, self.patch_size, self.quality)
             decisions.append(EdgeDecision(
                 edge_label=ids[0], topk_ids=ids, topk_probs=tuple(float(v) for v in top_p[i]),
                 uncertainty=float(unc[i]), send=i in selections, height=h, width=w, patch_size=self.patch_size,

@@ -14,7 +14,8 @@ per request and runs them through the blocks under the configured batching polic
 Precision: ``bf16`` runs under CPU autocast (matrix products in bf16 on AMX/AVX512-BF16; norms and
 softmax stay float32) on a copy whose matrix weights are stored in bf16 (bit-identical to autocast
 over the fp32 weights, without the per-call weight casts), ``fp32`` plainly; ``auto`` picks bf16
-only where the CPU has native bf16 (emulated bf16 is slower than fp32). Everything runs under ``torch.inference_mode``.
+only where the CPU has native bf16 (emulated bf16 is slower than fp32). Everything runs under
+``torch.inference_mode``.
 """
 
 from __future__ import annotations

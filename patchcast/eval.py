@@ -761,10 +761,9 @@ def reference_bytes(pixels: np.ndarray, patch_size: int) -> int:
     """The full image as PatchCast would send it: the ``jpeg`` codec (table-less baseline JPEG,
     quality 90, 4:2:0) with every patch kept. Table-less on both sides keeps the ratio honest: the
     ~610 header bytes a JPEG *file* would add are not on the wire for either."""
-    from shared.codecs import get_codec
+    from shared.codecs import full_image_payload_bytes
 
-    n = (pixels.shape[0] // patch_size) * (pixels.shape[1] // patch_size)
-    return len(get_codec("jpeg").encode(pixels, np.arange(n), patch_size, {"q": REFERENCE_JPEG_QUALITY}))
+    return full_image_payload_bytes(pixels, patch_size, REFERENCE_JPEG_QUALITY)
 
 
 def jpeg_file_bytes(pixels: np.ndarray, quality: int = REFERENCE_JPEG_QUALITY) -> int:

@@ -468,6 +468,14 @@ def list_codecs() -> list[Codec]:
     return list(_REGISTRY.values())
 
 
+def full_image_payload_bytes(pixels: np.ndarray, patch_size: int, quality: int = 90) -> int:
+    """Bytes of the whole image as a payload: the ``jpeg`` codec with every patch kept. The reference
+    that patch selection is compared with (table-less, like every payload on the wire)."""
+    n = (pixels.shape[0] // patch_size) * (pixels.shape[1] // patch_size)
+    codec = get_codec("jpeg")
+    return len(codec.encode(pixels, np.arange(n), patch_size, codec.resolve_params({"q": quality})))
+
+
 for _codec in (
     RawCodec("raw", "none", "uint8 patches as they are (K·p·p·3 bytes); lossless, no CPU"),
     RawCodec("raw+zlib", "zlib", "uint8 patches, zlib-compressed; lossless"),
