@@ -686,7 +686,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     from shared import datasets
     from shared.codecs import get_codec
     from shared.errors import ConfigError, ModelError
-    from shared.models import build_model
+    from shared.models import build_model, check_server_layout
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -702,6 +702,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     edge_m = build_model(cfg.edge, pretrained=cfg.pretrained, role="edge")
     # Built unfused too: the server's own attention map is the "server as semantic encoder" score.
     server_m = build_model(cfg.server, pretrained=cfg.pretrained, role="edge")
+    check_server_layout(server_m, cfg.server)
     if edge_m.grid != server_m.grid or edge_m.patch_size != server_m.patch_size:
         raise ModelError(f"edge grid {edge_m.grid}×{edge_m.patch_size}px and server grid "
                          f"{server_m.grid}×{server_m.patch_size}px differ: patches cannot be shared")
@@ -966,7 +967,7 @@ def summarise(cfg: EvalConfig, data: Arrays, points: list[Point], n_patches: int
         "images": len(data.labels),
         "num_patches": n_patches,
         "edge": {"ref": cfg.edge, "name": edge_m.name, "accuracy": edge_only.accuracy,
-                 "gmacs": round(model_flops(edge_m, n_patches + 1) / 1e9, 4)},
+                 "gmacs": round(model_flops(edge_m, n_patches + edge_m.model.num_prefix_tokens) / 1e9, 4)},
         "server": {"ref": cfg.server, "name": server_m.name, "accuracy": server_only.accuracy,
                    "gmacs": round(server_only.server_gmacs_per_image, 4)},
         "bytes_sample": bytes_sample,

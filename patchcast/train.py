@@ -92,6 +92,8 @@ class TrainConfig:
             raise ConfigError("token_dropout must be in [0, 1] and token_keep_min in (0, 1]")
         if self.lr <= 0:
             raise ConfigError("lr must be positive")
+        if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
+            raise ConfigError("distill_weight must be in [0, 1] and distill_temperature positive")
         if not 0.0 <= self.token_attention_share <= 1.0:
             raise ConfigError("token_attention_share must be in [0, 1]")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -246,7 +248,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     torch.manual_seed(cfg.seed)
     model = cfg.arch.build()
     if cfg.init:
-        start = build_model(cfg.init, role="server")
+        start = build_model(cfg.init, role="edge" if cfg.arch.reg_tokens else "server")
         try:
             model.load_state_dict(start.model.state_dict())
         except RuntimeError as exc:

@@ -42,6 +42,9 @@ class VitArch:
     num_heads: int
     mlp_ratio: float = 4.0
     num_classes: int = 10
+    # Register tokens (Darcet et al., 2024): extra learned tokens after CLS that absorb the
+    # attention a small ViT would otherwise park on a few background patches. Edge models only.
+    reg_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.img_size <= 0 or self.patch_size <= 0 or self.img_size % self.patch_size:
@@ -50,6 +53,8 @@ class VitArch:
             raise ModelError(f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}")
         if self.depth <= 0 or self.num_classes <= 0:
             raise ModelError("depth and num_classes must be positive")
+        if self.reg_tokens < 0:
+            raise ModelError(f"reg_tokens must be >= 0, got {self.reg_tokens}")
 
     def build(self) -> VisionTransformer:
         return VisionTransformer(
@@ -61,6 +66,7 @@ class VitArch:
             mlp_ratio=self.mlp_ratio,
             num_classes=self.num_classes,
             class_token=True,
+            reg_tokens=self.reg_tokens,
             global_pool="token",
         )
 
@@ -146,10 +152,11 @@ def zoo_names() -> list[str]:
 
 
 def _check_plain_vit(model: torch.nn.Module, name: str) -> VisionTransformer:
+    """A ViT whose patch tokens follow CLS (+ optional registers), each with its own pos-embed."""
     if not isinstance(model, VisionTransformer):
         raise ModelError(f"{name}: PatchCast needs a timm VisionTransformer, got {type(model).__name__}")
-    if model.cls_token is None or model.reg_token is not None or model.no_embed_class:
-        raise ModelError(f"{name}: needs a CLS token, no register tokens and pos-embed on CLS (DeiT/ViT layout)")
+    if model.cls_token is None or model.no_embed_class:
+        raise ModelError(f"{name}: needs a CLS token and pos-embed on CLS (DeiT/ViT layout)")
     if model.pos_embed is None or getattr(model, "dynamic_img_size", False):
         raise ModelError(f"{name}: needs a fixed absolute position embedding")
     return model
@@ -251,7 +258,15 @@ def build_model(ref: str, *, pretrained: bool = False, role: Role = "server") ->
         raise ModelError(f"model reference {ref!r}: expected timm:NAME, file:PATH or zoo:NAME")
     if role == "edge":
         set_fused_attention(loaded.model, False)
+    else:
+        check_server_layout(loaded, ref)
     return loaded
+
+
+def check_server_layout(loaded: LoadedModel, ref: str) -> None:
+    """The server sees CLS + the received patches only (``shared.subset``, ``shared.packing``)."""
+    if loaded.model.reg_token is not None:
+        raise ModelError(f"{ref}: register tokens are supported on edge models only, not as a server")
 
 
 def _guess_kind(ref: str) -> str:

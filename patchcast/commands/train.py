@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=3)
     p.add_argument("--mlp-ratio", type=float, default=4.0)
+    p.add_argument("--reg-tokens", type=int, default=0,
+                   help="register tokens after CLS (edge models): they take the attention a small ViT would "
+                   "otherwise park on a few background patches, so its CLS attention ranks patches better")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -47,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start from these weights (zoo:NAME, file:PATH) instead of random init: fine-tuning")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--teacher", default=None, help="teacher model reference for soft distillation (edge models)")
+    p.add_argument("--distill-weight", type=float, default=0.5,
+                   help="with --teacher: loss = (1 - w) * label loss + w * KL(teacher || student)")
+    p.add_argument("--distill-temperature", type=float, default=2.0, help="with --teacher: softmax temperature")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
@@ -65,12 +71,14 @@ def run(args: argparse.Namespace) -> int:
     num_classes = _count_classes(args.data)
     cfg = TrainConfig(
         data=args.data, test_data=args.test_data or None, out=args.out,
-        arch=VitArch(args.img_size, args.patch_size, args.dim, args.depth, args.heads, args.mlp_ratio, num_classes),
+        arch=VitArch(args.img_size, args.patch_size, args.dim, args.depth, args.heads, args.mlp_ratio, num_classes,
+                     reg_tokens=args.reg_tokens),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         token_dropout=args.token_dropout, token_keep_min=args.token_keep_min,
         token_selector=args.token_selector, token_attention_share=args.token_attention_share,
         init=args.init, device=args.device, teacher=args.teacher,
+        distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
         seed=args.seed, threads=args.threads, bf16=not args.fp32, name=args.name)
     console = Console()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

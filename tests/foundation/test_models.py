@@ -85,3 +85,31 @@ def test_vit_arch_validation() -> None:
         VitArch(img_size=30, patch_size=4, embed_dim=32, depth=2, num_heads=2)
     with pytest.raises(ModelError):
         VitArch(img_size=32, patch_size=4, embed_dim=30, depth=2, num_heads=4)
+
+
+def test_register_tokens_on_the_edge_only(tmp_path: Path) -> None:
+    from shared.attention import edge_forward
+    from shared.scores import scores_from_output
+
+    torch.manual_seed(0)
+    arch = VitArch(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, reg_tokens=3)
+    loaded = LoadedModel(arch.build().eval(), "reg", Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+                         [f"c{i}" for i in range(10)])
+    path = tmp_path / "reg.safetensors"
+    save_checkpoint(path, loaded, arch=arch)
+    edge = build_model(f"file:{path}", role="edge")
+    assert edge.model.num_prefix_tokens == 4 and edge.num_patches == 16
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = edge_forward(edge.model, x, all_layers=True)
+        # unfused (edge) vs fused SDPA (as saved): same weights, float32 rounding only
+        assert torch.allclose(out.logits, loaded.model(x), atol=1e-5)
+    # CLS → patches only: the registers' share of the attention is not a patch score
+    assert out.cls_attention.shape == (2, 2, 16)
+    for kind in ("attention", "rollout"):
+        scores = scores_from_output(out, kind)  # type: ignore[arg-type]
+        assert scores.shape == (2, 16) and torch.allclose(scores.sum(-1), torch.ones(2))
+    with pytest.raises(ModelError, match="register tokens"):
+        build_model(f"file:{path}", role="server")  # the server's subset forward is CLS + patches
+    with pytest.raises(ModelError):
+        VitArch(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, reg_tokens=-1)

@@ -31,8 +31,8 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _cfg(data: Path, out: Path, epochs: int = 3, **kw: object) -> TrainConfig:
-    arch = VitArch(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+def _cfg(data: Path, out: Path, epochs: int = 3, arch: VitArch | None = None, **kw: object) -> TrainConfig:
+    arch = arch or VitArch(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
     settings: dict[str, object] = {"batch_size": 8, "lr": 3e-3, "warmup_epochs": 0.5, "name": "toy", "command": "test",
                                    **kw}
     return TrainConfig(data=str(data), test_data=str(data), out=str(out), arch=arch, epochs=epochs,
@@ -117,6 +117,20 @@ def test_attention_guided_token_dropout_and_fine_tuning(toy_data: Path, tmp_path
         train(_cfg(toy_data, tmp_path / "bad", epochs=1, init="zoo:cifar10-edge"))  # another architecture
     with pytest.raises(ConfigError):
             _cfg(toy_data, tmp_path / "bad2", device="tpu")
+
+
+def test_distilled_edge_with_register_tokens(toy_data: Path, tmp_path: Path) -> None:
+    teacher = train(_cfg(toy_data, tmp_path / "teacher", epochs=3))
+    ref = f"file:{tmp_path / 'teacher' / 'model.safetensors'}"
+    arch = VitArch(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2, reg_tokens=2)
+    card = train(_cfg(toy_data, tmp_path / "student", epochs=3, arch=arch, teacher=ref, distill_weight=0.7))
+    assert teacher["test_accuracy"] >= 0.9 and card["test_accuracy"] >= 0.9
+    assert card["architecture"]["reg_tokens"] == 2 and card["training"]["teacher"] == ref
+    assert card["training"]["distill_weight"] == 0.7
+    student = build_model(f"file:{tmp_path / 'student' / 'model.safetensors'}", role="edge")
+    assert student.model.num_prefix_tokens == 3
+    with pytest.raises(ConfigError):
+        _cfg(toy_data, tmp_path / "bad", teacher=ref, distill_weight=1.5)
 
 
 def test_fine_tuned_card_names_its_starting_point(toy_data: Path, tmp_path: Path) -> None:
