@@ -17,7 +17,7 @@ central-difference gradient of luma), the most detailed patches first. Detailed 
 bytes than average ones, so the stand-in is on the pessimistic side for byte counts.
 
 Effect on classification (CIFAR-10, when a trained model is in the zoo): the classifier
-(``zoo:cifar10-server`` if present, else ``zoo:cifar10-edge``) runs on the *decoded* kept patches
+(``zoo:cifar10-server`` if present) runs on the *decoded* kept patches
 with the subset forward (each patch embedded at its own position, as the worker does), and its
 accuracy is compared with the same forward on the original, lossless kept patches.
 
@@ -188,10 +188,8 @@ def classifier_ref(dataset: str) -> str | None:
     """The zoo model that classifies decoded patches, if there is one for this dataset."""
     if dataset != "cifar10":
         return None
-    for name in ("cifar10-server", "cifar10-edge"):
-        if (ZOO_DIR / f"{name}.safetensors").is_file():
-            return f"zoo:{name}"
-    return None
+    # Only the server: its subset forward is CLS + patches (the edge carries register tokens).
+    return "zoo:cifar10-server" if (ZOO_DIR / "cifar10-server.safetensors").is_file() else None
 
 
 def subset_correct(ref: str, patches: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:

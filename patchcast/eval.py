@@ -941,6 +941,32 @@ def _point_json(p: Point | None) -> dict[str, Any] | None:
     return None if p is None else {**asdict(p), "label": p.label, "description": describe(p)}
 
 
+def selection_geometry(scores: FloatArray, k: int) -> dict[str, float]:
+    """Where a top-k selection on a square patch grid lands, next to what uniform random picks give.
+
+    ``central_share``: kept patches in the central half of the grid (both axes); ``bottom_corners``:
+    images keeping both bottom corner patches, the signature of an attention sink (a small ViT parking
+    CLS attention on a few background tokens). Random: the expectations of k uniform picks.
+    """
+    b, n = scores.shape
+    g = math.isqrt(n)
+    if g * g != n or not 1 <= k <= n or g < 2:
+        raise ValueError(f"need a square grid and 1 <= k <= N, got N={n}, k={k}")
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    kept = np.zeros((b, n), dtype=bool)
+    np.put_along_axis(kept, top, True, axis=1)
+    grid = kept.reshape(b, g, g)
+    lo, hi = g // 4, g - g // 4
+    central_cells = (hi - lo) ** 2
+    return {
+        "k": k,
+        "central_share": float(grid[:, lo:hi, lo:hi].sum() / kept.sum()),
+        "central_share_random": central_cells / n,
+        "bottom_corners": float(np.mean(grid[:, -1, 0] & grid[:, -1, -1])),
+        "bottom_corners_random": k * (k - 1) / (n * (n - 1)),
+    }
+
+
 def summarise(cfg: EvalConfig, data: Arrays, points: list[Point], n_patches: int, edge_m: Any,
               server_m: Any, gate_u: dict[str, FloatArray], specs: Sequence[SelectionSpec],
               bytes_sample: int) -> dict[str, Any]:
@@ -995,6 +1021,10 @@ def summarise(cfg: EvalConfig, data: Arrays, points: list[Point], n_patches: int
             "matched_points_mean_margin_points": (float(np.mean(diffs)) * 100) if diffs else None,
         },
         "frontier": [_point_json(p) for p in method],
+        # top-N/4 patches, where the paper's rules spend most of their budget
+        "selection_geometry": {f"{enc}/{score}": selection_geometry(sc, max(1, n_patches // 4))
+                               for (enc, score), sc in sorted(data.scores.items())
+                               if score == "attention" and math.isqrt(n_patches) ** 2 == n_patches},
     }
 
 
@@ -1105,6 +1135,17 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_pr
         f"{acc['matched_points_mean_margin_points']:+.2f} points, worst "
         f"{acc['matched_points_min_margin_points']:+.2f}",
     ]
+    geometry = summary.get("selection_geometry") or {}
+    if geometry:
+        lines += ["", f"{h}# Where attention looks", "",
+                  "Top N/4 patches by each model's last-block CLS attention, against uniform random picks "
+                  "(an attention sink shows as kept corners; an object as a central share above random).", "",
+                  "| score | k | kept patches in the central half of the grid | images keeping both bottom "
+                  "corners |", "|---|---|---|---|"]
+        for name, geo in geometry.items():
+            lines.append(f"| {name} | {geo['k']} | {_pct(geo['central_share'])} (random "
+                         f"{_pct(geo['central_share_random'])}) | {_pct(geo['bottom_corners'])} (random "
+                         f"{_pct(geo['bottom_corners_random'])}) |")
     if img_prefix is not None:
         lines += ["", f"{h}# Figures", ""]
         for name, caption in FIGURES:

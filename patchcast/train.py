@@ -248,7 +248,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     torch.manual_seed(cfg.seed)
     model = cfg.arch.build()
     if cfg.init:
-        start = build_model(cfg.init, role="edge" if cfg.arch.reg_tokens else "server")
+        start = build_model(cfg.init, role="edge")  # any layout: the state-dict check below decides
         try:
             model.load_state_dict(start.model.state_dict())
         except RuntimeError as exc:
@@ -452,7 +452,9 @@ def write_card(out: Path, name: str, card: dict[str, Any]) -> None:
     lines = [
         f"# Model card: {name}", "",
         f"- Architecture: {a['family']}, img {a['img_size']}, patch {a['patch_size']}, dim {a['embed_dim']}, "
-        f"depth {a['depth']}, heads {a['num_heads']}, {a['params']:,} parameters",
+        f"depth {a['depth']}, heads {a['num_heads']}"
+        f"{', ' + str(a['reg_tokens']) + ' register tokens' if a.get('reg_tokens') else ''}, "
+        f"{a['params']:,} parameters",
         f"- Data: `{Path(card['data']['train']).name}` (sha256 `{card['data']['train_sha256']}`), "
         f"{card['data']['train_images']:,} images",
         f"- Training: {card['epochs']} epochs, wall time {card['wall_time_s'] / 60:.1f} min "

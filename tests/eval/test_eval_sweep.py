@@ -20,6 +20,7 @@ from patchcast.eval import (
     padded_groups,
     pareto_frontier,
     random_matched_selection,
+    selection_geometry,
     send_masks,
     sweep_gate,
     thin_frontier,
@@ -127,3 +128,22 @@ def test_specs_have_twins_and_scale_with_patches() -> None:
 def test_thin_frontier_keeps_one_point_per_cost_step() -> None:
     front = [{"comm_cost": c} for c in (0.0, 0.001, 0.02, 0.049, 0.05, 0.07, 0.12, 0.13, 0.5, 0.74)]
     assert [p["comm_cost"] for p in thin_frontier(front, 0.05)] == [0.0, 0.05, 0.12, 0.5, 0.74]
+
+
+def test_selection_geometry_hand_worked() -> None:
+    # 4×4 grid, k = 4. Image 0 keeps the central 2×2 block; image 1 the four corners (a sink).
+    scores = np.zeros((2, 16), dtype=np.float32)
+    scores[0, [5, 6, 9, 10]] = 1.0
+    scores[1, [0, 3, 12, 15]] = 1.0
+    geo = selection_geometry(scores, 4)
+    assert geo["central_share"] == pytest.approx(0.5)  # 4 of the 8 kept patches are central
+    assert geo["bottom_corners"] == pytest.approx(0.5)  # image 1 only
+    assert geo["central_share_random"] == pytest.approx(4 / 16)
+    assert geo["bottom_corners_random"] == pytest.approx(4 * 3 / (16 * 15))
+    # uniform random scores land near the random expectations
+    rng = np.random.default_rng(0)
+    geo = selection_geometry(rng.random((20_000, 64)).astype(np.float32), 16)
+    assert geo["central_share"] == pytest.approx(0.25, abs=0.01)
+    assert geo["bottom_corners"] == pytest.approx(16 * 15 / (64 * 63), abs=0.01)
+    with pytest.raises(ValueError):
+        selection_geometry(scores[:, :15], 4)  # not a square grid

@@ -28,7 +28,7 @@ def cifar_subset() -> tuple[torch.Tensor, torch.Tensor]:
         pytest.skip(f"CIFAR-10 test split not found under {datasets.data_root()} (set PATCHCAST_DATA)")
     ds = datasets.load(path)
     sub = ds.subset(subset_indices(len(ds)))
-    edge = build_model("zoo:cifar10-edge")
+    edge = build_model("zoo:cifar10-edge", role="edge")
     return datasets.to_tensor_batch(sub.samples, edge.preprocess)
 
 
@@ -45,7 +45,7 @@ def test_zoo_is_small_and_complete() -> None:
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_accuracy_matches_model_card(name: str, cifar_subset: tuple[torch.Tensor, torch.Tensor]) -> None:
     card = _card(name)
-    loaded = build_model(f"zoo:{name}")
+    loaded = build_model(f"zoo:{name}", role="edge" if name.endswith("-edge") else "server")
     assert loaded.class_names == card["class_names"] and loaded.num_patches == 64
     pixels, labels = cifar_subset
     accuracy = evaluate(loaded.model, pixels, labels, loaded.preprocess, bf16=False)
