@@ -180,6 +180,33 @@ def test_eval_is_registered() -> None:
     assert args.command == "eval" and args.limit == 5 and args.max_loss == 0.5
 
 
+@pytest.mark.timeout(600)
+def test_limit_500_with_the_zoo_on_cifar10(tmp_path: Path) -> None:
+    """The issue's quick look, exactly as a user types it (full sweep, plots): about a minute on 2
+    cores. The edge-only and server-only accuracies are re-computed here with a plain forward over
+    the same seeded spread of 500 test images, an independent check of the eval's data path."""
+    from patchcast.train import evaluate
+    from shared.models import ZOO_DIR
+
+    path = datasets.resolve("cifar10/test.tar")
+    if not path.is_file() or not (ZOO_DIR / "cifar10-edge.safetensors").is_file():
+        pytest.skip("CIFAR-10 test split or zoo models not available")
+    out = tmp_path / "e500"
+    assert main(["eval", "--limit", "500", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 500 and summary["num_patches"] == 64
+    for name in [*FIGURES, "points.csv", "report.md", "tables.md"]:
+        assert (out / name).stat().st_size > 0, name
+    subset = datasets.load(path).spread(500, seed=0)
+    for role in ("edge", "server"):
+        loaded = build_model(f"zoo:cifar10-{role}", role="edge" if role == "edge" else "server")
+        pixels, labels = datasets.to_tensor_batch(subset.samples, loaded.preprocess)
+        accuracy = evaluate(loaded.model, pixels, labels, loaded.preprocess, bf16=False)
+        assert summary[role]["accuracy"] == pytest.approx(accuracy, abs=2.5e-3), role  # ≤ 1 image of 500
+    points = read_csv(out / "points.csv")
+    assert len(points) > 1000 and all(0.0 <= p.comm_cost <= 1.0 for p in points)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_full_cifar10_run_matches_the_model_cards(tmp_path: Path) -> None:
