@@ -78,6 +78,7 @@ from shared.packing import (
     forward_sequential,
     plan_batches,
 )
+from shared.precision import cpu_has_native_bf16, decide, probe_once
 
 NUM_PATCHES = 196
 Batch = list[torch.Tensor]
@@ -451,6 +452,8 @@ def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, An
           ("paper", "one-by-one-bf16cast"), 3.0)
     ratio("packed bf16 ÷ one-by-one fp32 (official loop, fp32)", ("paper", "packed"), ("paper", "one-by-one-fp32"),
           None)
+    ratio("packed fp32 ÷ one-by-one fp32 (both fp32: what precision auto runs where bf16 does not pay)",
+          ("paper", "packed-fp32"), ("paper", "one-by-one-fp32"), 3.0)
     ratio("bf16 ÷ fp32 (packed, default caps; bf16 = autocast)", ("paper", "packed"), ("paper", "packed-fp32"), 2.0)
     ratio("  bf16 by weights cast ÷ fp32", ("paper", "packed-bf16cast"), ("paper", "packed-fp32"), 2.0)
     ratio("  one-by-one: bf16 autocast ÷ fp32", ("paper", "one-by-one"), ("paper", "one-by-one-fp32"), None)
@@ -467,9 +470,9 @@ def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, An
         executed = 1 - skipped_flops([int(t.shape[0]) for bt in b32.batches for t in bt]) / b32.flops
         acc.append((f"  hardware FLOP utilisation (executed FLOPs: {executed:.1%} of model FLOPs)",
                     f"{mfu * executed:.0%}", f"{mfu_cpu * executed:.0%}", "", ""))
-    def utilisation(v: Variant, cpu: bool) -> float:
-        ts, ps = (v.cpus, peak.cpus) if cpu else (v.walls, peak.walls)
-        return med([(v.flops / t) / (peak.flops / p) for t, p in zip(ts, ps, strict=True)])
+    def utilisation(v: Variant, cpu: bool, ref: Variant = peak) -> float:
+        ts, ps = (v.cpus, ref.cpus) if cpu else (v.walls, ref.walls)
+        return med([(v.flops / t) / (ref.flops / p) for t, p in zip(ts, ps, strict=True)])
 
     for key, label in (("packed", "MFU at the default caps"), ("one-by-one", "MFU of the one-by-one loop (bf16)"),
                        ("one-by-one-ready", "MFU of the one-by-one loop (bf16-stored weights, autocast)"),
@@ -479,6 +482,15 @@ def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, An
             u, uc = utilisation(found, False), utilisation(found, True)
             acc.append((f"{label}; a perfect batcher could be at most {1 / u:.2f}× faster" if key != "packed"
                         else label, f"{u:.0%}", f"{uc:.0%}", "", ""))
+    peak32 = by.get(("machine", "peak-fp32"))
+    if peak32 is not None:
+        for key, label in (("packed-fp32", "fp32 MFU (÷ fp32 matmul peak) at the default caps"),
+                           ("one-by-one-fp32", "fp32 MFU of the one-by-one fp32 loop")):
+            found = by.get(("paper", key))
+            if found is not None:
+                u, uc = utilisation(found, False, peak32), utilisation(found, True, peak32)
+                acc.append((f"{label}; a perfect batcher could be at most {1 / u:.2f}× faster"
+                            if key.startswith("one") else label, f"{u:.0%}", f"{uc:.0%}", "", ""))
     g1, gb = by.get(("machine", "gemm-1req")), by.get(("machine", "gemm-batch"))
     if g1 is not None and gb is not None:
         acc.append(("GEMM efficiency, 148 rows ÷ 4736 rows (bf16 fc1 shape)", f"{1 / paired(gb, g1):.0%}",
@@ -489,7 +501,12 @@ def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, An
     print("\n".join(lines))
     for n in notes:
         print(f"- {n}")
+    probe = probe_once()
+    auto = decide(cpu_has_native_bf16(), probe)
+    print(f"- precision auto on this machine: {auto} (bf16 probe: "
+          f"{'not run, bf16 emulated' if probe is None else f'{probe.speedup:.2f}× fp32'})")
     return {"machine": info, "args": vars(args), "rows": rows, "acceptance": acc, "notes": notes,
+            "precision_auto": auto, "bf16_probe_speedup": None if probe is None else probe.speedup,
             "peak_bf16_gflops_median": med(peak.per_round())}
 
 

@@ -14,7 +14,8 @@ per request and runs them through the blocks under the configured batching polic
 Precision: ``bf16`` runs under CPU autocast (matrix products in bf16 on AMX/AVX512-BF16; norms and
 softmax stay float32) on a copy whose matrix weights are stored in bf16 (bit-identical to autocast
 over the fp32 weights, without the per-call weight casts), ``fp32`` plainly; ``auto`` picks bf16
-only where the CPU has native bf16 (emulated bf16 is slower than fp32). Everything runs under
+only where a start-up probe measures it clearly faster than fp32 (:mod:`shared.precision`: on
+some CPUs with AVX512-BF16 and no AMX it is slower). Everything runs under
 ``torch.inference_mode``.
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,30 +33,19 @@ from shared.datasets import normalize
 from shared.errors import InferenceError, ModelError
 from shared.models import LoadedModel
 from shared.packing import autocast_ready_copy, forward_token_sets, plan_batches
+from shared.precision import Precision, cpu_has_native_bf16, resolve
 from shared.subset import embed_patches
 
-Precision = Literal["bf16", "fp32"]
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (elsewhere bf16 is emulated and slower than fp32)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        pass
-    return False
+__all__ = ["PatchSet", "Precision", "ServerEngine", "configure_threads", "cpu_has_native_bf16",
+           "resolve_precision"]
 
 
 def resolve_precision(setting: str) -> Precision:
-    if setting == "auto":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if setting in ("bf16", "fp32"):
-        return setting  # type: ignore[return-value]
-    raise ModelError(f"unknown precision {setting!r}; expected auto, bf16 or fp32")
+    """``auto`` measures (see :mod:`shared.precision`): bf16 only where it is clearly faster here."""
+    try:
+        return resolve(setting)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from exc
 
 
 def configure_threads(threads: int) -> int:

@@ -39,6 +39,7 @@ from shared.errors import BadGeometryError, BadTopicError, BusyError, PatchCastE
 from shared.logs import get_logger
 from shared.models import LoadedModel, build_model
 from shared.naming import default_worker_id, model_id
+from shared.precision import probe_once
 from shared.prometheus import MetricsServer
 from shared.protocol import (
     DEFAULT_LIMITS,
@@ -309,7 +310,10 @@ class InferenceWorker:
         await self.transport.subscribe(self.subscription, qos=1)
         await self.transport.wait_connected(math.inf)
         self.ready.set()
+        probe = probe_once() if self.config.worker.precision == "auto" else None
         self.log.info("worker_ready", subscription=self.subscription, precision=self.precision,
+                      precision_setting=self.config.worker.precision,
+                      bf16_speedup=None if probe is None else round(probe.speedup, 2),
                       policy=self.config.batching.policy, threads=torch.get_num_threads())
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -381,6 +385,8 @@ async def run_worker(config: Config, *, server: LoadedModel | None = None, worke
     configure_threads(config.worker.threads)
     if server is None:
         server = await asyncio.to_thread(load_server, config)
+    if config.worker.precision == "auto":
+        await asyncio.to_thread(probe_once)  # the bf16-vs-fp32 timing, off the event loop (cached)
     worker = InferenceWorker(config, server, worker_id=worker_id)
     loop = asyncio.get_running_loop()
     if handle_signals:

@@ -459,15 +459,15 @@ class Arrays:
 
 
 def resolve_precision(precision: Precision) -> bool:
-    """True for bf16 autocast. ``auto`` picks bf16 only where the CPU has native bf16 matrix units."""
+    """True for bf16 autocast. ``auto`` takes bf16 where a probe measures it clearly faster than fp32
+    here (:mod:`shared.precision`)."""
     if precision == "bf16":
         return True
     if precision == "fp32":
         return False
-    from patchcast.commands.info import bf16_support
+    from shared.precision import resolve
 
-    s = bf16_support()
-    return s["amx_bf16"]
+    return resolve("auto") == "bf16"
 
 
 def default_threads() -> int:

@@ -142,7 +142,8 @@ class WorkerConfig:
     worker_id: str = _f("", "worker id (default: host name + pid)")
     queue_capacity: int = _f(256, "bounded request queue; beyond it devices get a 'busy' error reply")
     threads: int = _f(0, "torch threads for inference (0: all cores)")
-    precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 where the CPU has native bf16")
+    precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 where a start-up probe measures it "
+                                                                 "≥ 1.25× faster than fp32 on this CPU")
     metrics_interval_s: float = _f(1.0, "seconds between metrics messages")
     shutdown_grace_s: float = _f(10.0, "on SIGTERM, seconds to finish and answer what is queued")
     metrics_port: int = _f(0, "Prometheus /metrics HTTP port (0: off)")

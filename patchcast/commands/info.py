@@ -1,4 +1,4 @@
-"""``patchcast info``: versions, threads and whether bf16 runs on AMX here."""
+"""``patchcast info``: versions, threads and whether bf16 pays on this CPU."""
 
 from __future__ import annotations
 
@@ -7,27 +7,11 @@ import platform
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="print versions, torch threads and CPU bf16/AMX support",
-                       description="Print library versions, torch threading and whether bf16 matrix "
-                       "work uses AMX on this CPU (the worker's default precision depends on it).")
+    p = sub.add_parser("info", help="print versions, torch threads and whether bf16 is faster than fp32 here",
+                       description="Print library versions, torch threading, the CPU's bf16 features and a "
+                       "measured bf16-vs-fp32 matrix-product speed: precision 'auto' (the worker's "
+                       "default) takes bf16 only where it is clearly faster.")
     p.set_defaults(handler=run)
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def bf16_support() -> dict[str, bool]:
-    flags = cpu_flags()
-    return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "amx_tile": "amx_tile" in flags}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +22,12 @@ def run(args: argparse.Namespace) -> int:
     import torchvision
 
     from shared import __version__
+    from shared.precision import MIN_BF16_SPEEDUP, bf16_flags, decide, probe_once
 
-    support = bf16_support()
+    support = bf16_flags()
+    probe = probe_once()
+    measured = ("not measured (bf16 emulated here)" if probe is None else
+                f"{probe.speedup:.2f}× fp32 (fp32 {probe.fp32_s * 1e3:.1f} ms, bf16 {probe.bf16_s * 1e3:.1f} ms)")
     rows = [
         ("patchcast", __version__),
         ("python", platform.python_version()),
@@ -53,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
         ("mkldnn (oneDNN)", str(torch.backends.mkldnn.is_available())),
         ("cpu amx_bf16", str(support["amx_bf16"])),
         ("cpu avx512_bf16", str(support["avx512_bf16"])),
-        ("bf16 inference", "yes (AMX)" if support["amx_bf16"] else
-         "yes (AVX512-BF16)" if support["avx512_bf16"] else "emulated: fp32 recommended"),
+        ("bf16 matmul speed", measured),
+        ("precision auto", f"{decide(support['amx_bf16'] or support['avx512_bf16'], probe)} "
+                           f"(bf16 only at ≥ {MIN_BF16_SPEEDUP}× fp32)"),
         ("cuda available", str(torch.cuda.is_available())),
     ]
     width = max(len(k) for k, _ in rows)

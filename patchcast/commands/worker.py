@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run one inference worker. It joins the worker pool '$share/GROUP/patchcast/v1/req/MODEL/+' "
         "(the broker hands each request to one pool member), batches requests dynamically (closes at "
         "--max-batch requests, --max-tokens tokens or --max-delay-ms after the first), runs the server ViT "
-        "in one inference thread (bf16 where the CPU has native bf16) and publishes each reply to the "
+        "in one inference thread (bf16 where it measures faster than fp32) and publishes each reply to the "
         "request's response topic. Retained availability (online; offline as last will) and a WorkerMetrics "
         "message every worker.metrics_interval_s. SIGTERM/SIGINT: stop taking work, answer what is queued "
         "within worker.shutdown_grace_s, publish offline, exit 0.")

@@ -1,0 +1,46 @@
+"""``precision = auto``: bf16 only where this CPU measurably runs it faster than fp32."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference_worker.engine import resolve_precision
+from shared.errors import ModelError
+from shared.precision import MIN_BF16_SPEEDUP, Bf16Probe, decide, measure_bf16_speedup, resolve
+
+
+def test_auto_takes_bf16_only_with_native_support_and_a_measured_gain() -> None:
+    fast = Bf16Probe(fp32_s=0.010, bf16_s=0.002)  # AMX-like: 5×
+    slow = Bf16Probe(fp32_s=0.006, bf16_s=0.0087)  # AVX512-BF16 Xeon without AMX: 0.7×
+    assert decide(True, fast) == "bf16"
+    assert decide(True, slow) == "fp32"
+    assert decide(False, fast) == "fp32"  # emulated bf16: never, whatever a probe says
+    assert decide(True, None) == "fp32"
+
+
+def test_the_threshold_is_inclusive_and_just_below_it_is_fp32() -> None:
+    at = Bf16Probe(fp32_s=MIN_BF16_SPEEDUP * 0.004, bf16_s=0.004)
+    below = Bf16Probe(fp32_s=(MIN_BF16_SPEEDUP - 0.01) * 0.004, bf16_s=0.004)
+    assert at.speedup == pytest.approx(MIN_BF16_SPEEDUP)
+    assert decide(True, at) == "bf16"
+    assert decide(True, below) == "fp32"
+
+
+def test_probe_times_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Bf16Probe(fp32_s=0.0, bf16_s=0.001)
+
+
+def test_the_probe_measures_both_precisions_on_this_cpu() -> None:
+    probe = measure_bf16_speedup(shape=(32, 64, 128), repeats=2)
+    assert probe.fp32_s > 0 and probe.bf16_s > 0
+    assert probe.speedup == pytest.approx(probe.fp32_s / probe.bf16_s)
+
+
+def test_explicit_settings_pass_through_and_unknown_ones_are_refused() -> None:
+    assert resolve("fp32") == "fp32" and resolve("bf16") == "bf16"
+    assert resolve("auto") in ("bf16", "fp32")
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve("fp16")
+    with pytest.raises(ModelError, match="unknown precision"):
+        resolve_precision("fp16")
