@@ -1,7 +1,8 @@
 """``patchcast train``: train a small ViT (CLS + patch tokens) on an ImageFolder tree or a tar of one.
 
 CPU-first: the whole split is decoded once into a uint8 tensor, augmentation runs batched in
-torch, the model runs under bf16 autocast (AMX through oneDNN) with timm's fused attention *off*
+torch, the model runs under bf16 autocast where it pays (AMX through oneDNN; see :func:`use_bf16`)
+with timm's fused attention *off*
 (the fused SDPA backward is slow on CPU). AdamW, linear warm-up + cosine, label smoothing,
 optional soft distillation from a teacher, and — for server models — token dropout: a subset of
 patch tokens per batch so the model stays accurate on the subsets devices send. The subset is
@@ -110,6 +111,21 @@ class TrainConfig:
     def preprocess(self) -> Preprocess:
         return Preprocess(input_size=self.arch.img_size, mean=self.mean, std=self.std,
                           interpolation="bicubic", crop_pct=1.0)
+
+
+def use_bf16(setting: str, device: torch.device) -> bool:
+    """Training arithmetic: ``auto`` is bf16 autocast on a GPU and, on a CPU, only where
+    :mod:`shared.precision` measures bf16 clearly faster than fp32 (with AMX it is; on some CPUs
+    with AVX512-BF16 and no AMX a training step ran 1.3× slower in bf16)."""
+    if setting in ("bf16", "fp32"):
+        return setting == "bf16"
+    if setting != "auto":
+        raise ConfigError(f"unknown precision {setting!r}; expected auto, bf16 or fp32")
+    if device.type != "cpu":
+        return True
+    from shared.precision import resolve
+
+    return resolve("auto") == "bf16"
 
 
 def sha256_of(path: Path) -> str:

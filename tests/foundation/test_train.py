@@ -138,3 +138,30 @@ def test_fine_tuned_card_names_its_starting_point(toy_data: Path, tmp_path: Path
     card = train(_cfg(toy_data, tmp_path / "tuned", epochs=1, init=f"file:{tmp_path / 'base' / 'model.safetensors'}"))
     assert card["init_from"]["command"] == "test" and card["init_from"]["epochs"] == 1
     assert "Started from `file:" in (tmp_path / "tuned" / "toy.md").read_text()
+
+
+def test_training_precision_auto_follows_the_measured_cpu_choice() -> None:
+    from patchcast.train import use_bf16
+    from shared.precision import resolve
+
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu) is True and use_bf16("fp32", cpu) is False
+    assert use_bf16("auto", torch.device("cuda")) is True  # no device needed: nothing runs on it
+    assert use_bf16("auto", cpu) == (resolve("auto") == "bf16")
+    with pytest.raises(ConfigError, match="unknown precision"):
+        use_bf16("fp16", cpu)
+
+
+def test_train_command_records_the_precision_it_trained_in(toy_data: Path, tmp_path: Path) -> None:
+    from patchcast.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["train", "--data", str(toy_data), "--out", str(out), "--name", "toy", "--epochs", "1",
+               "--img-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "1", "--heads", "2",
+               "--batch-size", "8", "--device", "cpu", "--precision", "fp32"])
+    assert rc == 0
+    card = json.loads((out / "toy.json").read_text())
+    assert card["training"]["bf16"] is False
+    with pytest.raises(SystemExit) as refused:  # argparse: usage + one line, exit status 2
+        main(["train", "--data", str(toy_data), "--out", str(tmp_path / "bad"), "--precision", "fp16"])
+    assert refused.value.code == 2
