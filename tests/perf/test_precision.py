@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from inference_worker.engine import resolve_precision
@@ -44,3 +46,12 @@ def test_explicit_settings_pass_through_and_unknown_ones_are_refused() -> None:
         resolve("fp16")
     with pytest.raises(ModelError, match="unknown precision"):
         resolve_precision("fp16")
+
+
+def test_info_prints_the_measured_bf16_speed_and_the_auto_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    from patchcast.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 matmul speed" in out
+    assert re.search(rf"^precision auto\s+{resolve('auto')} ", out, re.MULTILINE)
