@@ -33,11 +33,10 @@ from shared.datasets import normalize
 from shared.errors import InferenceError, ModelError
 from shared.models import LoadedModel
 from shared.packing import autocast_ready_copy, forward_token_sets, plan_batches
-from shared.precision import Precision, cpu_has_native_bf16, resolve
+from shared.precision import Precision, resolve
 from shared.subset import embed_patches
 
-__all__ = ["PatchSet", "Precision", "ServerEngine", "configure_threads", "cpu_has_native_bf16",
-           "resolve_precision"]
+__all__ = ["PatchSet", "Precision", "ServerEngine", "configure_threads", "resolve_precision"]
 
 
 def resolve_precision(setting: str) -> Precision:

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import torchvision
 
     from shared import __version__
-    from shared.precision import MIN_BF16_SPEEDUP, bf16_flags, decide, probe_once
+    from shared.precision import MIN_BF16_SPEEDUP, bf16_flags, probe_once, resolve
 
     support = bf16_flags()
     probe = probe_once()
@@ -42,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
         ("cpu amx_bf16", str(support["amx_bf16"])),
         ("cpu avx512_bf16", str(support["avx512_bf16"])),
         ("bf16 matmul speed", measured),
-        ("precision auto", f"{decide(support['amx_bf16'] or support['avx512_bf16'], probe)} "
-                           f"(bf16 only at ≥ {MIN_BF16_SPEEDUP}× fp32)"),
+        ("precision auto", f"{resolve('auto')} (bf16 only at ≥ {MIN_BF16_SPEEDUP}× fp32)"),
         ("cuda available", str(torch.cuda.is_available())),
     ]
     width = max(len(k) for k, _ in rows)

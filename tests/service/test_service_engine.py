@@ -12,8 +12,9 @@ import pytest
 import torch
 from service_helpers import SERVER_ARCH, random_model
 
-from inference_worker.engine import PatchSet, ServerEngine, cpu_has_native_bf16
+from inference_worker.engine import PatchSet, ServerEngine
 from shared.config import BatchingConfig
+from shared.precision import cpu_has_native_bf16
 from shared.subset import forward_patch_sets
 
 FP32_ATOL = 1e-4
