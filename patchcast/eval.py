@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -120,10 +120,12 @@ class SelectionSpec:
     score: ScoreName
     rule: RuleName
     value: float
+    draw: int = 0  # random specs: which independent draw (0 is the one whose bytes are measured)
 
     @property
     def id(self) -> str:
-        return f"{self.encoder}-{self.score}-{self.rule}-{self.value:g}"
+        base = f"{self.encoder}-{self.score}-{self.rule}-{self.value:g}"
+        return f"{base}-draw{self.draw}" if self.draw else base
 
     @property
     def twin(self) -> SelectionSpec:
@@ -142,8 +144,9 @@ def rule_values(grid: SweepGrid, rule: RuleName, num_patches: int) -> list[float
 
 
 def build_specs(grid: SweepGrid, num_patches: int, *, rollout: bool = True, server_encoder: bool = True,
-                random: bool = True) -> list[SelectionSpec]:
-    """Every selection the sweep needs. Twins (edge attention) come before their random specs."""
+                random: bool = True, random_draws: int = 1) -> list[SelectionSpec]:
+    """Every selection the sweep needs. Twins (edge attention) come before their random specs;
+    ``random_draws`` independent random selections per twin (the sweep averages them)."""
     specs: list[SelectionSpec] = []
     for rule in RULES:
         for value in rule_values(grid, rule, num_patches):
@@ -153,7 +156,7 @@ def build_specs(grid: SweepGrid, num_patches: int, *, rollout: bool = True, serv
             if server_encoder and rule in grid.comparison_rules:
                 specs.append(SelectionSpec("server", "attention", rule, value))
             if random:
-                specs.append(SelectionSpec("edge", "random", rule, value))
+                specs += [SelectionSpec("edge", "random", rule, value, d) for d in range(random_draws)]
     return specs
 
 
@@ -198,8 +201,9 @@ def sweep_gate(edge_correct: BoolArray, server_correct: BoolArray, counts: IntAr
     send = np.asarray(send, dtype=bool)
     if send.ndim == 1:
         send = send[None, :]
-    correct = np.where(send, np.asarray(server_correct, bool)[None, :],
-                       np.asarray(edge_correct, bool)[None, :])
+    # Float correctness: a random baseline averaged over draws is right with probability in [0, 1].
+    correct = np.where(send, np.asarray(server_correct, np.float64)[None, :],
+                       np.asarray(edge_correct, np.float64)[None, :])
     return GateSweep(images_sent=send.sum(axis=1).astype(np.int64),
                      patches_sent=(send.astype(np.int64) @ np.asarray(counts, dtype=np.int64)),
                      accuracy=correct.mean(axis=1))
@@ -358,6 +362,7 @@ class EvalConfig:
     codec: str = "jpeg-mosaic"  # the service's default codec (shared.config.CodecConfig)
     codec_params: tuple[tuple[str, int], ...] = ()  # e.g. (("q", 90),); codec defaults otherwise
     bytes_sample: int = 256
+    random_draws: int = 1  # independent random-patch draws the random baseline is averaged over
     max_loss: float = 1.0  # accuracy points below server-only
     seed: int = 0
     plots: bool = True
@@ -375,6 +380,8 @@ class EvalConfig:
             raise ConfigError(f"sweep must be one of {sorted(GRIDS)}")
         if self.max_loss < 0:
             raise ConfigError("max_loss must be ≥ 0 points")
+        if self.random_draws < 1:
+            raise ConfigError("random_draws must be ≥ 1")
 
     @property
     def grid(self) -> SweepGrid:
@@ -723,7 +730,8 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
                  "format": 1}
     cache_root = None if not cfg.use_cache else Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
     cache = Cache(cache_root, key_parts)
-    specs = build_specs(cfg.grid, n_patches, rollout=cfg.rollout, server_encoder=cfg.server_encoder)
+    specs = build_specs(cfg.grid, n_patches, rollout=cfg.rollout, server_encoder=cfg.server_encoder,
+                        random_draws=cfg.random_draws)
 
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -732,7 +740,8 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
 
     t0 = time.perf_counter()
     sample, full_bytes, sel_bytes, file_bytes = measure_bytes(cfg, ds, edge_m.preprocess, edge_m.patch_size,
-                                                              data, specs, cache, report)
+                                                              data, [sp for sp in specs if not sp.draw],
+                                                              cache, report)
     timings["bytes_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -862,8 +871,13 @@ def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patch
     for g in GATES:
         add("", "", "full", None, g, gate_eta[g], send_masks(gate_u[g], g, gate_eta[g]), server_correct,
             full_counts, full_bytes)
+    draws: dict[str, list[str]] = {}  # a random spec's id → the ids of all its draws
     for sp in specs:
-        correct = data.server_pred[sp.id] == data.labels
+        draws.setdefault(replace(sp, draw=0).id, []).append(sp.id)
+    for sp in specs:
+        if sp.draw:
+            continue  # averaged into draw 0's points
+        correct = np.mean([data.server_pred[i] == data.labels for i in draws[sp.id]], axis=0)
         counts = data.counts[sp.id]
         sb = sel_bytes[sp.id]
         add(sp.encoder, sp.score, sp.rule, sp.value, "none", [None], all_send, correct, counts, sb)
@@ -1125,7 +1139,7 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_pr
         f"- Method frontier (edge mean attention, any rule, min-entropy gate) at comm cost ≤ 0.5: "
         f"{_pct(acc['frontier_accuracy_at_cost_0.5'])}, {acc['loss_at_cost_0.5_points']:.2f} points below "
         f"server-only → {'PASS' if acc['within_1_point_at_cost_0.5'] else 'MISS'} (≤ 1 point)",
-        f"- Versus random patches (matched counts), frontier against frontier: at the "
+        f"- Versus random patches (matched counts{_draws_note(summary)}), frontier against frontier: at the "
         f"{len(acc['random_frontier_costs'])} costs of the random frontier, method minus random is at "
         f"worst {acc['min_margin_over_random_frontier_points']:+.2f} points → "
         f"{'PASS' if acc['beats_random_frontier_everywhere'] else 'MISS'} (≥ 0 everywhere)",
@@ -1162,6 +1176,11 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_pr
         lines.append(f"| {p['comm_cost']:.3f} | {_pct(p['accuracy'])} | {p['bytes_frac']:.3f} | "
                      f"{p['description']} |")
     return "\n".join(lines) + "\n"
+
+
+def _draws_note(summary: dict[str, Any]) -> str:
+    n = int(summary.get("config", {}).get("random_draws", 1))
+    return f"; accuracy averaged over {n} independent draws" if n > 1 else "; one draw"
 
 
 def thin_frontier(front: Sequence[dict[str, Any]], step: float) -> list[dict[str, Any]]:

@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="codec parameter, repeatable (e.g. q=90); codec defaults otherwise")
     p.add_argument("--bytes-sample", type=int, default=256,
                    help="images whose selections are actually encoded to measure bytes")
+    p.add_argument("--random-draws", type=int, default=1,
+                   help="independent draws of the random-patch baseline; its accuracy is their mean (a "
+                   "single draw's frontier is biased upwards by lucky draws). Each costs one server pass "
+                   "per selection")
     p.add_argument("--max-loss", type=float, default=1.0,
                    help="accuracy points below server-only the recommended operating point may lose")
     p.add_argument("--seed", type=int, default=0,
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         rollout=not args.no_rollout, server_encoder=not args.no_server_encoder, precision=args.precision,
         batch_size=args.batch_size, max_tokens=args.max_tokens, threads=args.threads, codec=args.codec,
         codec_params=_codec_params(args.codec_param), bytes_sample=args.bytes_sample, max_loss=args.max_loss,
+        random_draws=args.random_draws,
         seed=args.seed, plots=not args.no_plots, publish=args.publish,
         command=shlex.join(["patchcast", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "")
     console = Console(stderr=True)

@@ -173,6 +173,35 @@ def test_second_run_reads_the_cache(setup: dict[str, Path], tmp_path: Path) -> N
     assert time.perf_counter() - t0 < 30
 
 
+def test_random_baseline_averages_its_draws(setup: dict[str, Path], tmp_path: Path) -> None:
+    """With --random-draws 3 every random point's accuracy is the mean over the three cached draws
+    (recomputed here from each draw's cached predictions), draw 0 is the single-draw run's draw, and
+    the attention points do not change."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    assert main(_args(setup, one, "--no-plots")) == 0
+    assert main(_args(setup, three, "--no-plots", "--random-draws", "3")) == 0
+    p1, p3 = read_csv(one / "points.csv"), read_csv(three / "points.csv")
+    assert [p for p in p1 if p.score != "random"] == [p for p in p3 if p.score != "random"]
+    caches = {f.name: f for f in (three / "cache").rglob("sel-*.npz")}
+    labels = datasets.load(str(setup["data"])).spread(40, seed=0)
+    y = np.array([s.label for s in labels.samples])
+    nogate = [p for p in p3 if p.score == "random" and p.gate == "none"]
+    assert nogate
+    differs = False
+    for p in nogate:
+        base = f"sel-edge-random-{p.rule}-{p.value:g}"
+        right = [np.load(caches[f"{base}{suffix}.npz"])["pred"] == y for suffix in ("", "-draw1", "-draw2")]
+        assert p.accuracy == pytest.approx(float(np.mean(right)), abs=1e-12)
+        single = next(q for q in p1 if (q.score, q.rule, q.value, q.gate) == ("random", p.rule, p.value, "none"))
+        assert single.accuracy == pytest.approx(float(np.mean(right[0])), abs=1e-12)
+        masks = [np.load(caches[f"{base}{suffix}.npz"])["mask"] for suffix in ("", "-draw1")]
+        differs |= not np.array_equal(*masks)
+    assert differs  # the draws really are different selections (same counts, other patches)
+    assert "averaged over 3 independent draws" in (three / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main(_args(setup, tmp_path / "bad", "--random-draws", "x"))
+
+
 def test_eval_is_registered() -> None:
     from patchcast.cli import build_parser
 

@@ -63,6 +63,25 @@ def test_sweep_gate_by_hand() -> None:
     assert communication_cost(2, 4, 50, 2 * 64) == pytest.approx(50 / (4 * 64))
 
 
+def test_sweep_gate_takes_expected_correctness() -> None:
+    """A baseline averaged over draws is right with a probability; the sweep averages it exactly."""
+    edge = np.array([True, False])
+    server = np.array([0.25, 0.5])  # e.g. right in 1 of 4 and 2 of 4 random draws
+    gs = sweep_gate(edge, server, np.array([3, 5]), np.array([[True, True], [False, True]]))
+    assert gs.accuracy.tolist() == [0.375, 0.75]
+
+
+def test_random_draws_are_distinct_specs_of_one_twin() -> None:
+    specs = build_specs(QUICK_GRID, 64, rollout=False, server_encoder=False, random_draws=3)
+    randoms = [s for s in specs if s.score == "random"]
+    assert len(randoms) == 3 * len([s for s in specs if s.score == "attention"])
+    assert len({s.id for s in specs}) == len(specs)
+    assert {s.twin for s in randoms if s.rule == "topk" and s.value == 16} == {
+        SelectionSpec("edge", "attention", "topk", 16.0)}
+    assert SelectionSpec("edge", "random", "topk", 16.0, 2).id == "edge-random-topk-16-draw2"
+    assert SelectionSpec("edge", "random", "topk", 16.0).id == "edge-random-topk-16"  # caches stay valid
+
+
 def _dominated(i: int, cost: np.ndarray, acc: np.ndarray) -> bool:
     return bool(np.any((cost <= cost[i]) & (acc >= acc[i]) & ((cost < cost[i]) | (acc > acc[i]))))
 
