@@ -1,8 +1,10 @@
 """Autoscaling with real processes: ``patchcast workers`` (real worker subprocesses, real broker) under a
 load step ×4. The pool grows, the backlog drains, p95 latency returns under the target; after the load
-drops the pool shrinks. Calibrated on this machine: the step is 1.4× one worker's measured saturation
-throughput (×4 of a base at 0.35×), so it overloads one worker whatever the CPU; the test takes 3–6
-minutes, most of it worker start-up and draining on a shared CPU."""
+drops the pool shrinks. Calibrated on this machine: the step is 1.2× one worker's measured saturation
+throughput (×4 of a base at 0.3×), so it overloads one worker whatever the CPU, yet stays drainable:
+three workers on 2 cores shared with the broker and the load generator served only ~1.5× one
+worker (measured), so a 1.4× step once left the backlog draining too slowly to recover within the
+3-minute bound. The test takes 3–6 minutes, most of it worker start-up and draining."""
 
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ async def _scenario(broker: BrokerProcess, tmp_path: Path) -> Result:
         first_batch = sum(1 for at in arrivals if at - arrivals[0] < 0.05)
         span = arrivals[-1] - arrivals[0]
         capacity = (len(arrivals) - first_batch) / span if span > 0 else burst / (time.monotonic() - t)
-        base = 0.35 * capacity  # step = 1.4× one worker's saturation: overload, yet drainable on 2 shared cores
+        base = 0.3 * capacity  # step = 1.2× one worker's saturation: overload, yet drainable on 2 shared cores
         step = 4 * base
         # 3. Base load: one worker copes.
         base_task = asyncio.create_task(gen.send_at(base, 8.0))
