@@ -78,7 +78,7 @@ from shared.packing import (
     forward_sequential,
     plan_batches,
 )
-from shared.precision import cpu_has_native_bf16, decide, probe_once
+from shared.precision import bf16_flags, probe_once, resolve
 
 NUM_PATCHES = 196
 Batch = list[torch.Tensor]
@@ -391,10 +391,9 @@ def machine_info() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0] if Path(
-        "/proc/cpuinfo").is_file() else ""
-    return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "torch": torch.__version__, "python": platform.python_version(),
+    flags = bf16_flags()
+    return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": flags["avx512_bf16"],
+            "amx_bf16": flags["amx_bf16"], "torch": torch.__version__, "python": platform.python_version(),
             "loadavg_start": os.getloadavg()[0]}
 
 
@@ -502,7 +501,7 @@ def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, An
     for n in notes:
         print(f"- {n}")
     probe = probe_once()
-    auto = decide(cpu_has_native_bf16(), probe)
+    auto = resolve("auto")
     print(f"- precision auto on this machine: {auto} (bf16 probe: "
           f"{'not run, bf16 emulated' if probe is None else f'{probe.speedup:.2f}× fp32'})")
     return {"machine": info, "args": vars(args), "rows": rows, "acceptance": acc, "notes": notes,

@@ -468,13 +468,9 @@ class Arrays:
 def resolve_precision(precision: Precision) -> bool:
     """True for bf16 autocast. ``auto`` takes bf16 where a probe measures it clearly faster than fp32
     here (:mod:`shared.precision`)."""
-    if precision == "bf16":
-        return True
-    if precision == "fp32":
-        return False
     from shared.precision import resolve
 
-    return resolve("auto") == "bf16"
+    return resolve(precision) == "bf16"
 
 
 def default_threads() -> int:

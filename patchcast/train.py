@@ -117,15 +117,14 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     """Training arithmetic: ``auto`` is bf16 autocast on a GPU and, on a CPU, only where
     :mod:`shared.precision` measures bf16 clearly faster than fp32 (with AMX it is; on some CPUs
     with AVX512-BF16 and no AMX a training step ran 1.3× slower in bf16)."""
-    if setting in ("bf16", "fp32"):
-        return setting == "bf16"
-    if setting != "auto":
-        raise ConfigError(f"unknown precision {setting!r}; expected auto, bf16 or fp32")
-    if device.type != "cpu":
-        return True
     from shared.precision import resolve
 
-    return resolve("auto") == "bf16"
+    if setting == "auto" and device.type != "cpu":
+        return True
+    try:
+        return resolve(setting) == "bf16"
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def sha256_of(path: Path) -> str:

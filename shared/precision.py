@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 Precision = Literal["bf16", "fp32"]
-PrecisionSetting = Literal["auto", "bf16", "fp32"]
 
 # bf16 must be at least this much faster than fp32 for ``auto`` to take it.
 MIN_BF16_SPEEDUP = 1.25
