@@ -36,6 +36,7 @@ from inference_worker.prometheus import worker_families
 from inference_worker.stats import WorkerStats
 from shared.config import Config
 from shared.errors import BadGeometryError, BadTopicError, BusyError, PatchCastError, ProtocolError
+from shared.heap import retain_freed_memory
 from shared.logs import get_logger
 from shared.models import LoadedModel, build_model
 from shared.naming import default_worker_id, model_id
@@ -97,14 +98,19 @@ class InferenceWorker:
     """A pool member. Build with a loaded server model; run :meth:`run` until :meth:`stop`."""
 
     def __init__(self, config: Config, server: LoadedModel, *, worker_id: str | None = None,
-                 topics: Topics = V1, limits: ProtocolLimits = DEFAULT_LIMITS) -> None:
+                 topics: Topics = V1, limits: ProtocolLimits = DEFAULT_LIMITS,
+                 infer_pool: ThreadPoolExecutor | None = None) -> None:
+        """``infer_pool``: the single-thread executor to infer on (the worker takes it over and shuts it
+        down); by default a new one. See :func:`inference_pool` for why torch work stays on it."""
         self.config = config
         self.worker_id = worker_id or config.worker.worker_id or default_worker_id()
         self.model_id = model_id(config.models.server, config.models.model_id)
         self.topics = topics
         self.limits = limits
-        self.precision = resolve_precision(config.worker.precision)
-        self.engine = ServerEngine(server, config.batching, self.precision)
+        self._infer_pool = infer_pool or inference_pool()
+        # The precision probe and the bf16 weight copy run torch kernels: on the inference thread too.
+        self.precision = self._infer_pool.submit(resolve_precision, config.worker.precision).result()
+        self.engine = self._infer_pool.submit(ServerEngine, server, config.batching, self.precision).result()
         self.stats = WorkerStats()
         self.log = get_logger("patchcast.worker", worker_id=self.worker_id, model=self.model_id)
         self.subscription = topics.worker_subscription(config.worker.group, self.model_id)
@@ -114,7 +120,6 @@ class InferenceWorker:
             will=Outgoing(availability, self._availability("offline"), qos=1, retain=True),
             birth=[Outgoing(availability, self._availability("online"), qos=1, retain=True)],
             max_in_flight=config.worker.max_publish_in_flight, log_context={"worker_id": self.worker_id})
-        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
         self._decode_pool = ThreadPoolExecutor(max_workers=config.worker.decode_threads,
                                                thread_name_prefix="decode")
         self.batcher: Batcher[WorkItem, Prediction] = Batcher(
@@ -314,7 +319,8 @@ class InferenceWorker:
         self.log.info("worker_ready", subscription=self.subscription, precision=self.precision,
                       precision_setting=self.config.worker.precision,
                       bf16_speedup=None if probe is None else round(probe.speedup, 2),
-                      policy=self.config.batching.policy, threads=torch.get_num_threads())
+                      policy=self.config.batching.policy, threads=torch.get_num_threads(),
+                      heap=retain_freed_memory().reason if self.config.worker.retain_heap else "glibc defaults")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def stop(self) -> None:
@@ -369,6 +375,19 @@ class InferenceWorker:
         self.log.info("worker_stopped", replies=self.stats.replies, errors=dict(self.stats.errors_by_code))
 
 
+def inference_pool() -> ThreadPoolExecutor:
+    """The worker's single inference thread.
+
+    Every torch kernel of the worker (loading, the precision probe, the bf16 weight copy, every
+    batch) runs on this one thread. Why: each thread that runs a parallel torch op keeps its own
+    OpenMP team for as long as it lives, and once a process holds more OpenMP threads than cores,
+    libgomp makes its threads sleep at every barrier instead of spinning briefly. A packed DeiT-Base
+    forward on a 2-core AMX Xeon ran ~1.2× slower on a thread when another thread had built the
+    model (docs/benchmarks.md).
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+
+
 def load_server(config: Config) -> LoadedModel:
     return build_model(config.models.server, pretrained=config.models.pretrained, role="server")
 
@@ -383,12 +402,20 @@ async def run_worker(config: Config, *, server: LoadedModel | None = None, worke
     ``started`` is set once the worker is subscribed and serving.
     """
     configure_threads(config.worker.threads)
-    if server is None:
-        server = await asyncio.to_thread(load_server, config)
-    if config.worker.precision == "auto":
-        await asyncio.to_thread(probe_once)  # the bf16-vs-fp32 timing, off the event loop (cached)
-    worker = InferenceWorker(config, server, worker_id=worker_id)
+    if config.worker.retain_heap:
+        retain_freed_memory()  # before any thread allocates; reported in worker_ready
     loop = asyncio.get_running_loop()
+    pool = inference_pool()
+    try:
+        # Loading and the bf16-vs-fp32 probe run torch kernels: on the inference thread, off the loop.
+        if server is None:
+            server = await loop.run_in_executor(pool, load_server, config)
+        if config.worker.precision == "auto":
+            await loop.run_in_executor(pool, probe_once)
+        worker = InferenceWorker(config, server, worker_id=worker_id, infer_pool=pool)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     if handle_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
