@@ -26,8 +26,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,12 +40,15 @@ from inference_worker.batcher import BatchReport
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
 from inference_worker.service import InferenceWorker
 from patchcast.broker import BrokerProcess
-from shared.config import load_config
+from shared.config import BatchingConfig, load_config
+from shared.heap import retain_freed_memory
 from shared.logs import configure
 from shared.models import LoadedModel, build_model
 from shared.protocol import PatchRequest, Reply, build_request, decode_patches, decode_reply, encode
 from shared.topics import V1
 from shared.transport import Incoming, Transport
+
+T = TypeVar("T")
 
 
 def natural_image(size: int, seed: int) -> np.ndarray:
@@ -132,11 +137,26 @@ def _run_batches(engine: ServerEngine, sets: list[PatchSet], batch_sizes: list[i
     return i / elapsed, elapsed
 
 
+def on_a_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on a thread that ends when it returns."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-setup") as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def in_process(engine: ServerEngine, sets: list[PatchSet], batch_sizes: list[int]) -> tuple[float, float]:
     """Replies/s of the model alone, on a dedicated thread like the worker's inference thread (the
     thread matters: torch's intra-op pool behaves differently from the main thread)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-infer") as pool:
         return pool.submit(_run_batches, engine, sets, batch_sizes).result()
+
+
+def ratio_summary(ratios: list[float]) -> dict[str, float]:
+    """Mean, standard error, median and range of the per-round ratios: on a shared VM a single round's
+    ratio swings by ±10 % (the two halves of a pair run seconds apart), so judge the mean by its error."""
+    arr = np.asarray(ratios, dtype=np.float64)
+    sem = float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else float("nan")
+    return {"ratio_mean": float(arr.mean()), "ratio_sem": sem, "ratio_median": float(np.median(arr)),
+            "ratio_min": float(arr.min()), "ratio_max": float(arr.max())}
 
 
 def main() -> int:
@@ -146,22 +166,29 @@ def main() -> int:
     ap.add_argument("--keep", default="0.75,0.32", help="kept fractions of the patches, cycled")
     ap.add_argument("--codec", default="jpeg")
     ap.add_argument("--quality", type=int, default=90)
-    ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--max-delay-ms", type=float, default=10.0)
+    defaults = BatchingConfig()
+    ap.add_argument("--max-batch", type=int, default=defaults.max_batch, help="default: the worker's config default")
+    ap.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="default: the worker's config default")
+    ap.add_argument("--max-delay-ms", type=float, default=defaults.max_delay_ms,
+                    help="default: the worker's config default")
     ap.add_argument("--policy", default="packed", choices=["packed", "padded", "sequential"])
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--in-flight", type=int, default=96, help="requests the load generator keeps outstanding")
-    ap.add_argument("--rounds", type=int, default=2, help="broker / in-process pairs to measure")
+    ap.add_argument("--rounds", type=int, default=6,
+                    help="broker / in-process pairs to measure (one pair's ratio is noisy: ±10 %% on a shared VM)")
     ap.add_argument("--quick", action="store_true", help="DeiT-Tiny shape and 96 requests (smoke run)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON")
     args = ap.parse_args()
     if args.quick:
         args.model, args.requests = "timm:deit_tiny_patch16_224", min(args.requests, 96)
     configure("console", "warning")
+    heap = retain_freed_memory()  # as run_worker does with the default worker.retain_heap
     threads = configure_threads(args.threads)
-    loaded = build_model(args.model, role="server")
+    # Torch work only on threads that end (as the worker keeps it on its inference thread): a thread
+    # that ran a parallel op keeps an OpenMP team while it lives, and with more OpenMP threads than
+    # cores libgomp stops spinning at barriers (see inference_worker.service.inference_pool).
+    loaded = on_a_passing_thread(build_model, args.model, role="server")
     keeps = [float(k) for k in args.keep.split(",")]
     model_id = "bench"
     with BrokerProcess(port=0) as broker:
@@ -173,7 +200,7 @@ def main() -> int:
             "worker": {"threads": args.threads, "precision": args.precision, "queue_capacity": 1024,
                        "metrics_interval_s": 5.0}})
         requests = make_requests(loaded, args.requests, keeps, args.codec, args.quality, "bench-device")
-        engine = ServerEngine(loaded, cfg.batching, resolve_precision(args.precision))
+        engine = on_a_passing_thread(lambda: ServerEngine(loaded, cfg.batching, resolve_precision(args.precision)))
         t0 = time.perf_counter()
         sets = [PatchSet(decode_patches(r), r.indices) for r in requests]
         decode_ms = (time.perf_counter() - t0) * 1000 / len(requests)
@@ -193,19 +220,22 @@ def main() -> int:
     tokens = [r.kept + 1 for r in requests]
     result = {
         "model": args.model, "precision": engine.precision, "policy": args.policy, "threads": threads,
-        "requests": len(requests), "tokens_mean": float(np.mean(tokens)), "payload_bytes_mean": figures["bytes_mean"],
+        "heap": heap.reason, "requests": len(requests), "tokens_mean": float(np.mean(tokens)),
+        "payload_bytes_mean": figures["bytes_mean"],
         "pixel_decode_ms_per_request": decode_ms, "rounds": rounds,
-        "ratio_mean": float(np.mean([r["ratio"] for r in rounds])),
+        **ratio_summary([r["ratio"] for r in rounds]),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
     }
     print(f"model {args.model} ({engine.precision}, {args.policy}, {threads} threads), {len(requests)} requests, "
           f"mean {result['tokens_mean']:.0f} tokens, {result['payload_bytes_mean'] / 1024:.1f} KiB each; "
-          f"pixel decode {decode_ms:.2f} ms/request")
+          f"pixel decode {decode_ms:.2f} ms/request; heap: {heap.reason}")
     print(f"{'round':<7}{'batches':>9}{'mean size':>11}{'in-process/s':>14}{'broker/s':>11}{'ratio':>8}{'busy':>7}")
     for i, r in enumerate(rounds, 1):
         print(f"{i:<7}{r['batches']:>9}{r['batch_size_mean']:>11.1f}{r['in_process_replies_per_s']:>14.2f}"
               f"{r['broker_replies_per_s']:>11.2f}{r['ratio']:>8.3f}{r['worker_busy_fraction']:>7.2f}")
-    print(f"mean ratio (broker ÷ in-process): {result['ratio_mean']:.3f}")
+    spread = (f" ± {result['ratio_sem']:.3f} (standard error), median {result['ratio_median']:.3f}, "
+              f"range {result['ratio_min']:.3f}–{result['ratio_max']:.3f}" if len(rounds) > 1 else "")
+    print(f"mean ratio (broker ÷ in-process): {result['ratio_mean']:.3f}{spread}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
