@@ -8,9 +8,11 @@ and ~32 % of 196 (alternating), JPEG-encoded, all built before timing. Two measu
 run, on one machine:
 
 * **broker**: a local Mosquitto (the project's broker/mosquitto.conf), one InferenceWorker in this
-  process, a load generator that keeps ``--in-flight`` requests outstanding (so the batcher always
-  has work). Replies/s from the first request to the last reply. Includes msgpack decode and
-  validation, pixel decode (decode thread), batching, inference, reply encode and publish.
+  process, and a load generator in a child process (as devices are: it shares the CPU, not this
+  process's GIL; ``--same-process-load`` puts it on the worker's event loop, the method before)
+  that keeps ``--in-flight`` requests outstanding (so the batcher always has work). Replies/s from
+  the first request to the last reply. Includes msgpack decode and validation, pixel decode
+  (decode thread), batching, inference, reply encode and publish.
 * **in-process**: the *same batches* (the sizes the worker formed, over the same requests in order)
   through the same :class:`ServerEngine` on pixels decoded beforehand: the model alone.
 
@@ -25,12 +27,14 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgpack
 import numpy as np
 import torch
 
@@ -40,7 +44,7 @@ from inference_worker.batcher import BatchReport
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
 from inference_worker.service import InferenceWorker
 from patchcast.broker import BrokerProcess
-from shared.config import BatchingConfig, load_config
+from shared.config import BatchingConfig, BrokerConfig, load_config
 from shared.heap import retain_freed_memory
 from shared.logs import configure
 from shared.models import LoadedModel, build_model
@@ -49,6 +53,7 @@ from shared.topics import V1
 from shared.transport import Incoming, Transport
 
 T = TypeVar("T")
+SCRIPT = Path(__file__).resolve()
 
 
 def natural_image(size: int, seed: int) -> np.ndarray:
@@ -82,47 +87,83 @@ def make_requests(loaded: LoadedModel, count: int, keeps: list[float], codec: st
     return requests
 
 
-async def through_broker(cfg, server: LoadedModel, requests: list[PatchRequest], in_flight: int,  # type: ignore[no-untyped-def]
-                         model: str) -> tuple[float, list[int], dict[str, float]]:
-    device = requests[0].device_id
-    payloads = [encode(r) for r in requests]
-    reports: list[BatchReport] = []
-    worker = InferenceWorker(cfg, server, worker_id="bench-worker")
-    worker.batcher.on_batch = lambda r: (worker.stats.on_batch(r), reports.append(r))  # type: ignore[func-returns-value]
+async def generate_load(broker_cfg: BrokerConfig, device: str, model: str, items: list[tuple[str, bytes]],
+                        in_flight: int) -> float:
+    """Publish every request (keeping ``in_flight`` outstanding) and wait for every reply: seconds
+    from the first publish to the last reply."""
     done = asyncio.Event()
-    answered: dict[str, float] = {}
+    answered: set[str] = set()
     slots = asyncio.Semaphore(in_flight)
 
     def on_reply(msg: Incoming) -> None:
         reply = decode_reply(msg.payload)
         assert isinstance(reply, Reply), reply
         if reply.request_id not in answered:
-            answered[reply.request_id] = time.perf_counter()
+            answered.add(reply.request_id)
             slots.release()
-        if len(answered) == len(requests):
+        if len(answered) == len(items):
             done.set()
 
-    client = Transport(cfg.broker, client_id=device, handler=on_reply)
+    client = Transport(broker_cfg, client_id=device, handler=on_reply)
     async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(client.run(), name="client"), tg.create_task(worker.run(), name="worker")]
+        runner = tg.create_task(client.run(), name="load-client")
         await client.subscribe(V1.reply(device))
         await client.wait_connected()
-        await asyncio.wait_for(worker.ready.wait(), 60)
         start = time.perf_counter()
 
-        async def send(i: int) -> None:
-            await client.publish(V1.request(model, device), payloads[i], qos=1, response_topic=V1.reply(device),
-                                 correlation_data=requests[i].request_id.encode())
+        async def send(request_id: str, payload: bytes) -> None:
+            await client.publish(V1.request(model, device), payload, qos=1, response_topic=V1.reply(device),
+                                 correlation_data=request_id.encode())
 
-        senders = []
-        for i in range(len(requests)):
+        for request_id, payload in items:
             await slots.acquire()
-            senders.append(tg.create_task(send(i)))
+            tg.create_task(send(request_id, payload))
         await done.wait()
         elapsed = time.perf_counter() - start
+        runner.cancel()
+    return elapsed
+
+
+def load_generator_main(folder: Path) -> int:
+    """Child process: the devices' side of a broker round (``--load-generator FOLDER``)."""
+    spec = json.loads((folder / "spec.json").read_text())
+    items = [(str(rid), bytes(payload)) for rid, payload in msgpack.unpackb((folder / "payloads").read_bytes())]
+    broker_cfg = load_config(environ={}, overrides={"broker": {"port": spec["port"]}}).broker
+    elapsed = asyncio.run(generate_load(broker_cfg, spec["device"], spec["model"], items, spec["in_flight"]))
+    print(json.dumps({"elapsed_s": elapsed, "replies": len(items)}))
+    return 0
+
+
+async def through_broker(cfg, server: LoadedModel, requests: list[PatchRequest], in_flight: int,  # type: ignore[no-untyped-def]
+                         model: str, same_process: bool = False) -> tuple[float, list[int], dict[str, float]]:
+    """One broker round: the worker in this process; the load generator in a child process (as
+    devices are: no share of this process's GIL) or, with ``same_process``, on this event loop."""
+    device = requests[0].device_id
+    payloads = [encode(r) for r in requests]
+    items = [(r.request_id, p) for r, p in zip(requests, payloads, strict=True)]
+    reports: list[BatchReport] = []
+    worker = InferenceWorker(cfg, server, worker_id="bench-worker")
+    worker.batcher.on_batch = lambda r: (worker.stats.on_batch(r), reports.append(r))  # type: ignore[func-returns-value]
+    async with asyncio.TaskGroup() as tg:
+        serving = tg.create_task(worker.run(), name="worker")
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        if same_process:
+            elapsed = await generate_load(cfg.broker, device, model, items, in_flight)
+        else:
+            with tempfile.TemporaryDirectory(prefix="patchcast-load-") as tmp:
+                folder = Path(tmp)
+                (folder / "payloads").write_bytes(msgpack.packb(items))
+                (folder / "spec.json").write_text(json.dumps({"port": cfg.broker.port, "device": device,
+                                                              "model": model, "in_flight": in_flight}))
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, str(SCRIPT), "--load-generator", str(folder),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                out, err = await asyncio.wait_for(proc.communicate(), 1800)
+                if proc.returncode != 0:
+                    raise SystemExit(f"load generator failed ({proc.returncode}):\n{err.decode()[-2000:]}")
+                elapsed = float(json.loads(out.decode().strip().splitlines()[-1])["elapsed_s"])
         worker.stop()
-        await tasks[1]
-        tasks[0].cancel()
+        await serving
     figures = {"elapsed_s": elapsed, "bytes_mean": float(np.mean([len(p) for p in payloads])),
                "busy_s": worker.batcher.busy_s}
     return len(requests) / elapsed, [r.size for r in reports], figures
@@ -178,8 +219,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6,
                     help="broker / in-process pairs to measure (one pair's ratio is noisy: ±10 %% on a shared VM)")
     ap.add_argument("--quick", action="store_true", help="DeiT-Tiny shape and 96 requests (smoke run)")
+    ap.add_argument("--same-process-load", action="store_true",
+                    help="run the load generator on the worker's event loop (the method before: it shares "
+                         "the worker's GIL, which devices never do)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON")
+    ap.add_argument("--load-generator", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load_generator:
+        return load_generator_main(args.load_generator)
     if args.quick:
         args.model, args.requests = "timm:deit_tiny_patch16_224", min(args.requests, 96)
     configure("console", "warning")
@@ -211,7 +258,7 @@ def main() -> int:
         rounds = []
         for _ in range(args.rounds):
             broker_rps, sizes, figures = asyncio.run(through_broker(cfg, loaded, requests, args.in_flight,
-                                                                    model_id))
+                                                                    model_id, args.same_process_load))
             inproc_rps, _ = in_process(engine, sets, sizes)
             rounds.append({"broker_replies_per_s": broker_rps, "in_process_replies_per_s": inproc_rps,
                            "ratio": broker_rps / inproc_rps, "batches": len(sizes),
@@ -220,6 +267,7 @@ def main() -> int:
     tokens = [r.kept + 1 for r in requests]
     result = {
         "model": args.model, "precision": engine.precision, "policy": args.policy, "threads": threads,
+        "load_generator": "same process" if args.same_process_load else "child process",
         "heap": heap.reason, "requests": len(requests), "tokens_mean": float(np.mean(tokens)),
         "payload_bytes_mean": figures["bytes_mean"],
         "pixel_decode_ms_per_request": decode_ms, "rounds": rounds,
@@ -228,7 +276,8 @@ def main() -> int:
     }
     print(f"model {args.model} ({engine.precision}, {args.policy}, {threads} threads), {len(requests)} requests, "
           f"mean {result['tokens_mean']:.0f} tokens, {result['payload_bytes_mean'] / 1024:.1f} KiB each; "
-          f"pixel decode {decode_ms:.2f} ms/request; heap: {heap.reason}")
+          f"pixel decode {decode_ms:.2f} ms/request; heap: {heap.reason}; load generator: "
+          f"{result['load_generator']}")
     print(f"{'round':<7}{'batches':>9}{'mean size':>11}{'in-process/s':>14}{'broker/s':>11}{'ratio':>8}{'busy':>7}")
     for i, r in enumerate(rounds, 1):
         print(f"{i:<7}{r['batches']:>9}{r['batch_size_mean']:>11.1f}{r['in_process_replies_per_s']:>14.2f}"
