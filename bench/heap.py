@@ -16,7 +16,8 @@ mallopt settings and OpenMP teams cannot be undone inside a process, so every me
 child process (``--child KIND --workload W``); a process that ran one workload has also moved
 glibc's dynamic mmap threshold, which would hide the default's cost from the next (the worker runs
 one precision and one policy all its life). The parent alternates the kinds, ``--rounds`` times,
-and prints images/s (median over rounds) and per-round ratios (median over rounds).
+and prints images/s and each child's peak resident memory (medians over rounds) and per-round
+ratios (median over rounds).
 
 Workloads, as in ``bench/worker_throughput.py`` (same seed, same ``paper`` mix: ~147 of 196 patches
 kept, 32 requests): ``packed``, the worker's packed bf16 forward under its default caps
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -108,7 +110,8 @@ def child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         pool.submit(timed).result()
     return {"kind": kind, "workload": args.workload, "applied": bool(settings and settings.applied),
             "reason": settings.reason if settings else "glibc defaults",
-            "images_per_s": len(state["sets"]) / statistics.median(walls)}
+            "images_per_s": len(state["sets"]) / statistics.median(walls),
+            "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_child(kind: str, workload: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -142,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     rounds: list[dict[str, dict[str, float]]] = []
+    rss: dict[tuple[str, str], list[float]] = {}
     reason = ""
     for r in range(args.rounds):
         figures: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
@@ -151,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for kind in kinds[shift:] + kinds[:shift]:
                 result = run_child(kind, workload, args)
                 figures[kind][workload] = float(result["images_per_s"])
+                rss.setdefault((kind, workload), []).append(float(result["max_rss_mib"]))
                 if kind == "retained":
                     reason = str(result["reason"])
         rounds.append(figures)
@@ -163,11 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.threads} threads, DeiT-Base shape depth {args.depth}, paper mix of {args.requests} requests, "
           f"{args.rounds} rounds")
     print(f"retained: {reason}\n")
-    print("| workload | " + " | ".join(f"{k}, images/s" for k in KINDS) + " | retained ÷ default |")
+    print("| workload | " + " | ".join(f"{k}, images/s (peak RSS)" for k in KINDS) + " | retained ÷ default |")
     print("|---|" + "---|" * (len(KINDS) + 1))
     ratios: dict[str, float] = {}
     for workload in WORKLOADS:
-        cells = [f"{statistics.median(x[k][workload] for x in rounds):.2f}" if k in plan(workload) else ""
+        cells = [f"{statistics.median(x[k][workload] for x in rounds):.2f} "
+                 f"({statistics.median(rss[(k, workload)]):.0f} MiB)" if k in plan(workload) else ""
                  for k in KINDS]
         ratios[f"{workload}: retained ÷ default"] = ratio("retained", "default", workload)
         print(f"| {workload} | " + " | ".join(cells) + f" | {ratios[f'{workload}: retained ÷ default']:.2f}× |")
@@ -180,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"- {key}: {value:.2f}×")
     if args.json:
         args.json.write_text(json.dumps({"rounds": rounds, "ratios": ratios, "threads": args.threads,
+                                         "max_rss_mib": {f"{k}/{w}": v for (k, w), v in rss.items()},
                                          "requests": args.requests, "depth": args.depth}, indent=2) + "\n")
     return 0
 

@@ -149,7 +149,7 @@ class WorkerConfig:
     metrics_port: int = _f(0, "Prometheus /metrics HTTP port (0: off)")
     decode_threads: int = _f(1, "threads decoding patch payloads to pixels (CPU work, off the event loop)")
     retain_heap: bool = _f(True, "keep freed tensor memory in the process (glibc mallopt) instead of page-faulting "
-                                 "every batch's activations in again: 1.37× packed bf16 DeiT-Base on an AMX Xeon")
+                                 "every batch's activations in again: 1.4× packed bf16 DeiT-Base on an AMX Xeon")
     max_publish_in_flight: int = _f(10, "replies awaiting the broker's PUBACK at once (aiomqtt: ≤ 10)")
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ more than its *trim threshold* is free there. A packed DeiT-Base batch allocates
 activations of several MiB per layer (2,048 tokens × 3,072 hidden × bf16 = 12 MiB), so with the
 defaults every batch page-faults its activations in again: the kernel zeroes each 4 KiB page on
 first touch. Measured on a 2-core AMX Xeon: GELU over a fresh 12 MiB output took 8.8 ms instead of
-1.0 ms, and the worker's packed bf16 forward ran 1.37× faster with the settings below
+1.0 ms, and the worker's packed bf16 forward ran 1.37–1.40× faster with the settings below
 (``bench/heap.py``; docs/benchmarks.md).
 
 The settings are glibc's documented ``mallopt`` parameters: large blocks up to 32 MiB (glibc's
@@ -42,6 +42,15 @@ class HeapSettings:
 
     applied: bool
     reason: str
+
+
+def describe_support() -> str:
+    """What :func:`retain_freed_memory` would do in this process, without doing it (for ``patchcast info``)."""
+    libc_name, version = platform.libc_ver()
+    if libc_name != "glibc":
+        return f"left as it is (C library {libc_name or 'unknown'}, not glibc)"
+    return (f"glibc {version}: the worker retains freed memory (blocks ≤ {MMAP_THRESHOLD_BYTES >> 20} MiB, "
+            "one arena; worker.retain_heap)")
 
 
 @functools.cache

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import torchvision
 
     from shared import __version__
+    from shared.heap import describe_support
     from shared.precision import MIN_BF16_SPEEDUP, bf16_flags, probe_once, resolve
 
     support = bf16_flags()
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         ("cpu avx512_bf16", str(support["avx512_bf16"])),
         ("bf16 matmul speed", measured),
         ("precision auto", f"{resolve('auto')} (bf16 only at ≥ {MIN_BF16_SPEEDUP}× fp32)"),
+        ("malloc", describe_support()),
         ("cuda available", str(torch.cuda.is_available())),
     ]
     width = max(len(k) for k, _ in rows)

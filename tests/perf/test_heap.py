@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.heap import retain_freed_memory
+from shared.heap import describe_support, retain_freed_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
@@ -27,7 +27,7 @@ def test_settings_apply_once_and_say_what_they_did() -> None:
 _BATCH_LIKE_ROUNDS = """
 import json, resource, sys, threading
 import torch
-from shared.heap import retain_freed_memory
+from shared.heap import describe_support, retain_freed_memory
 if sys.argv[1] == "retained":
     retain_freed_memory()
 faults = []
@@ -69,3 +69,13 @@ def test_another_c_library_is_left_alone_and_reported(monkeypatch: pytest.Monkey
     settings = retain_freed_memory.__wrapped__()  # bypass the per-process cache
     assert not settings.applied
     assert "not glibc" in settings.reason
+    assert "not glibc" in describe_support()
+
+
+@glibc
+def test_info_says_what_the_worker_does_with_malloc(capsys: pytest.CaptureFixture[str]) -> None:
+    from patchcast.cli import main
+
+    assert main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("malloc"))
+    assert "glibc" in line and "worker.retain_heap" in line
