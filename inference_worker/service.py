@@ -108,9 +108,13 @@ class InferenceWorker:
         self.topics = topics
         self.limits = limits
         self._infer_pool = infer_pool or inference_pool()
-        # The precision probe and the bf16 weight copy run torch kernels: on the inference thread too.
-        self.precision = self._infer_pool.submit(resolve_precision, config.worker.precision).result()
-        self.engine = self._infer_pool.submit(ServerEngine, server, config.batching, self.precision).result()
+        try:
+            # The precision probe and the bf16 weight copy run torch kernels: on the inference thread too.
+            self.precision = self._infer_pool.submit(resolve_precision, config.worker.precision).result()
+            self.engine = self._infer_pool.submit(ServerEngine, server, config.batching, self.precision).result()
+        except BaseException:
+            self._infer_pool.shutdown(wait=False, cancel_futures=True)
+            raise
         self.stats = WorkerStats()
         self.log = get_logger("patchcast.worker", worker_id=self.worker_id, model=self.model_id)
         self.subscription = topics.worker_subscription(config.worker.group, self.model_id)

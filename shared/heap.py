@@ -55,7 +55,7 @@ def describe_support() -> str:
 
 @functools.cache
 def retain_freed_memory() -> HeapSettings:
-    """Raise glibc's mmap and trim thresholds for this process (idempotent; the first call decides).
+    """Raise glibc's mmap and trim thresholds and use one arena (idempotent; the first call decides).
 
     Call it once at start-up of a process that runs model inference or training, before the first
     forward. It never raises: an unsupported C library is reported in the returned settings.
