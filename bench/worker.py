@@ -187,8 +187,7 @@ def on_a_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def in_process(engine: ServerEngine, sets: list[PatchSet], batch_sizes: list[int]) -> tuple[float, float]:
     """Replies/s of the model alone, on a dedicated thread like the worker's inference thread (the
     thread matters: torch's intra-op pool behaves differently from the main thread)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-infer") as pool:
-        return pool.submit(_run_batches, engine, sets, batch_sizes).result()
+    return on_a_passing_thread(_run_batches, engine, sets, batch_sizes)
 
 
 def ratio_summary(ratios: list[float]) -> dict[str, float]:
