@@ -10,6 +10,9 @@ The expensive work is split so that a sweep never re-runs what it need not:
    on the gate, so gates are applied afterwards as masks: an image takes the server's answer when
    the gate sends it and the edge's answer otherwise.
 3. **Sweep (pure numpy):** every selection × gate kind × threshold η becomes one operating point.
+   The CSV samples η on a grid; the acceptance checks also take the frontier at *every* observed η
+   (:func:`exact_gate_curve`) and put a paired bootstrap over images around both
+   (:func:`bootstrap_acceptance`).
 
 Everything from steps 1–2 is cached in ``.npz`` files under a cache folder keyed by a fingerprint of
 the two models' weights, the data, the precision and the seed, and one file per selection, so a
@@ -194,7 +197,7 @@ class GateSweep:
     accuracy: FloatArray
 
 
-def sweep_gate(edge_correct: BoolArray, server_correct: BoolArray, counts: IntArray,
+def sweep_gate(edge_correct: BoolArray, server_correct: BoolArray | FloatArray, counts: IntArray,
                send: BoolArray) -> GateSweep:
     """Accuracy and traffic when images in ``send`` (T, B) take the server's answer on their
     selection (``counts`` patches each) and the rest keep the edge's."""
@@ -207,6 +210,30 @@ def sweep_gate(edge_correct: BoolArray, server_correct: BoolArray, counts: IntAr
     return GateSweep(images_sent=send.sum(axis=1).astype(np.int64),
                      patches_sent=(send.astype(np.int64) @ np.asarray(counts, dtype=np.int64)),
                      accuracy=correct.mean(axis=1))
+
+
+def exact_gate_curve(u: FloatArray, kind: GateName, edge_correct: FloatArray, server_correct: FloatArray,
+                     counts: IntArray, num_patches: int) -> tuple[FloatArray, FloatArray]:
+    """(comm cost, accuracy) of one selection under one gate at *every* threshold, the curve that
+    the η grid of :func:`gate_thresholds` samples.
+
+    A gate sends the images whose uncertainty is at or beyond η, so as η passes every observed value
+    the sent set grows one group of tied values at a time, in uncertainty order: prefix sums give
+    every operating point in O(B log B), from nothing sent (edge only) to everything (no gate). Ties
+    are decided in float32 like :func:`send_masks`, so each point equals ``sweep_gate`` at some η.
+    """
+    u32 = np.asarray(u, dtype=np.float32)
+    n = len(u32)
+    order = np.argsort(u32 if kind == "margin" else -u32, kind="stable")
+    ordered = u32[order]
+    group_ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True]) + 1  # sent counts a threshold can give
+    sent = np.r_[0, group_ends]
+    edge = np.asarray(edge_correct, dtype=np.float64)
+    gain = np.asarray(server_correct, dtype=np.float64)[order] - edge[order]
+    accuracy = (edge.sum() + np.r_[0.0, np.cumsum(gain)][sent]) / n
+    patches = np.r_[0, np.cumsum(np.asarray(counts, dtype=np.int64)[order])][sent]
+    # (sent ÷ n) × (patches ÷ (sent × N)), the paper's product, without dividing by zero sent
+    return patches / (n * num_patches), accuracy
 
 
 def pareto_frontier(cost: FloatArray, accuracy: FloatArray) -> IntArray:
@@ -263,6 +290,54 @@ def compare_frontiers(method_cost: FloatArray, method_acc: FloatArray,
     costs = [float(c) for c in np.asarray(base_cost)[bf]]
     return FrontierComparison(costs=costs, baseline=[float(a) for a in np.asarray(base_acc)[bf]],
                               method=[frontier_at(mc, ma, c) for c in costs])
+
+
+Selection = tuple[FloatArray, IntArray]  # (per-image server correctness, per-image kept patches)
+BOOTSTRAP_COSTS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
+
+
+def _exact_frontier(u: FloatArray, kind: GateName, edge_correct: FloatArray, selections: Sequence[Selection],
+                    num_patches: int) -> tuple[FloatArray, FloatArray]:
+    curves = [exact_gate_curve(u, kind, edge_correct, ok, counts, num_patches) for ok, counts in selections]
+    cost = np.concatenate([c for c, _ in curves])
+    acc = np.concatenate([a for _, a in curves])
+    front = pareto_frontier(cost, acc)
+    return cost[front], acc[front]
+
+
+def bootstrap_acceptance(u: FloatArray, kind: GateName, edge_correct: FloatArray, server_correct: FloatArray,
+                         method: Sequence[Selection], baseline: Sequence[Selection], num_patches: int, *,
+                         costs: Sequence[float] = BOOTSTRAP_COSTS, resamples: int = 200,
+                         seed: int = 0) -> dict[str, Any]:
+    """How much of the acceptance checks is sampling noise: a paired bootstrap over images.
+
+    Each resample draws the test images with replacement and recomputes, on the same draw, the
+    method's and the baseline's exact frontiers (every η) and server-only accuracy; reported are the
+    mean and the 2.5–97.5 percentiles of (method − baseline) at each cost and of (server-only −
+    method) at cost 0.5, in points, and how often the method fell below the baseline.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(u)
+    gaps = np.empty((resamples, len(costs)))
+    loss = np.empty(resamples)
+    for r in range(resamples):
+        idx = rng.integers(0, n, n)
+        ur, er = np.asarray(u)[idx], np.asarray(edge_correct)[idx]
+        mc, ma = _exact_frontier(ur, kind, er, [(ok[idx], c[idx]) for ok, c in method], num_patches)
+        bc, ba = _exact_frontier(ur, kind, er, [(ok[idx], c[idx]) for ok, c in baseline], num_patches)
+        gaps[r] = [frontier_at(mc, ma, c) - frontier_at(bc, ba, c) for c in costs]
+        loss[r] = float(np.mean(np.asarray(server_correct)[idx])) - frontier_at(mc, ma, 0.5)
+
+    def interval(x: FloatArray) -> dict[str, float]:
+        lo, hi = np.percentile(100 * x, [2.5, 97.5])
+        return {"mean": float(np.mean(100 * x)), "lo": float(lo), "hi": float(hi)}
+
+    return {
+        "resamples": resamples,
+        "method_minus_baseline": [{"cost": float(c), **interval(gaps[:, i]), "p_below": float(np.mean(gaps[:, i] < 0))}
+                                  for i, c in enumerate(costs)],
+        "loss_at_cost_0.5": {**interval(loss), "p_over_1_point": float(np.mean(loss > 0.01))},
+    }
 
 
 def bytes_fraction(send: BoolArray, sel_bytes: IntArray, full_bytes: IntArray) -> FloatArray:
@@ -364,6 +439,7 @@ class EvalConfig:
     bytes_sample: int = 256
     random_draws: int = 1  # independent random-patch draws the random baseline is averaged over
     max_loss: float = 1.0  # accuracy points below server-only
+    bootstrap: int = 200  # image resamples for the acceptance checks' confidence intervals (0: none)
     seed: int = 0
     plots: bool = True
     publish: str | None = None  # a markdown file whose generated section (and img/ figures) to rewrite
@@ -382,6 +458,8 @@ class EvalConfig:
             raise ConfigError("max_loss must be ≥ 0 points")
         if self.random_draws < 1:
             raise ConfigError("random_draws must be ≥ 1")
+        if self.bootstrap < 0:
+            raise ConfigError("bootstrap must be ≥ 0 resamples")
 
     @property
     def grid(self) -> SweepGrid:
@@ -827,6 +905,36 @@ def measure_bytes(cfg: EvalConfig, ds: Any, pre: Any, patch_size: int, data: Arr
 # Sweep
 # --------------------------------------------------------------------------------------------------
 
+def spec_correctness(data: Arrays, specs: Sequence[SelectionSpec]) -> Iterator[tuple[SelectionSpec, FloatArray]]:
+    """Each selection with the server's per-image correctness on it; a random selection's draws are
+    averaged into its draw 0 (its expected correctness, in [0, 1])."""
+    draws: dict[str, list[str]] = {}  # a random spec's id → the ids of all its draws
+    for sp in specs:
+        draws.setdefault(replace(sp, draw=0).id, []).append(sp.id)
+    for sp in specs:
+        if not sp.draw:
+            yield sp, np.mean([data.server_pred[i] == data.labels for i in draws[sp.id]], axis=0)
+
+
+def selections_of(data: Arrays, specs: Sequence[SelectionSpec], *, score: ScoreName,
+                  encoder: Encoder = "edge") -> list[Selection]:
+    """Per-image correctness and patch counts of one score's selections, every rule and value."""
+    return [(correct, data.counts[sp.id]) for sp, correct in spec_correctness(data, specs)
+            if sp.encoder == encoder and sp.score == score]
+
+
+def exact_curves(data: Arrays, selections: Sequence[Selection], gate_u: dict[str, FloatArray],
+                 n_patches: int, gate: GateName = "min_entropy") -> tuple[FloatArray, FloatArray]:
+    """Every operating point (cost, accuracy) of some selections under ``gate`` at every threshold:
+    :func:`exact_gate_curve` over all of them, edge-only and no-gate included."""
+    edge_correct = data.edge_logits.argmax(1) == data.labels
+    curves = [exact_gate_curve(gate_u[gate], gate, edge_correct, ok, counts, n_patches)
+              for ok, counts in selections]
+    if not curves:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate([c for c, _ in curves]), np.concatenate([a for _, a in curves])
+
+
 def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patches: int, server_m: Any,
           sample: IntArray, full_bytes: IntArray,
           sel_bytes: dict[str, IntArray]) -> tuple[list[Point], dict[str, FloatArray]]:
@@ -846,7 +954,7 @@ def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patch
     points: list[Point] = []
 
     def add(encoder: str, score: str, rule: str, value: float | None, gate: str, etas: Sequence[float | None],
-            send: BoolArray, correct: BoolArray, counts: IntArray, sbytes: IntArray) -> None:
+            send: BoolArray, correct: BoolArray | FloatArray, counts: IntArray, sbytes: IntArray) -> None:
         gs = sweep_gate(edge_correct, correct, counts, send)
         bf = bytes_fraction(send[:, sample], sbytes, full_bytes)
         for t, eta in enumerate(etas):
@@ -867,13 +975,7 @@ def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patch
     for g in GATES:
         add("", "", "full", None, g, gate_eta[g], send_masks(gate_u[g], g, gate_eta[g]), server_correct,
             full_counts, full_bytes)
-    draws: dict[str, list[str]] = {}  # a random spec's id → the ids of all its draws
-    for sp in specs:
-        draws.setdefault(replace(sp, draw=0).id, []).append(sp.id)
-    for sp in specs:
-        if sp.draw:
-            continue  # averaged into draw 0's points
-        correct = np.mean([data.server_pred[i] == data.labels for i in draws[sp.id]], axis=0)
+    for sp, correct in spec_correctness(data, specs):
         counts = data.counts[sp.id]
         sb = sel_bytes[sp.id]
         add(sp.encoder, sp.score, sp.rule, sp.value, "none", [None], all_send, correct, counts, sb)
@@ -991,6 +1093,20 @@ def summarise(cfg: EvalConfig, data: Arrays, points: list[Point], n_patches: int
     mcost, macc = series(points, lambda p: _is_method(p))
     rcost, racc = series(points, lambda p: _is_method(p, score="random"))
     cmp = compare_frontiers(mcost, macc, rcost, racc)
+    # The same two checks with η at every observed value instead of the grid's quantiles.
+    server_correct = data.server_logits.argmax(1) == data.labels
+    method_sel = selections_of(data, specs, score="attention")
+    random_sel = selections_of(data, specs, score="random")
+    ecost, eacc = exact_curves(data, method_sel, gate_u, n_patches)
+    rcost_x, racc_x = exact_curves(data, random_sel, gate_u, n_patches)
+    efront = pareto_frontier(ecost, eacc)
+    at_half_exact = frontier_at(ecost[efront], eacc[efront], 0.5)
+    cmp_exact = compare_frontiers(ecost, eacc, rcost_x, racc_x) if len(rcost_x) else None
+    rfront = pareto_frontier(rcost_x, racc_x) if len(rcost_x) else np.zeros(0, dtype=np.int64)
+    boot = (bootstrap_acceptance(gate_u["min_entropy"], "min_entropy", data.edge_logits.argmax(1) == data.labels,
+                                 server_correct, method_sel, random_sel, n_patches, resamples=cfg.bootstrap,
+                                 seed=cfg.seed)
+            if cfg.bootstrap and method_sel and random_sel else None)
     # Point by point: the random twin has the same images sent and the same patch counts.
     twins = {(p.rule, p.value, p.gate, p.eta): p.accuracy for p in points if p.score == "random"}
     diffs = [p.accuracy - twins[(p.rule, p.value, p.gate, p.eta)] for p in points
@@ -1025,6 +1141,24 @@ def summarise(cfg: EvalConfig, data: Arrays, points: list[Point], n_patches: int
             "method_frontier_at_those_costs": cmp.method,
             "min_margin_over_random_frontier_points": cmp.min_margin * 100,
             "beats_random_frontier_everywhere": cmp.beats_everywhere,
+            "exact_eta": {
+                "frontier_accuracy_at_cost_0.5": at_half_exact,
+                "loss_at_cost_0.5_points": (server_only.accuracy - at_half_exact) * 100,
+                "within_1_point_at_cost_0.5": bool(at_half_exact >= server_only.accuracy - 0.01 - 1e-12),
+                "frontier_points": len(efront),
+                "random_frontier_points": len(cmp_exact.costs) if cmp_exact else 0,
+                "min_margin_over_random_frontier_points": (cmp_exact.min_margin * 100) if cmp_exact else None,
+                "random_frontier_points_beaten_or_tied": (
+                    int(sum(m >= b for m, b in zip(cmp_exact.method, cmp_exact.baseline, strict=True)))
+                    if cmp_exact else 0),
+                "beats_random_frontier_everywhere": bool(cmp_exact and cmp_exact.beats_everywhere),
+                "costs_below_random": ([c for c, m, b in zip(cmp_exact.costs, cmp_exact.method, cmp_exact.baseline,
+                                                            strict=True) if m < b] if cmp_exact else []),
+                # the two frontiers themselves, for the plots: [[cost, accuracy], …]
+                "method_frontier": [[float(ecost[i]), float(eacc[i])] for i in efront],
+                "random_frontier": [[float(rcost_x[i]), float(racc_x[i])] for i in rfront],
+                "bootstrap": boot,
+            },
             "matched_points": len(diffs),
             "matched_points_method_not_worse": int(sum(d >= 0 for d in diffs)),
             "matched_points_min_margin_points": (min(diffs) * 100) if diffs else None,
@@ -1139,6 +1273,7 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_pr
         f"{len(acc['random_frontier_costs'])} costs of the random frontier, method minus random is at "
         f"worst {acc['min_margin_over_random_frontier_points']:+.2f} points → "
         f"{'PASS' if acc['beats_random_frontier_everywhere'] else 'MISS'} (≥ 0 everywhere)",
+        *_exact_lines(acc.get("exact_eta")),
         f"- Point by point (same selection rule and value, same gate and η, so the same images and the "
         f"same patch counts): method ≥ random at {acc['matched_points_method_not_worse']} of "
         f"{acc['matched_points']} points; method minus random: mean "
@@ -1172,6 +1307,39 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_pr
         lines.append(f"| {p['comm_cost']:.3f} | {_pct(p['accuracy'])} | {p['bytes_frac']:.3f} | "
                      f"{p['description']} |")
     return "\n".join(lines) + "\n"
+
+
+def _exact_lines(x: dict[str, Any] | None) -> list[str]:
+    """The acceptance checks again with η at every observed value (summaries from before lack them)."""
+    if not x:
+        return []
+    lines = [f"- With η at every observed uncertainty value (the exact curves the η grid samples): method "
+             f"frontier at comm cost ≤ 0.5 {_pct(x['frontier_accuracy_at_cost_0.5'])}, "
+             f"{x['loss_at_cost_0.5_points']:.2f} points below server-only → "
+             f"{'PASS' if x['within_1_point_at_cost_0.5'] else 'MISS'}"]
+    if x["random_frontier_points"]:
+        lines.append(f"  - against random, frontier against frontier: method at or above random at "
+                     f"{x['random_frontier_points_beaten_or_tied']:,} of the random frontier's "
+                     f"{x['random_frontier_points']:,} costs, worst "
+                     f"{x['min_margin_over_random_frontier_points']:+.2f} points → "
+                     f"{'PASS' if x['beats_random_frontier_everywhere'] else 'MISS'}"
+                     + (f" (below it only at comm cost ≤ {max(x['costs_below_random']):.3f})"
+                        if x.get("costs_below_random") else ""))
+    boot = x.get("bootstrap")
+    if boot:
+        loss = boot["loss_at_cost_0.5"]
+        lines += [
+            f"  - sampling noise, a paired bootstrap over the test images ({boot['resamples']} resamples, "
+            f"both frontiers and server-only recomputed on each): server-only minus the method's frontier "
+            f"at comm cost ≤ 0.5 {loss['mean']:.2f} points, 95 % interval [{loss['lo']:.2f}, {loss['hi']:.2f}], "
+            f"over 1 point in {100 * loss['p_over_1_point']:.0f} % of resamples; method minus random:", "",
+            "  | comm cost | method − random, points | 95 % interval | resamples with method below |",
+            "  |---|---|---|---|",
+            *(f"  | {g['cost']:g} | {g['mean']:+.2f} | [{g['lo']:+.2f}, {g['hi']:+.2f}] | "
+              f"{100 * g['p_below']:.0f} % |" for g in boot["method_minus_baseline"]),
+            "",
+        ]
+    return lines
 
 
 def _draws_note(summary: dict[str, Any]) -> str:
@@ -1277,10 +1445,19 @@ def plot_all(points: Sequence[Point], out_dir: Path, summary: dict[str, Any]) ->
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     xs, ys = series(points, _is_method, with_edge_only=False)
     ax.scatter(xs, 100 * ys, s=4, color="tab:blue", alpha=0.15, label="edge attention × min-entropy (all)")
-    ax.step(*_frontier_xy(points, _is_method), where="post", color="tab:blue", lw=2,
-            label="frontier: attention")
-    ax.step(*_frontier_xy(points, lambda p: _is_method(p, score="random")), where="post",
-            color="tab:orange", lw=1.5, ls="-.", label="frontier: random patches")
+    exact = summary["acceptance"].get("exact_eta") or {}
+    if exact.get("method_frontier") and exact.get("random_frontier"):
+        # the acceptance's curves: η at every observed value (the dots are the η grid's points)
+        for key, color, ls, label in (("method_frontier", "tab:blue", "-", "frontier: attention (every η)"),
+                                      ("random_frontier", "tab:orange", "-.", "frontier: random patches (every η)")):
+            front = exact[key]
+            ax.step([c for c, _ in front] + [1.0], [100 * a for _, a in front] + [100 * front[-1][1]],
+                    where="post", color=color, lw=2 if key == "method_frontier" else 1.5, ls=ls, label=label)
+    else:
+        ax.step(*_frontier_xy(points, _is_method), where="post", color="tab:blue", lw=2,
+                label="frontier: attention")
+        ax.step(*_frontier_xy(points, lambda p: _is_method(p, score="random")), where="post",
+                color="tab:orange", lw=1.5, ls="-.", label="frontier: random patches")
     ax.step(*_frontier_xy(points, lambda p: _is_full(p, "min_entropy")), where="post",
             color="tab:green", lw=1.2, ls=":", label="frontier: full images, gate only")
     if summary["paper_point"]:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from patchcast.cli import main
-from patchcast.eval import PUBLISH_BEGIN, read_csv
+from patchcast.eval import BOOTSTRAP_COSTS, PUBLISH_BEGIN, frontier_at, read_csv
 from shared import datasets
 from shared.models import LoadedModel, Preprocess, VitArch, build_model, save_checkpoint
 
@@ -54,7 +54,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return ["eval", "--data", str(setup["data"]), "--edge", f"file:{setup['edge']}", "--server",
             f"file:{setup['server']}", "--sweep", "quick", "--out", str(out), "--bytes-sample", "12",
-            "--threads", "1", "--limit", "40", *extra]
+            "--threads", "1", "--limit", "40", "--bootstrap", "20", *extra]
 
 
 def test_eval_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
@@ -94,6 +94,19 @@ def test_eval_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
     assert front[0]["comm_cost"] == 0.0
     for a, b in itertools.pairwise(front):
         assert b["comm_cost"] > a["comm_cost"] and b["accuracy"] > a["accuracy"]
+
+    # The exact frontier (every η) passes through every grid point of the method, so it is at or
+    # above the grid's frontier at every cost; and it ends where everything is sent.
+    exact = summary["acceptance"]["exact_eta"]
+    xc = np.array([c for c, _ in exact["method_frontier"]])
+    xa = np.array([a for _, a in exact["method_frontier"]])
+    for p in points:
+        if p.encoder == "edge" and p.score == "attention" and p.gate in ("min_entropy", "none"):
+            assert frontier_at(xc, xa, p.comm_cost) >= p.accuracy - 1e-12, p
+    assert exact["frontier_accuracy_at_cost_0.5"] >= summary["acceptance"]["frontier_accuracy_at_cost_0.5"] - 1e-12
+    boot = exact["bootstrap"]
+    assert boot["resamples"] == 20 and len(boot["method_minus_baseline"]) == len(BOOTSTRAP_COSTS)
+    assert all(g["lo"] <= g["mean"] <= g["hi"] for g in boot["method_minus_baseline"])
 
     # η = 0 sends every image (min-entropy ≥ 0), so it equals the no-gate row of the same selection.
     nogate = {(p.encoder, p.score, p.rule, p.value): p for p in points if p.gate == "none"}

@@ -12,9 +12,11 @@ from patchcast.eval import (
     FULL_GRID,
     QUICK_GRID,
     SelectionSpec,
+    bootstrap_acceptance,
     build_specs,
     bytes_fraction,
     compare_frontiers,
+    exact_gate_curve,
     frontier_at,
     gate_thresholds,
     padded_groups,
@@ -69,6 +71,56 @@ def test_sweep_gate_takes_expected_correctness() -> None:
     server = np.array([0.25, 0.5])  # e.g. right in 1 of 4 and 2 of 4 random draws
     gs = sweep_gate(edge, server, np.array([3, 5]), np.array([[True, True], [False, True]]))
     assert gs.accuracy.tolist() == [0.375, 0.75]
+
+
+def test_exact_gate_curve_by_hand() -> None:
+    # min-entropy sends the most uncertain first; images 1 and 2 tie, so no threshold splits them
+    u = np.array([0.1, 0.9, 0.9, 0.5], dtype=np.float32)
+    edge = np.array([True, False, True, False])
+    server = np.array([True, True, False, True])
+    cost, acc = exact_gate_curve(u, "min_entropy", edge, server, np.array([8, 4, 6, 2]), 8)
+    assert cost.tolist() == pytest.approx([0.0, 10 / 32, 12 / 32, 20 / 32])
+    assert acc.tolist() == [0.5, 0.5, 0.75, 0.75]
+
+
+@pytest.mark.parametrize("kind", ["min_entropy", "shannon", "margin"])
+def test_exact_gate_curve_is_sweep_gate_at_every_threshold(kind: str) -> None:
+    """Each point of the exact curve is ``sweep_gate`` at one observed η, and every observed η
+    (plus one beyond all of them: nothing sent) gives a point of the curve."""
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy(rng.normal(size=(400, 10)).astype(np.float32) * 2)
+    logits[::7] = logits[3]  # tied uncertainties
+    u = uncertainty(logits, kind).numpy()  # type: ignore[arg-type]
+    edge = rng.random(400) < 0.6
+    server = rng.random(400)  # expected correctness, as for averaged random draws
+    counts = rng.integers(1, 65, 400)
+    cost, acc = exact_gate_curve(u, kind, edge, server, counts, 64)  # type: ignore[arg-type]
+    beyond = -1.0 if kind == "margin" else float(u.max()) + 1.0
+    etas = [*sorted({float(x) for x in u}), beyond]
+    gs = sweep_gate(edge, server, counts, send_masks(u, kind, etas))  # type: ignore[arg-type]
+    grid = {(round(p / (400 * 64), 12), round(a, 12)) for p, a in zip(gs.patches_sent, gs.accuracy, strict=True)}
+    exact = {(round(c, 12), round(a, 12)) for c, a in zip(cost, acc, strict=True)}
+    assert exact == grid
+    assert len(cost) == len(np.unique(u.astype(np.float32))) + 1
+
+
+def test_bootstrap_acceptance_pairs_its_resamples() -> None:
+    """Method and baseline are recomputed on the same resampled images: identical selections give a
+    gap of exactly zero in every resample, and a server right on every image a loss of exactly zero."""
+    rng = np.random.default_rng(5)
+    u = rng.random(300).astype(np.float32)
+    edge = rng.random(300) < 0.5
+    sel = [(rng.random(300) < 0.7, rng.integers(1, 65, 300)) for _ in range(3)]
+    boot = bootstrap_acceptance(u, "min_entropy", edge, np.ones(300, dtype=bool), sel, list(sel), 64, resamples=30)
+    assert boot["resamples"] == 30
+    assert all(g["mean"] == g["lo"] == g["hi"] == 0.0 and g["p_below"] == 0.0 for g in boot["method_minus_baseline"])
+    # A server right on every image, sent whole: at cost 0.5 the frontier sends the most uncertain half.
+    full = [(np.ones(300), np.full(300, 64))]
+    worse = [(np.zeros(300), np.full(300, 64))]
+    boot = bootstrap_acceptance(u, "min_entropy", edge, np.ones(300, dtype=bool), full, worse, 64, resamples=30)
+    assert all(g["lo"] >= 0.0 and g["p_below"] == 0.0 for g in boot["method_minus_baseline"])
+    assert all(g["mean"] > 0.0 for g in boot["method_minus_baseline"])
+    assert 0.0 < boot["loss_at_cost_0.5"]["mean"] < 50.0 and boot["loss_at_cost_0.5"]["p_over_1_point"] == 1.0
 
 
 def test_random_draws_are_distinct_specs_of_one_twin() -> None:
