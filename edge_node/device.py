@@ -32,6 +32,7 @@ from shared.protocol import (
     decode_reply,
     encode,
 )
+from shared.routing import ExpertRouter, parse_experts
 from shared.topics import Topics
 from shared.transport import Incoming, Outgoing, Transport
 
@@ -57,7 +58,10 @@ class Device:
         self.runner = runner
         self.topics = topics
         self.reply_topic = topics.reply(device_id)
-        self.request_topic = topics.request(model_id, device_id)
+        self.request_topic = topics.request(model_id, device_id)  # the general server's pool
+        # Expert routing (empty table: every request goes to model_id's pool).
+        self.router = ExpertRouter(parse_experts(config.routing.experts), fallback=model_id,
+                                   top_k=config.routing.top_k)
         self.metrics_topic = topics.metrics("edge", device_id)
         self.on_outcome = on_outcome
         self.ledger = ReplyLedger()
@@ -103,7 +107,7 @@ class Device:
         future.set_result(reply)
 
     # ---- one image ---------------------------------------------------------------------------
-    async def _request(self, request: PatchRequest) -> tuple[Reply | ErrorReply | None, int, str | None]:
+    async def _request(self, request: PatchRequest, topic: str) -> tuple[Reply | ErrorReply | None, int, str | None]:
         """Publish one attempt and wait for its answer: (answer or None on timeout, bytes, error code)."""
         key = request.request_id.encode()
         future: asyncio.Future[Reply | ErrorReply] = asyncio.get_running_loop().create_future()
@@ -111,7 +115,7 @@ class Device:
         try:
             payload = encode(request)
             async with asyncio.timeout(self.edge.reply_timeout_s):
-                await self.transport.publish(self.request_topic, payload, qos=1, response_topic=self.reply_topic,
+                await self.transport.publish(topic, payload, qos=1, response_topic=self.reply_topic,
                                              correlation_data=key, expiry_s=self.edge.reply_timeout_s)
                 return await future, len(payload), None
         except TimeoutError:
@@ -135,6 +139,8 @@ class Device:
     async def _offload(self, base_id: str, decision: EdgeDecision, sample: Sample) -> OutcomeRecord:
         assert decision.indices is not None and decision.payload is not None
         mask = pack_mask(decision.indices, decision.num_patches)
+        topic = (self.topics.request(self.router.route(decision.topk_ids, decision.topk_probs), self.device_id)
+                 if self.router.experts else self.request_topic)
         total_bytes = 0
         code: str | None = None
         attempts = 0
@@ -150,7 +156,7 @@ class Device:
                 uncertainty=decision.uncertainty, uncertainty_kind=self.config.gate.kind, sent_at=sent_at,
                 label=sample.label, deadline=sent_at + self.edge.reply_timeout_s)
             started = time.monotonic()
-            answer, nbytes, code = await self._request(request)
+            answer, nbytes, code = await self._request(request, topic)
             total_bytes += nbytes
             attempts += 1 if nbytes else 0
             latency_ms = (time.monotonic() - started) * 1000.0

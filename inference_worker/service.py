@@ -248,8 +248,9 @@ class InferenceWorker:
             probs = torch.softmax(logits, dim=-1)
             k = min(TOPK, probs.shape[-1])
             top_p, top_i = probs.topk(k, dim=-1)
+            to_global = self.engine.loaded.global_class  # an expert's outputs → global class ids
             for row, i in enumerate(positions):
-                ids = tuple(int(v) for v in top_i[row])
+                ids = tuple(to_global(int(v)) for v in top_i[row])
                 results[i] = Prediction(label=ids[0], topk_ids=ids,
                                         topk_probs=tuple(float(v) for v in top_p[row]),
                                         batch_started=started, infer_ms=infer_ms, batch_size=len(sets))

@@ -82,6 +82,7 @@ class TrainConfig:
     threads: int | None = None
     bf16: bool = True
     name: str = "model"
+    classes: tuple[int, ...] = ()  # a specialist (expert): train on these global class ids only
     mean: tuple[float, float, float] = CIFAR_MEAN
     std: tuple[float, float, float] = CIFAR_STD
     command: str = field(default_factory=lambda: shlex.join(["patchcast", *sys.argv[1:]]))
@@ -97,6 +98,11 @@ class TrainConfig:
             raise ConfigError("distill_weight must be in [0, 1] and distill_temperature positive")
         if not 0.0 <= self.token_attention_share <= 1.0:
             raise ConfigError("token_attention_share must be in [0, 1]")
+        if len(set(self.classes)) != len(self.classes) or any(c < 0 for c in self.classes):
+            raise ConfigError("classes must be distinct class ids ≥ 0")
+        if self.classes and self.arch.num_classes != len(self.classes):
+            raise ConfigError(f"a specialist on {len(self.classes)} classes needs arch.num_classes = "
+                              f"{len(self.classes)}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
@@ -250,11 +256,15 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     pre = cfg.preprocess
     t_load = time.perf_counter()
     train_ds = datasets.load(cfg.data)
+    if cfg.classes:
+        train_ds = train_ds.restrict(cfg.classes)
     train_x, train_y = decode_all(train_ds, pre)
     test_x = test_y = None
     test_ds = None
     if cfg.test_data:
         test_ds = datasets.load(cfg.test_data)
+        if cfg.classes:
+            test_ds = test_ds.restrict(cfg.classes)
         test_x, test_y = decode_all(test_ds, pre)
     load_s = time.perf_counter() - t_load
     if cfg.arch.num_classes != len(train_ds.class_names):
@@ -366,7 +376,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     model.eval()
     model.to("cpu")
     set_fused_attention(model, True)
-    loaded = LoadedModel(model=model, name=cfg.name, preprocess=pre, class_names=list(train_ds.class_names))
+    loaded = LoadedModel(model=model, name=cfg.name, preprocess=pre, class_names=list(train_ds.class_names),
+                         class_ids=list(cfg.classes))
     save_checkpoint(out / "model.safetensors", loaded, arch=cfg.arch)
     card = model_card(cfg, loaded, train_ds, test_ds, test_x, test_y, history, wall_s, load_s)
     write_card(out, cfg.name, card)
@@ -395,6 +406,7 @@ def model_card(cfg: TrainConfig, loaded: LoadedModel, train_ds: datasets.Dataset
                          "params": sum(p.numel() for p in loaded.model.parameters())},
         "preprocess": loaded.preprocess.to_json(),
         "class_names": loaded.class_names,
+        "class_ids": loaded.class_ids,  # a specialist's outputs → global class ids ([] = every class)
         # The data as named on the command line (relative to the data root), not this machine's path.
         "data": {"train": cfg.data, "train_sha256": _sha_or_none(train_ds.source),
                  "train_images": len(train_ds),
@@ -477,6 +489,10 @@ def write_card(out: Path, name: str, card: dict[str, Any]) -> None:
         f"- Settings: {json.dumps(card['training'])}",
         f"- Command: `{card['command']}`",
     ]
+    if card.get("class_ids"):
+        lines.append(f"- Specialist (expert) on classes {card['class_ids']} "
+                     f"({', '.join(card['class_names'])}): output i is class {card['class_ids']}[i]; "
+                     f"accuracies are on those classes' images only")
     parent = card.get("init_from")
     while parent:  # a fine-tuned model: say what it started from, and what that started from
         lines.append(f"- Started from `{parent['model']}`" + (

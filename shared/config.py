@@ -163,6 +163,20 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    experts: str = _f("", "expert routing: 'MODEL_ID=C,C,…; MODEL_ID=…' (global class ids each specialist was trained "
+                      "on, e.g. from 'patchcast train --classes'); a sent image goes to the expert holding the most "
+                      "of the edge's top-k probability mass, else to models.model_id. Empty: no routing")
+    top_k: int = _f(5, "edge classes whose probability mass routing weighs (at most the 5 a request carries)")
+
+    def __post_init__(self) -> None:
+        from shared.routing import parse_experts
+
+        _check(1 <= self.top_k <= 5, "routing.top_k must be in 1..5")
+        parse_experts(self.experts)  # raises ConfigError on a malformed table
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["auto", "json", "console"] = _f("auto", "auto: console on a terminal, JSON lines otherwise")
     level: Literal["debug", "info", "warning", "error"] = _f("info", "minimum log level")
@@ -257,6 +271,7 @@ class Config:
     edge: EdgeConfig = field(default_factory=EdgeConfig, metadata={"help": "edge devices / fleet simulator"})
     batching: BatchingConfig = field(default_factory=BatchingConfig, metadata={"help": "worker dynamic batching"})
     worker: WorkerConfig = field(default_factory=WorkerConfig, metadata={"help": "inference worker"})
+    routing: RoutingConfig = field(default_factory=RoutingConfig, metadata={"help": "expert routing (edge)"})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "structured logs"})
     monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"help": "live dashboard"})
     scaler: ScalerConfig = field(default_factory=ScalerConfig, metadata={"help": "worker pool autoscaler"})

@@ -13,7 +13,7 @@ import io
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,21 @@ class Dataset:
 
     def subset(self, indices: Sequence[int]) -> Dataset:
         return Dataset(tuple(self.samples[i] for i in indices), self.class_names, self.source)
+
+    def restrict(self, classes: Sequence[int]) -> Dataset:
+        """Only the samples of ``classes`` (global ids), relabelled 0..len(classes)-1 in that order:
+        the training set of a specialist (expert) model."""
+        if not classes or len(set(classes)) != len(classes):
+            raise DatasetError("classes must be a non-empty list of distinct class ids")
+        if self.class_names and any(not 0 <= c < len(self.class_names) for c in classes):
+            raise DatasetError(f"{self.source}: class ids must be in 0..{len(self.class_names) - 1}, "
+                               f"got {list(classes)}")
+        local = {c: i for i, c in enumerate(classes)}
+        kept = tuple(replace(s, label=local[s.label]) for s in self.samples if s.label in local)
+        if not kept:
+            raise DatasetError(f"{self.source}: no samples of classes {list(classes)}")
+        names = tuple(self.class_names[c] for c in classes) if self.class_names else ()
+        return Dataset(kept, names, self.source)
 
     def head(self, limit: int | None) -> Dataset:
         return self if limit is None else Dataset(self.samples[:limit], self.class_names, self.source)

@@ -119,6 +119,19 @@ class LoadedModel:
     name: str
     preprocess: Preprocess
     class_names: list[str] = field(default_factory=list)
+    # A specialist (expert) model's outputs stand for these global class ids, output i for
+    # class_ids[i]; empty for a model over every class (output i is class i).
+    class_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.class_ids and len(self.class_ids) != self.num_classes:
+            raise ModelError(f"{self.name}: {len(self.class_ids)} class ids for {self.num_classes} outputs")
+        if len(set(self.class_ids)) != len(self.class_ids) or any(c < 0 for c in self.class_ids):
+            raise ModelError(f"{self.name}: class ids must be distinct and ≥ 0")
+
+    def global_class(self, output: int) -> int:
+        """The global class id of one output index (the identity for a model over every class)."""
+        return self.class_ids[output] if self.class_ids else output
 
     @property
     def patch_size(self) -> int:
@@ -200,12 +213,13 @@ def load_checkpoint(path: str | Path, name: str | None = None) -> LoadedModel:
         preprocess = (Preprocess.from_json(json.loads(meta["patchcast.data"])) if "patchcast.data" in meta
                       else Preprocess.from_timm(vit))
         class_names = json.loads(meta.get("patchcast.class_names", "[]"))
+        class_ids = [int(c) for c in json.loads(meta.get("patchcast.class_ids", "[]"))]
     except ModelError:
         raise
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise ModelError(f"{path}: invalid checkpoint ({exc})") from exc
     return LoadedModel(model=vit.eval(), name=name or path.stem, preprocess=preprocess,
-                       class_names=[str(c) for c in class_names])
+                       class_names=[str(c) for c in class_names], class_ids=class_ids)
 
 
 def save_checkpoint(path: str | Path, loaded: LoadedModel, *, arch: VitArch | None = None,
@@ -215,6 +229,8 @@ def save_checkpoint(path: str | Path, loaded: LoadedModel, *, arch: VitArch | No
 
     meta = {"patchcast.data": json.dumps(loaded.preprocess.to_json()),
             "patchcast.class_names": json.dumps(loaded.class_names)}
+    if loaded.class_ids:
+        meta["patchcast.class_ids"] = json.dumps(loaded.class_ids)
     if arch is not None:
         meta["patchcast.arch"] = json.dumps(asdict(arch))
     elif timm_name is not None:

@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--threshold", type=float, help="gate threshold η (gate.threshold)")
     p.add_argument("--rule", choices=["topk", "threshold", "sum_threshold", "random_k"], help="selection.rule")
     p.add_argument("--value", type=float, help="selection.value (k, δ or δ_sum)")
+    p.add_argument("--experts", metavar="'ID=C,C,…; ID=…'",
+                   help="expert routing table (routing.experts): each sent image goes to the pool whose classes "
+                   "hold the most of the edge's top-k probability mass, else to --model-id")
     p.add_argument("--codec", help="patch codec (codec.name)")
     p.add_argument("--quality", type=int, help="codec quality (codec.quality)")
     p.add_argument("--no-outcomes", action="store_true", help="do not publish a per-image Outcome message")
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     overrides["gate"] = {"threshold": args.threshold}
     overrides["selection"] = {"rule": args.rule, "value": args.value}
     overrides["codec"] = {"name": args.codec, "quality": args.quality}
+    overrides["routing"] = {"experts": args.experts}
     cfg = load_config(args.config, overrides=overrides)
     configure(cfg.logging.format, cfg.logging.level)
     result = asyncio.run(run_fleet(cfg, handle_signals=True))

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill-weight", type=float, default=0.5,
                    help="with --teacher: loss = (1 - w) * label loss + w * KL(teacher || student)")
     p.add_argument("--distill-temperature", type=float, default=2.0, help="with --teacher: softmax temperature")
+    p.add_argument("--classes", default="", metavar="C,C,…",
+                   help="train a specialist (expert) on these class ids only, e.g. 0,1,8,9; the checkpoint maps its "
+                   "outputs back to them, and routing.experts sends it the images those classes dominate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -65,6 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _parse_classes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--classes {text!r}: expected comma-separated class ids, e.g. 0,1,8,9") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -72,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from patchcast.train import TrainConfig, train, use_bf16
     from shared.models import ZOO_DIR, VitArch
 
-    num_classes = _count_classes(args.data)
+    classes = _parse_classes(args.classes)
+    num_classes = len(classes) if classes else _count_classes(args.data)
     cfg = TrainConfig(
         data=args.data, test_data=args.test_data or None, out=args.out,
         arch=VitArch(args.img_size, args.patch_size, args.dim, args.depth, args.heads, args.mlp_ratio, num_classes,
@@ -83,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         token_selector=args.token_selector, token_attention_share=args.token_attention_share,
         init=args.init, device=args.device, teacher=args.teacher,
         distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
-        seed=args.seed, threads=args.threads, name=args.name)
+        seed=args.seed, threads=args.threads, name=args.name, classes=classes)
     cfg = replace(cfg, bf16=use_bf16("fp32" if args.fp32 else args.precision, cfg.torch_device()))
     console = Console()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -89,3 +89,15 @@ def test_shared_cifar10_test_split_if_present() -> None:
         pytest.skip(f"CIFAR-10 not found under {datasets.data_root()} (set PATCHCAST_DATA)")
     ds = datasets.load(path, limit=20)
     assert len(ds) == 20 and len(ds.class_names) == 10
+
+
+def test_restrict_keeps_and_relabels_a_class_subset() -> None:
+    from shared.datasets import Dataset, Sample
+
+    ds = Dataset(tuple(Sample(f"k{i}", b"x", i % 4) for i in range(8)), ("a", "b", "c", "d"), "mem")
+    sub = ds.restrict([3, 1])
+    assert [s.key for s in sub.samples] == ["k1", "k3", "k5", "k7"]
+    assert [s.label for s in sub.samples] == [1, 0, 1, 0] and sub.class_names == ("d", "b")
+    for bad in ([], [1, 1], [4]):
+        with pytest.raises(DatasetError):
+            ds.restrict(bad)

@@ -52,6 +52,20 @@ def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
     assert build_model(str(path)).name == "tiny"  # bare path works too
 
 
+def test_specialist_class_ids_round_trip_and_are_validated(tmp_path: Path) -> None:
+    arch = VitArch(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    pre = Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    loaded = LoadedModel(arch.build().eval(), "expert", pre, ["c7", "c2", "c9"], class_ids=[7, 2, 9])
+    assert [loaded.global_class(i) for i in range(3)] == [7, 2, 9]
+    save_checkpoint(tmp_path / "expert.safetensors", loaded, arch=arch)
+    assert build_model(f"file:{tmp_path / 'expert.safetensors'}").class_ids == [7, 2, 9]
+    everyone = LoadedModel(arch.build().eval(), "general", pre)
+    assert everyone.class_ids == [] and everyone.global_class(2) == 2
+    for bad in ([7, 2], [7, 7, 9], [7, -2, 9]):
+        with pytest.raises(ModelError):
+            LoadedModel(arch.build().eval(), "expert", pre, class_ids=bad)
+
+
 def test_timm_named_checkpoint(tmp_path: Path) -> None:
     loaded = build_model("timm:deit_tiny_patch16_224")
     path = tmp_path / "deit.safetensors"

@@ -165,3 +165,27 @@ def test_train_command_records_the_precision_it_trained_in(toy_data: Path, tmp_p
     with pytest.raises(SystemExit) as refused:  # argparse: usage + one line, exit status 2
         main(["train", "--data", str(toy_data), "--out", str(tmp_path / "bad"), "--precision", "fp16"])
     assert refused.value.code == 2
+
+
+def test_specialist_trains_on_its_classes_and_maps_outputs_back(tmp_path: Path) -> None:
+    """``classes``: an expert for routing learns only those classes, relabelled in the given order,
+    and its checkpoint says which global class each output stands for."""
+    rng = np.random.default_rng(1)
+    for label, channel in (("a", 0), ("b", 1), ("c", 2)):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(24):
+            img = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)
+            img[..., channel] += 100
+            Image.fromarray(img).save(tmp_path / "data" / label / f"{i}.png")
+    card = train(_cfg(tmp_path / "data", tmp_path / "run", epochs=4, classes=(2, 0)))
+    assert card["class_ids"] == [2, 0] and card["class_names"] == ["c", "a"]
+    assert card["data"]["train_images"] == 48 and card["test_accuracy"] >= 0.9
+    assert "Specialist (expert) on classes [2, 0]" in (tmp_path / "run" / "toy.md").read_text()
+    loaded = build_model(f"file:{tmp_path / 'run' / 'model.safetensors'}")
+    assert loaded.class_ids == [2, 0] and loaded.num_classes == 2
+    assert [loaded.global_class(i) for i in range(2)] == [2, 0]
+    with pytest.raises(ConfigError, match="num_classes"):
+        _cfg(tmp_path / "data", tmp_path / "bad", arch=VitArch(img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                                               num_heads=2, num_classes=3), classes=(2, 0))
+    with pytest.raises(ConfigError, match="distinct"):
+        _cfg(tmp_path / "data", tmp_path / "bad", classes=(1, 1))
