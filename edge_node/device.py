@@ -61,7 +61,7 @@ class Device:
         self.request_topic = topics.request(model_id, device_id)  # the general server's pool
         # Expert routing (empty table: every request goes to model_id's pool).
         self.router = ExpertRouter(parse_experts(config.routing.experts), fallback=model_id,
-                                   top_k=config.routing.top_k)
+                                   top_k=config.routing.top_k, min_share=config.routing.min_share)
         self.metrics_topic = topics.metrics("edge", device_id)
         self.on_outcome = on_outcome
         self.ledger = ReplyLedger()

@@ -212,7 +212,8 @@ def sweep_gate(edge_correct: BoolArray, server_correct: BoolArray | FloatArray, 
                      accuracy=correct.mean(axis=1))
 
 
-def exact_gate_curve(u: FloatArray, kind: GateName, edge_correct: FloatArray, server_correct: FloatArray,
+def exact_gate_curve(u: FloatArray, kind: GateName, edge_correct: FloatArray | BoolArray,
+                     server_correct: FloatArray | BoolArray,
                      counts: IntArray, num_patches: int) -> tuple[FloatArray, FloatArray]:
     """(comm cost, accuracy) of one selection under one gate at *every* threshold, the curve that
     the η grid of :func:`gate_thresholds` samples.
@@ -292,7 +293,7 @@ def compare_frontiers(method_cost: FloatArray, method_acc: FloatArray,
                               method=[frontier_at(mc, ma, c) for c in costs])
 
 
-Selection = tuple[FloatArray, IntArray]  # (per-image server correctness, per-image kept patches)
+Selection = tuple[FloatArray | BoolArray, IntArray]  # (per-image server correctness, kept patches)
 BOOTSTRAP_COSTS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 
 
@@ -440,6 +441,8 @@ class EvalConfig:
     random_draws: int = 1  # independent random-patch draws the random baseline is averaged over
     max_loss: float = 1.0  # accuracy points below server-only
     bootstrap: int = 200  # image resamples for the acceptance checks' confidence intervals (0: none)
+    experts: tuple[str, ...] = ()  # specialist model references for the expert-routing comparison
+    expert_min_share: float = 0.0  # routing.min_share for the points.csv rows of expert routing
     seed: int = 0
     plots: bool = True
     publish: str | None = None  # a markdown file whose generated section (and img/ figures) to rewrite
@@ -460,6 +463,8 @@ class EvalConfig:
             raise ConfigError("random_draws must be ≥ 1")
         if self.bootstrap < 0:
             raise ConfigError("bootstrap must be ≥ 0 resamples")
+        if not 0.0 <= self.expert_min_share <= 1.0:
+            raise ConfigError("expert_min_share must be in [0, 1]")
 
     @property
     def grid(self) -> SweepGrid:
@@ -760,6 +765,102 @@ class EvalResult:
     files: list[Path]
 
 
+def load_expert(ref: str, server_m: Any) -> Any:
+    """A specialist for the expert-routing comparison: a checkpoint that names the global class ids
+    of its outputs (``patchcast train --classes``) and sees the server's image and patch grid."""
+    from shared.errors import ModelError
+    from shared.models import build_model, check_server_layout
+
+    expert = build_model(ref, role="server")
+    check_server_layout(expert, ref)
+    if not expert.class_ids:
+        raise ModelError(f"{ref}: not a specialist (its checkpoint names no class ids; train one with "
+                         "'patchcast train --classes')")
+    if max(expert.class_ids) >= server_m.num_classes:
+        raise ModelError(f"{ref}: class ids {expert.class_ids} exceed the server's {server_m.num_classes} classes")
+    if (expert.grid, expert.patch_size, expert.preprocess.input_size) != (
+            server_m.grid, server_m.patch_size, server_m.preprocess.input_size):
+        raise ModelError(f"{ref}: another image size or patch grid than the server's")
+    return expert
+
+
+def expert_specs(specs: Sequence[SelectionSpec]) -> list[SelectionSpec]:
+    """The selections expert routing is compared on: edge attention under the paper's δ_sum rule."""
+    return [sp for sp in specs if sp.encoder == "edge" and sp.score == "attention" and sp.rule == "sum_threshold"]
+
+
+EXPERT_TOPK = 5  # the edge top-k a request carries, over which routing weighs probability mass
+EXPERT_MIN_SHARES = (0.0, 0.9, 0.95, 0.99)  # routing.min_share values the report compares
+
+
+def route_images(edge_logits: FloatArray, experts: Sequence[Any], top_k: int = EXPERT_TOPK,
+                 min_share: float = 0.0) -> IntArray:
+    """Per image, the index of the expert :class:`shared.routing.ExpertRouter` picks from the edge's
+    top-k softmax (as a device does), or -1 for the general server."""
+    import torch
+
+    from shared.routing import Expert, ExpertRouter
+
+    router = ExpertRouter(tuple(Expert(f"e{i}", frozenset(m.class_ids)) for i, m in enumerate(experts)),
+                          fallback="general", top_k=top_k, min_share=min_share)
+    probs = torch.softmax(torch.from_numpy(np.asarray(edge_logits, dtype=np.float32)), dim=-1)
+    top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    picks = [router.route(i.tolist(), p.tolist()) for i, p in zip(top_i, top_p, strict=True)]
+    return np.array([-1 if m == "general" else int(m[1:]) for m in picks], dtype=np.int64)
+
+
+def routed_predictions(route: IntArray, expert_preds: IntArray, general: IntArray) -> IntArray:
+    """Each image's answer under ``route``: its expert's row of ``expert_preds`` (E, B), else ``general``."""
+    out = np.asarray(general, dtype=np.int64).copy()
+    rows = np.flatnonzero(route >= 0)
+    out[rows] = expert_preds[route[rows], rows]
+    return out
+
+
+def expert_passes(cfg: EvalConfig, ds: Any, experts: Sequence[Any], data: Arrays, specs: Sequence[SelectionSpec],
+                  cache: Cache, bf16: bool, report: ProgressFn) -> dict[str, IntArray]:
+    """Every specialist on every image's kept patches, per selection: (E, B) global class ids.
+
+    Computing all images (not only those routed) makes any routing rule a cheap combination of
+    cached answers (:func:`routed_predictions`). Cached per expert's weights and selection."""
+    import torch
+
+    from shared import datasets
+    from shared.models import set_fused_attention
+    from shared.subset import embed_all
+
+    out: dict[str, IntArray] = {sp.id: np.zeros((len(experts), len(data.labels)), dtype=np.int64) for sp in specs}
+    done, total = 0, len(experts) * len(specs) * len(data.labels)
+    for e, expert in enumerate(experts):
+        tag = _sha([weights_fingerprint(expert.model), expert.class_ids])
+        todo = []
+        for sp in specs:
+            got = cache.load(f"expert-{tag}-{sp.id}")
+            if got is None:
+                todo.append(sp)
+            else:
+                out[sp.id][e] = got["pred"]
+                done += len(data.labels)
+        if not todo:
+            continue
+        set_fused_attention(expert.model, True)
+        ids = np.asarray(expert.class_ids, dtype=np.int64)
+        for c_start, c_end in _chunks(len(data.labels), 2048):
+            rows = np.arange(c_start, c_end)
+            pixels, _ = datasets.to_tensor_batch(ds.samples[c_start:c_end], expert.preprocess)
+            with _autocast(bf16):
+                tokens = torch.cat([embed_all(expert.model, datasets.normalize(pixels[s:t], expert.preprocess))
+                                    for s, t in _chunks(len(pixels), cfg.batch_size)])
+            for sp in todo:
+                logits = _server_on_masks(expert.model, tokens, data.masks(sp.id, rows), cfg.max_tokens, bf16)
+                out[sp.id][e, rows] = ids[logits.argmax(axis=1)]
+                done += len(rows)
+                report("experts", done, total, f"expert {e}, {sp.id}")
+        for sp in todo:
+            cache.save(f"expert-{tag}-{sp.id}", {"pred": out[sp.id][e]})
+    return out
+
+
 def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     """Run (or load from cache) every pass, sweep, and write CSV, tables, plots and a report."""
     import torch
@@ -790,6 +891,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     if edge_m.preprocess.input_size != server_m.preprocess.input_size:
         raise ModelError("edge and server expect different input sizes")
     n_patches = edge_m.num_patches
+    experts = [load_expert(ref, server_m) for ref in cfg.experts]
     ds = datasets.load(cfg.data).spread(cfg.limit, seed=cfg.seed)
     if len(ds) == 0:
         raise ConfigError(f"{cfg.data}: no images")
@@ -818,11 +920,24 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
                                                               cache, report)
     timings["bytes_s"] = time.perf_counter() - t0
 
+    all_experts: dict[str, IntArray] | None = None
+    expert_preds: dict[str, IntArray] | None = None
+    if experts:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            all_experts = expert_passes(cfg, ds, experts, data, expert_specs(specs), cache, bf16, report)
+        route = route_images(data.edge_logits, experts, min_share=cfg.expert_min_share)
+        expert_preds = {sid: routed_predictions(route, preds, data.server_pred[sid])
+                        for sid, preds in all_experts.items()}
+        timings["experts_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
-    points, gate_u = sweep(cfg, data, specs, n_patches, server_m, sample, full_bytes, sel_bytes)
+    points, gate_u = sweep(cfg, data, specs, n_patches, server_m, sample, full_bytes, sel_bytes, expert_preds)
     timings["sweep_s"] = time.perf_counter() - t0
 
     summary = summarise(cfg, data, points, n_patches, edge_m, server_m, gate_u, specs, len(sample))
+    if all_experts is not None:
+        summary["experts"] = summarise_experts(cfg, data, experts, all_experts, gate_u, n_patches)
     summary["bytes"] = {"sample": len(sample), "codec": cfg.codec, "codec_params": dict(cfg.codec_params),
                         "reference_mean_bytes": float(np.mean(full_bytes)),
                         "jpeg_file_mean_bytes": file_bytes}
@@ -936,9 +1051,10 @@ def exact_curves(data: Arrays, selections: Sequence[Selection], gate_u: dict[str
 
 
 def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patches: int, server_m: Any,
-          sample: IntArray, full_bytes: IntArray,
-          sel_bytes: dict[str, IntArray]) -> tuple[list[Point], dict[str, FloatArray]]:
-    """Every operating point: baselines, then each selection × (no gate, each gate × each η)."""
+          sample: IntArray, full_bytes: IntArray, sel_bytes: dict[str, IntArray],
+          expert_preds: dict[str, IntArray] | None = None) -> tuple[list[Point], dict[str, FloatArray]]:
+    """Every operating point: baselines, then each selection × (no gate, each gate × each η); with
+    ``expert_preds``, the same selections answered by expert routing (score ``experts``)."""
     import torch
 
     from shared.costs import communication_cost, model_flops
@@ -982,6 +1098,13 @@ def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patch
         for g in GATES:
             add(sp.encoder, sp.score, sp.rule, sp.value, g, gate_eta[g],
                 send_masks(gate_u[g], g, gate_eta[g]), correct, counts, sb)
+    for sid, pred in (expert_preds or {}).items():
+        sp = next(x for x in specs if x.id == sid)
+        correct = pred == data.labels
+        counts, sb = data.counts[sid], sel_bytes[sid]
+        add(sp.encoder, "experts", sp.rule, sp.value, "none", [None], all_send, correct, counts, sb)
+        add(sp.encoder, "experts", sp.rule, sp.value, "min_entropy", gate_eta["min_entropy"],
+            send_masks(gate_u["min_entropy"], "min_entropy", gate_eta["min_entropy"]), correct, counts, sb)
     return points, gate_u
 
 
@@ -1172,6 +1295,81 @@ def summarise(cfg: EvalConfig, data: Arrays, points: list[Point], n_patches: int
     }
 
 
+EXPERT_COSTS = (0.1, 0.2, 0.3, 0.5, 0.75)
+
+
+def summarise_experts(cfg: EvalConfig, data: Arrays, experts: Sequence[Any], all_experts: dict[str, IntArray],
+                      gate_u: dict[str, FloatArray], n_patches: int) -> dict[str, Any]:
+    """Expert routing against the general server on the same δ_sum selections and min-entropy gate,
+    for several ``min_share`` settings: where images went, how often their true class was among the
+    routed expert's, and accuracy at the paper's point and along both exact frontiers."""
+    labels = data.labels
+    edge_correct = data.edge_logits.argmax(1) == labels
+    u = gate_u["min_entropy"]
+    sids = list(all_experts)
+
+    def frontier(preds: dict[str, IntArray]) -> tuple[FloatArray, FloatArray]:
+        return _exact_frontier(u, "min_entropy", edge_correct,
+                               [(preds[sid] == labels, data.counts[sid]) for sid in sids], n_patches)
+
+    def at_paper(preds: dict[str, IntArray]) -> float | None:
+        sid = next((x for x in sids if x.endswith(f"-sum_threshold-{PAPER_SUM_THRESHOLD:g}")), None)
+        if sid is None:
+            return None
+        send = send_masks(u, "min_entropy", [PAPER_ETA])[0]
+        return float(np.where(send, preds[sid] == labels, edge_correct).mean())
+
+    general_preds = {sid: data.server_pred[sid] for sid in sids}
+    general = frontier(general_preds)
+    settings = []
+    for share in sorted({*EXPERT_MIN_SHARES, cfg.expert_min_share}):
+        route = route_images(data.edge_logits, experts, min_share=share)
+        preds = {sid: routed_predictions(route, all_experts[sid], data.server_pred[sid]) for sid in sids}
+        routed = frontier(preds)
+        covered = np.array([r >= 0 and int(y) in experts[r].class_ids for r, y in zip(route, labels, strict=True)])
+        settings.append({
+            "min_share": share,
+            "routed_share": [float(np.mean(route == i)) for i in range(len(experts))],
+            "general_share": float(np.mean(route < 0)),
+            "true_class_covered_when_routed": float(covered.sum() / max(1, int(np.sum(route >= 0)))),
+            "paper_point": at_paper(preds),
+            "frontier": [frontier_at(*routed, c) for c in EXPERT_COSTS],
+        })
+    return {
+        "models": [{"ref": ref, "classes": m.class_ids} for ref, m in zip(cfg.experts, experts, strict=True)],
+        "costs": list(EXPERT_COSTS),
+        "general": {"paper_point": at_paper(general_preds),
+                    "frontier": [frontier_at(*general, c) for c in EXPERT_COSTS]},
+        "settings": settings,
+    }
+
+
+def _expert_lines(x: dict[str, Any] | None, h: str) -> list[str]:
+    if not x:
+        return []
+    lines = ["", f"{h}# Expert routing", "",
+             "Each sent image goes to the specialist whose classes hold the most of the edge's top-5 probability "
+             "mass (`shared.routing`), on the same δ_sum selections and min-entropy gate as the general server; "
+             "with `min_share` > 0 only when that specialist holds at least that share of the mass, else to the "
+             "general server. Accuracy: the paper's point (δ_sum "
+             f"{PAPER_SUM_THRESHOLD}, η {PAPER_ETA}) and the δ_sum frontier at every η up to each comm cost.", ""]
+    lines += [f"- `{m['ref']}`: classes {m['classes']}" for m in x["models"]]
+    costs = x["costs"]
+    lines += ["", "| routing | to experts | true class covered | paper point | "
+              + " | ".join(f"cost ≤ {c:g}" for c in costs) + " |",
+              "|---|---|---|---|" + "---|" * len(costs)]
+    g = x["general"]
+    lines.append("| general server only | 0 % | | " + _pct(g["paper_point"]) + " | "
+                 + " | ".join(_pct(a) for a in g["frontier"]) + " |")
+    for st in x["settings"]:
+        diffs = [f"{_pct(a)} ({100 * (a - b):+.2f})" for a, b in zip(st["frontier"], g["frontier"], strict=True)]
+        pp, gp = st["paper_point"], g["paper_point"]
+        paper = f"{_pct(pp)} ({100 * (pp - gp):+.2f})" if pp is not None and gp is not None else "–"
+        lines.append(f"| experts, min_share {st['min_share']:g} | {100 * (1 - st['general_share']):.1f} % | "
+                     f"{100 * st['true_class_covered_when_routed']:.1f} % | {paper} | " + " | ".join(diffs) + " |")
+    return lines
+
+
 def table_expected_patches(data: Arrays, specs: Sequence[SelectionSpec], n_patches: int,
                            points: Sequence[Point]) -> str:
     """Paper Table II: δ_sum → expected patches kept per image (mean ± std) and no-gate accuracy."""
@@ -1280,6 +1478,7 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_pr
         f"{acc['matched_points_mean_margin_points']:+.2f} points, worst "
         f"{acc['matched_points_min_margin_points']:+.2f}",
     ]
+    lines += _expert_lines(summary.get("experts"), h)
     geometry = summary.get("selection_geometry") or {}
     if geometry:
         lines += ["", f"{h}# Where attention looks", "",

@@ -26,7 +26,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -274,8 +274,11 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     model = cfg.arch.build()
     if cfg.init:
         start = build_model(cfg.init, role="edge")  # any layout: the state-dict check below decides
+        init_state = start.model.state_dict()
+        if cfg.classes and not start.class_ids and start.num_classes != len(cfg.classes):
+            init_state = specialist_head(init_state, cfg.classes, cfg.init)
         try:
-            model.load_state_dict(start.model.state_dict())
+            model.load_state_dict(init_state)
         except RuntimeError as exc:
             raise ConfigError(f"--init {cfg.init}: weights do not fit the architecture asked for") from exc
     # On a CPU the fused SDPA backward is the slow part of a step; on a GPU the fused kernel wins.
@@ -382,6 +385,17 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     card = model_card(cfg, loaded, train_ds, test_ds, test_x, test_y, history, wall_s, load_s)
     write_card(out, cfg.name, card)
     return card
+
+
+def specialist_head(state: dict[str, torch.Tensor], classes: Sequence[int], ref: str) -> dict[str, torch.Tensor]:
+    """A general model's weights for a specialist on ``classes``: its classifier rows of those classes,
+    in that order, so the specialist starts as the general model's softmax restricted to its classes
+    and fine-tuning only has to improve on that."""
+    head_w, head_b = state.get("head.weight"), state.get("head.bias")
+    if head_w is None or head_b is None or max(classes) >= head_w.shape[0]:
+        raise ConfigError(f"--init {ref}: its head has no rows for classes {list(classes)}")
+    rows = torch.tensor(list(classes))
+    return {**state, "head.weight": head_w[rows].clone(), "head.bias": head_b[rows].clone()}
 
 
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:

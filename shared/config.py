@@ -168,11 +168,14 @@ class RoutingConfig:
                       "on, e.g. from 'patchcast train --classes'); a sent image goes to the expert holding the most "
                       "of the edge's top-k probability mass, else to models.model_id. Empty: no routing")
     top_k: int = _f(5, "edge classes whose probability mass routing weighs (at most the 5 a request carries)")
+    min_share: float = _f(0.0, "route to an expert only when it holds at least this share of the top-k mass, else "
+                          "to models.model_id (0: always the best expert; see docs/results.md for measured values)")
 
     def __post_init__(self) -> None:
         from shared.routing import parse_experts
 
         _check(1 <= self.top_k <= 5, "routing.top_k must be in 1..5")
+        _check(0.0 <= self.min_share <= 1.0, "routing.min_share must be in [0, 1]")
         parse_experts(self.experts)  # raises ConfigError on a malformed table
 
 

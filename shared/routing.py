@@ -69,10 +69,13 @@ class ExpertRouter:
     experts: tuple[Expert, ...]
     fallback: str
     top_k: int = 5
+    min_share: float = 0.0  # the expert must hold at least this share of the top-k mass, else fallback
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ConfigError("routing.top_k must be ≥ 1")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise ConfigError("routing.min_share must be in [0, 1]")
         try:
             validate_id(self.fallback, "fallback model id")
         except BadTopicError as exc:
@@ -85,7 +88,8 @@ class ExpertRouter:
 
     def route(self, topk_ids: Sequence[int], topk_probs: Sequence[float]) -> str:
         """The expert covering the most of the edge's top-``top_k`` probability mass (the first listed
-        on a tie); the fallback when there are no experts or none covers any of that mass."""
+        on a tie); the fallback when there are no experts, none covers any of that mass, or the best
+        covers less than ``min_share`` of it (the edge is torn between experts)."""
         if len(topk_ids) != len(topk_probs):
             raise ValueError("topk_ids and topk_probs differ in length")
         ids, probs = list(topk_ids)[: self.top_k], list(topk_probs)[: self.top_k]
@@ -94,4 +98,6 @@ class ExpertRouter:
             mass = expert.mass(ids, probs)
             if mass > best_mass and not math.isclose(mass, best_mass, abs_tol=1e-12):
                 best, best_mass = expert.model_id, mass
+        if self.min_share and best_mass < self.min_share * sum(probs) - 1e-12:
+            return self.fallback
         return best

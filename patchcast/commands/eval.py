@@ -59,6 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=200, metavar="N",
                    help="image resamples for the confidence intervals of the acceptance checks (paired "
                    "bootstrap; 0 = none; ~0.1 s each on 10,000 images)")
+    p.add_argument("--expert", action="append", default=[], metavar="MODEL",
+                   help="a specialist server (patchcast train --classes), repeatable: also evaluate expert routing "
+                   "on the δ_sum selections (each sent image to the specialist holding most of the edge's top-5 "
+                   "mass, the general server where none does)")
+    p.add_argument("--expert-min-share", type=float, default=0.0, metavar="S",
+                   help="routing.min_share for the expert-routing rows of points.csv (the report compares several)")
     p.add_argument("--max-loss", type=float, default=1.0,
                    help="accuracy points below server-only the recommended operating point may lose")
     p.add_argument("--seed", type=int, default=0,
@@ -107,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         rollout=not args.no_rollout, server_encoder=not args.no_server_encoder, precision=args.precision,
         batch_size=args.batch_size, max_tokens=args.max_tokens, threads=args.threads, codec=args.codec,
         codec_params=_codec_params(args.codec_param), bytes_sample=args.bytes_sample, max_loss=args.max_loss,
-        random_draws=args.random_draws, bootstrap=args.bootstrap,
+        random_draws=args.random_draws, bootstrap=args.bootstrap, experts=tuple(args.expert),
+        expert_min_share=args.expert_min_share,
         seed=args.seed, plots=not args.no_plots, publish=args.publish,
         command=shlex.join(["patchcast", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "")
     console = Console(stderr=True)

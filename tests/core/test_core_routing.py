@@ -51,6 +51,18 @@ def test_route_falls_back_to_the_general_server() -> None:
         router.route((0, 1), (1.0,))
 
 
+def test_min_share_sends_torn_images_to_the_general_server() -> None:
+    experts = parse_experts("vehicles=0,1,8,9; animals=2,3,4,5,6,7")
+    strict = ExpertRouter(experts, fallback="general", min_share=0.9)
+    assert strict.route((0, 1, 3), (0.6, 0.35, 0.05)) == "vehicles"  # 0.95 of the mass
+    assert strict.route((0, 3, 1), (0.5, 0.3, 0.2)) == "general"  # 0.7: torn between experts
+    # the share is of the top-k mass, not of 1: probabilities need not sum to 1 over the top-k
+    assert strict.route((0, 3), (0.18, 0.02)) == "vehicles"
+    assert ExpertRouter(experts, fallback="general").route((0, 3, 1), (0.5, 0.3, 0.2)) == "vehicles"
+    with pytest.raises(ConfigError, match="min_share"):
+        ExpertRouter(experts, fallback="general", min_share=1.5)
+
+
 def test_expert_and_router_validate_themselves() -> None:
     assert Expert("x", frozenset({1, 2})).mass((1, 5, 2), (0.5, 0.3, 0.1)) == pytest.approx(0.6)
     with pytest.raises(ConfigError, match="top_k"):
@@ -67,5 +79,7 @@ def test_routing_config_section_is_closed_and_validated() -> None:
         load_config(overrides={"routing": {"experts": "a=0; a=1"}}, environ={})
     with pytest.raises(ConfigError, match="top_k"):
         load_config(overrides={"routing": {"top_k": 6}}, environ={})
+    with pytest.raises(ConfigError, match="min_share"):
+        load_config(overrides={"routing": {"min_share": -0.1}}, environ={})
     with pytest.raises(ConfigError, match="did you mean"):
         load_config(overrides={"routing": {"expert": "a=0"}}, environ={})

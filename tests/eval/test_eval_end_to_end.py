@@ -173,6 +173,82 @@ def test_cached_selection_matches_a_per_image_forward(setup: dict[str, Path], tm
     assert row.patch_frac == pytest.approx(masks.mean(), abs=1e-6)
 
 
+def test_expert_routing_answers_each_image_with_its_routed_specialist(setup: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """``--expert``: recomputed by hand, image by image: the routing rule on the edge's top-5 and the
+    routed specialist's own forward on the kept patches, mapped to global class ids. (With 4 classes
+    every image's top-5 touches both experts, so the general-server fallback is unit-tested instead.)"""
+    from patchcast.eval import route_images, routed_predictions
+    from shared.routing import Expert, ExpertRouter
+    from shared.subset import forward_subset, patchify
+
+    pre = Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", 1.0)
+    paths, classes = [], ([2, 1], [3, 0])
+    for seed, ids in enumerate(classes, start=7):
+        torch.manual_seed(seed)
+        arch = VitArch(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=2, num_classes=2)
+        paths.append(tmp_path / f"expert{seed}.safetensors")
+        save_checkpoint(paths[-1], LoadedModel(arch.build().eval(), "expert", pre, [f"c{c}" for c in ids],
+                                               class_ids=ids), arch=arch)
+    # An edge whose probabilities differ from image to image (a scaled-up head), so routing splits.
+    torch.manual_seed(30)
+    edge_arch = VitArch(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=4)
+    edge_model = edge_arch.build().eval()
+    with torch.no_grad():
+        edge_model.head.weight.mul_(5.0)
+    edge_path = tmp_path / "edge.safetensors"
+    save_checkpoint(edge_path, LoadedModel(edge_model, "edge", pre, []), arch=edge_arch)
+    out = tmp_path / "out"
+    assert main([*_args(setup, out, "--no-plots", "--no-rollout", "--no-server-encoder",
+                        *(a for p in paths for a in ("--expert", f"file:{p}"))), "--edge", f"file:{edge_path}"]) == 0
+    (full_file,) = (out / "cache").rglob("full.npz")
+    (sel_file,) = (out / "cache").rglob("sel-edge-attention-sum_threshold-0.8.npz")
+    expert_files = sorted((out / "cache").rglob("expert-*-edge-attention-sum_threshold-0.8.npz"))
+    with np.load(full_file) as z:
+        edge_logits = z["edge_logits"]
+    with np.load(sel_file) as z:
+        masks = np.unpackbits(z["mask"], axis=1, count=64).astype(bool)
+        general = z["pred"]
+    answers = {}  # expert index → its answer for every image (told apart by the classes they use)
+    for f in expert_files:
+        with np.load(f) as z:
+            answers[next(i for i, ids in enumerate(classes) if set(z["pred"].tolist()) <= set(ids))] = z["pred"]
+    assert sorted(answers) == [0, 1]
+    experts = [build_model(f"file:{p}") for p in paths]
+    route = route_images(edge_logits, experts)
+    router = ExpertRouter(tuple(Expert(f"e{i}", frozenset(ids)) for i, ids in enumerate(classes)), fallback="general")
+    probs = torch.softmax(torch.from_numpy(edge_logits), dim=-1)
+    ds = datasets.load(str(setup["data"])).spread(40, seed=0)
+    pixels, _ = datasets.to_tensor_batch(ds.samples, pre)
+    patches = patchify(datasets.normalize(pixels, pre), 4)
+    assert {0, 1} <= set(route.tolist()), "both experts answer some images"
+    checked = 0
+    with torch.inference_mode():
+        for i in range(40):
+            p, ids = probs[i].topk(4)
+            assert f"e{route[i]}" == router.route(ids.tolist(), p.tolist())
+            idx = torch.from_numpy(np.flatnonzero(masks[i]))
+            for e, expert in enumerate(experts):  # every expert answers every image (routing picks later)
+                logit = forward_subset(expert.model, patches[i:i + 1, idx], idx[None])[0]
+                if float(logit.max() - logit.min()) > 1e-3:
+                    assert answers[e][i] == classes[e][int(logit.argmax())]
+                    checked += 1
+    assert checked >= 72  # all but near-ties
+    routed = routed_predictions(route, np.stack([answers[0], answers[1]]), general)
+    assert all(routed[i] == answers[route[i]][i] for i in range(40))
+    summary = json.loads((out / "summary.json").read_text())
+    x = summary["experts"]
+    assert [m["classes"] for m in x["models"]] == [[2, 1], [3, 0]] and x["costs"] == [0.1, 0.2, 0.3, 0.5, 0.75]
+    share0 = next(st for st in x["settings"] if st["min_share"] == 0.0)
+    assert share0["general_share"] == 0.0 and sum(share0["routed_share"]) == pytest.approx(1.0)
+    strict = next(st for st in x["settings"] if st["min_share"] == 0.99)
+    assert strict["general_share"] >= share0["general_share"]
+    assert "Expert routing" in (out / "report.md").read_text()
+    points = read_csv(out / "points.csv")
+    row = next(q for q in points if q.score == "experts" and q.value == 0.8 and q.gate == "none")
+    assert row.accuracy == pytest.approx(float(np.mean(routed == np.array([s.label for s in ds.samples]))))
+
+
 def test_second_run_reads_the_cache(setup: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(_args(setup, out, "--no-plots")) == 0

@@ -189,3 +189,14 @@ def test_specialist_trains_on_its_classes_and_maps_outputs_back(tmp_path: Path) 
                                                                num_heads=2, num_classes=3), classes=(2, 0))
     with pytest.raises(ConfigError, match="distinct"):
         _cfg(tmp_path / "data", tmp_path / "bad", classes=(1, 1))
+
+
+def test_specialist_head_starts_from_the_general_rows() -> None:
+    from patchcast.train import specialist_head
+
+    state = {"head.weight": torch.arange(12.0).reshape(4, 3), "head.bias": torch.arange(4.0), "x": torch.ones(1)}
+    out = specialist_head(state, (3, 1), "general")
+    assert out["head.weight"].tolist() == [[9.0, 10.0, 11.0], [3.0, 4.0, 5.0]]
+    assert out["head.bias"].tolist() == [3.0, 1.0] and out["x"] is state["x"]
+    with pytest.raises(ConfigError, match="no rows"):
+        specialist_head(state, (4,), "general")

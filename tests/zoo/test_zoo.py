@@ -12,6 +12,7 @@ from shared import datasets
 from shared.models import ZOO_DIR, build_model
 
 ZOO = ("cifar10-edge", "cifar10-server")
+SPECIALISTS = ("cifar10-vehicles", "cifar10-animals")  # experts for routing, fine-tuned from the server
 
 
 def _card(name: str) -> dict:  # type: ignore[type-arg]
@@ -34,7 +35,7 @@ def cifar_subset() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_zoo_is_small_and_complete() -> None:
     total = 0
-    for name in ZOO:
+    for name in ZOO + SPECIALISTS:
         weights = ZOO_DIR / f"{name}.safetensors"
         assert weights.is_file(), f"missing {weights}"
         assert (ZOO_DIR / f"{name}.md").is_file()
@@ -48,6 +49,22 @@ def test_zoo_accuracy_matches_model_card(name: str, cifar_subset: tuple[torch.Te
     loaded = build_model(f"zoo:{name}", role="edge" if name.endswith("-edge") else "server")
     assert loaded.class_names == card["class_names"] and loaded.num_patches == 64
     pixels, labels = cifar_subset
+    accuracy = evaluate(loaded.model, pixels, labels, loaded.preprocess, bf16=False)
+    assert card["test_subset"]["size"] == len(labels) == 1000
+    assert abs(accuracy - card["test_subset"]["accuracy"]) <= 0.015, (accuracy, card["test_subset"])
+
+
+@pytest.mark.parametrize("name", SPECIALISTS)
+def test_specialists_score_their_cards_on_their_classes(name: str) -> None:
+    path = datasets.resolve("cifar10/test.tar")
+    if not path.is_file():
+        pytest.skip(f"CIFAR-10 test split not found under {datasets.data_root()} (set PATCHCAST_DATA)")
+    card = _card(name)
+    loaded = build_model(f"zoo:{name}")
+    assert loaded.class_ids == card["class_ids"] and len(loaded.class_ids) == loaded.num_classes
+    ds = datasets.load(path).restrict(loaded.class_ids)
+    sub = ds.subset(subset_indices(len(ds)))
+    pixels, labels = datasets.to_tensor_batch(sub.samples, loaded.preprocess)
     accuracy = evaluate(loaded.model, pixels, labels, loaded.preprocess, bf16=False)
     assert card["test_subset"]["size"] == len(labels) == 1000
     assert abs(accuracy - card["test_subset"]["accuracy"]) <= 0.015, (accuracy, card["test_subset"])
