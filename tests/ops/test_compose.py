@@ -18,6 +18,7 @@ from ops_helpers import REPO
 
 from patchcast.cli import build_parser
 from shared.config import BrokerConfig
+from shared.models import ZOO_DIR
 
 COMPOSE = REPO / "compose.yaml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -54,7 +55,15 @@ def test_services_present(compose: dict[str, Any]):
     assert {"mosquitto", "worker", "edge", "monitor"} <= set(services)
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
     assert services["worker"]["deploy"]["replicas"] >= 1
-    assert set(patchcast_services(compose)) == {"worker", "edge", "monitor"}
+    assert set(patchcast_services(compose)) == {"worker", "edge", "monitor", "worker-vehicles", "worker-animals"}
+    # the specialist pools start only on request, and serve the zoo's specialists on their own topics
+    for name in ("worker-vehicles", "worker-animals"):
+        svc = services[name]
+        assert svc["profiles"] == ["experts"]
+        model_id = name.removeprefix("worker-")
+        assert svc["command"][svc["command"].index("--model-id") + 1] == model_id
+        assert svc["command"][svc["command"].index("--server-model") + 1] == f"zoo:cifar10-{model_id}"
+        assert (ZOO_DIR / f"cifar10-{model_id}.safetensors").is_file()
     for svc in patchcast_services(compose).values():
         assert svc["build"]["dockerfile"] == "Dockerfile"
         assert svc["environment"]["PATCHCAST_BROKER__HOST"] == "mosquitto"
@@ -64,7 +73,21 @@ def test_service_commands_are_patchcast_invocations(compose: dict[str, Any]):
     for name, svc in patchcast_services(compose).items():
         command = [interpolate(str(a)) for a in svc["command"]]
         parses(command)
-        assert command[0] == name if name != "monitor" else command == ["monitor"]
+        assert command[0] == name.split("-")[0] if name != "monitor" else command == ["monitor"]
+
+
+def test_service_environments_are_valid_configs(compose: dict[str, Any]):
+    """Every PATCHCAST_* variable a service sets (defaults filled in) loads into the closed config."""
+    from shared.config import load_config
+
+    for name, svc in patchcast_services(compose).items():
+        env = {k: interpolate(str(v)) for k, v in svc["environment"].items()}
+        cfg = load_config(environ=env)
+        assert cfg.broker.host == "mosquitto", name
+    edge_env = {k: interpolate(str(v)) for k, v in compose["services"]["edge"]["environment"].items()}
+    assert load_config(environ=edge_env).routing.min_share == 0.95
+    routed = load_config(environ={**edge_env, "PATCHCAST_ROUTING__EXPERTS": "vehicles=0,1,8,9; animals=2,3,4,5,6,7"})
+    assert routed.routing.experts.startswith("vehicles=")
 
 
 def test_healthchecks_use_availability(compose: dict[str, Any]):
@@ -83,7 +106,7 @@ def test_healthchecks_use_availability(compose: dict[str, Any]):
             seen += 1
         else:
             assert name == "mosquitto" and argv[0] == "mosquitto_sub"
-    assert seen == 2  # worker and edge
+    assert seen == 4  # the worker pools and the edge
 
 
 def test_mounted_files_exist(compose: dict[str, Any]):
