@@ -14,6 +14,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def zoo_summary() -> str:
+    """The shipped models by name, with their cards' test accuracy and a specialist's classes."""
+    import json
+
+    from shared.models import ZOO_DIR, zoo_names
+
+    parts = []
+    for name in zoo_names():
+        card_path = ZOO_DIR / f"{name}.json"
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        acc = card.get("test_accuracy")
+        what = [f"{acc * 100:.1f} %" if isinstance(acc, float) else "no card"]
+        if card.get("class_ids"):
+            what.append(f"specialist on classes {','.join(map(str, card['class_ids']))}")
+        parts.append(f"zoo:{name} ({'; '.join(what)})")
+    return ", ".join(parts) or "empty"
+
+
 def run(args: argparse.Namespace) -> int:
     import aiomqtt  # noqa: F401
     import msgpack
@@ -46,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         ("precision auto", f"{resolve('auto')} (bf16 only at ≥ {MIN_BF16_SPEEDUP}× fp32)"),
         ("malloc", describe_support()),
         ("cuda available", str(torch.cuda.is_available())),
+        ("model zoo", zoo_summary()),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -76,3 +76,16 @@ def test_zoo_meets_the_accuracy_targets() -> None:
     assert edge["test_accuracy"] >= 0.50
     # the gap is what makes collaboration worth it (DeiT-Tiny 72.2 % vs DeiT-Base 81.8 % in the paper)
     assert server["test_accuracy"] - edge["test_accuracy"] >= 0.10
+
+
+def test_info_lists_the_zoo_with_its_specialists(capsys: pytest.CaptureFixture[str]) -> None:
+    from patchcast.cli import main
+
+    assert main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("model zoo"))
+    for name in ZOO + SPECIALISTS:
+        card = _card(name)
+        assert f"zoo:{name} ({card['test_accuracy'] * 100:.1f} %" in line
+    for name in SPECIALISTS:
+        classes = ",".join(map(str, _card(name)["class_ids"]))
+        assert f"%; specialist on classes {classes})" in line.split(f"zoo:{name} (")[1].split("zoo:")[0]
