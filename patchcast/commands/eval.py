@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         command=shlex.join(["patchcast", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "")
     console = Console(stderr=True)
     labels = {"full": "edge + server, full images", "subsets": "server on selected patches",
-              "bytes": "encoding selections"}
+              "bytes": "encoding selections", "experts": "specialists on selected patches"}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, transient=False) as progress:
