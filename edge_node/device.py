@@ -4,7 +4,9 @@ Per image: edge model (shared runner) → keep the edge label, or publish the ke
 response topic = this device's reply topic, correlation data = the request id and message expiry =
 the reply timeout, then await the reply. On timeout, a 'busy' refusal or a transport failure the
 device re-sends (``edge.retries``, a new request id per attempt); when attempts run out it keeps
-the edge label. It never waits longer than ``(retries + 1) × reply_timeout_s`` per image.
+the edge label. It never waits longer than ``(retries + 1) × reply_timeout_s`` per image. With
+expert routing the first attempt goes to the routed expert's pool and every re-send to the general
+pool, so a specialist pool that is down or overloaded costs one timeout, not the image.
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ class Device:
         code: str | None = None
         attempts = 0
         for attempt in range(self.edge.retries + 1):
+            if attempt:
+                topic = self.request_topic  # an expert pool that timed out or was busy: the general pool retries
             rid = base_id if attempt == 0 else f"{base_id}.r{attempt}"
             sent_at = time.time()
             request = PatchRequest(

@@ -123,3 +123,39 @@ async def test_devices_route_each_image_to_the_expert_with_the_most_top_k_mass(
     # What the devices recorded is what the experts answered.
     for record in result.outcomes:
         assert record.status == "server" and record.final_label == replies[record.request_id].label
+
+
+@async_test(120)
+async def test_a_missing_expert_pool_costs_one_timeout_then_the_general_pool_answers(
+        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+    edge_path, server_path = model_files
+    # Every class belongs to an expert nobody serves; the general pool is the only worker.
+    cfg = service_config(broker.port, edge_path, server_path, image_folder,
+                         models={"model_id": f"{unique}-general"},
+                         routing={"experts": f"{unique}-nobody={','.join(map(str, range(10)))}"},
+                         edge={"devices": 2, "limit": 4, "device_prefix": f"{unique}cam", "rate_hz": 0.0,
+                               "retries": 1, "reply_timeout_s": 1.0})
+    general = InferenceWorker(cfg, build_model(cfg.models.server), worker_id=f"{unique}-w-general")
+    seen: list[Incoming] = []
+    spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
+    async with asyncio.TaskGroup() as tg:
+        spy_task = tg.create_task(spy.run(), name="spy")
+        await spy.wait_connected()
+        await spy.subscribe(V1.request_filter(f"{unique}-nobody"))
+        await spy.subscribe(V1.request_filter(cfg.models.model_id))
+        task = tg.create_task(general.run(), name=general.worker_id)
+        await asyncio.wait_for(general.ready.wait(), 30)
+        result = await run_fleet(cfg, edge=build_model(cfg.models.edge, role="edge"),
+                                 dataset=datasets.load(image_folder))
+        await asyncio.sleep(0.3)
+        general.stop()
+        await task
+        spy_task.cancel()
+
+    s = result.summary
+    assert s["images"] == s["offloaded"] == 8 and s["replies"] == 8 and s["errors"] == 0
+    for record in result.outcomes:  # first attempt lost to the missing pool, the re-send answered
+        assert record.status == "server" and record.attempts == 2 and record.worker_id == general.worker_id
+        assert record.request_id.endswith(".r1")
+    topics = collections.Counter(V1.parse_request(m.topic)[0] for m in seen)
+    assert topics == {f"{unique}-nobody": 8, cfg.models.model_id: 8}
