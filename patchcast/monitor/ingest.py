@@ -31,7 +31,7 @@ def subscriptions(topics: Topics, *, sys_topics: bool = True) -> list[str]:
 
 def worker_sample(m: protocol.WorkerMetrics) -> WorkerSample:
     return WorkerSample(
-        queue_depth=m.queue_depth, oldest_queued_ms=m.oldest_queued_ms,
+        model=m.model, queue_depth=m.queue_depth, oldest_queued_ms=m.oldest_queued_ms,
         batch_size_mean=m.batch_size_mean if m.batches else None,
         tokens_per_batch_mean=m.tokens_per_batch_mean if m.batches else None,
         busy_fraction=m.busy_fraction, requests_per_s=m.requests_per_s,

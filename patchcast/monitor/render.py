@@ -63,17 +63,25 @@ def _worker_table(rows: tuple[WorkerRow, ...], max_rows: int) -> RenderableType:
         return Text.assemble(("workers", "bold"), ("  no workers seen yet", "dim"))
     table = Table(title="workers", title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, show_edge=False, expand=False)
-    table.add_column("worker", no_wrap=True, max_width=16, overflow="ellipsis")
-    for heading in ("batch", "tok/b", "busy", "queue", "oldest", "rep/s", "p95", "err"):
+    # With expert routing several pools serve: a pool column takes the place of "oldest" (the
+    # queue depth stays), so the table keeps its width. One pool: the table as it always was.
+    pools = len({r.model for r in rows if r.model}) > 1
+    table.add_column("worker", no_wrap=True, max_width=14 if pools else 16, overflow="ellipsis")
+    if pools:
+        table.add_column("pool", no_wrap=True, max_width=8, overflow="ellipsis")
+    headings = ("batch", "tok/b", "busy", "queue", *(() if pools else ("oldest",)), "rep/s", "p95", "err")
+    for heading in headings:
         table.add_column(heading, justify="right", no_wrap=True)
     shown = rows if len(rows) <= max_rows else rows[: max_rows - 1]
     for r in shown:
         mark, colour = STATE_MARK.get(r.state, ("?", "white"))
         name = Text(f"{mark} ", style=colour)
-        name.append(short_id(r.worker_id), style="" if r.state == "online" else "dim")
+        name.append(short_id(r.worker_id, 12 if pools else 14), style="" if r.state == "online" else "dim")
+        queue = "–" if r.queue_depth is None else str(r.queue_depth)
         table.add_row(
-            name, num(r.batch_size), num(r.tokens_per_batch, 0), pct(r.busy_fraction, 0),
-            "–" if r.queue_depth is None else str(r.queue_depth), ms(r.oldest_queued_ms),
+            name, *([Text(r.model or "–", style="cyan")] if pools else []),
+            num(r.batch_size), num(r.tokens_per_batch, 0), pct(r.busy_fraction, 0), queue,
+            *(() if pools else (ms(r.oldest_queued_ms),)),
             num(r.replies_per_s), ms(r.service_p95_ms), Text(str(r.errors), style="red" if r.errors else ""))
     if len(shown) < len(rows):
         table.add_row(Text(f"… +{len(rows) - len(shown)} more", style="dim"))

@@ -60,6 +60,7 @@ class WorkerSample:
     errors_by_code: Mapping[str, int] = field(default_factory=dict)
     errors_cumulative: bool = True  # errors_by_code counts since start (else: this interval only)
     arrival_p95_ms: float = 0.0  # device send → worker receipt (time in the broker), p95 of the interval
+    model: str = ""  # the model id whose requests the worker serves: its pool (experts have their own)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +79,7 @@ class WorkerRow:
     replies_per_s: float | None
     service_p95_ms: float | None
     errors: int
+    model: str = ""  # its pool's model id ("" until a metrics message said)
 
 
 @dataclass(frozen=True)
@@ -291,7 +293,7 @@ class Aggregator:
                 oldest_queued_ms=s.oldest_queued_ms if s else None,
                 replies_per_s=s.replies_per_s if s else None,
                 service_p95_ms=s.service_p95_ms if s else None,
-                errors=errors))
+                errors=errors, model=w.sample.model if w.sample else ""))
         return tuple(rows)
 
     def _broker_row(self) -> BrokerRow:

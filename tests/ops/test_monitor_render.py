@@ -136,3 +136,16 @@ def test_render_more_bytes_than_full_jpeg_is_a_plus():
     agg.add_outcome(rec, now=0.5)
     text = capture(agg.snapshot(1.0))
     assert "(+50 %)" in text and "−-" not in text
+
+
+def test_expert_pools_get_a_column_only_when_there_are_several():
+    agg = Aggregator(MonitorConfig(), started_at=0.0)
+    agg.add_worker_metrics("w-general", WorkerSample(model="tiny"), now=1.0)
+    assert "pool" not in capture(agg.snapshot(1.5))  # one pool: the table stays as it was
+    agg.add_worker_metrics("w-vehicles", WorkerSample(model="vehicles"), now=1.0)
+    agg.add_worker_metrics("w-animals", WorkerSample(model="animals"), now=1.0)
+    text = capture(agg.snapshot(1.5))
+    header = next(ln for ln in text.splitlines() if ln.split()[:1] == ["worker"])
+    assert "pool" in header and "oldest" not in header and "…" not in header  # still fits 80 columns
+    lines = {ln.split()[1]: ln for ln in text.splitlines() if ln.strip().startswith("●") and len(ln.split()) > 2}
+    assert "vehicles" in lines["w-vehicles"] and "animals" in lines["w-animals"] and "tiny" in lines["w-general"]
