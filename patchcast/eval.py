@@ -297,11 +297,19 @@ Selection = tuple[FloatArray | BoolArray, IntArray]  # (per-image server correct
 BOOTSTRAP_COSTS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 
 
-def _exact_frontier(u: FloatArray, kind: GateName, edge_correct: FloatArray, selections: Sequence[Selection],
-                    num_patches: int) -> tuple[FloatArray, FloatArray]:
+def exact_points(u: FloatArray, kind: GateName, edge_correct: FloatArray | BoolArray,
+                 selections: Sequence[Selection], num_patches: int) -> tuple[FloatArray, FloatArray]:
+    """Every operating point (cost, accuracy) of some selections under one gate at every threshold:
+    :func:`exact_gate_curve` over all of them, edge-only and no-gate included."""
     curves = [exact_gate_curve(u, kind, edge_correct, ok, counts, num_patches) for ok, counts in selections]
-    cost = np.concatenate([c for c, _ in curves])
-    acc = np.concatenate([a for _, a in curves])
+    if not curves:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate([c for c, _ in curves]), np.concatenate([a for _, a in curves])
+
+
+def _exact_frontier(u: FloatArray, kind: GateName, edge_correct: FloatArray | BoolArray,
+                    selections: Sequence[Selection], num_patches: int) -> tuple[FloatArray, FloatArray]:
+    cost, acc = exact_points(u, kind, edge_correct, selections, num_patches)
     front = pareto_frontier(cost, acc)
     return cost[front], acc[front]
 
@@ -1038,18 +1046,6 @@ def selections_of(data: Arrays, specs: Sequence[SelectionSpec], *, score: ScoreN
             if sp.encoder == encoder and sp.score == score]
 
 
-def exact_curves(data: Arrays, selections: Sequence[Selection], gate_u: dict[str, FloatArray],
-                 n_patches: int, gate: GateName = "min_entropy") -> tuple[FloatArray, FloatArray]:
-    """Every operating point (cost, accuracy) of some selections under ``gate`` at every threshold:
-    :func:`exact_gate_curve` over all of them, edge-only and no-gate included."""
-    edge_correct = data.edge_logits.argmax(1) == data.labels
-    curves = [exact_gate_curve(gate_u[gate], gate, edge_correct, ok, counts, n_patches)
-              for ok, counts in selections]
-    if not curves:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate([c for c, _ in curves]), np.concatenate([a for _, a in curves])
-
-
 def sweep(cfg: EvalConfig, data: Arrays, specs: Sequence[SelectionSpec], n_patches: int, server_m: Any,
           sample: IntArray, full_bytes: IntArray, sel_bytes: dict[str, IntArray],
           expert_preds: dict[str, IntArray] | None = None) -> tuple[list[Point], dict[str, FloatArray]]:
@@ -1220,15 +1216,15 @@ def summarise(cfg: EvalConfig, data: Arrays, points: list[Point], n_patches: int
     server_correct = data.server_logits.argmax(1) == data.labels
     method_sel = selections_of(data, specs, score="attention")
     random_sel = selections_of(data, specs, score="random")
-    ecost, eacc = exact_curves(data, method_sel, gate_u, n_patches)
-    rcost_x, racc_x = exact_curves(data, random_sel, gate_u, n_patches)
+    edge_correct = data.edge_logits.argmax(1) == data.labels
+    ecost, eacc = exact_points(gate_u["min_entropy"], "min_entropy", edge_correct, method_sel, n_patches)
+    rcost_x, racc_x = exact_points(gate_u["min_entropy"], "min_entropy", edge_correct, random_sel, n_patches)
     efront = pareto_frontier(ecost, eacc)
     at_half_exact = frontier_at(ecost[efront], eacc[efront], 0.5)
     cmp_exact = compare_frontiers(ecost, eacc, rcost_x, racc_x) if len(rcost_x) else None
     rfront = pareto_frontier(rcost_x, racc_x) if len(rcost_x) else np.zeros(0, dtype=np.int64)
-    boot = (bootstrap_acceptance(gate_u["min_entropy"], "min_entropy", data.edge_logits.argmax(1) == data.labels,
-                                 server_correct, method_sel, random_sel, n_patches, resamples=cfg.bootstrap,
-                                 seed=cfg.seed)
+    boot = (bootstrap_acceptance(gate_u["min_entropy"], "min_entropy", edge_correct, server_correct,
+                                 method_sel, random_sel, n_patches, resamples=cfg.bootstrap, seed=cfg.seed)
             if cfg.bootstrap and method_sel and random_sel else None)
     # Point by point: the random twin has the same images sent and the same patch counts.
     twins = {(p.rule, p.value, p.gate, p.eta): p.accuracy for p in points if p.score == "random"}

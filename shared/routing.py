@@ -20,6 +20,14 @@ from shared.errors import BadTopicError, ConfigError
 from shared.topics import validate_id
 
 
+def _check_model_id(value: str, what: str) -> None:
+    """A model id is a topic level: a bad one is a configuration error here."""
+    try:
+        validate_id(value, what)
+    except BadTopicError as exc:
+        raise ConfigError(exc.message) from exc
+
+
 @dataclass(frozen=True)
 class Expert:
     """One specialist pool: its request-topic model id and the global class ids it was trained on."""
@@ -28,10 +36,7 @@ class Expert:
     classes: frozenset[int]
 
     def __post_init__(self) -> None:
-        try:
-            validate_id(self.model_id, "expert model id")
-        except BadTopicError as exc:
-            raise ConfigError(exc.message) from exc
+        _check_model_id(self.model_id, "expert model id")
         if not self.classes:
             raise ConfigError(f"expert {self.model_id!r} covers no classes")
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes):
@@ -76,10 +81,7 @@ class ExpertRouter:
             raise ConfigError("routing.top_k must be ≥ 1")
         if not 0.0 <= self.min_share <= 1.0:
             raise ConfigError("routing.min_share must be in [0, 1]")
-        try:
-            validate_id(self.fallback, "fallback model id")
-        except BadTopicError as exc:
-            raise ConfigError(exc.message) from exc
+        _check_model_id(self.fallback, "fallback model id")
 
     @property
     def model_ids(self) -> tuple[str, ...]:
