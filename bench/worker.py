@@ -246,7 +246,8 @@ def main() -> int:
             "worker": {"threads": args.threads, "precision": args.precision, "queue_capacity": 1024,
                        "metrics_interval_s": 5.0}})
         requests = make_requests(loaded, args.requests, keeps, args.codec, args.quality, "bench-device")
-        engine = on_a_passing_thread(lambda: ServerEngine(loaded, cfg.batching, resolve_precision(args.precision)))
+        engine = on_a_passing_thread(lambda: ServerEngine(loaded, cfg.batching, resolve_precision(args.precision),
+                                                         prepack=cfg.worker.prepack_weights))
         t0 = time.perf_counter()
         sets = [PatchSet(decode_patches(r), r.indices) for r in requests]
         decode_ms = (time.perf_counter() - t0) * 1000 / len(requests)

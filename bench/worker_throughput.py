@@ -5,7 +5,9 @@
 
 Model: timm ``deit_base_patch16_224`` with random weights (compute does not depend on them), eval,
 ``torch.inference_mode``. bf16 is the worker's mode: CPU autocast over a copy whose matrix weights are
-stored in bf16 (:func:`shared.packing.autocast_ready_copy`, bit-identical to autocast over fp32 weights).
+stored in bf16 (:func:`shared.packing.autocast_ready_copy`, bit-identical to autocast over fp32 weights)
+and, where this torch can (:func:`shared.prepack.prepack_available`), the blocks' Linear weights
+prepacked in oneDNN's blocked layout (:func:`shared.prepack.prepack_linears`, ``worker.prepack_weights``).
 
 Token-length mixes (patch tokens per request, CLS not counted; every request gets its own set):
 
@@ -15,11 +17,17 @@ Token-length mixes (patch tokens per request, CLS not counted; every request get
 * ``zoo``: the kept fractions of ``zoo:cifar10-edge`` (CLS attention, sum threshold δ_sum = 0.97) on
   CIFAR-10 test images, scaled to 196 patches (skipped, and said so, if the zoo model or data is missing);
 * ``full``: all 196 patches (the full image, 197 tokens), and ``equal``: the mix's total real tokens
-  spread evenly over the same number of requests (no raggedness: the padding-free ideal).
+  spread evenly over the same number of requests (no raggedness: the padding-free ideal);
+* ``stream``: the ``paper`` distribution, but **fresh requests every round** (and another draw for
+  the warm-up). The other mixes repeat their workload each round, so every matrix shape is one
+  oneDNN has built a kernel for already; a serving worker sees new batch sizes all the time, and
+  building a kernel for a new shape cost more than running it (``shape_buckets`` is the answer).
 
 Variants (one workload = the mix's requests in arrival order):
 
-* ``one-by-one``: each request alone, as the official implementation serves them;
+* ``one-by-one``: each request alone, as the official implementation serves them (bf16 autocast over
+  the fp32 weights; ``-ready``: over bf16-stored weights; ``-prepacked``: on the worker's own model,
+  the loop at its best; ``-fp32``: the official implementation's arithmetic);
 * ``pad197`` / ``padmax``: FIFO batches of ``--batch``, padded to 197 tokens / to the batch's longest
   set, key-padding mask (:func:`shared.packing.forward_padded`);
 * ``padmax-sorted``: :func:`shared.packing.plan_batches` (sorted, ``pad_to_max`` budget) then padmax:
@@ -28,7 +36,11 @@ Variants (one workload = the mix's requests in arrival order):
   ``--max-batch``/``--max-tokens``: the worker's default policy; ``packed-b32``: one FIFO batch of
   exactly ``--batch`` requests (for MFU at batch 32);
 * ablations: fp32, bf16 by casting the weights, attention as one padded SDPA call, last block on all
-  tokens, one thread, other token budgets, and (``--compile``) the MLPs compiled with inductor.
+  tokens, one thread, other token budgets, weights not prepacked (``packed-noprepack``), no shape
+  buckets (``packed-nobuckets``), and
+  (``--compile``) the MLPs compiled with inductor; (``--flex``) attention alone over one batch's sets:
+  per-set SDPA (what ``packed`` runs) against one padded masked SDPA and against FlexAttention
+  (compiled, block-diagonal mask over the packed sequence).
 
 The machine's limit is measured in the same run: a 4096² bf16 ``torch.matmul`` into a preallocated
 result (and 2048² fp32), and GEMMs of the model's MLP shape at one request's rows and at a batch's
@@ -82,6 +94,7 @@ from shared.packing import (
     plan_batches,
 )
 from shared.precision import bf16_flags, probe_once, resolve
+from shared.prepack import PrepackedLinear, prepack_available, prepack_linears
 
 NUM_PATCHES = 196
 Batch = list[torch.Tensor]
@@ -147,9 +160,10 @@ class Variant:
     key: str
     mix: str
     what: str
-    batches: list[Batch]
+    batches: list[Batch]  # the workload of every round (for round_batches: the warm-up's)
     run: Callable[[Batch], object]
     threads: int | None = None
+    round_batches: list[list[Batch]] | None = None  # a fresh workload per round (the stream mix)
     images: int = 0
     real_tokens: int = 0  # CLS included
     computed_tokens: int = 0  # CLS and padding included
@@ -207,16 +221,19 @@ def matmul_variant(key: str, n: int, dtype: torch.dtype, reps: int) -> Variant:
                    flops=2.0 * n**3 * reps, peak=True)
 
 
-def gemm_variant(key: str, rows: int, reps: int) -> Variant:
-    """The MLP's fc1 GEMM (rows × 768 → 3072) in bf16: how efficient one request's rows are vs a batch's."""
+def gemm_variant(key: str, rows: int, reps: int, prepacked: bool = False) -> Variant:
+    """The MLP's fc1 GEMM (rows × 768 → 3072) in bf16: how efficient one request's rows are vs a batch's;
+    ``prepacked``: through the worker's prepacked Linear (weight laid out once, bias fused)."""
     x = torch.randn(rows, 768).to(torch.bfloat16)
-    w = torch.randn(3072, 768).to(torch.bfloat16)
+    lin = torch.nn.Linear(768, 3072).to(torch.bfloat16)
+    layer: torch.nn.Module = PrepackedLinear(lin) if prepacked else lin
 
     def run(_batch: Batch) -> None:
         for _ in range(reps):
-            torch.nn.functional.linear(x, w)
+            layer(x)
 
-    return Variant(key, "machine", f"bf16 linear {rows}×768→3072 ×{reps}", [[]], run,
+    how = "prepacked linear" if prepacked else "linear"
+    return Variant(key, "machine", f"bf16 {how} {rows}×768→3072 ×{reps}", [[]], run,
                    flops=2.0 * rows * 768 * 3072 * reps, peak=True)
 
 
@@ -245,20 +262,28 @@ def build_variants(args: argparse.Namespace, model: torch.nn.Module, mixes: dict
     vit: VisionTransformer = model
     dim = int(vit.embed_dim)
     bf16_cast = copy.deepcopy(vit).to(torch.bfloat16)
-    ready = autocast_ready_copy(vit)  # the worker's bf16 model: matrix weights stored in bf16, autocast
+    ready = autocast_ready_copy(vit)  # matrix weights stored in bf16, autocast
+    # The worker's bf16 model: the same, with the blocks' Linear weights prepacked where torch can.
+    worker = autocast_ready_copy(vit)
+    can_prepack = prepack_available() and not args.no_prepack
+    if can_prepack:
+        prepack_linears(worker)
+    notes.append("worker model: bf16-stored weights, " + ("blocks' Linear weights prepacked (oneDNN)" if can_prepack
+                 else "not prepacked (" + ("--no-prepack" if args.no_prepack else "this torch cannot") + ")"))
     mb, mt, b = args.max_batch, args.max_tokens, args.batch
 
     def packed(m: VisionTransformer, *, amp: bool = True, attention: AttentionImpl = "sdpa",
-               cls_only_last: bool = True) -> Callable[[Batch], object]:
+               cls_only_last: bool = True, buckets: bool = True) -> Callable[[Batch], object]:
         def run(batch: Batch) -> object:
             with autocast_bf16() if amp else nullcontext():
-                return forward_packed(m, batch, attention=attention, cls_only_last=cls_only_last)
+                return forward_packed(m, batch, attention=attention, cls_only_last=cls_only_last,
+                                      shape_buckets=buckets)
         return run
 
     def padded(length: int | None, amp: bool = True) -> Callable[[Batch], object]:
         def run(batch: Batch) -> object:
             with autocast_bf16() if amp else nullcontext():
-                return forward_padded(ready, batch, length)
+                return forward_padded(worker, batch, length)
         return run
 
     def one_by_one(amp: bool = True, m: VisionTransformer = vit) -> Callable[[Batch], object]:
@@ -271,6 +296,9 @@ def build_variants(args: argparse.Namespace, model: torch.nn.Module, mixes: dict
     peak = matmul_variant("peak-bf16", 4096 if not args.quick else 2048, torch.bfloat16, 1 if not args.quick else 2)
     out.append(peak)
     for mix, lengths in mixes.items():
+        if mix == "stream":
+            out += stream_variants(args, lengths, dim, packed, one_by_one, worker, ready)
+            continue
         sets = make_sets(lengths, dim, seed=args.seed)
         eq = make_sets(equal_lengths(lengths), dim, seed=args.seed + 1)
         default = planned(sets, mb, mt)
@@ -279,14 +307,20 @@ def build_variants(args: argparse.Namespace, model: torch.nn.Module, mixes: dict
             # Order matters a little: neighbours in this list stay neighbours in every rotated round,
             # so the pairs the acceptance compares are measured close together in time.
             out += [
-                model_variant("packed-b32", mix, f"packed, FIFO batches of {b} (MFU)", fifo(sets, b), packed(ready)),
-                model_variant("packed", mix, f"packed, plan_batches({mb}, {mt}) — default", default, packed(ready)),
+                model_variant("packed-b32", mix, f"packed, FIFO batches of {b} (MFU)", fifo(sets, b), packed(worker)),
+                model_variant("packed", mix, f"packed, plan_batches({mb}, {mt}) — default", default, packed(worker)),
                 model_variant("equal", mix, "same total tokens, equal lengths, packed, same caps",
-                              planned(eq, mb, mt), packed(ready)),
+                              planned(eq, mb, mt), packed(worker)),
                 model_variant("one-by-one", mix, "one request at a time (bf16 autocast over fp32 weights)", singles,
                               one_by_one()),
                 model_variant("one-by-one-ready", mix, "one request at a time, bf16-stored matrix weights + autocast",
                               singles, one_by_one(m=ready)),
+                model_variant("one-by-one-prepacked", mix, "one request at a time, the worker's model (prepacked)",
+                              singles, one_by_one(m=worker)),
+                model_variant("packed-noprepack", mix, "packed, bf16-stored weights, not prepacked", default,
+                              packed(ready)),
+                model_variant("packed-nobuckets", mix, "packed, no shape buckets", default,
+                              packed(worker, buckets=False)),
                 model_variant("packed-fp32w", mix, "packed, autocast over fp32 weights (cast per call)", default,
                               packed(vit)),
                 model_variant("padmax-sorted", mix, f"plan_batches({mb}, {mt}, pad_to_max), pad to batch max",
@@ -306,36 +340,78 @@ def build_variants(args: argparse.Namespace, model: torch.nn.Module, mixes: dict
                     model_variant("one-by-one-bf16cast", mix, "one request at a time, weights cast to bf16", singles,
                                   one_by_one(amp=False, m=bf16_cast)),
                     model_variant("packed-padattn", mix, "packed, attention as one padded masked SDPA", default,
-                                  packed(ready, attention="padded")),
+                                  packed(worker, attention="padded")),
                     model_variant("packed-alltok", mix, "packed, last block on every token", default,
-                                  packed(ready, cls_only_last=False)),
+                                  packed(worker, cls_only_last=False)),
                     model_variant("packed-padattn-alltok", mix, "packed, padded attention, last block on every token",
-                                  default, packed(ready, attention="padded", cls_only_last=False)),
+                                  default, packed(worker, attention="padded", cls_only_last=False)),
                     model_variant("packed-bf16cast-padattn-alltok", mix,
                                   "packed, bf16 weights, padded attention, last block on every token", default,
                                   packed(bf16_cast, amp=False, attention="padded", cls_only_last=False)),
-                    model_variant("packed-1thread", mix, "packed, default caps, 1 thread", default, packed(ready),
+                    model_variant("packed-1thread", mix, "packed, default caps, 1 thread", default, packed(worker),
                                   threads=1),
                 ]
                 for budget in args.budgets:
                     if budget != mt:
                         out.append(model_variant(f"packed-t{budget}", mix, f"packed, plan_batches({mb}, {budget})",
-                                                 planned(sets, mb, budget), packed(ready)))
+                                                 planned(sets, mb, budget), packed(worker)))
                 if args.compile:
                     out.append(compiled_variant(vit, mix, default, notes))
         else:
-            out += [model_variant("packed", mix, f"packed, plan_batches({mb}, {mt}) — default", default, packed(ready))]
+            out += [model_variant("packed", mix, f"packed, plan_batches({mb}, {mt}) — default", default,
+                                  packed(worker))]
             if mix == "keep32":
                 out += [model_variant("equal", mix, "same total tokens, equal lengths, packed, same caps",
-                                      planned(eq, mb, mt), packed(ready))]
+                                      planned(eq, mb, mt), packed(worker))]
             if mix != "full":
                 out += [model_variant("one-by-one", mix, "one request at a time (bf16)", singles, one_by_one()),
+                        model_variant("one-by-one-prepacked", mix, "one request at a time, the worker's model",
+                                      singles, one_by_one(m=worker)),
                         model_variant("padmax", mix, f"FIFO batches of {b}, pad to batch max", fifo(sets, b),
                                       padded(None), per_batch_max=True)]
     if not args.quick:
         out += [matmul_variant("peak-fp32", 2048, torch.float32, 1),
                 gemm_variant("gemm-1req", 148, 8), gemm_variant("gemm-batch", 32 * 148, 1)]
+        if can_prepack:
+            out += [gemm_variant("gemm-1req-prepacked", 148, 8, prepacked=True),
+                    gemm_variant("gemm-batch-prepacked", 32 * 148, 1, prepacked=True)]
+    if args.flex:
+        out += attention_variants(mixes["paper"], dim, args, notes)
     return out
+
+
+def stream_variants(args: argparse.Namespace, lengths: list[int], dim: int, packed: Callable[..., Any],
+                    one_by_one: Callable[..., Any], worker: Any, ready: Any) -> list[Variant]:
+    """The ``stream`` mix: each round a fresh draw of the paper distribution (same count), so batch
+    shapes are new to oneDNN as in a serving worker; ``lengths`` is the warm-up's draw."""
+    mb, mt, r = args.max_batch, args.max_tokens, len(lengths)
+    draws = [beta_lengths(np.random.default_rng([args.seed, 1000 + i]), r, 9.0, 3.0) for i in range(args.rounds)]
+    per_round = [make_sets(d, dim, seed=args.seed + 2 + i) for i, d in enumerate(draws)]
+    warm = make_sets(lengths, dim, seed=args.seed + 1000)
+    mean_tokens = float(np.mean([sum(k + 1 for k in d) for d in draws]))
+
+    def variant(key: str, what: str, run: Callable[[Batch], object], batching: Callable[[list[torch.Tensor]],
+                list[Batch]]) -> Variant:
+        v = model_variant(key, "stream", what, batching(warm), run)
+        v.round_batches = [batching(sets) for sets in per_round]
+        v.real_tokens = v.computed_tokens = round(mean_tokens)
+        return v
+
+    def default(sets: list[torch.Tensor]) -> list[Batch]:
+        return planned(sets, mb, mt)
+
+    def singles(sets: list[torch.Tensor]) -> list[Batch]:
+        return [[t] for t in sets]
+
+    return [
+        variant("packed", f"packed, plan_batches({mb}, {mt}) — default", packed(worker), default),
+        variant("packed-nobuckets", "packed, no shape buckets", packed(worker, buckets=False), default),
+        variant("packed-noprepack", "packed, bf16-stored weights, not prepacked", packed(ready), default),
+        variant("packed-nobuckets-noprepack", "packed, neither (the worker before)",
+                packed(ready, buckets=False), default),
+        variant("one-by-one", "one request at a time (bf16 autocast over fp32 weights)", one_by_one(), singles),
+        variant("one-by-one-prepacked", "one request at a time, the worker's model", one_by_one(m=worker), singles),
+    ]
 
 
 def compiled_variant(vit: Any, mix: str, batches: list[Batch], notes: list[str]) -> Variant:
@@ -358,6 +434,66 @@ def compiled_variant(vit: Any, mix: str, batches: list[Batch], notes: list[str])
     return model_variant("packed-compiled", mix, "packed, MLPs compiled (inductor, dynamic)", batches, run)
 
 
+def attention_variants(lengths: Sequence[int], dim: int, args: argparse.Namespace, notes: list[str]) -> list[Variant]:
+    """Attention alone over one default batch of the mix (DeiT-Base heads), ``DEPTH`` calls each:
+    per-set SDPA on views of the packed Q/K/V (what the packed forward runs), one masked SDPA over a
+    padded copy, and FlexAttention over the packed sequence with a block-diagonal mask (compiled)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    heads, hd = 12, dim // 12
+    batch = [k + 1 for k in lengths[:len(plan_batches(list(lengths), args.max_batch, args.max_tokens)[0])]]
+    total = sum(batch)
+    padded_total = -(-total // 128) * 128  # flex attention's block size
+    g = torch.Generator().manual_seed(args.seed)
+    q, k, v = (torch.randn(heads, padded_total, hd, generator=g).to(torch.bfloat16) for _ in range(3))
+    scale = hd ** -0.5
+    flops = sum(4.0 * n * n * hd * heads for n in batch) * DEPTH
+
+    def per_set(_b: Batch) -> None:
+        for _ in range(DEPTH):
+            torch.cat([F.scaled_dot_product_attention(qi, ki, vi, scale=scale).transpose(0, 1).reshape(-1, dim)
+                       for qi, ki, vi in zip(q[:, :total].split(batch, 1), k[:, :total].split(batch, 1),
+                                             v[:, :total].split(batch, 1), strict=True)])
+
+    lmax = max(batch)
+    valid = torch.arange(lmax)[None, :] < torch.tensor(batch)[:, None]
+
+    def padded(_b: Batch) -> None:
+        for _ in range(DEPTH):
+            def pad(x: torch.Tensor) -> torch.Tensor:
+                out = x.new_zeros(len(batch), lmax, heads, hd)
+                out[valid] = x[:, :total].transpose(0, 1)
+                return out.transpose(1, 2)
+            o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :], scale=scale)
+            o.transpose(1, 2)[valid].reshape(total, dim)
+
+    doc = torch.full((padded_total,), -1, dtype=torch.int32)
+    doc[:total] = torch.repeat_interleave(torch.arange(len(batch), dtype=torch.int32), torch.tensor(batch))
+
+    def same_set(_b: Any, _h: Any, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        return (doc[qi] == doc[ki]) & (doc[qi] >= 0)
+
+    block_mask = create_block_mask(same_set, None, None, padded_total, padded_total, device="cpu")
+    flex = torch.compile(flex_attention)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        flex(q[None], k[None], v[None], block_mask=block_mask, scale=scale)
+    notes.append(f"--flex: FlexAttention compiled in {time.perf_counter() - t0:.0f} s; block mask over {total} tokens "
+                 f"({len(batch)} sets) is {block_mask.sparsity():.0f} % sparse")
+
+    def flex_run(_b: Batch) -> None:
+        for _ in range(DEPTH):
+            flex(q[None], k[None], v[None], block_mask=block_mask, scale=scale)
+
+    what = f"{len(batch)} sets, {total} tokens, ×{DEPTH}"
+    return [Variant("attn-sdpa", "attention", f"per-set SDPA, {what}", [[]], per_set, flops=flops, peak=True),
+            Variant("attn-padded", "attention", f"one padded masked SDPA, {what}", [[]], padded, flops=flops,
+                    peak=True),
+            Variant("attn-flex", "attention", f"FlexAttention, block-diagonal mask, {what}", [[]], flex_run,
+                    flops=flops, peak=True)]
+
+
 # ---- measurement ----------------------------------------------------------------------------------
 
 def measure(variants: list[Variant], rounds: int, log: Callable[[str], None]) -> None:
@@ -370,7 +506,7 @@ def measure(variants: list[Variant], rounds: int, log: Callable[[str], None]) ->
             for v in variants[shift:] + variants[:shift]:
                 with num_threads(v.threads):
                     c0, t0 = time.process_time(), time.perf_counter()
-                    for batch in v.batches:
+                    for batch in (v.round_batches[r] if v.round_batches else v.batches):
                         v.run(batch)
                     v.walls.append(time.perf_counter() - t0)
                     v.cpus.append(time.process_time() - c0)
@@ -447,10 +583,28 @@ def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, An
     ratio("packed ÷ one-by-one, same mix, both bf16", ("paper", "packed"), ("paper", "one-by-one"), 3.0)
     ratio("  same, ~32 % kept mix", ("keep32", "packed"), ("keep32", "one-by-one"), 3.0)
     ratio("  same, zoo mix", ("zoo", "packed"), ("zoo", "one-by-one"), 3.0)
-    ratio("  both with bf16-stored matrix weights + autocast (same numerics; the loop at its best)",
-          ("paper", "packed"), ("paper", "one-by-one-ready"), 3.0)
-    ratio("  stored bf16 matrix weights ÷ autocast casting fp32 weights per call (packed)", ("paper", "packed"),
-          ("paper", "packed-fp32w"), None)
+    ratio("  same, ~32 % kept mix, both the worker's model", ("keep32", "packed"),
+          ("keep32", "one-by-one-prepacked"), 3.0)
+    ratio("  same, zoo mix, both the worker's model", ("zoo", "packed"), ("zoo", "one-by-one-prepacked"), 3.0)
+    ratio("  both with bf16-stored matrix weights + autocast, loop not prepacked", ("paper", "packed"),
+          ("paper", "one-by-one-ready"), 3.0)
+    ratio("  both the worker's model: bf16-stored, prepacked (same numerics; the loop at its best)",
+          ("paper", "packed"), ("paper", "one-by-one-prepacked"), 3.0)
+    ratio("  prepacked ÷ not prepacked: packed", ("paper", "packed"), ("paper", "packed-noprepack"), None)
+    ratio("  prepacked ÷ not prepacked: one request at a time", ("paper", "one-by-one-prepacked"),
+          ("paper", "one-by-one-ready"), None)
+    ratio("fresh requests every round (stream mix): packed ÷ one-by-one (bf16 autocast over fp32 weights)",
+          ("stream", "packed"), ("stream", "one-by-one"), 3.0)
+    ratio("  same, both the worker's model (the loop at its best)", ("stream", "packed"),
+          ("stream", "one-by-one-prepacked"), 3.0)
+    ratio("  shape buckets on ÷ off (packed)", ("stream", "packed"), ("stream", "packed-nobuckets"), None)
+    ratio("  prepacked ÷ not (packed, with buckets)", ("stream", "packed"), ("stream", "packed-noprepack"), None)
+    ratio("  the worker now ÷ before both (packed)", ("stream", "packed"), ("stream", "packed-nobuckets-noprepack"),
+          None)
+    ratio("  repeated workload ÷ fresh (packed, worker's model; the cost of new shapes)", ("paper", "packed"),
+          ("stream", "packed"), None)
+    ratio("  stored bf16 matrix weights ÷ autocast casting fp32 weights per call (packed, both not prepacked)",
+          ("paper", "packed-noprepack"), ("paper", "packed-fp32w"), None)
     ratio("  both with weights cast to bf16 (the loop's best bf16)", ("paper", "packed-bf16cast"),
           ("paper", "one-by-one-bf16cast"), 3.0)
     ratio("packed bf16 ÷ one-by-one fp32 (official loop, fp32)", ("paper", "packed"), ("paper", "one-by-one-fp32"),
@@ -466,7 +620,8 @@ def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, An
     ratio("packed ÷ sorted pad-to-batch-max (padded policy)", ("paper", "packed"), ("paper", "padmax-sorted"), None)
     # The machine's bf16 limit, per round: the fastest bf16 GEMM measured in that round (the 4096²
     # matmul, or the batch-sized fc1 GEMM where that runs faster).
-    bf16_gemms = [v for v in (peak, by.get(("machine", "gemm-batch"))) if v is not None]
+    bf16_gemms = [v for v in (peak, by.get(("machine", "gemm-batch")), by.get(("machine", "gemm-batch-prepacked")))
+                  if v is not None]
 
     def limit(cpu: bool) -> list[float]:
         return [max(rates) for rates in zip(*(g.per_round(cpu) for g in bf16_gemms), strict=True)]
@@ -486,6 +641,7 @@ def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, An
                     f"{mfu * executed:.0%}", f"{mfu_cpu * executed:.0%}", "", ""))
     for key, label in (("packed", "MFU at the default caps"), ("one-by-one", "MFU of the one-by-one loop (bf16)"),
                        ("one-by-one-ready", "MFU of the one-by-one loop (bf16-stored weights, autocast)"),
+                       ("one-by-one-prepacked", "MFU of the one-by-one loop (the worker's model, prepacked)"),
                        ("one-by-one-bf16cast", "MFU of the one-by-one loop (bf16 weights)")):
         found = by.get(("paper", key))
         if found is not None:
@@ -506,6 +662,19 @@ def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, An
     if g1 is not None and gb is not None:
         acc.append(("GEMM efficiency, 148 rows ÷ 4736 rows (bf16 fc1 shape)", f"{1 / paired(gb, g1):.0%}",
                     f"{1 / paired(gb, g1, cpu=True):.0%}", "", ""))
+    p1, pb = by.get(("machine", "gemm-1req-prepacked")), by.get(("machine", "gemm-batch-prepacked"))
+    if p1 is not None and pb is not None and g1 is not None and gb is not None:
+        acc.append(("  same, prepacked weights", f"{1 / paired(pb, p1):.0%}", f"{1 / paired(pb, p1, cpu=True):.0%}",
+                    "", ""))
+        acc.append(("  prepacked ÷ plain: 148 rows / 4736 rows", f"{paired(p1, g1):.2f}× / {paired(pb, gb):.2f}×",
+                    f"{paired(p1, g1, cpu=True):.2f}× / {paired(pb, gb, cpu=True):.2f}×", "", ""))
+    attn = {k: by.get(("attention", k)) for k in ("attn-sdpa", "attn-padded", "attn-flex")}
+    if attn["attn-sdpa"] is not None:
+        for k in ("attn-padded", "attn-flex"):
+            other = attn[k]
+            if other is not None:
+                acc.append((f"attention alone: per-set SDPA ÷ {other.what}", f"{paired(attn['attn-sdpa'], other):.2f}×",
+                            f"{paired(attn['attn-sdpa'], other, cpu=True):.2f}×", "", ""))
     lines += ["", "| acceptance / ratio (median of per-round ratios) | by wall time | by CPU time | target | |",
               "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in acc]
@@ -534,15 +703,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budgets", type=int, nargs="*", default=[1024, 4096], help="other token budgets to compare")
     p.add_argument("--zoo-images", type=int, default=1000, help="CIFAR-10 images for the zoo mix")
     p.add_argument("--compile", action="store_true", help="also try the MLPs compiled with inductor (slow start)")
+    p.add_argument("--flex", action="store_true", help="also time attention alone: per-set SDPA vs one padded SDPA "
+                   "vs FlexAttention (compiled, ~20 s start)")
+    p.add_argument("--no-prepack", action="store_true", help="the worker model without prepacked Linear weights "
+                   "(worker.prepack_weights = false)")
     p.add_argument("--depth", type=int, default=12, help="blocks (12 = DeiT-Base; fewer only for smoke runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--glibc-heap", action="store_true",
                    help="keep glibc's default malloc settings (the worker retains freed memory; bench/heap.py "
                         "compares the two)")
+    p.add_argument("--kernel-cache", type=int, default=4096,
+                   help="oneDNN kernel cache capacity for this run (ONEDNN_PRIMITIVE_CACHE_CAPACITY wins if set; "
+                        "oneDNN's default 1024 is thrashed by this run's many variants; bench/shapes.py measures "
+                        "what a worker's own stream does)")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     args = p.parse_args(argv)
     # As the worker does (worker.retain_heap), before any tensor exists.
     heap = HeapSettings(False, "glibc defaults (--glibc-heap)") if args.glibc_heap else retain_freed_memory()
+    # oneDNN keeps 1,024 built kernels (one per matrix shape) by default; a worker's own shapes fit
+    # (shape buckets), but this run's ~50 interleaved variants, loops of 32 lengths each, do not, and
+    # would rebuild each other's kernels every round. Read by oneDNN at its first product.
+    kernel_cache = os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(args.kernel_cache))
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.requests = args.requests or (8 if args.quick else 32)
     args.batch = args.batch or (8 if args.quick else 32)
@@ -553,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info()
     info["threads"] = torch.get_num_threads()
     info["heap"] = heap.reason
-    notes: list[str] = [f"heap: {heap.reason}"]
+    notes: list[str] = [f"heap: {heap.reason}", f"oneDNN kernel cache: {kernel_cache} kernels"]
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -570,6 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         notes.append(f"zoo mix skipped: {how}")
     mixes["full"] = [NUM_PATCHES] * r
+    mixes["stream"] = beta_lengths(np.random.default_rng([args.seed, 999]), r, 9.0, 3.0)  # its warm-up draw
     for name, lengths in mixes.items():
         notes.append(f"mix {name}: {len(lengths)} requests, patch tokens mean {np.mean(lengths):.1f}, "
                      f"min {min(lengths)}, max {max(lengths)}")

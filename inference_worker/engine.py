@@ -15,8 +15,9 @@ Precision: ``bf16`` runs under CPU autocast (matrix products in bf16 on AMX/AVX5
 softmax stay float32) on a copy whose matrix weights are stored in bf16 (bit-identical to autocast
 over the fp32 weights, without the per-call weight casts), ``fp32`` plainly; ``auto`` picks bf16
 only where a start-up probe measures it clearly faster than fp32 (:mod:`shared.precision`: on
-some CPUs with AVX512-BF16 and no AMX it is slower). Everything runs under
-``torch.inference_mode``.
+some CPUs with AVX512-BF16 and no AMX it is slower). With ``prepack`` (``worker.prepack_weights``)
+a bf16 engine also keeps the blocks' Linear weights in oneDNN's blocked layout
+(:mod:`shared.prepack`), where this torch supports it. Everything runs under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from shared.config import BatchingConfig
 from shared.datasets import normalize
 from shared.errors import InferenceError, ModelError
 from shared.models import LoadedModel
-from shared.packing import autocast_ready_copy, forward_token_sets, plan_batches
+from shared.packing import autocast_ready_copy, bucket_rows, forward_token_sets, plan_batches
 from shared.precision import Precision, resolve
+from shared.prepack import prepack_available, prepack_linears
 from shared.subset import embed_patches
 
 __all__ = ["PatchSet", "Precision", "ServerEngine", "configure_threads", "resolve_precision"]
@@ -83,13 +85,18 @@ class PatchSet:
 class ServerEngine:
     """A loaded server ViT plus the policy and precision it serves with."""
 
-    def __init__(self, loaded: LoadedModel, batching: BatchingConfig, precision: Precision = "fp32") -> None:
+    def __init__(self, loaded: LoadedModel, batching: BatchingConfig, precision: Precision = "fp32", *,
+                 prepack: bool = False) -> None:
         self.loaded = loaded
         self.batching = batching
         self.precision = precision
         # bf16: matrix weights stored in bf16 once (same results as autocast over fp32 weights, without
         # re-casting ~all parameters at every forward); the loaded fp32 model is left untouched.
         self.model = autocast_ready_copy(loaded.model.eval()) if precision == "bf16" else loaded.model.eval()
+        # … and, with prepack, laid out once for oneDNN instead of at every product.
+        self.prepacked = precision == "bf16" and prepack and prepack_available()
+        if self.prepacked:
+            prepack_linears(self.model)
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches
         self.input_size = loaded.preprocess.input_size
@@ -112,7 +119,12 @@ class ServerEngine:
         pixels = torch.from_numpy(np.concatenate([s.patches for s in sets], axis=0))  # (ΣK, p, p, 3)
         patches = normalize(pixels, pre)  # (ΣK, 3, p, p) float32
         indices = torch.from_numpy(np.concatenate([s.indices for s in sets]).astype(np.int64))
-        embedded = embed_patches(self.model, patches.unsqueeze(0), indices.unsqueeze(0))[0]
+        total = int(indices.shape[0])
+        spare = bucket_rows(total) - total if self.batching.shape_buckets and total else 0
+        if spare:  # the embedding product is a matrix product too: same shape buckets as the blocks
+            patches = torch.cat([patches, patches.new_zeros(spare, *patches.shape[1:])])
+            indices = torch.cat([indices, indices.new_zeros(spare)])
+        embedded = embed_patches(self.model, patches.unsqueeze(0), indices.unsqueeze(0))[0, :total]
         return list(torch.split(embedded, [int(s.patches.shape[0]) for s in sets], dim=0))
 
     def logits(self, sets: Sequence[PatchSet]) -> torch.Tensor:
@@ -124,7 +136,8 @@ class ServerEngine:
             tokens = self._token_sets(sets)
             if policy != "padded":
                 return forward_token_sets(self.model, tokens, policy, attention=self.batching.attention,
-                                          cls_only_last=self.batching.cls_only_last).float()
+                                          cls_only_last=self.batching.cls_only_last,
+                                          shape_buckets=self.batching.shape_buckets).float()
             out = torch.empty(len(sets), self.loaded.num_classes)
             groups = plan_batches([t.shape[0] for t in tokens], self.batching.max_batch,
                                   self.batching.max_tokens, pad_to_max=True)

@@ -111,7 +111,8 @@ class InferenceWorker:
         try:
             # The precision probe and the bf16 weight copy run torch kernels: on the inference thread too.
             self.precision = self._infer_pool.submit(resolve_precision, config.worker.precision).result()
-            self.engine = self._infer_pool.submit(ServerEngine, server, config.batching, self.precision).result()
+            self.engine = self._infer_pool.submit(ServerEngine, server, config.batching, self.precision,
+                                                  prepack=config.worker.prepack_weights).result()
         except BaseException:
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -324,7 +325,8 @@ class InferenceWorker:
         self.log.info("worker_ready", subscription=self.subscription, precision=self.precision,
                       precision_setting=self.config.worker.precision,
                       bf16_speedup=None if probe is None else round(probe.speedup, 2),
-                      policy=self.config.batching.policy, threads=torch.get_num_threads(),
+                      policy=self.config.batching.policy, prepacked=self.engine.prepacked,
+                      threads=torch.get_num_threads(),
                       heap=retain_freed_memory().reason if self.config.worker.retain_heap else "glibc defaults")
 
     # ---- lifecycle ---------------------------------------------------------------------------

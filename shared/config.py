@@ -130,6 +130,9 @@ class BatchingConfig:
         "copy of Q/K/V (padded); see docs/benchmarks.md for which wins on which CPU")
     cls_only_last: bool = _f(True, "packed policy: the last block computes only the CLS rows (its other outputs "
                              "are never read)")
+    shape_buckets: bool = _f(True, "packed policy: round a batch's token count up to one of ~16 sizes per doubling "
+                             "(≤ 6.25 % dummy rows) so oneDNN reuses its per-shape kernels instead of building "
+                             "new ones for almost every batch; see docs/benchmarks.md")
 
     def __post_init__(self) -> None:
         _check(self.max_batch >= 1 and self.max_tokens >= 2, "batching limits must be positive")
@@ -144,6 +147,9 @@ class WorkerConfig:
     threads: int = _f(0, "torch threads for inference (0: all cores)")
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 where a start-up probe measures it "
                                                                  "≥ 1.25× faster than fp32 on this CPU")
+    prepack_weights: bool = _f(True, "bf16: keep the blocks' Linear weights in oneDNN's blocked layout instead of "
+                                     "re-laying them out at every product (faster, most for small batches; "
+                                     "skipped where this torch lacks the ops); see docs/benchmarks.md")
     metrics_interval_s: float = _f(1.0, "seconds between metrics messages")
     shutdown_grace_s: float = _f(10.0, "on SIGTERM, seconds to finish and answer what is queued")
     metrics_port: int = _f(0, "Prometheus /metrics HTTP port (0: off)")

@@ -38,6 +38,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from shared.errors import ModelError
+from shared.prepack import PrepackedLinear
 from shared.subset import forward_tokens
 
 Policy = Literal["packed", "padded", "sequential"]
@@ -50,6 +51,7 @@ POLICIES: tuple[Policy, ...] = ("packed", "padded", "sequential")
 _TOKENWISE_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, RmsNorm, nn.Identity)
 _TOKENWISE_MLPS: tuple[type[nn.Module], ...] = (Mlp, GluMlp, SwiGLU)
 _SCALES: tuple[type[nn.Module], ...] = (LayerScale, nn.Identity)
+_LINEARS: tuple[type[nn.Module], ...] = (nn.Linear, PrepackedLinear)  # see shared.prepack
 
 
 class UnsupportedModelError(ModelError):
@@ -86,8 +88,8 @@ def _packable_blocks(model: VisionTransformer) -> list[Block]:
         attn = blk.attn
         if type(attn) is not Attention:
             fail(f"block {i} attention is {type(attn).__name__}, only timm's Attention is supported")
-        if type(attn.qkv) is not nn.Linear or type(attn.proj) is not nn.Linear:
-            fail(f"block {i}: qkv/proj must be nn.Linear")
+        if type(attn.qkv) not in _LINEARS or type(attn.proj) not in _LINEARS:
+            fail(f"block {i}: qkv/proj must be nn.Linear (or prepacked)")
         for name in ("norm1", "norm2"):
             if not isinstance(getattr(blk, name), _TOKENWISE_NORMS):
                 fail(f"block {i}.{name} is {type(getattr(blk, name)).__name__}, not a token-wise norm")
@@ -155,12 +157,13 @@ def _pack(model: VisionTransformer, token_sets: Sequence[Tensor]) -> tuple[Tenso
 
 
 def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengths: list[int],
-                 scale: float) -> Tensor:
-    """Attention per set with SDPA. q (H, Tq, hd), k/v (H, Tkv, hd) → (Tq, H*hd).
+                 scale: float, spare: int = 0) -> Tensor:
+    """Attention per set with SDPA. q (H, Tq, hd), k/v (H, Tkv, hd) → (Tq + spare, H*hd).
 
     Each set's q/k/v are strided views of the packed projection (no copy). SDPA's CPU kernel
     returns (H, L, hd) as a transposed view of an (L, H, hd) buffer, so the per-set transpose
-    back to token-major is free and one ``cat`` assembles the packed output.
+    back to token-major is free and one ``cat`` assembles the packed output (with ``spare`` zero
+    rows for the bucket's dummy rows, which attend to nothing).
     """
     h, _, hd = q.shape
     outs = [
@@ -168,6 +171,8 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengt
         for qi, ki, vi in zip(q.split(q_lengths, dim=1), k.split(kv_lengths, dim=1),
                               v.split(kv_lengths, dim=1), strict=True)
     ]
+    if spare:
+        outs.append(q.new_zeros(spare, h * hd))
     return torch.cat(outs, dim=0)
 
 
@@ -188,21 +193,26 @@ def _attend_padded(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], scale: f
 
 
 def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionImpl,
-               query_rows: Tensor | None = None) -> Tensor:
+               query_rows: Tensor | None = None, spare: int = 0) -> Tensor:
     """timm ``Attention.forward`` on packed tokens x (T, D).
 
     With ``query_rows`` only those rows are queries (keys/values still come from every token) and
-    the result has one row per query: used for the CLS rows of the last block.
+    the result has one row per query: used for the CLS rows of the last block. The last ``spare``
+    rows of x are a shape bucket's dummy rows: projected with the rest, in no set, zero output.
     """
     h, hd = attn.num_heads, attn.head_dim
     a = attn.attn_dim
-    w, bias = attn.qkv.weight, attn.qkv.bias
-    if query_rows is None:
+    if query_rows is None or isinstance(attn.qkv, PrepackedLinear):
         qkv = attn.qkv(x).view(-1, 3, h, hd)
         q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # each (H, T, hd), strided views
         xq = x
         q_lengths = lengths
+        if query_rows is not None:
+            # A prepacked weight cannot be sliced: project Q for every token (1/144 of the model's
+            # products) and keep the query rows.
+            q, xq, q_lengths = q.index_select(1, query_rows), x.index_select(0, query_rows), [1] * len(lengths)
     else:
+        w, bias = attn.qkv.weight, attn.qkv.bias
         xq = x.index_select(0, query_rows)
         # Same weights as attn.qkv, split: Q for the query rows only, K and V for every token.
         q = F.linear(xq, w[:a], None if bias is None else bias[:a]).view(-1, h, hd).transpose(0, 1)
@@ -210,10 +220,17 @@ def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionIm
         k, v = kv.permute(1, 2, 0, 3).unbind(0)
         q_lengths = [1] * len(lengths)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if spare:
+        real = x.shape[0] - spare
+        k, v = k[:, :real], v[:, :real]
+        if query_rows is None:
+            q = q[:, :real]
     if impl == "padded" and query_rows is None:
         o = _attend_padded(q, k, v, lengths, attn.scale)
+        if spare:
+            o = torch.cat([o, o.new_zeros(spare, o.shape[1])])
     else:
-        o = _attend_sdpa(q, k, v, q_lengths, lengths, attn.scale)
+        o = _attend_sdpa(q, k, v, q_lengths, lengths, attn.scale, spare if query_rows is None else 0)
     # o is (Tq, H*hd), the layout timm's transpose(1, 2).reshape gives.
     o = attn.norm(o)
     if attn.gate is not None:
@@ -221,8 +238,24 @@ def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionIm
     return attn.proj_drop(attn.proj(o))
 
 
+def bucket_rows(rows: int) -> int:
+    """``rows`` rounded up to one of a few sizes: a multiple of 1/16 of its power of two (at least 8).
+
+    oneDNN builds (JIT-compiles) a kernel for every new matrix shape, and on an AMX Xeon building
+    one for a ~2,000-row product took 3–7× as long as running it (``docs/benchmarks.md``). A worker
+    whose batches each hold a different number of tokens would pay that at every batch; with
+    buckets there are 16 sizes per doubling (about 100 up to 4,096), built once and then reused,
+    for at most 1/16 (on average ~3 %) more rows.
+    """
+    if rows <= 0:
+        raise ValueError(f"rows must be positive, got {rows}")
+    step = max(8, (1 << (rows.bit_length() - 1)) // 16)
+    return -(-rows // step) * step
+
+
 def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
-                   attention: AttentionImpl = "sdpa", cls_only_last: bool = True) -> Tensor:
+                   attention: AttentionImpl = "sdpa", cls_only_last: bool = True,
+                   shape_buckets: bool = False) -> Tensor:
     """Logits (B, num_classes) for B token sets, each (K_i, D) patch tokens with pos-embed added.
 
     CLS (+ its pos-embed) is prepended to each set; all real tokens are processed as one packed
@@ -231,11 +264,16 @@ def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
     ``attention``: ``sdpa`` (one SDPA call per set on views, the default: fastest measured) or
     ``padded`` (one masked SDPA over a padded copy of Q/K/V). ``cls_only_last``:
     compute the last block for the CLS rows only (exact; the head reads nothing else).
+    ``shape_buckets``: append zero rows up to :func:`bucket_rows` (in no set: they change no
+    result) so that the matrix products see few distinct shapes.
     """
     blocks = _packable_blocks(model)
     if len(token_sets) == 0:
         return _empty_logits(model)
     x, lengths = _pack(model, token_sets)
+    spare = bucket_rows(x.shape[0]) - x.shape[0] if shape_buckets else 0
+    if spare:
+        x = torch.cat([x, x.new_zeros(spare, x.shape[1])])
     starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)  # CLS row of each set
     x = model.norm_pre(x)
     last = len(blocks) - 1
@@ -243,11 +281,11 @@ def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
         attn = cast(Attention, blk.attn)  # checked by _packable_blocks
         if cls_only_last and i == last:
             xc = x.index_select(0, starts)
-            xc = xc + blk.drop_path1(blk.ls1(_attention(attn, blk.norm1(x), lengths, attention, starts)))
+            xc = xc + blk.drop_path1(blk.ls1(_attention(attn, blk.norm1(x), lengths, attention, starts, spare)))
             x = xc + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xc))))
         else:
             # In-place residual adds: x is our own packed buffer, and this saves a (T, D) copy each.
-            x.add_(blk.drop_path1(blk.ls1(_attention(attn, blk.norm1(x), lengths, attention))))
+            x.add_(blk.drop_path1(blk.ls1(_attention(attn, blk.norm1(x), lengths, attention, spare=spare))))
             x.add_(blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))))
     cls_rows = x if cls_only_last else x.index_select(0, starts)
     # (B, 1, D) so that forward_head's CLS pooling (x[:, 0]), fc_norm and head apply unchanged.
@@ -286,11 +324,13 @@ def forward_sequential(model: VisionTransformer, token_sets: Sequence[Tensor]) -
 
 def forward_token_sets(model: VisionTransformer, token_sets: Sequence[Tensor],
                        policy: Policy = "packed", *, attention: AttentionImpl = "sdpa",
-                       cls_only_last: bool = True) -> Tensor:
+                       cls_only_last: bool = True, shape_buckets: bool = False) -> Tensor:
     """The worker's single entry point: logits (B, num_classes) for B token sets under ``policy``
-    (``attention`` and ``cls_only_last`` tune the packed policy; see :func:`forward_packed`)."""
+    (``attention``, ``cls_only_last`` and ``shape_buckets`` tune the packed policy; see
+    :func:`forward_packed`)."""
     if policy == "packed":
-        return forward_packed(model, token_sets, attention=attention, cls_only_last=cls_only_last)
+        return forward_packed(model, token_sets, attention=attention, cls_only_last=cls_only_last,
+                              shape_buckets=shape_buckets)
     if not token_sets:
         return _empty_logits(model)
     if policy == "padded":

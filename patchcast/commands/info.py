@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from shared import __version__
     from shared.heap import describe_support
     from shared.precision import MIN_BF16_SPEEDUP, bf16_flags, probe_once, resolve
+    from shared.prepack import prepack_available
 
     support = bf16_flags()
     probe = probe_once()
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         ("cpu avx512_bf16", str(support["avx512_bf16"])),
         ("bf16 matmul speed", measured),
         ("precision auto", f"{resolve('auto')} (bf16 only at ≥ {MIN_BF16_SPEEDUP}× fp32)"),
+        ("bf16 weight prepacking", "available" if prepack_available() else "not available (plain bf16 weights)"),
         ("malloc", describe_support()),
         ("cuda available", str(torch.cuda.is_available())),
         ("model zoo", zoo_summary()),

@@ -9,6 +9,7 @@ import pytest
 from inference_worker.engine import resolve_precision
 from shared.errors import ModelError
 from shared.precision import MIN_BF16_SPEEDUP, Bf16Probe, decide, measure_bf16_speedup, resolve
+from shared.prepack import prepack_available
 
 
 def test_auto_takes_bf16_only_with_native_support_and_a_measured_gain() -> None:
@@ -55,3 +56,5 @@ def test_info_prints_the_measured_bf16_speed_and_the_auto_choice(capsys: pytest.
     out = capsys.readouterr().out
     assert "bf16 matmul speed" in out
     assert re.search(rf"^precision auto\s+{resolve('auto')} ", out, re.MULTILINE)
+    want = "available" if prepack_available() else "not available"
+    assert re.search(rf"^bf16 weight prepacking\s+{want}", out, re.MULTILINE)

@@ -15,6 +15,7 @@ from service_helpers import SERVER_ARCH, random_model
 from inference_worker.engine import PatchSet, ServerEngine
 from shared.config import BatchingConfig
 from shared.precision import cpu_has_native_bf16
+from shared.prepack import PrepackedLinear, prepack_available
 from shared.subset import forward_patch_sets
 
 FP32_ATOL = 1e-4
@@ -37,14 +38,15 @@ def server():  # type: ignore[no-untyped-def]
     return random_model(SERVER_ARCH, 2, "server")
 
 
-@pytest.mark.parametrize(("policy", "attention", "cls_only_last"),
-                         [("packed", "sdpa", True), ("packed", "padded", False), ("packed", "padded", True),
-                          ("packed", "sdpa", False), ("padded", "sdpa", True)])
+@pytest.mark.parametrize(("policy", "attention", "cls_only_last", "shape_buckets"),
+                         [("packed", "sdpa", True, True), ("packed", "padded", False, True),
+                          ("packed", "padded", True, True), ("packed", "sdpa", False, True),
+                          ("packed", "sdpa", True, False), ("padded", "sdpa", True, True)])
 def test_batched_equals_one_by_one_fp32(server, policy: str, attention: str,  # type: ignore[no-untyped-def]
-                                        cls_only_last: bool) -> None:
+                                        cls_only_last: bool, shape_buckets: bool) -> None:
     sets = patch_sets(24)
     batching = BatchingConfig(max_batch=32, max_tokens=4096, policy=policy, attention=attention,  # type: ignore[arg-type]
-                              cls_only_last=cls_only_last)
+                              cls_only_last=cls_only_last, shape_buckets=shape_buckets)
     batched = ServerEngine(server, batching, "fp32")
     single = ServerEngine(server, BatchingConfig(policy="sequential"), "fp32")
     together = batched.logits(sets)
@@ -88,9 +90,29 @@ def test_bf16_engine_equals_autocast_over_the_fp32_model(server) -> None:  # typ
     from the fp32 weights (same rounding, done once instead of per call), and leave the model alone."""
     sets = patch_sets(10, seed=11)
     engine = ServerEngine(server, BatchingConfig(policy="packed"), "bf16")
+    assert not engine.prepacked  # prepacking is asked for explicitly (the worker's config does)
     assert engine.model is not server.model and server.model.head.weight.dtype == torch.float32
     assert engine.model.head.weight.dtype == torch.bfloat16 and engine.model.norm.weight.dtype == torch.float32
     fp32_weights = ServerEngine(server, BatchingConfig(policy="packed"), "fp32")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = fp32_weights.logits(sets)  # autocast over the fp32 model, casting weights per call
     assert torch.equal(engine.logits(sets), reference)
+
+
+@pytest.mark.skipif(not prepack_available(), reason="this torch cannot prepack oneDNN Linear weights")
+@pytest.mark.parametrize("policy", ["packed", "padded", "sequential"])
+def test_prepacked_bf16_engine_matches_the_bf16_engine(server, policy: str) -> None:  # type: ignore[no-untyped-def]
+    """``worker.prepack_weights``: the same bf16 products in oneDNN's blocked layout (tolerance as
+    tests/perf/test_packing.py: 0.5 % of the largest logit), fp32 and the loaded model untouched."""
+    sets = patch_sets(12, seed=5)
+    plain = ServerEngine(server, BatchingConfig(policy=policy), "bf16")
+    packed = ServerEngine(server, BatchingConfig(policy=policy), "bf16", prepack=True)
+    assert packed.prepacked and any(isinstance(m, PrepackedLinear) for m in packed.model.modules())
+    assert not any(isinstance(m, PrepackedLinear) for m in server.model.modules())
+    assert not ServerEngine(server, BatchingConfig(policy=policy), "fp32", prepack=True).prepacked
+    want, got = plain.logits(sets), packed.logits(sets)
+    bound = 0.005 * want.abs().max().item()
+    assert (got - want).abs().max().item() <= bound
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * bound
+    assert clear.any() and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
