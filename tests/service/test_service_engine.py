@@ -116,3 +116,18 @@ def test_prepacked_bf16_engine_matches_the_bf16_engine(server, policy: str) -> N
     top2 = want.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * bound
     assert clear.any() and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_prepack_falls_back_where_torch_lacks_onednn(server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Without oneDNN (another torch build or CPU) the bf16 engine keeps plain bf16 weights and still serves."""
+    prepack_available.cache_clear()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    try:
+        assert not prepack_available()
+        engine = ServerEngine(server, BatchingConfig(policy="packed"), "bf16", prepack=True)
+        assert not engine.prepacked
+        assert not any(isinstance(m, PrepackedLinear) for m in engine.model.modules())
+        sets = patch_sets(4, seed=9)
+        assert engine.logits(sets).shape == (4, 10)
+    finally:
+        prepack_available.cache_clear()  # later tests see the real answer again
