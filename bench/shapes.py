@@ -1,6 +1,6 @@
 """A serving worker's stream of batches: oneDNN kernels built per matrix shape, and the memory they keep.
 
-    .venv/bin/python bench/shapes.py             # DeiT-Base, 960 fresh requests per child, 2 rounds (~7 min)
+    .venv/bin/python bench/shapes.py             # DeiT-Base, 960 fresh requests per child, 2 rounds (~5 min)
     .venv/bin/python bench/shapes.py --quick     # 4 blocks, 192 requests, 1 round (smoke run)
 
 oneDNN builds (JIT-compiles) a kernel for every new matrix shape and keeps it in a per-process
@@ -22,7 +22,7 @@ batcher would. Settings (``worker.prepack_weights`` × ``batching.shape_buckets`
 * ``before``: neither (the worker before both existed).
 
 Each child reports images/s over the first and the second half of its stream, its resident memory
-(RSS) after model set-up and at the end, and its peak. One child per setting per round, settings
+(RSS) after model set-up, after each half, and its peak. One child per setting per round, settings
 alternated, figures are medians over rounds. Random weights (compute does not depend on them).
 """
 
@@ -105,15 +105,17 @@ def child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
     rss_start = rss_mib()
     half = len(stream) // 2
     times: list[float] = []
+    rss_half = 0.0
     for part in (stream[:half], stream[half:]):
         t0 = time.perf_counter()
         for window in part:
             serve(window)
         times.append(time.perf_counter() - t0)
+        rss_half = rss_half or rss_mib()
     return {"setting": setting, "prepacked": engine.prepacked,
             "images_per_s_first_half": 32 * half / times[0],
             "images_per_s_second_half": 32 * (len(stream) - half) / times[1],
-            "rss_after_setup_mib": rss_start, "rss_end_mib": rss_mib(),
+            "rss_after_setup_mib": rss_start, "rss_half_mib": rss_half, "rss_end_mib": rss_mib(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -159,14 +161,14 @@ def main() -> int:
           f"with {args.depth} blocks, bf16, {args.rounds} round(s)")
     print(f"command: python bench/shapes.py {' '.join(sys.argv[1:])}\n")
     print("| setting | prepacked | shape buckets | images/s, 1st half | images/s, 2nd half | RSS after set-up, MiB "
-          "| RSS at the end, MiB | growth, MiB | peak RSS, MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| growth over the 1st half, MiB | over the 2nd half, MiB | RSS at the end, MiB | peak RSS, MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in args.settings:
         prepack, buckets = SETTINGS[s]
-        a, b = med(s, "rss_after_setup_mib"), med(s, "rss_end_mib")
+        a, h, b = med(s, "rss_after_setup_mib"), med(s, "rss_half_mib"), med(s, "rss_end_mib")
         print(f"| {s} | {prepack and all(x['prepacked'] for x in results[s])} | {buckets} "
               f"| {med(s, 'images_per_s_first_half'):.2f} | {med(s, 'images_per_s_second_half'):.2f} "
-              f"| {a:,.0f} | {b:,.0f} | {b - a:+,.0f} | {med(s, 'peak_rss_mib'):,.0f} |")
+              f"| {a:,.0f} | {h - a:+,.0f} | {b - h:+,.0f} | {b:,.0f} | {med(s, 'peak_rss_mib'):,.0f} |")
     if "worker" in results:
         print()
         for s in args.settings:

@@ -44,10 +44,12 @@ Variants (one workload = the mix's requests in arrival order):
 
 The machine's limit is measured in the same run: a 4096² bf16 ``torch.matmul`` into a preallocated
 result (and 2048² fp32), and GEMMs of the model's MLP shape at one request's rows and at a batch's
-rows. MFU = model FLOPs (2 × :func:`shared.costs.vit_flops`, i.e. 2 × MACs of the encoder, on each
-request's real tokens) × images/s ÷ the bf16 limit of the same round: the faster of the 4096²
-matmul and the batch-rows GEMM (on an AMX Xeon the latter ran ~1.2× faster). The process keeps
-freed memory as the worker does (:func:`shared.heap.retain_freed_memory`; ``--glibc-heap`` not).
+rows (plain and prepacked). MFU = model FLOPs (2 × :func:`shared.costs.vit_flops`, i.e. 2 × MACs of
+the encoder, on each request's real tokens) × images/s ÷ the bf16 limit of the same round: the
+fastest of the 4096² matmul and the batch-rows GEMMs (which one wins varies by host and run). The
+process keeps freed memory as the worker does (:func:`shared.heap.retain_freed_memory`;
+``--glibc-heap`` not) and raises oneDNN's kernel cache to ``--kernel-cache`` (4,096) so that its
+many interleaved variants do not evict each other's kernels.
 
 Every figure is also given per CPU-second of this process (``time.process_time``). With ``--threads 1``
 that is the work a variant costs, nearly independent of what else runs on the machine (a starved
