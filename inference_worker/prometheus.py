@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shared.prometheus import Family
+from shared.prometheus import Family, process_families
 
 if TYPE_CHECKING:
     from inference_worker.service import InferenceWorker
@@ -52,4 +52,4 @@ def worker_families(worker: InferenceWorker) -> list[Family]:
             .with_sample(m.arrival_ms_p95 / 1000.0, **labels),
             service,
         ]
-    return families
+    return families + process_families()

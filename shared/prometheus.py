@@ -48,6 +48,27 @@ def _value(v: float) -> str:
     return repr(float(v))
 
 
+def process_families() -> list[Family]:
+    """The client libraries' standard process metrics this process can report: resident memory (Linux
+    ``/proc``) and CPU seconds. A worker's memory is worth watching: see ``shape_buckets`` in
+    ``docs/benchmarks.md`` for how a CPU worker's kernel cache once grew it by gigabytes."""
+    import os
+    import resource
+
+    families: list[Family] = []
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        families.append(Family("process_resident_memory_bytes", "resident memory size in bytes")
+                        .with_sample(pages * os.sysconf("SC_PAGE_SIZE")))
+    except (OSError, ValueError, IndexError):  # not Linux: leave the family out rather than guess
+        pass
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    families.append(Family("process_cpu_seconds_total", "user and system CPU time spent in seconds", "counter")
+                    .with_sample(round(usage.ru_utime + usage.ru_stime, 6)))
+    return families
+
+
 def render(families: Iterable[Family]) -> str:
     lines: list[str] = []
     for fam in families:

@@ -36,6 +36,10 @@ def test_worker_families_render_in_exposition_format() -> None:
     assert 'patchcast_worker_service_seconds{model="cifar10-server",quantile="0.95",worker="w1"} 0.04' in text
     assert "# TYPE patchcast_worker_service_seconds summary" in text
     assert 'patchcast_worker_arrival_lateness_seconds{model="cifar10-server",worker="w1"} 0.12' in text
+    rss = re.search(r"^process_resident_memory_bytes (\d+)$", text, re.MULTILINE)
+    assert rss is not None and int(rss.group(1)) > 5 * 2**20  # any Python process holds more than that
+    cpu = re.search(r"^process_cpu_seconds_total ([0-9.]+)$", text, re.MULTILINE)
+    assert cpu is not None and float(cpu.group(1)) > 0
     # before the first metrics window only the counters and queue gauges exist
     early = render(worker_families(_worker(False)))  # type: ignore[arg-type]
     assert "patchcast_worker_busy_fraction" not in early and "patchcast_worker_replies_total" in early
