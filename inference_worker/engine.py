@@ -23,8 +23,10 @@ a bf16 engine also keeps the blocks' Linear weights in oneDNN's blocked layout
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -33,20 +35,67 @@ from shared.config import BatchingConfig
 from shared.datasets import normalize
 from shared.errors import InferenceError, ModelError
 from shared.models import LoadedModel
-from shared.packing import autocast_ready_copy, bucket_rows, forward_token_sets, plan_batches
+from shared.packing import (
+    AttentionImpl,
+    autocast_ready_copy,
+    bucket_rows,
+    forward_token_sets,
+    plan_batches,
+    varlen_available,
+)
 from shared.precision import Precision, resolve
 from shared.prepack import prepack_available, prepack_linears
 from shared.subset import embed_patches
 
-__all__ = ["PatchSet", "Precision", "ServerEngine", "configure_threads", "resolve_precision"]
+__all__ = ["PatchSet", "Precision", "ServerEngine", "configure_threads", "resolve_attention", "resolve_device",
+           "resolve_precision"]
 
 
-def resolve_precision(setting: str) -> Precision:
-    """``auto`` measures (see :mod:`shared.precision`): bf16 only where it is clearly faster here."""
+def resolve_precision(setting: str, device: str = "cpu") -> Precision:
+    """``auto`` measures on a CPU (see :mod:`shared.precision`): bf16 only where it is clearly faster
+    there; on CUDA it is bf16 (tensor cores, and flash attention needs it)."""
+    if setting == "auto" and device != "cpu":
+        return "bf16"
     try:
         return resolve(setting)
     except ValueError as exc:
         raise ModelError(str(exc)) from exc
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``worker.device`` as a torch device, refusing CUDA where there is none (at start-up, not at the
+    first request)."""
+    try:
+        device = torch.device(setting)
+    except RuntimeError as exc:
+        raise ModelError(f"unknown device {setting!r}: {exc}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"worker.device is {setting!r} but this torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(f"worker.device is {setting!r} but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    elif device.type != "cpu":
+        raise ModelError(f"worker.device must be cpu or cuda[:N], got {setting!r}")
+    return device
+
+
+def resolve_attention(setting: str, device: torch.device, precision: Precision) -> AttentionImpl:
+    """``batching.attention`` for this device. ``auto``: on the CPU one SDPA call per set (fastest
+    measured there); on CUDA one flash-attention call per block (``varlen``) in bf16 where torch has
+    it, else one masked call over padded Q/K/V: a GPU launches per call, and a call per set ran
+    24× slower than one per block on an H100 (docs/benchmarks.md)."""
+    flash_ok = device.type == "cuda" and precision == "bf16" and varlen_available()
+    if setting == "auto":
+        if device.type == "cpu":
+            return "sdpa"
+        return "varlen" if flash_ok else "padded"
+    if setting == "varlen" and not flash_ok:
+        raise ModelError("batching.attention = 'varlen' needs a CUDA device, bf16 and a torch with "
+                         "torch.nn.attention.varlen (2.10 or later); use auto or sdpa")
+    if setting not in ("sdpa", "padded", "varlen"):
+        raise ModelError(f"unknown attention {setting!r}; expected auto, sdpa, padded or varlen")
+    return cast(AttentionImpl, setting)
 
 
 def configure_threads(threads: int) -> int:
@@ -86,17 +135,25 @@ class ServerEngine:
     """A loaded server ViT plus the policy and precision it serves with."""
 
     def __init__(self, loaded: LoadedModel, batching: BatchingConfig, precision: Precision = "fp32", *,
-                 prepack: bool = False) -> None:
+                 prepack: bool = False, device: str = "cpu") -> None:
         self.loaded = loaded
         self.batching = batching
         self.precision = precision
+        self.device = resolve_device(device)
+        self.attention = resolve_attention(batching.attention, self.device, precision)
         # bf16: matrix weights stored in bf16 once (same results as autocast over fp32 weights, without
         # re-casting ~all parameters at every forward); the loaded fp32 model is left untouched.
-        self.model = autocast_ready_copy(loaded.model.eval()) if precision == "bf16" else loaded.model.eval()
-        # … and, with prepack, laid out once for oneDNN instead of at every product.
-        self.prepacked = precision == "bf16" and prepack and prepack_available()
+        model = loaded.model.eval()
+        if precision == "bf16":
+            model = autocast_ready_copy(model)
+        elif self.device.type != "cpu":
+            model = copy.deepcopy(model)
+        self.model = model.to(self.device)
+        # … and, with prepack, laid out once for oneDNN instead of at every product (CPU only).
+        self.prepacked = self.device.type == "cpu" and precision == "bf16" and prepack and prepack_available()
         if self.prepacked:
             prepack_linears(self.model)
+        self.pin_host_memory = True  # GPU only: see _pixels_on_device (a benchmark turns it off to compare)
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches
         self.input_size = loaded.preprocess.input_size
@@ -109,16 +166,30 @@ class ServerEngine:
     def _mode(self) -> Iterator[None]:
         with torch.inference_mode():
             if self.precision == "bf16":
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
                     yield
             else:
                 yield
 
+    def _pixels_on_device(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """The batch's patch pixels, concatenated, on the engine's device as uint8 (a quarter of the
+        float bytes; normalised there). For a GPU they are gathered straight into page-locked memory
+        (torch's caching host allocator reuses it) and copied asynchronously, which skips the
+        driver's own staging copy of pageable memory."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.concatenate(arrays, axis=0))
+        if not self.pin_host_memory:
+            return torch.from_numpy(np.concatenate(arrays, axis=0)).to(self.device)
+        rows = sum(int(a.shape[0]) for a in arrays)
+        staging = torch.empty((rows, *arrays[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
+        np.concatenate(arrays, axis=0, out=staging.numpy())
+        return staging.to(self.device, non_blocking=True)
+
     def _token_sets(self, sets: Sequence[PatchSet]) -> list[torch.Tensor]:
         pre = self.loaded.preprocess
-        pixels = torch.from_numpy(np.concatenate([s.patches for s in sets], axis=0))  # (ΣK, p, p, 3)
+        pixels = self._pixels_on_device([s.patches for s in sets])  # (ΣK, p, p, 3) uint8
         patches = normalize(pixels, pre)  # (ΣK, 3, p, p) float32
-        indices = torch.from_numpy(np.concatenate([s.indices for s in sets]).astype(np.int64))
+        indices = torch.from_numpy(np.concatenate([s.indices for s in sets]).astype(np.int64)).to(self.device)
         total = int(indices.shape[0])
         spare = bucket_rows(total) - total if self.batching.shape_buckets and total else 0
         if spare:  # the embedding product is a matrix product too: same shape buckets as the blocks
@@ -135,14 +206,14 @@ class ServerEngine:
         with self._mode():
             tokens = self._token_sets(sets)
             if policy != "padded":
-                return forward_token_sets(self.model, tokens, policy, attention=self.batching.attention,
+                return forward_token_sets(self.model, tokens, policy, attention=self.attention,
                                           cls_only_last=self.batching.cls_only_last,
-                                          shape_buckets=self.batching.shape_buckets).float()
+                                          shape_buckets=self.batching.shape_buckets).float().cpu()
             out = torch.empty(len(sets), self.loaded.num_classes)
             groups = plan_batches([t.shape[0] for t in tokens], self.batching.max_batch,
                                   self.batching.max_tokens, pad_to_max=True)
             for group in groups:
-                out[group] = forward_token_sets(self.model, [tokens[i] for i in group], "padded").float()
+                out[group] = forward_token_sets(self.model, [tokens[i] for i in group], "padded").float().cpu()
             return out
 
     def logits_checked(self, sets: Sequence[PatchSet]) -> torch.Tensor:

@@ -110,9 +110,11 @@ class InferenceWorker:
         self._infer_pool = infer_pool or inference_pool()
         try:
             # The precision probe and the bf16 weight copy run torch kernels: on the inference thread too.
-            self.precision = self._infer_pool.submit(resolve_precision, config.worker.precision).result()
+            self.precision = self._infer_pool.submit(resolve_precision, config.worker.precision,
+                                                     config.worker.device).result()
             self.engine = self._infer_pool.submit(ServerEngine, server, config.batching, self.precision,
-                                                  prepack=config.worker.prepack_weights).result()
+                                                  prepack=config.worker.prepack_weights,
+                                                  device=config.worker.device).result()
         except BaseException:
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -321,10 +323,12 @@ class InferenceWorker:
         await self.transport.subscribe(self.subscription, qos=1)
         await self.transport.wait_connected(math.inf)
         self.ready.set()
-        probe = probe_once() if self.config.worker.precision == "auto" else None
+        cpu = self.engine.device.type == "cpu"
+        probe = probe_once() if self.config.worker.precision == "auto" and cpu else None
         self.log.info("worker_ready", subscription=self.subscription, precision=self.precision,
                       precision_setting=self.config.worker.precision,
                       bf16_speedup=None if probe is None else round(probe.speedup, 2),
+                      device=str(self.engine.device), attention=self.engine.attention,
                       policy=self.config.batching.policy, prepacked=self.engine.prepacked,
                       threads=torch.get_num_threads(),
                       heap=retain_freed_memory().reason if self.config.worker.retain_heap else "glibc defaults")
@@ -417,7 +421,7 @@ async def run_worker(config: Config, *, server: LoadedModel | None = None, worke
         # Loading and the bf16-vs-fp32 probe run torch kernels: on the inference thread, off the loop.
         if server is None:
             server = await loop.run_in_executor(pool, load_server, config)
-        if config.worker.precision == "auto":
+        if config.worker.precision == "auto" and config.worker.device == "cpu":
             await loop.run_in_executor(pool, probe_once)
         worker = InferenceWorker(config, server, worker_id=worker_id, infer_pool=pool)
     except BaseException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -125,9 +126,10 @@ class BatchingConfig:
     max_delay_ms: float = _f(10.0, "… or this long after its first request, whichever comes first")
     policy: Literal["packed", "padded", "sequential"] = _f(
         "packed", "packed: all tokens in one sequence, attention per sample; padded: pad + key-padding mask")
-    attention: Literal["sdpa", "padded"] = _f(
-        "sdpa", "packed policy: attention per sample on its own slice (sdpa) or one masked call over a padded "
-        "copy of Q/K/V (padded); see docs/benchmarks.md for which wins on which CPU")
+    attention: Literal["auto", "sdpa", "padded", "varlen"] = _f(
+        "auto", "packed policy: attention per sample on its own slice (sdpa), one masked call over a padded copy "
+        "of Q/K/V (padded), or one flash-attention call over the packed rows (varlen: CUDA with bf16 only); auto: "
+        "sdpa on the CPU; on CUDA varlen where torch has it, else padded; see docs/benchmarks.md")
     cls_only_last: bool = _f(True, "packed policy: the last block computes only the CLS rows (its other outputs "
                              "are never read)")
     shape_buckets: bool = _f(True, "packed policy: round a batch's token count up to one of ~16 sizes per doubling "
@@ -147,6 +149,8 @@ class WorkerConfig:
     threads: int = _f(0, "torch threads for inference (0: all cores)")
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 where a start-up probe measures it "
                                                                  "≥ 1.25× faster than fp32 on this CPU")
+    device: str = _f("cpu", "where the server model runs: cpu, cuda or cuda:N (a worker process per GPU); with "
+                             "CUDA, precision auto means bf16")
     prepack_weights: bool = _f(True, "bf16: keep the blocks' Linear weights in oneDNN's blocked layout instead of "
                                      "re-laying them out at every product (faster, most for small batches; "
                                      "skipped where this torch lacks the ops); see docs/benchmarks.md")
@@ -166,6 +170,8 @@ class WorkerConfig:
         _check(self.shutdown_grace_s >= 0, "worker.shutdown_grace_s must be ≥ 0")
         _check(0 <= self.metrics_port < 65536, "worker.metrics_port must be in 0..65535")
         _check(1 <= self.max_publish_in_flight <= 10, "worker.max_publish_in_flight must be in 1..10")
+        _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+               f"worker.device must be cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass(frozen=True)

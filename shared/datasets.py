@@ -197,8 +197,8 @@ def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 (..., H, W, 3) or (..., 3, H, W) float in [0,1] → normalised float (…, 3, H, W)."""
     if pixels.dtype == torch.uint8:
         pixels = pixels.movedim(-1, -3).float().div_(255.0)
-    mean = torch.tensor(pre.mean, dtype=pixels.dtype).view(3, 1, 1)
-    std = torch.tensor(pre.std, dtype=pixels.dtype).view(3, 1, 1)
+    mean = torch.tensor(pre.mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(pre.std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
     return (pixels - mean) / std
 
 

@@ -27,6 +27,8 @@ silently computing something different.
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 from collections.abc import Sequence
 from typing import Literal, NoReturn, cast
 
@@ -42,7 +44,7 @@ from shared.prepack import PrepackedLinear
 from shared.subset import forward_tokens
 
 Policy = Literal["packed", "padded", "sequential"]
-AttentionImpl = Literal["sdpa", "padded"]
+AttentionImpl = Literal["sdpa", "padded", "varlen"]
 
 POLICIES: tuple[Policy, ...] = ("packed", "padded", "sequential")
 
@@ -176,12 +178,63 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengt
     return torch.cat(outs, dim=0)
 
 
+def varlen_available() -> bool:
+    """Whether this torch has ``torch.nn.attention.varlen.varlen_attn`` (flash attention over
+    packed variable-length sequences; it runs on CUDA only, in bf16/fp16)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _index_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small index tensor on ``device``. To a GPU it goes from page-locked memory without
+    blocking: a plain copy would make the host wait until the GPU has run everything queued, and
+    the host could not queue the next kernels meanwhile."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _offsets_cached(lengths: tuple[int, ...], device: torch.device) -> Tensor:
+    return _index_tensor(list(itertools.accumulate(lengths, initial=0)), torch.int32, device)
+
+
+def _offsets(lengths: list[int], device: torch.device) -> Tensor:
+    """Cumulative start offsets [0, l0, l0+l1, …] as int32: flash attention's ``cu_seqlens``.
+
+    Cached because every block of a batch needs the same ones, and each host → GPU copy of a
+    fresh tensor waits for the GPU to finish what is queued before it.
+    """
+    return _offsets_cached(tuple(lengths), device)
+
+
+def _attend_varlen(q: Tensor, k: Tensor, v: Tensor, q_lengths: list[int], kv_lengths: list[int],
+                   scale: float, spare: int = 0) -> Tensor:
+    """Attention for every set in one flash-attention call over the packed rows (CUDA, bf16/fp16).
+
+    q (H, Tq, hd), k/v (H, Tkv, hd) → (Tq + spare, H*hd), as :func:`_attend_sdpa` returns. The
+    kernel takes token-major (T, H, hd) rows and each set's start offset, so no set is padded and
+    a batch costs one launch per block instead of one per set (what a GPU needs).
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    h, _, hd = q.shape
+    o = varlen_attn(q.transpose(0, 1).contiguous(), k.transpose(0, 1).contiguous(),
+                    v.transpose(0, 1).contiguous(), _offsets(q_lengths, q.device), _offsets(kv_lengths, q.device),
+                    max(q_lengths), max(kv_lengths), scale=scale)
+    o = cast(Tensor, o).reshape(-1, h * hd)
+    return torch.cat([o, o.new_zeros(spare, h * hd)]) if spare else o
+
+
 def _attend_padded(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], scale: float) -> Tensor:
     """Attention in one masked SDPA call over sets scattered into a padded (B, H, Lmax, hd) batch."""
     h, t, hd = q.shape
     b, lmax = len(lengths), max(lengths)
-    lens = torch.tensor(lengths)
-    valid = torch.arange(lmax)[None, :] < lens[:, None]  # (B, Lmax)
+    lens = torch.tensor(lengths, device=q.device)
+    valid = torch.arange(lmax, device=q.device)[None, :] < lens[:, None]  # (B, Lmax)
 
     def pad(x: Tensor) -> Tensor:
         out = x.new_zeros(b, lmax, h, hd)
@@ -229,6 +282,8 @@ def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionIm
         o = _attend_padded(q, k, v, lengths, attn.scale)
         if spare:
             o = torch.cat([o, o.new_zeros(spare, o.shape[1])])
+    elif impl == "varlen":
+        o = _attend_varlen(q, k, v, q_lengths, lengths, attn.scale, spare if query_rows is None else 0)
     else:
         o = _attend_sdpa(q, k, v, q_lengths, lengths, attn.scale, spare if query_rows is None else 0)
     # o is (Tq, H*hd), the layout timm's transpose(1, 2).reshape gives.
@@ -261,8 +316,9 @@ def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
     CLS (+ its pos-embed) is prepended to each set; all real tokens are processed as one packed
     (T, D) matrix; attention never crosses sets. Inputs are cast to the model's parameter dtype
     (bf16: run under ``torch.autocast("cpu", dtype=torch.bfloat16)`` or cast the model).
-    ``attention``: ``sdpa`` (one SDPA call per set on views, the default: fastest measured) or
-    ``padded`` (one masked SDPA over a padded copy of Q/K/V). ``cls_only_last``:
+    ``attention``: ``sdpa`` (one SDPA call per set on views, the default: fastest measured on CPU),
+    ``padded`` (one masked SDPA over a padded copy of Q/K/V) or ``varlen`` (one flash-attention
+    call over the packed rows: CUDA and bf16/fp16 only, see :func:`varlen_available`). ``cls_only_last``:
     compute the last block for the CLS rows only (exact; the head reads nothing else).
     ``shape_buckets``: append zero rows up to :func:`bucket_rows` (in no set: they change no
     result) so that the matrix products see few distinct shapes.
@@ -274,7 +330,7 @@ def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
     spare = bucket_rows(x.shape[0]) - x.shape[0] if shape_buckets else 0
     if spare:
         x = torch.cat([x, x.new_zeros(spare, x.shape[1])])
-    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)  # CLS row of each set
+    starts = _index_tensor(list(itertools.accumulate(lengths[:-1], initial=0)), torch.int64, x.device)  # CLS rows
     x = model.norm_pre(x)
     last = len(blocks) - 1
     for i, blk in enumerate(blocks):
@@ -302,7 +358,7 @@ def pad_sets(token_sets: Sequence[Tensor], length: int | None = None) -> tuple[T
         raise ValueError(f"pad length {length} is shorter than the longest set ({lmax})")
     first = token_sets[0]
     out = first.new_zeros(len(token_sets), length, first.shape[-1])
-    mask = torch.zeros(len(token_sets), length, dtype=torch.bool)
+    mask = torch.zeros(len(token_sets), length, dtype=torch.bool, device=first.device)
     for i, t in enumerate(token_sets):
         out[i, : t.shape[0]] = t
         mask[i, : t.shape[0]] = True

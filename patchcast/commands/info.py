@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from shared import __version__
     from shared.heap import describe_support
+    from shared.packing import varlen_available
     from shared.precision import MIN_BF16_SPEEDUP, bf16_flags, probe_once, resolve
     from shared.prepack import prepack_available
 
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         ("bf16 weight prepacking", "available" if prepack_available() else "not available (plain bf16 weights)"),
         ("malloc", describe_support()),
         ("cuda available", str(torch.cuda.is_available())),
+        ("cuda devices", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+         or "none"),
+        ("flash varlen attention", "in this torch (used by a CUDA worker)" if varlen_available() else
+         "not in this torch (a CUDA worker uses padded attention)"),
         ("model zoo", zoo_summary()),
     ]
     width = max(len(k) for k, _ in rows)

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run one inference worker. It joins the worker pool '$share/GROUP/patchcast/v1/req/MODEL/+' "
         "(the broker hands each request to one pool member), batches requests dynamically (closes at "
         "--max-batch requests, --max-tokens tokens or --max-delay-ms after the first), runs the server ViT "
-        "in one inference thread (bf16 where it measures faster than fp32) and publishes each reply to the "
+        "in one inference thread on the CPU (bf16 where it measures faster than fp32) or a CUDA GPU "
+        "(--device) and publishes each reply to the "
         "request's response topic. Retained availability (online; offline as last will) and a WorkerMetrics "
         "message every worker.metrics_interval_s. SIGTERM/SIGINT: stop taking work, answer what is queued "
         "within worker.shutdown_grace_s, publish offline, exit 0.")
@@ -49,6 +50,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--queue-capacity", type=int, help="bounded queue; beyond it 'busy' replies (worker.queue_capacity)")
     p.add_argument("--threads", type=int, help="torch threads for inference, 0 = all cores (worker.threads)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="worker.precision")
+    p.add_argument("--device", help="cpu, cuda or cuda:N: where the server model runs (worker.device)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (worker.metrics_port)")
     p.set_defaults(handler=run)
 
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = broker_overrides(args)
     overrides["models"] = {"server": args.server_model, "model_id": args.model_id}
     overrides["worker"] = {"group": args.group, "worker_id": args.worker_id, "queue_capacity": args.queue_capacity,
-                           "threads": args.threads, "precision": args.precision, "metrics_port": args.metrics_port}
+                           "threads": args.threads, "precision": args.precision, "metrics_port": args.metrics_port,
+                           "device": args.device}
     overrides["batching"] = {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
                              "max_delay_ms": args.max_delay_ms, "policy": args.policy}
     cfg = load_config(args.config, overrides=overrides)

@@ -87,3 +87,10 @@ def test_validate_config_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["--validate-config", str(good)]) == 0
     assert main(["--validate-config", str(bad)]) == 1
     assert "did you mean 'threshold'" in capsys.readouterr().err
+
+
+def test_gpu_example_config_sets_the_device_and_gpu_caps() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[2] / "config" / "gpu.toml", environ={})
+    assert cfg.worker.device == "cuda" and cfg.batching.attention == "auto"
+    assert cfg.batching.max_batch == 1024 and cfg.batching.max_tokens == 32768
+    assert cfg.worker.queue_capacity >= cfg.batching.max_batch  # a full batch must fit in the queue

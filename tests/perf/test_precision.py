@@ -58,3 +58,8 @@ def test_info_prints_the_measured_bf16_speed_and_the_auto_choice(capsys: pytest.
     assert re.search(rf"^precision auto\s+{resolve('auto')} ", out, re.MULTILINE)
     want = "available" if prepack_available() else "not available"
     assert re.search(rf"^bf16 weight prepacking\s+{want}", out, re.MULTILINE)
+    from shared.packing import varlen_available
+
+    flash = "in this torch" if varlen_available() else "not in this torch"
+    assert re.search(rf"^flash varlen attention\s+{flash}", out, re.MULTILINE)
+    assert re.search(r"^cuda devices\s+\S", out, re.MULTILINE)

@@ -56,3 +56,18 @@ def test_parse_address(text: str, expected: tuple[str, int | None]) -> None:
 def test_parse_address_rejects_bad_ports() -> None:
     with pytest.raises(ConfigError):
         parse_address("h:99999")
+
+
+def test_worker_on_a_missing_gpu_fails_clearly(model_files) -> None:  # type: ignore[no-untyped-def]
+    """A real process (its logging set up as in production), with no GPU visible to it."""
+    import os
+    import subprocess
+    import sys
+
+    _edge, server = model_files
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "patchcast.cli", "worker", "--device", "cuda", "--server-model",
+                           f"file:{server}", "--broker", "127.0.0.1:1", "--log-format", "console"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "worker.device is 'cuda' but this torch sees no CUDA GPU" in proc.stderr

@@ -131,3 +131,43 @@ def test_prepack_falls_back_where_torch_lacks_onednn(server, monkeypatch: pytest
         assert engine.logits(sets).shape == (4, 10)
     finally:
         prepack_available.cache_clear()  # later tests see the real answer again
+
+
+def test_device_and_attention_resolve_per_device() -> None:
+    """``worker.device`` / ``batching.attention = auto``: the CPU keeps per-set SDPA and its probe;
+    CUDA means bf16 and one flash-attention call per block where torch has it."""
+    from inference_worker.engine import resolve_attention, resolve_device, resolve_precision
+    from shared.errors import ModelError
+    from shared.packing import varlen_available
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_device("cpu") == cpu
+    assert resolve_attention("auto", cpu, "bf16") == "sdpa"
+    assert resolve_attention("padded", cpu, "fp32") == "padded"
+    assert resolve_attention("auto", cuda, "fp32") == "padded"  # flash attention has no fp32 kernel
+    assert resolve_attention("auto", cuda, "bf16") == ("varlen" if varlen_available() else "sdpa")
+    assert resolve_precision("auto", "cuda:0") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ModelError, match="needs a CUDA device"):
+        resolve_attention("varlen", cpu, "bf16")
+    with pytest.raises(ModelError, match="cpu or cuda"):
+        resolve_device("mps")
+    with pytest.raises(ModelError, match="unknown device"):
+        resolve_device("gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+def test_a_cuda_worker_without_a_gpu_is_refused_at_start_up(server) -> None:  # type: ignore[no-untyped-def]
+    from shared.errors import ModelError
+
+    with pytest.raises(ModelError, match="sees no CUDA GPU"):
+        ServerEngine(server, BatchingConfig(), "bf16", device="cuda")
+
+
+def test_worker_device_is_validated_in_config() -> None:
+    from shared.config import WorkerConfig
+    from shared.errors import ConfigError
+
+    assert WorkerConfig(device="cuda:1").device == "cuda:1"
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU"):
+        with pytest.raises(ConfigError, match=r"worker\.device"):
+            WorkerConfig(device=bad)
