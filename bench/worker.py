@@ -72,7 +72,8 @@ def natural_image(size: int, seed: int) -> np.ndarray:
 
 
 def make_requests(loaded: LoadedModel, count: int, keeps: list[float], codec: str, quality: int,
-                  device: str) -> list[PatchRequest]:
+                  devices: list[str]) -> list[PatchRequest]:
+    """``count`` requests, dealt round-robin to ``devices`` (one load-generator process each)."""
     size, p, n = loaded.preprocess.input_size, loaded.patch_size, loaded.num_patches
     rng = np.random.default_rng(0)
     images = [natural_image(size, s) for s in range(16)]
@@ -81,16 +82,18 @@ def make_requests(loaded: LoadedModel, count: int, keeps: list[float], codec: st
         k = max(1, round(keeps[i % len(keeps)] * n))
         idx = np.sort(rng.choice(n, size=k, replace=False))
         requests.append(build_request(
-            device_id=device, request_id=f"r{i:06d}", pixels=images[i % len(images)], indices=idx, patch_size=p,
+            device_id=devices[i % len(devices)], request_id=f"r{i:06d}", pixels=images[i % len(images)],
+            indices=idx, patch_size=p,
             codec=codec, codec_params={"q": quality} if codec.startswith(("jpeg", "webp")) else None,
             topk_ids=[0], topk_probs=[0.5], uncertainty=1.0, sent_at=time.time()))
     return requests
 
 
 async def generate_load(broker_cfg: BrokerConfig, device: str, model: str, items: list[tuple[str, bytes]],
-                        in_flight: int) -> float:
-    """Publish every request (keeping ``in_flight`` outstanding) and wait for every reply: seconds
-    from the first publish to the last reply."""
+                        in_flight: int) -> tuple[float, float]:
+    """Publish every request (keeping ``in_flight`` outstanding) and wait for every reply: the
+    ``time.monotonic()`` (one clock for every process of the machine) of the first publish and of
+    the last reply."""
     done = asyncio.Event()
     answered: set[str] = set()
     slots = asyncio.Semaphore(in_flight)
@@ -109,7 +112,7 @@ async def generate_load(broker_cfg: BrokerConfig, device: str, model: str, items
         runner = tg.create_task(client.run(), name="load-client")
         await client.subscribe(V1.reply(device))
         await client.wait_connected()
-        start = time.perf_counter()
+        start = time.monotonic()
 
         async def send(request_id: str, payload: bytes) -> None:
             await client.publish(V1.request(model, device), payload, qos=1, response_topic=V1.reply(device),
@@ -119,9 +122,9 @@ async def generate_load(broker_cfg: BrokerConfig, device: str, model: str, items
             await slots.acquire()
             tg.create_task(send(request_id, payload))
         await done.wait()
-        elapsed = time.perf_counter() - start
+        end = time.monotonic()
         runner.cancel()
-    return elapsed
+    return start, end
 
 
 def load_generator_main(folder: Path) -> int:
@@ -129,8 +132,8 @@ def load_generator_main(folder: Path) -> int:
     spec = json.loads((folder / "spec.json").read_text())
     items = [(str(rid), bytes(payload)) for rid, payload in msgpack.unpackb((folder / "payloads").read_bytes())]
     broker_cfg = load_config(environ={}, overrides={"broker": {"port": spec["port"]}}).broker
-    elapsed = asyncio.run(generate_load(broker_cfg, spec["device"], spec["model"], items, spec["in_flight"]))
-    print(json.dumps({"elapsed_s": elapsed, "replies": len(items)}))
+    start, end = asyncio.run(generate_load(broker_cfg, spec["device"], spec["model"], items, spec["in_flight"]))
+    print(json.dumps({"start": start, "end": end, "replies": len(items)}))
     return 0
 
 
@@ -138,30 +141,42 @@ async def through_broker(cfg, server: LoadedModel, requests: list[PatchRequest],
                          model: str, same_process: bool = False) -> tuple[float, list[int], dict[str, float]]:
     """One broker round: the worker in this process; the load generator in a child process (as
     devices are: no share of this process's GIL) or, with ``same_process``, on this event loop."""
-    device = requests[0].device_id
     payloads = [encode(r) for r in requests]
-    items = [(r.request_id, p) for r, p in zip(requests, payloads, strict=True)]
+    by_device: dict[str, list[tuple[str, bytes]]] = {}
+    for r, p in zip(requests, payloads, strict=True):
+        by_device.setdefault(r.device_id, []).append((r.request_id, p))
     reports: list[BatchReport] = []
     worker = InferenceWorker(cfg, server, worker_id="bench-worker")
     worker.batcher.on_batch = lambda r: (worker.stats.on_batch(r), reports.append(r))  # type: ignore[func-returns-value]
+
+    async def child(folder: Path, device: str, items: list[tuple[str, bytes]]) -> tuple[float, float]:
+        (folder / "payloads").write_bytes(msgpack.packb(items))
+        (folder / "spec.json").write_text(json.dumps({"port": cfg.broker.port, "device": device, "model": model,
+                                                      "in_flight": max(1, in_flight // len(by_device))}))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(SCRIPT), "--load-generator", str(folder),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"load generator failed ({proc.returncode}):\n{err.decode()[-2000:]}")
+        figures = json.loads(out.decode().strip().splitlines()[-1])
+        return float(figures["start"]), float(figures["end"])
+
     async with asyncio.TaskGroup() as tg:
         serving = tg.create_task(worker.run(), name="worker")
         await asyncio.wait_for(worker.ready.wait(), 60)
         if same_process:
-            elapsed = await generate_load(cfg.broker, device, model, items, in_flight)
+            (device, items), = by_device.items()
+            spans = [await generate_load(cfg.broker, device, model, items, in_flight)]
         else:
             with tempfile.TemporaryDirectory(prefix="patchcast-load-") as tmp:
-                folder = Path(tmp)
-                (folder / "payloads").write_bytes(msgpack.packb(items))
-                (folder / "spec.json").write_text(json.dumps({"port": cfg.broker.port, "device": device,
-                                                              "model": model, "in_flight": in_flight}))
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, str(SCRIPT), "--load-generator", str(folder),
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-                out, err = await asyncio.wait_for(proc.communicate(), 1800)
-                if proc.returncode != 0:
-                    raise SystemExit(f"load generator failed ({proc.returncode}):\n{err.decode()[-2000:]}")
-                elapsed = float(json.loads(out.decode().strip().splitlines()[-1])["elapsed_s"])
+                folders = [Path(tmp) / str(i) for i in range(len(by_device))]
+                for folder in folders:
+                    folder.mkdir()
+                spans = list(await asyncio.gather(*(child(f, d, items) for f, (d, items)
+                                                    in zip(folders, by_device.items(), strict=True))))
+        # From the first publish of any load generator to the last reply to any.
+        elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
         worker.stop()
         await serving
     figures = {"elapsed_s": elapsed, "bytes_mean": float(np.mean([len(p) for p in payloads])),
@@ -214,6 +229,10 @@ def main() -> int:
     ap.add_argument("--policy", default="packed", choices=["packed", "padded", "sequential"])
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--device", default="cpu", help="worker.device: cpu, cuda or cuda:N")
+    ap.add_argument("--decode-threads", type=int, default=1, help="worker.decode_threads (pixel decode)")
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="Python's GIL switch interval for this process (default: Python's, 5 ms)")
     ap.add_argument("--in-flight", type=int, default=96, help="requests the load generator keeps outstanding")
     ap.add_argument("--rounds", type=int, default=6,
                     help="broker / in-process pairs to measure (one pair's ratio is noisy: ±10 %% on a shared VM)")
@@ -221,14 +240,21 @@ def main() -> int:
     ap.add_argument("--same-process-load", action="store_true",
                     help="run the load generator on the worker's event loop (the method before: it shares "
                          "the worker's GIL, which devices never do)")
+    ap.add_argument("--load-processes", type=int, default=1,
+                    help="load-generator processes, each a device with its share of the requests and of "
+                         "--in-flight (one Python process of MQTT traffic tops out at a few hundred requests/s)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON")
     ap.add_argument("--load-generator", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load_processes < 1 or (args.same_process_load and args.load_processes > 1):
+        ap.error("--load-processes must be ≥ 1, and 1 with --same-process-load")
     if args.load_generator:
         return load_generator_main(args.load_generator)
     if args.quick:
         args.model, args.requests = "timm:deit_tiny_patch16_224", min(args.requests, 96)
     configure("console", "warning")
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     heap = retain_freed_memory()  # as run_worker does with the default worker.retain_heap
     threads = configure_threads(args.threads)
     # Torch work only on threads that end (as the worker keeps it on its inference thread): a thread
@@ -244,10 +270,13 @@ def main() -> int:
             "batching": {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
                          "max_delay_ms": args.max_delay_ms, "policy": args.policy},
             "worker": {"threads": args.threads, "precision": args.precision, "queue_capacity": 1024,
-                       "metrics_interval_s": 5.0}})
-        requests = make_requests(loaded, args.requests, keeps, args.codec, args.quality, "bench-device")
-        engine = on_a_passing_thread(lambda: ServerEngine(loaded, cfg.batching, resolve_precision(args.precision),
-                                                         prepack=cfg.worker.prepack_weights))
+                       "metrics_interval_s": 5.0, "device": args.device, "decode_threads": args.decode_threads}})
+        devices = [f"bench-device-{i}" for i in range(args.load_processes)] if args.load_processes > 1 else \
+            ["bench-device"]
+        requests = make_requests(loaded, args.requests, keeps, args.codec, args.quality, devices)
+        engine = on_a_passing_thread(lambda: ServerEngine(
+            loaded, cfg.batching, resolve_precision(args.precision, args.device),
+            prepack=cfg.worker.prepack_weights, device=args.device))
         t0 = time.perf_counter()
         sets = [PatchSet(decode_patches(r), r.indices) for r in requests]
         decode_ms = (time.perf_counter() - t0) * 1000 / len(requests)
@@ -267,14 +296,18 @@ def main() -> int:
     tokens = [r.kept + 1 for r in requests]
     result = {
         "model": args.model, "precision": engine.precision, "policy": args.policy, "threads": threads,
-        "load_generator": "same process" if args.same_process_load else "child process",
+        "device": str(engine.device), "attention": engine.attention, "decode_threads": args.decode_threads,
+        "switch_interval_ms": sys.getswitchinterval() * 1000,
+        "load_generator": "same process" if args.same_process_load else f"{args.load_processes} child process(es)",
         "heap": heap.reason, "requests": len(requests), "tokens_mean": float(np.mean(tokens)),
         "payload_bytes_mean": figures["bytes_mean"],
         "pixel_decode_ms_per_request": decode_ms, "rounds": rounds,
         **ratio_summary([r["ratio"] for r in rounds]),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
     }
-    print(f"model {args.model} ({engine.precision}, {args.policy}, {threads} threads), {len(requests)} requests, "
+    print(f"model {args.model} ({engine.precision}, {args.policy}, {threads} threads, {engine.device}, attention "
+          f"{engine.attention}, {args.decode_threads} decode thread(s), GIL switch interval "
+          f"{sys.getswitchinterval() * 1000:g} ms), {len(requests)} requests, "
           f"mean {result['tokens_mean']:.0f} tokens, {result['payload_bytes_mean'] / 1024:.1f} KiB each; "
           f"pixel decode {decode_ms:.2f} ms/request; heap: {heap.reason}; load generator: "
           f"{result['load_generator']}")
