@@ -84,7 +84,7 @@ def resolve_attention(setting: str, device: torch.device, precision: Precision) 
     """``batching.attention`` for this device. ``auto``: on the CPU one SDPA call per set (fastest
     measured there); on CUDA one flash-attention call per block (``varlen``) in bf16 where torch has
     it, else one masked call over padded Q/K/V: a GPU launches per call, and a call per set ran
-    24× slower than one per block on an H100 (docs/benchmarks.md)."""
+    25× slower than one per block on an H100 (docs/benchmarks.md)."""
     flash_ok = device.type == "cuda" and precision == "bf16" and varlen_available()
     if setting == "auto":
         if device.type == "cpu":
