@@ -17,6 +17,12 @@ run, on one machine:
   through the same :class:`ServerEngine` on pixels decoded beforehand: the model alone.
 
 Their ratio is what the service costs on top of the model (target: ≥ 0.90).
+
+``--worker-processes N`` serves from N worker *processes* instead (one shared subscription group,
+one device, e.g. one GPU): the way to feed a GPU, since one Python process's MQTT handling tops out
+at a few hundred requests/s. The workers stay up for all rounds; the in-process figure is then every
+batch the pool formed, run back to back through one engine in this process, and the report adds each
+process's CPU time per request (the worker's event-loop thread, the whole worker, the load generators).
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ import asyncio
 import json
 import os
 import platform
+import resource
+import select
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,49 +142,118 @@ def load_generator_main(folder: Path) -> int:
     spec = json.loads((folder / "spec.json").read_text())
     items = [(str(rid), bytes(payload)) for rid, payload in msgpack.unpackb((folder / "payloads").read_bytes())]
     broker_cfg = load_config(environ={}, overrides={"broker": {"port": spec["port"]}}).broker
+    cpu_before = process_cpu_s()  # not the imports'
     start, end = asyncio.run(generate_load(broker_cfg, spec["device"], spec["model"], items, spec["in_flight"]))
-    print(json.dumps({"start": start, "end": end, "replies": len(items)}))
+    print(json.dumps({"start": start, "end": end, "replies": len(items), "cpu_s": process_cpu_s() - cpu_before}))
     return 0
 
 
-async def through_broker(cfg, server: LoadedModel, requests: list[PatchRequest], in_flight: int,  # type: ignore[no-untyped-def]
-                         model: str, same_process: bool = False) -> tuple[float, list[int], dict[str, float]]:
-    """One broker round: the worker in this process; the load generator in a child process (as
-    devices are: no share of this process's GIL) or, with ``same_process``, on this event loop."""
-    payloads = [encode(r) for r in requests]
-    by_device: dict[str, list[tuple[str, bytes]]] = {}
-    for r, p in zip(requests, payloads, strict=True):
-        by_device.setdefault(r.device_id, []).append((r.request_id, p))
-    reports: list[BatchReport] = []
-    worker = InferenceWorker(cfg, server, worker_id="bench-worker")
-    worker.batcher.on_batch = lambda r: (worker.stats.on_batch(r), reports.append(r))  # type: ignore[func-returns-value]
+def process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
-    async def child(folder: Path, device: str, items: list[tuple[str, bytes]]) -> tuple[float, float]:
+
+def worker_child_main(folder: Path) -> int:
+    """Child process: one worker of ``--worker-processes`` (``--worker-child FOLDER``). Prints
+    ``ready`` once subscribed, serves until SIGTERM, then writes its batch sizes and CPU times to
+    ``FOLDER/result.json``."""
+    spec = json.loads((folder / "spec.json").read_text())
+    configure("console", "warning")
+    if spec["switch_interval_ms"] is not None:
+        sys.setswitchinterval(spec["switch_interval_ms"] / 1000)
+    retain_freed_memory()
+    cfg = load_config(environ={}, overrides=spec["overrides"])
+    configure_threads(cfg.worker.threads)
+    loaded = on_a_passing_thread(build_model, cfg.models.server, role="server")
+    sizes: list[int] = []
+
+    cpu_at_ready: list[float] = []
+    engine_s = [0.0]
+
+    async def serve() -> tuple[InferenceWorker, float]:
+        worker = InferenceWorker(cfg, loaded, worker_id=spec["worker_id"])
+        worker.batcher.on_batch = lambda r: (worker.stats.on_batch(r), sizes.append(r.size))  # type: ignore[func-returns-value]
+        forward = worker.engine.logits_checked
+
+        def timed_forward(sets: Any) -> Any:  # the engine's share of the batch time (the rest: pixel waits, top-k)
+            t0 = time.monotonic()
+            try:
+                return forward(sets)
+            finally:
+                engine_s[0] += time.monotonic() - t0
+
+        worker.engine.logits_checked = timed_forward  # type: ignore[method-assign]
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.stop)
+        async with asyncio.TaskGroup() as tg:
+            serving = tg.create_task(worker.run(), name="worker")
+            await asyncio.wait_for(worker.ready.wait(), 300)
+            cpu_at_ready.extend((time.thread_time(), process_cpu_s()))  # serving starts: not the imports'
+            print("ready", flush=True)
+            await serving
+        # This thread runs the event loop: MQTT I/O, validation, batching, replies.
+        return worker, time.thread_time() - cpu_at_ready[0]
+
+    worker, loop_cpu_s = asyncio.run(serve())
+    in_this_process = isinstance(worker.engine, ServerEngine) and worker.engine.device.type == "cuda"
+    gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if in_this_process else 0.0  # not seen: engine process
+    (folder / "result.json").write_text(json.dumps({
+        "batch_sizes": sizes, "busy_s": worker.batcher.busy_s, "engine_s": engine_s[0], "replies": worker.stats.replies,
+        "loop_cpu_s": loop_cpu_s, "cpu_s": process_cpu_s() - cpu_at_ready[1], "gpu_peak_mib": gpu_mib}))
+    return 0
+
+
+def by_device(requests: list[PatchRequest]) -> dict[str, list[tuple[str, bytes]]]:
+    """Encoded requests per device (one load-generator process each)."""
+    grouped: dict[str, list[tuple[str, bytes]]] = {}
+    for r in requests:
+        grouped.setdefault(r.device_id, []).append((r.request_id, encode(r)))
+    return grouped
+
+
+async def load_processes(cfg, grouped: dict[str, list[tuple[str, bytes]]], in_flight: int,  # type: ignore[no-untyped-def]
+                         model: str) -> list[dict[str, float]]:
+    """One load-generator process per device, all at once; each one's figures (monotonic start and
+    end, replies, CPU seconds)."""
+
+    async def child(folder: Path, device: str, items: list[tuple[str, bytes]]) -> dict[str, float]:
         (folder / "payloads").write_bytes(msgpack.packb(items))
         (folder / "spec.json").write_text(json.dumps({"port": cfg.broker.port, "device": device, "model": model,
-                                                      "in_flight": max(1, in_flight // len(by_device))}))
+                                                      "in_flight": max(1, in_flight // len(grouped))}))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(SCRIPT), "--load-generator", str(folder),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 1800)
         if proc.returncode != 0:
             raise SystemExit(f"load generator failed ({proc.returncode}):\n{err.decode()[-2000:]}")
-        figures = json.loads(out.decode().strip().splitlines()[-1])
-        return float(figures["start"]), float(figures["end"])
+        return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+    with tempfile.TemporaryDirectory(prefix="patchcast-load-") as tmp:
+        folders = [Path(tmp) / str(i) for i in range(len(grouped))]
+        for folder in folders:
+            folder.mkdir()
+        return list(await asyncio.gather(*(child(f, d, items) for f, (d, items)
+                                           in zip(folders, grouped.items(), strict=True))))
+
+
+async def through_broker(cfg, server: LoadedModel, requests: list[PatchRequest], in_flight: int,  # type: ignore[no-untyped-def]
+                         model: str, same_process: bool = False) -> tuple[float, list[int], dict[str, float]]:
+    """One broker round: the worker in this process; the load generator in a child process (as
+    devices are: no share of this process's GIL) or, with ``same_process``, on this event loop."""
+    grouped = by_device(requests)
+    payloads = [p for items in grouped.values() for _, p in items]
+    reports: list[BatchReport] = []
+    worker = InferenceWorker(cfg, server, worker_id="bench-worker")
+    worker.batcher.on_batch = lambda r: (worker.stats.on_batch(r), reports.append(r))  # type: ignore[func-returns-value]
 
     async with asyncio.TaskGroup() as tg:
         serving = tg.create_task(worker.run(), name="worker")
         await asyncio.wait_for(worker.ready.wait(), 60)
         if same_process:
-            (device, items), = by_device.items()
+            (device, items), = grouped.items()
             spans = [await generate_load(cfg.broker, device, model, items, in_flight)]
         else:
-            with tempfile.TemporaryDirectory(prefix="patchcast-load-") as tmp:
-                folders = [Path(tmp) / str(i) for i in range(len(by_device))]
-                for folder in folders:
-                    folder.mkdir()
-                spans = list(await asyncio.gather(*(child(f, d, items) for f, (d, items)
-                                                    in zip(folders, by_device.items(), strict=True))))
+            spans = [(float(f["start"]), float(f["end"])) for f in await load_processes(cfg, grouped,
+                                                                                         in_flight, model)]
         # From the first publish of any load generator to the last reply to any.
         elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
         worker.stop()
@@ -214,6 +293,98 @@ def ratio_summary(ratios: list[float]) -> dict[str, float]:
             "ratio_min": float(arr.min()), "ratio_max": float(arr.max())}
 
 
+class WorkerPool:
+    """``count`` worker processes (``--worker-child``) on one broker, one shared-subscription group."""
+
+    def __init__(self, overrides: dict[str, Any], count: int, folder: Path, switch_interval_ms: float | None) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.folders = [folder / f"worker-{i}" for i in range(count)]
+        for i, sub in enumerate(self.folders):
+            sub.mkdir()
+            (sub / "spec.json").write_text(json.dumps({"overrides": overrides, "worker_id": f"bench-worker-{i}",
+                                                         "switch_interval_ms": switch_interval_ms}))
+            self.procs.append(subprocess.Popen([sys.executable, str(SCRIPT), "--worker-child", str(sub)],
+                                               stdout=subprocess.PIPE, stderr=(sub / "stderr").open("wb")))
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for proc, sub in zip(self.procs, self.folders, strict=True):
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = proc.stdout.readline() if ready else b""
+            if line.strip() != b"ready":
+                self.stop()
+                raise SystemExit(f"worker process {sub.name} did not start:\n"
+                                 f"{(sub / 'stderr').read_text(errors='replace')[-2000:]}")
+
+    def stop(self, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        """SIGTERM every worker (each drains and leaves); their result files."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        results = []
+        for proc, sub in zip(self.procs, self.folders, strict=True):
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            result = sub / "result.json"
+            if proc.returncode != 0 or not result.exists():
+                raise SystemExit(f"worker process {sub.name} failed ({proc.returncode}):\n"
+                                 f"{(sub / 'stderr').read_text(errors='replace')[-2000:]}")
+            results.append(json.loads(result.read_text()))
+        return results
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_pool(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any, engine: ServerEngine,
+             requests: list[PatchRequest], sets: list[PatchSet], model_id: str, broker_pid: int) -> dict[str, Any]:
+    """``--worker-processes``: the pool through the broker for ``--rounds`` rounds, then every batch
+    it formed through one engine in this process."""
+    grouped = by_device(requests)
+    rounds: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="patchcast-pool-") as tmp:
+        pool = WorkerPool(overrides, args.worker_processes, Path(tmp), args.switch_interval_ms)
+        pool.wait_ready()
+        try:
+            for _ in range(args.rounds):
+                broker_cpu = process_tree_cpu_s(broker_pid)
+                loads = asyncio.run(load_processes(cfg, grouped, args.in_flight, model_id))
+                elapsed = max(f["end"] for f in loads) - min(f["start"] for f in loads)
+                rounds.append({"broker_replies_per_s": len(requests) / elapsed, "elapsed_s": elapsed,
+                               "load_cpu_s": sum(f["cpu_s"] for f in loads),
+                               "broker_cpu_s": process_tree_cpu_s(broker_pid) - broker_cpu})
+        finally:
+            workers = pool.stop()
+    sizes = [n for w in workers for n in w["batch_sizes"]]
+    # Every batch the pool formed, back to back through one engine (the requests cycled: they
+    # alternate between the two kept fractions, so any run of them has the same mix).
+    inproc_rps, _ = in_process(engine, sets * (sum(sizes) // len(sets) + 1), sizes)
+    served = len(requests) * args.rounds
+    for r in rounds:
+        r["ratio"] = r["broker_replies_per_s"] / inproc_rps
+    return {
+        "worker_processes": args.worker_processes, "rounds": rounds, "in_process_replies_per_s": inproc_rps,
+        "batches": len(sizes), "batch_size_mean": float(np.mean(sizes)),
+        "replies_per_worker": [w["replies"] for w in workers],
+        "worker_busy_fraction_mean": float(np.mean([w["busy_s"] for w in workers]))
+        / sum(r["elapsed_s"] for r in rounds),
+        "worker_engine_fraction_of_busy": sum(w["engine_s"] for w in workers) / sum(w["busy_s"] for w in workers),
+        "broker_cpu_ms_per_request": 1000 * sum(r["broker_cpu_s"] for r in rounds) / served,
+        "worker_loop_cpu_ms_per_request": 1000 * sum(w["loop_cpu_s"] for w in workers) / served,
+        "worker_cpu_ms_per_request": 1000 * sum(w["cpu_s"] for w in workers) / served,
+        "load_cpu_ms_per_request": 1000 * sum(r["load_cpu_s"] for r in rounds) / served,
+        "gpu_peak_mib_per_worker": max(w["gpu_peak_mib"] for w in workers),
+        **ratio_summary([r["ratio"] for r in rounds]),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="timm:deit_base_patch16_224", help="server model (random init for timm:)")
@@ -231,6 +402,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--device", default="cpu", help="worker.device: cpu, cuda or cuda:N")
     ap.add_argument("--decode-threads", type=int, default=1, help="worker.decode_threads (pixel decode)")
+    ap.add_argument("--decode-processes", type=int, default=0,
+                    help="worker.decode_processes: pixel decoding in child processes (0: --decode-threads threads)")
+    ap.add_argument("--engine-process", default="auto", choices=["auto", "on", "off"],
+                    help="worker.engine_process: the model in a child process of each worker (auto: on for CUDA)")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="Python's GIL switch interval for this process (default: Python's, 5 ms)")
     ap.add_argument("--in-flight", type=int, default=96, help="requests the load generator keeps outstanding")
@@ -243,13 +418,21 @@ def main() -> int:
     ap.add_argument("--load-processes", type=int, default=1,
                     help="load-generator processes, each a device with its share of the requests and of "
                          "--in-flight (one Python process of MQTT traffic tops out at a few hundred requests/s)")
+    ap.add_argument("--worker-processes", type=int, default=0,
+                    help="serve from this many worker processes on --device (0: one worker in this process, "
+                         "the same batches in-process after each round)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON")
     ap.add_argument("--load-generator", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load_processes < 1 or (args.same_process_load and args.load_processes > 1):
         ap.error("--load-processes must be ≥ 1, and 1 with --same-process-load")
+    if args.worker_processes < 0 or (args.same_process_load and args.worker_processes):
+        ap.error("--worker-processes must be ≥ 0, and 0 with --same-process-load")
     if args.load_generator:
         return load_generator_main(args.load_generator)
+    if args.worker_child:
+        return worker_child_main(args.worker_child)
     if args.quick:
         args.model, args.requests = "timm:deit_tiny_patch16_224", min(args.requests, 96)
     configure("console", "warning")
@@ -264,13 +447,16 @@ def main() -> int:
     keeps = [float(k) for k in args.keep.split(",")]
     model_id = "bench"
     with BrokerProcess(port=0) as broker:
-        cfg = load_config(environ={}, overrides={
+        overrides: dict[str, Any] = {
             "broker": {"port": broker.port},
             "models": {"server": args.model, "model_id": model_id},
             "batching": {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
                          "max_delay_ms": args.max_delay_ms, "policy": args.policy},
-            "worker": {"threads": args.threads, "precision": args.precision, "queue_capacity": 1024,
-                       "metrics_interval_s": 5.0, "device": args.device, "decode_threads": args.decode_threads}})
+            "worker": {"threads": args.threads, "precision": args.precision,
+                       "queue_capacity": max(1024, args.in_flight), "metrics_interval_s": 5.0,
+                       "device": args.device, "decode_threads": args.decode_threads,
+                       "engine_process": args.engine_process, "decode_processes": args.decode_processes}}
+        cfg = load_config(environ={}, overrides=overrides)
         devices = [f"bench-device-{i}" for i in range(args.load_processes)] if args.load_processes > 1 else \
             ["bench-device"]
         requests = make_requests(loaded, args.requests, keeps, args.codec, args.quality, devices)
@@ -284,6 +470,9 @@ def main() -> int:
         in_process(engine, sets, [min(args.max_batch, len(sets))] * 2)
         # Alternate the two paths (broker, then the same batches in-process) for --rounds rounds: on a
         # shared machine the load drifts, and each pair is measured under similar conditions.
+        if args.worker_processes:
+            pool = run_pool(args, overrides, cfg, engine, requests, sets, model_id, broker.pid or 0)
+            return report_pool(args, pool, engine, requests, decode_ms)
         rounds = []
         for _ in range(args.rounds):
             broker_rps, sizes, figures = asyncio.run(through_broker(cfg, loaded, requests, args.in_flight,
@@ -297,6 +486,7 @@ def main() -> int:
     result = {
         "model": args.model, "precision": engine.precision, "policy": args.policy, "threads": threads,
         "device": str(engine.device), "attention": engine.attention, "decode_threads": args.decode_threads,
+        "engine_process": cfg_engine_process(args), "decode_processes": args.decode_processes,
         "switch_interval_ms": sys.getswitchinterval() * 1000,
         "load_generator": "same process" if args.same_process_load else f"{args.load_processes} child process(es)",
         "heap": heap.reason, "requests": len(requests), "tokens_mean": float(np.mean(tokens)),
@@ -307,7 +497,8 @@ def main() -> int:
     }
     print(f"model {args.model} ({engine.precision}, {args.policy}, {threads} threads, {engine.device}, attention "
           f"{engine.attention}, {args.decode_threads} decode thread(s), GIL switch interval "
-          f"{sys.getswitchinterval() * 1000:g} ms), {len(requests)} requests, "
+          f"{sys.getswitchinterval() * 1000:g} ms, engine process {cfg_engine_process(args)}), "
+          f"{len(requests)} requests, "
           f"mean {result['tokens_mean']:.0f} tokens, {result['payload_bytes_mean'] / 1024:.1f} KiB each; "
           f"pixel decode {decode_ms:.2f} ms/request; heap: {heap.reason}; load generator: "
           f"{result['load_generator']}")
@@ -318,6 +509,41 @@ def main() -> int:
     spread = (f" ± {result['ratio_sem']:.3f} (standard error), median {result['ratio_median']:.3f}, "
               f"range {result['ratio_min']:.3f}–{result['ratio_max']:.3f}" if len(rounds) > 1 else "")
     print(f"mean ratio (broker ÷ in-process): {result['ratio_mean']:.3f}{spread}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cfg_engine_process(args: argparse.Namespace) -> bool:
+    return load_config(environ={}, overrides={"worker": {"device": args.device, "engine_process": args.engine_process}}
+                       ).worker.uses_engine_process
+
+
+def report_pool(args: argparse.Namespace, pool: dict[str, Any], engine: ServerEngine,
+                requests: list[PatchRequest], decode_ms: float) -> int:
+    result = {"model": args.model, "precision": engine.precision, "policy": args.policy, "device": str(engine.device),
+              "attention": engine.attention, "threads_per_worker": args.threads, "decode_threads": args.decode_threads,
+              "engine_process": cfg_engine_process(args), "decode_processes": args.decode_processes,
+              "load_processes": args.load_processes, "in_flight": args.in_flight, "requests": len(requests),
+              "tokens_mean": float(np.mean([r.kept + 1 for r in requests])),
+              "pixel_decode_ms_per_request": decode_ms, **pool,
+              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    print(f"model {args.model} ({engine.precision}, {args.policy}, {engine.device}, attention {engine.attention}) in "
+          f"{args.worker_processes} worker processes ({args.threads or 'all'} torch threads each, engine process "
+          f"{cfg_engine_process(args)}, {args.decode_processes} decoder processes), "
+          f"{args.load_processes} load-generator processes keeping {args.in_flight} requests outstanding; "
+          f"{len(requests)} requests a round, mean {result['tokens_mean']:.0f} tokens")
+    print(f"{'round':<7}{'broker/s':>11}{'ratio':>8}")
+    for i, r in enumerate(pool["rounds"], 1):
+        print(f"{i:<7}{r['broker_replies_per_s']:>11.1f}{r['ratio']:>8.3f}")
+    print(f"in-process (all {pool['batches']} batches the pool formed, mean size {pool['batch_size_mean']:.1f}, "
+          f"through one engine): {pool['in_process_replies_per_s']:.1f}/s; mean ratio {pool['ratio_mean']:.3f}")
+    print(f"replies per worker {pool['replies_per_worker']}; worker busy {pool['worker_busy_fraction_mean']:.2f} "
+          f"(the engine call {pool['worker_engine_fraction_of_busy']:.0%} of it); "
+          f"CPU ms per request: broker {pool['broker_cpu_ms_per_request']:.2f}, "
+          f"worker event loop {pool['worker_loop_cpu_ms_per_request']:.2f}, whole worker "
+          f"{pool['worker_cpu_ms_per_request']:.2f}, load generators {pool['load_cpu_ms_per_request']:.2f}; "
+          f"GPU peak per worker {pool['gpu_peak_mib_per_worker']:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -216,6 +216,9 @@ class ServerEngine:
                 out[group] = forward_token_sets(self.model, [tokens[i] for i in group], "padded").float().cpu()
             return out
 
+    def close(self) -> None:
+        """Nothing to release (the interface :class:`~inference_worker.engine_process.EngineProcess` shares)."""
+
     def logits_checked(self, sets: Sequence[PatchSet]) -> torch.Tensor:
         """:meth:`logits`, with any failure (shape, memory, NaN output) as :class:`InferenceError`."""
         try:

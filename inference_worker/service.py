@@ -21,21 +21,32 @@ import asyncio
 import collections
 import contextlib
 import math
+import os
 import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool as BrokenExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from inference_worker.batcher import Batcher
+from inference_worker.decoders import new_decoder
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
+from inference_worker.engine_process import EngineProcess
 from inference_worker.prometheus import worker_families
 from inference_worker.stats import WorkerStats
 from shared.config import Config
-from shared.errors import BadGeometryError, BadTopicError, BusyError, PatchCastError, ProtocolError
+from shared.errors import (
+    BadGeometryError,
+    BadTopicError,
+    BusyError,
+    InferenceError,
+    PatchCastError,
+    ProtocolError,
+)
 from shared.heap import retain_freed_memory
 from shared.logs import get_logger
 from shared.models import LoadedModel, build_model
@@ -59,6 +70,8 @@ from shared.topics import V1, Topics
 from shared.transport import Incoming, Outgoing, Transport
 
 TOPK = 5
+_DECODER_RESTART_S = 5.0  # a broken decoder process pool is replaced at most this often
+DECODE_TIMEOUT_S = 30.0  # a batch waits at most this long for one request's pixels
 _REFUSAL_LOG_EVERY_S = 5.0  # refusals are logged at most this often per code (with the count since)
 
 
@@ -109,12 +122,22 @@ class InferenceWorker:
         self.limits = limits
         self._infer_pool = infer_pool or inference_pool()
         try:
-            # The precision probe and the bf16 weight copy run torch kernels: on the inference thread too.
-            self.precision = self._infer_pool.submit(resolve_precision, config.worker.precision,
-                                                     config.worker.device).result()
-            self.engine = self._infer_pool.submit(ServerEngine, server, config.batching, self.precision,
-                                                  prepack=config.worker.prepack_weights,
-                                                  device=config.worker.device).result()
+            self.engine: ServerEngine | EngineProcess
+            if config.worker.uses_engine_process:
+                # The model runs in a child process (inference_worker.engine_process); this one never
+                # touches the device. Started from the inference thread, which then waits on its pipe.
+                self.engine = self._infer_pool.submit(
+                    EngineProcess, server, config.batching, config.worker.precision,
+                    prepack=config.worker.prepack_weights, device=config.worker.device,
+                    threads=config.worker.threads).result()
+                self.precision = self.engine.precision
+            else:
+                # The precision probe and the bf16 weight copy run torch kernels: on the inference thread too.
+                self.precision = self._infer_pool.submit(resolve_precision, config.worker.precision,
+                                                         config.worker.device).result()
+                self.engine = self._infer_pool.submit(ServerEngine, server, config.batching, self.precision,
+                                                      prepack=config.worker.prepack_weights,
+                                                      device=config.worker.device).result()
         except BaseException:
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -127,8 +150,8 @@ class InferenceWorker:
             will=Outgoing(availability, self._availability("offline"), qos=1, retain=True),
             birth=[Outgoing(availability, self._availability("online"), qos=1, retain=True)],
             max_in_flight=config.worker.max_publish_in_flight, log_context={"worker_id": self.worker_id})
-        self._decode_pool = ThreadPoolExecutor(max_workers=config.worker.decode_threads,
-                                               thread_name_prefix="decode")
+        self._decode_pool = new_decoder(self.config.worker)
+        self._decoder_replaced_at = -math.inf
         self.batcher: Batcher[WorkItem, Prediction] = Batcher(
             self._run_batch, config.batching, capacity=config.worker.queue_capacity,
             executor=self._infer_pool, on_batch=self.stats.on_batch)
@@ -205,7 +228,12 @@ class InferenceWorker:
         deadline = None
         if request.deadline is not None:  # device wall clock → this host's monotonic clock
             deadline = time.monotonic() + (request.deadline - time.time())
-        pixels = self._decode_pool.submit(decode_patches, request)
+        try:
+            pixels = self._decode_pool.submit(decode_patches, request)
+        except BrokenExecutor as exc:  # a decoder process died (a crash in an image library)
+            self._replace_decoder()
+            self._refuse(msg, request_id, InferenceError(f"pixel decoder failed: {exc}"))
+            return
         item = WorkItem(request, pixels, indices, msg.response_topic, msg.correlation_data, msg.received_at)
         try:
             future = self.batcher.submit_nowait(item, int(indices.size) + 1, deadline=deadline)
@@ -232,6 +260,24 @@ class InferenceWorker:
         self._post(OutboxEntry(item.response_topic, item.correlation, None, arrived=item.arrived, item=item,
                                prediction=prediction))
 
+    # ---- pixel decoding ----------------------------------------------------------------------
+    def _replace_decoder(self) -> None:
+        """A broken decoder process pool fails its pending requests; later ones get a new pool, at
+        most once per ``_DECODER_RESTART_S`` (a payload that crashes the decoder must not spin it)."""
+        now = time.monotonic()
+        if now - self._decoder_replaced_at < _DECODER_RESTART_S:
+            return
+        self._decoder_replaced_at = now
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool = new_decoder(self.config.worker)
+        self.log.warning("decoder_replaced")
+
+    async def _start_decoder(self) -> None:
+        """Start every decoder process before serving (each imports numpy and Pillow: ~1 s)."""
+        if self.config.worker.decode_processes:
+            await asyncio.gather(*(asyncio.wrap_future(self._decode_pool.submit(os.getpid))
+                                   for _ in range(self.config.worker.decode_processes)))
+
     # ---- inference thread --------------------------------------------------------------------
     def _run_batch(self, items: Sequence[WorkItem]) -> list[Prediction | PatchCastError]:
         started = time.monotonic()
@@ -240,10 +286,12 @@ class InferenceWorker:
         positions: list[int] = []
         for i, item in enumerate(items):
             try:
-                sets.append(PatchSet(item.pixels.result(), item.indices))
+                sets.append(PatchSet(item.pixels.result(timeout=DECODE_TIMEOUT_S), item.indices))
                 positions.append(i)
             except ProtocolError as exc:  # one bad payload fails its request only
                 results[i] = exc
+            except (BrokenExecutor, TimeoutError) as exc:  # so does a decoder that died or hung on it
+                results[i] = InferenceError(f"pixel decoding failed: {type(exc).__name__}: {exc}")
         if sets:
             t0 = time.perf_counter()
             logits = self.engine.logits_checked(sets)  # InferenceError fails the whole batch
@@ -252,10 +300,10 @@ class InferenceWorker:
             k = min(TOPK, probs.shape[-1])
             top_p, top_i = probs.topk(k, dim=-1)
             to_global = self.engine.loaded.global_class  # an expert's outputs → global class ids
-            for row, i in enumerate(positions):
-                ids = tuple(to_global(int(v)) for v in top_i[row])
-                results[i] = Prediction(label=ids[0], topk_ids=ids,
-                                        topk_probs=tuple(float(v) for v in top_p[row]),
+            # Python lists once per batch: indexing tensors element by element costs ~5 µs a value.
+            for i, row_ids, row_probs in zip(positions, top_i.tolist(), top_p.tolist(), strict=True):
+                ids = tuple(to_global(v) for v in row_ids)
+                results[i] = Prediction(label=ids[0], topk_ids=ids, topk_probs=tuple(row_probs),
                                         batch_started=started, infer_ms=infer_ms, batch_size=len(sets))
         return [r if r is not None else PatchCastError("no result", code="internal") for r in results]
 
@@ -323,9 +371,10 @@ class InferenceWorker:
         await self.transport.subscribe(self.subscription, qos=1)
         await self.transport.wait_connected(math.inf)
         self.ready.set()
-        cpu = self.engine.device.type == "cpu"
-        probe = probe_once() if self.config.worker.precision == "auto" and cpu else None
+        here = self.engine.device.type == "cpu" and isinstance(self.engine, ServerEngine)
+        probe = probe_once() if self.config.worker.precision == "auto" and here else None  # cached: measured at start
         self.log.info("worker_ready", subscription=self.subscription, precision=self.precision,
+                      engine_process=isinstance(self.engine, EngineProcess),
                       precision_setting=self.config.worker.precision,
                       bf16_speedup=None if probe is None else round(probe.speedup, 2),
                       device=str(self.engine.device), attention=self.engine.attention,
@@ -341,6 +390,7 @@ class InferenceWorker:
     async def run(self) -> None:
         """Serve until :meth:`stop`; then drain, say offline, disconnect."""
         try:
+            await self._start_decoder()
             async with asyncio.TaskGroup() as tg:
                 subscribe = tg.create_task(self._subscribe(), name="subscribe")
                 loops = [tg.create_task(self.transport.run(), name="mqtt"),
@@ -359,6 +409,7 @@ class InferenceWorker:
         finally:
             self._infer_pool.shutdown(wait=True, cancel_futures=True)
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
+            self.engine.close()
 
     async def _shutdown(self) -> None:
         grace = self.config.worker.shutdown_grace_s
@@ -421,7 +472,8 @@ async def run_worker(config: Config, *, server: LoadedModel | None = None, worke
         # Loading and the bf16-vs-fp32 probe run torch kernels: on the inference thread, off the loop.
         if server is None:
             server = await loop.run_in_executor(pool, load_server, config)
-        if config.worker.precision == "auto" and config.worker.device == "cpu":
+        worker_cfg = config.worker
+        if worker_cfg.precision == "auto" and worker_cfg.device == "cpu" and not worker_cfg.uses_engine_process:
             await loop.run_in_executor(pool, probe_once)
         worker = InferenceWorker(config, server, worker_id=worker_id, infer_pool=pool)
     except BaseException:

@@ -154,10 +154,16 @@ class WorkerConfig:
     prepack_weights: bool = _f(True, "bf16: keep the blocks' Linear weights in oneDNN's blocked layout instead of "
                                      "re-laying them out at every product (faster, most for small batches; "
                                      "skipped where this torch lacks the ops); see docs/benchmarks.md")
+    engine_process: Literal["auto", "on", "off"] = _f(
+        "auto", "run the server model in a child process of the worker, away from its event loop's GIL "
+                "(auto: on for CUDA, where the forward is many small launches; off for a CPU); docs/service.md")
     metrics_interval_s: float = _f(1.0, "seconds between metrics messages")
     shutdown_grace_s: float = _f(10.0, "on SIGTERM, seconds to finish and answer what is queued")
     metrics_port: int = _f(0, "Prometheus /metrics HTTP port (0: off)")
     decode_threads: int = _f(1, "threads decoding patch payloads to pixels (CPU work, off the event loop)")
+    decode_processes: int = _f(0, "decode in this many child processes instead (0: in decode_threads threads): a "
+                                  "decoder thread waits for the GIL while the event loop is busy, which limited a GPU "
+                                  "worker to ~650 requests/s (docs/service.md)")
     retain_heap: bool = _f(True, "keep freed tensor memory in the process (glibc mallopt) instead of page-faulting "
                                  "every batch's activations in again: 1.4× packed bf16 DeiT-Base on an AMX Xeon")
     max_publish_in_flight: int = _f(10, "replies awaiting the broker's PUBACK at once (aiomqtt: ≤ 10)")
@@ -165,13 +171,18 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         _check(self.queue_capacity >= 1, "worker.queue_capacity must be ≥ 1")
         _check(self.metrics_interval_s > 0, "worker.metrics_interval_s must be positive")
-        _check(self.threads >= 0 and self.decode_threads >= 1,
-               "worker.threads must be ≥ 0 and worker.decode_threads ≥ 1")
+        _check(self.threads >= 0 and self.decode_threads >= 1 and self.decode_processes >= 0,
+               "worker.threads and worker.decode_processes must be ≥ 0, worker.decode_threads ≥ 1")
         _check(self.shutdown_grace_s >= 0, "worker.shutdown_grace_s must be ≥ 0")
         _check(0 <= self.metrics_port < 65536, "worker.metrics_port must be in 0..65535")
         _check(1 <= self.max_publish_in_flight <= 10, "worker.max_publish_in_flight must be in 1..10")
         _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                f"worker.device must be cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def uses_engine_process(self) -> bool:
+        """``engine_process`` resolved: ``auto`` is on for CUDA only."""
+        return self.engine_process == "on" or (self.engine_process == "auto" and self.device != "cpu")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(the broker hands each request to one pool member), batches requests dynamically (closes at "
         "--max-batch requests, --max-tokens tokens or --max-delay-ms after the first), runs the server ViT "
         "in one inference thread on the CPU (bf16 where it measures faster than fp32) or a CUDA GPU "
-        "(--device) and publishes each reply to the "
+        "(--device; the model then runs in a child process, see --engine-process) and publishes each reply to the "
         "request's response topic. Retained availability (online; offline as last will) and a WorkerMetrics "
         "message every worker.metrics_interval_s. SIGTERM/SIGINT: stop taking work, answer what is queued "
         "within worker.shutdown_grace_s, publish offline, exit 0.")
@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--threads", type=int, help="torch threads for inference, 0 = all cores (worker.threads)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="worker.precision")
     p.add_argument("--device", help="cpu, cuda or cuda:N: where the server model runs (worker.device)")
+    p.add_argument("--engine-process", choices=["auto", "on", "off"],
+                   help="run the server model in a child process, away from the event loop's GIL; auto: on for "
+                        "CUDA (worker.engine_process)")
+    p.add_argument("--decode-processes", type=int,
+                   help="decode patch payloads in this many child processes, 0 = in threads (worker.decode_processes)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (worker.metrics_port)")
     p.set_defaults(handler=run)
 
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     overrides["models"] = {"server": args.server_model, "model_id": args.model_id}
     overrides["worker"] = {"group": args.group, "worker_id": args.worker_id, "queue_capacity": args.queue_capacity,
                            "threads": args.threads, "precision": args.precision, "metrics_port": args.metrics_port,
-                           "device": args.device}
+                           "device": args.device, "engine_process": args.engine_process,
+                           "decode_processes": args.decode_processes}
     overrides["batching"] = {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
                              "max_delay_ms": args.max_delay_ms, "policy": args.policy}
     cfg = load_config(args.config, overrides=overrides)

@@ -94,3 +94,5 @@ def test_gpu_example_config_sets_the_device_and_gpu_caps() -> None:
     assert cfg.worker.device == "cuda" and cfg.batching.attention == "auto"
     assert cfg.batching.max_batch == 1024 and cfg.batching.max_tokens == 32768
     assert cfg.worker.queue_capacity >= cfg.batching.max_batch  # a full batch must fit in the queue
+    # Neither the model nor the pixel decoder shares the event loop's GIL (docs/service.md).
+    assert cfg.worker.uses_engine_process and cfg.worker.decode_processes >= 1

@@ -46,13 +46,18 @@ def mosquitto_pub(port: int, topic: str, payload: bytes, tmp: Path, *, response_
     subprocess.run(cmd, check=True, timeout=20, capture_output=True)
 
 
+# The same answers when pixels decode in child processes (errors pickled back) and the model runs in one.
+CHILDREN = [{}, {"decode_processes": 2, "engine_process": "on"}]
+
+
+@pytest.mark.parametrize("children", CHILDREN, ids=["threads", "child-processes"])
 @async_test(120)
 async def test_malformed_requests_get_error_replies_and_never_stop_the_worker(
-        broker, model_files, image_folder, unique, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique, tmp_path, children) -> None:  # type: ignore[no-untyped-def]
     edge_path, server_path = model_files
     model = f"tiny-{unique}"
     cfg = service_config(broker.port, edge_path, server_path, image_folder, models={"model_id": model},
-                         worker={"group": f"pool-{unique}"})
+                         worker={"group": f"pool-{unique}", **children})
     worker = InferenceWorker(cfg, build_model(cfg.models.server, role="server"), worker_id=f"{unique}-w")
     dev = f"{unique}dev"
     reply_topic = V1.reply(dev)

@@ -1,0 +1,266 @@
+"""The worker's child processes. The server engine (``worker.engine_process``): same logits as in
+the worker's own process, failures contained to their batch, a dead child replaced. Pixel decoders
+(``worker.decode_processes``): a dead one fails only what it held and is replaced. A worker with
+both serving a fleet through a real Mosquitto, and none of its children outliving it when killed.
+
+Tolerance: fp32, |Δlogit| ≤ 1e-4 (the same code on the same weights; only the thread count, and so
+the order of float additions, may differ) and identical labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from service_helpers import SERVER_ARCH, async_test, random_model, service_config
+from test_service_malformed import valid_request
+
+from edge_node.fleet import run_fleet
+from inference_worker.engine import PatchSet, ServerEngine
+from inference_worker.engine_process import MAX_RESTARTS, EngineProcess
+from inference_worker.service import InferenceWorker
+from shared.config import BatchingConfig, WorkerConfig
+from shared.errors import ConfigError, InferenceError, ModelError
+from shared.models import build_model
+from shared.protocol import ErrorReply, Reply, decode_reply
+from shared.topics import V1
+from shared.transport import Incoming, Transport
+
+FP32_ATOL = 1e-4
+REPO = Path(__file__).resolve().parents[2]
+BATCHING = BatchingConfig(max_batch=32, max_tokens=1024)
+
+
+def patch_sets(count: int, seed: int = 0) -> list[PatchSet]:
+    rng = np.random.default_rng(seed)
+    n, p = (SERVER_ARCH.img_size // SERVER_ARCH.patch_size) ** 2, SERVER_ARCH.patch_size
+    sets = []
+    for _ in range(count):
+        k = int(rng.integers(1, n + 1))
+        idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+        sets.append(PatchSet(rng.integers(0, 256, size=(k, p, p, 3), dtype=np.uint8), idx))
+    return sets
+
+
+@pytest.fixture(scope="module")
+def server():  # type: ignore[no-untyped-def]
+    return random_model(SERVER_ARCH, 2, "server")
+
+
+@pytest.fixture(scope="module")
+def engine(server):  # type: ignore[no-untyped-def]
+    remote = EngineProcess(server, BATCHING, "fp32", threads=1)
+    yield remote
+    remote.close()
+
+
+def block_exists(remote: EngineProcess) -> bool:
+    return Path("/dev/shm", remote.block_name.lstrip("/")).exists()
+
+
+def test_logits_equal_the_in_process_engine(server, engine) -> None:  # type: ignore[no-untyped-def]
+    local = ServerEngine(server, BATCHING, "fp32")
+    for seed in range(3):  # several batches through the same shared block
+        sets = patch_sets(12, seed)
+        torch.testing.assert_close(engine.logits_checked(sets), local.logits_checked(sets), atol=FP32_ATOL, rtol=0)
+    assert engine.logits_checked([]).shape == (0, 10)
+    assert (engine.precision, engine.attention, engine.device.type) == ("fp32", "sdpa", "cpu")
+    assert (engine.patch_size, engine.input_size) == (local.patch_size, local.input_size)
+
+
+def test_a_failing_batch_fails_alone_and_the_child_keeps_serving(engine) -> None:  # type: ignore[no-untyped-def]
+    sets = patch_sets(4, seed=5)
+    bad = PatchSet(sets[0].patches, sets[0].indices + 10_000)  # grid positions the model does not have
+    pid = engine.pid
+    with pytest.raises(InferenceError, match="server forward failed"):
+        engine.logits_checked([sets[1], bad])
+    assert engine.pid == pid, "a batch's own error must not cost the process"
+    assert engine.logits_checked(sets).shape == (4, 10)
+
+
+def test_a_batch_over_the_block_is_refused_before_it_is_sent(server) -> None:  # type: ignore[no-untyped-def]
+    small = EngineProcess(server, BatchingConfig(max_batch=4, max_tokens=64), "fp32", threads=1)
+    try:
+        assert small.capacity == 64
+        with pytest.raises(InferenceError, match="exceeds"):
+            small.logits_checked([PatchSet(*_full_set(seed)) for seed in range(2)])  # 2 × 64 patches
+        assert small.logits_checked([PatchSet(*_full_set(0))]).shape == (1, 10)
+    finally:
+        small.close()
+    assert not block_exists(small)
+
+
+def _full_set(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n, p = (SERVER_ARCH.img_size // SERVER_ARCH.patch_size) ** 2, SERVER_ARCH.patch_size
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, p, p, 3), dtype=np.uint8), np.arange(n, dtype=np.int64)
+
+
+def test_a_killed_child_fails_its_batch_and_the_next_batch_restarts_it(server) -> None:  # type: ignore[no-untyped-def]
+    remote = EngineProcess(server, BATCHING, "fp32", threads=1)
+    try:
+        sets = patch_sets(6, seed=7)
+        expected = remote.logits_checked(sets)
+        first = remote.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while remote._proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Dead before the call: the call starts a new child and is served.
+        torch.testing.assert_close(remote.logits_checked(sets), expected, atol=FP32_ATOL, rtol=0)
+        assert remote.pid != first and remote.restarts == 1
+        # Restarts are rate-limited: past MAX_RESTARTS in the window, batches fail without a new child.
+        for _ in range(MAX_RESTARTS):
+            os.kill(remote.pid, signal.SIGKILL)
+            remote._proc.join(10)
+            try:
+                remote.logits_checked(sets)
+            except InferenceError as exc:
+                assert "not restarting" in str(exc)
+                break
+        else:
+            pytest.fail("a crash loop must stop restarting")
+    finally:
+        remote.close()
+    assert not block_exists(remote), "the shared block is freed on close"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_child_that_cannot_build_the_engine_fails_the_start_with_its_reason(server) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ModelError, match="no CUDA GPU"):
+        EngineProcess(server, BATCHING, "auto", device="cuda", threads=1)
+
+
+def test_auto_means_a_child_process_for_cuda_only() -> None:
+    assert not WorkerConfig().uses_engine_process
+    assert WorkerConfig(device="cuda").uses_engine_process
+    assert WorkerConfig(engine_process="on").uses_engine_process
+    assert not WorkerConfig(device="cuda:0", engine_process="off").uses_engine_process
+    with pytest.raises(ConfigError, match="decode_processes"):
+        WorkerConfig(decode_processes=-1)
+
+
+@async_test(120)
+async def test_a_dead_decoder_process_is_replaced_and_the_worker_keeps_serving(
+        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+    edge_path, server_path = model_files
+    model, dev = f"tiny-{unique}", f"{unique}dev"
+    cfg = service_config(broker.port, edge_path, server_path, image_folder, models={"model_id": model},
+                         worker={"group": f"pool-{unique}", "decode_processes": 1})
+    worker = InferenceWorker(cfg, build_model(cfg.models.server, role="server"), worker_id=f"{unique}-w")
+    received: list[Incoming] = []
+    client = Transport(cfg.broker, client_id=dev, handler=received.append)
+
+    async def ask(request_id: str) -> Reply | ErrorReply:
+        count = len(received)
+        await client.publish(V1.request(model, dev), valid_request(dev, request_id), response_topic=V1.reply(dev),
+                             correlation_data=request_id.encode())
+        for _ in range(200):
+            if len(received) > count:
+                return decode_reply(received[-1].payload)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no answer to {request_id}")
+
+    async with asyncio.TaskGroup() as tg:
+        client_task = tg.create_task(client.run())
+        await client.wait_connected()
+        await client.subscribe(V1.reply(dev))
+        serving = tg.create_task(worker.run())
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        assert isinstance(await ask("before"), Reply)
+        (decoder,) = worker._decode_pool._processes.values()  # type: ignore[attr-defined]
+        os.kill(decoder.pid, signal.SIGKILL)
+        await asyncio.sleep(1.0)  # the pool notices the death and marks itself broken
+        refused = await ask("while-broken")
+        assert isinstance(refused, ErrorReply) and refused.code == "inference", refused
+        served = await ask("after")
+        assert isinstance(served, Reply) and served.request_id == "after"
+        worker.stop()
+        await serving
+        client_task.cancel()
+    assert worker.stats.replies == 2
+
+
+@async_test(180)
+async def test_a_worker_with_engine_and_decoder_processes_serves_a_fleet_over_mosquitto(
+        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+    edge_path, server_path = model_files
+    cfg = service_config(broker.port, edge_path, server_path, image_folder,
+                         models={"model_id": f"tiny-{unique}"},
+                         worker={"group": f"pool-{unique}", "engine_process": "on", "threads": 1,
+                                 "decode_processes": 2},
+                         edge={"devices": 3, "limit": 12, "device_prefix": f"{unique}cam", "max_in_flight": 4,
+                               "rate_hz": 0.0}, gate={"threshold": 0.0})  # η = 0: every image is sent
+    server = build_model(cfg.models.server, role="server")
+    worker = InferenceWorker(cfg, server, worker_id=f"{unique}-w")
+    assert isinstance(worker.engine, EngineProcess)
+    child = worker.engine.pid
+    async with asyncio.TaskGroup() as tg:
+        serving = tg.create_task(worker.run(), name="worker")
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        result = await run_fleet(cfg)
+        worker.stop()
+        await serving
+    s = result.summary
+    assert s["images"] == s["offloaded"] == 36
+    assert s["replies"] == 36 and s["errors"] == s["timeouts"] == 0
+    assert worker.stats.replies == 36
+    assert child is not None and worker.engine.pid is None, "the worker's shutdown stops its engine process"
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_a_killed_worker_leaves_no_child_process_behind(broker, model_files) -> None:  # type: ignore[no-untyped-def]
+    _, server_path = model_files
+    cmd = [sys.executable, "-m", "patchcast.cli", "worker", "--broker", f"127.0.0.1:{broker.port}",
+           "--server-model", f"file:{server_path}", "--threads", "1", "--precision", "fp32",
+           "--log-format", "json", "--log-level", "warning"]
+    env = {**os.environ, "PATCHCAST_WORKER__DECODE_PROCESSES": "2", "PATCHCAST_WORKER__ENGINE_PROCESS": "on"}
+    worker = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        # The engine process, two decoders and multiprocessing's resource tracker.
+        while len(children := children_of(worker.pid)) < 4:
+            assert worker.poll() is None and time.monotonic() < deadline, "the worker did not start its children"
+            time.sleep(0.2)
+        time.sleep(1.0)  # every child past its start-up
+        worker.kill()
+        worker.wait(10)
+        deadline = time.monotonic() + 15
+        while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"orphaned after SIGKILL of the worker: {left}"
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
