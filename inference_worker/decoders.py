@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -20,8 +21,17 @@ from shared.config import WorkerConfig
 PARENT_CHECK_S = 1.0
 
 
+def ignore_stop_signals() -> None:
+    """For a worker's child process: Ctrl-C in a terminal and a service manager's SIGTERM reach the whole
+    process group, but only the worker decides when its children stop (after it has drained its queue)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def watch_parent(parent: int) -> None:
-    """Initializer of each decoder process: leave as soon as ``parent`` is no longer this process's parent."""
+    """Initializer of each decoder process: ignore stop signals (:func:`ignore_stop_signals`) and leave as
+    soon as ``parent`` is no longer this process's parent."""
+    ignore_stop_signals()
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference_worker.decoders import ignore_stop_signals
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
 from shared.config import BatchingConfig
 from shared.errors import InferenceError, ModelError, PatchCastError
@@ -52,6 +53,7 @@ def _child_main(conn: multiprocessing.connection.Connection, loaded: LoadedModel
                 precision_setting: str, device: str, prepack: bool, threads: int, block: str) -> None:
     """The engine process: build the engine, say ``ready`` (or why not), then serve batches until the
     pipe closes or ``stop`` arrives."""
+    ignore_stop_signals()  # the worker stops this process once it has drained (close)
     configure_threads(threads)
     try:
         engine = ServerEngine(loaded, batching, resolve_precision(precision_setting, device), prepack=prepack,

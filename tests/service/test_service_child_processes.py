@@ -264,3 +264,58 @@ def test_a_killed_worker_leaves_no_child_process_behind(broker, model_files) -> 
         if worker.poll() is None:
             worker.kill()
             worker.wait(10)
+
+
+def start_in_own_group(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """A process leading its own process group (the group a service manager or a terminal signals)."""
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+@async_test(150)
+async def test_sigterm_to_the_whole_process_group_drains_through_the_children(
+        broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
+    """A service manager (or Ctrl-C in a terminal) signals every process of the group; the children
+    ignore it and the worker answers what it holds through them before stopping them."""
+    _, server_path = model_files
+    model, dev = f"tiny-{unique}", f"{unique}dev"
+    cmd = [sys.executable, "-m", "patchcast.cli", "worker", "--broker", f"127.0.0.1:{broker.port}",
+           "--server-model", f"file:{server_path}", "--model-id", model, "--group", f"pool-{unique}",
+           "--threads", "1", "--precision", "fp32", "--max-delay-ms", "1500", "--engine-process", "on",
+           "--decode-processes", "2", "--log-format", "json", "--log-level", "warning"]
+    worker = start_in_own_group(cmd)
+    received: list[Incoming] = []
+    client = Transport(service_config(broker.port, server_path, server_path, REPO).broker, client_id=dev,
+                       handler=received.append)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            client_task = tg.create_task(client.run())
+            await client.wait_connected()
+            await client.subscribe(V1.reply(dev))
+            async with asyncio.timeout(90):  # engine process, two decoders, the resource tracker
+                while len(children_of(worker.pid)) < 4:
+                    assert worker.poll() is None, worker.communicate()[0].decode()[-2000:]
+                    await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)  # subscribed (the decoders start before the subscription)
+            children = children_of(worker.pid)
+            for i in range(10):
+                await client.publish(V1.request(model, dev), valid_request(dev, f"r{i}"), response_topic=V1.reply(dev),
+                                     correlation_data=f"r{i}".encode())
+            await asyncio.sleep(0.3)  # delivered, and waiting in the batcher (1.5 s window)
+            os.killpg(worker.pid, signal.SIGTERM)
+            code = await asyncio.to_thread(worker.wait, 60)
+            await asyncio.sleep(0.3)
+            client_task.cancel()
+        output = worker.stdout.read().decode()  # type: ignore[union-attr]
+        assert code == 0, output[-2000:]
+        assert "Traceback" not in output, output[-3000:]
+        replies = [decode_reply(m.payload) for m in received]
+        assert len(replies) == 10 and all(isinstance(r, Reply) for r in replies), replies
+        deadline = time.monotonic() + 15
+        while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)  # polling the process table
+        assert not left, f"children left after the worker stopped: {left}"
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
