@@ -3,9 +3,10 @@
 Flow of one request::
 
     shared subscription ─▶ _on_message (event loop, cheap): decode + validate the msgpack request,
-        check topic/geometry, start pixel decoding on the decode thread, submit to the batcher
-        (bounded: full → 'busy' error reply)
-    batcher ─▶ inference thread: wait for the batch's pixels, embed, forward (packed/padded), top-k
+        check topic/geometry, start pixel decoding on the decoder (threads, or child processes with
+        worker.decode_processes), submit to the batcher (bounded: full → 'busy' error reply)
+    batcher ─▶ inference thread: wait for the batch's pixels, embed, forward (packed/padded), top-k;
+        with worker.engine_process (on for CUDA) the embed and forward run in a child process
     ─▶ outbox ─▶ sender: Reply/ErrorReply to the request's response topic with its correlation data
 
 Malformed input never stops the worker: every failure becomes an ErrorReply with the error's code
@@ -25,7 +26,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool as BrokenExecutor
 from dataclasses import dataclass, field
 
@@ -290,7 +291,7 @@ class InferenceWorker:
                 positions.append(i)
             except ProtocolError as exc:  # one bad payload fails its request only
                 results[i] = exc
-            except (BrokenExecutor, TimeoutError) as exc:  # so does a decoder that died or hung on it
+            except (BrokenExecutor, TimeoutError, CancelledError) as exc:  # so does a decoder that died or hung
                 results[i] = InferenceError(f"pixel decoding failed: {type(exc).__name__}: {exc}")
         if sets:
             t0 = time.perf_counter()
