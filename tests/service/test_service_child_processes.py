@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from service_helpers import SERVER_ARCH, async_test, random_model, service_config
+from test_service_engine import patch_sets
 from test_service_malformed import valid_request
 
 from edge_node.fleet import run_fleet
@@ -37,17 +38,6 @@ from shared.transport import Incoming, Transport
 FP32_ATOL = 1e-4
 REPO = Path(__file__).resolve().parents[2]
 BATCHING = BatchingConfig(max_batch=32, max_tokens=1024)
-
-
-def patch_sets(count: int, seed: int = 0) -> list[PatchSet]:
-    rng = np.random.default_rng(seed)
-    n, p = (SERVER_ARCH.img_size // SERVER_ARCH.patch_size) ** 2, SERVER_ARCH.patch_size
-    sets = []
-    for _ in range(count):
-        k = int(rng.integers(1, n + 1))
-        idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
-        sets.append(PatchSet(rng.integers(0, 256, size=(k, p, p, 3), dtype=np.uint8), idx))
-    return sets
 
 
 @pytest.fixture(scope="module")
