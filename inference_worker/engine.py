@@ -153,6 +153,7 @@ class ServerEngine:
         self.prepacked = self.device.type == "cpu" and precision == "bf16" and prepack and prepack_available()
         if self.prepacked:
             prepack_linears(self.model)
+        self.restarts = 0  # never: it lives in the worker's process (EngineProcess counts its children)
         self.pin_host_memory = True  # GPU only: see _pixels_on_device (a benchmark turns it off to compare)
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches

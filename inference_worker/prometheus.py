@@ -31,6 +31,11 @@ def worker_families(worker: InferenceWorker) -> list[Family]:
         Family("patchcast_worker_oldest_queued_seconds", "age of the oldest queued request")
         .with_sample(round(worker.batcher.oldest_age_s(), 6), **labels),
     ]
+    families.append(
+        Family("patchcast_worker_child_restarts_total", "child processes replaced since start (engine process, "
+               "decoder process pool); each replacement failed the requests its predecessor held", "counter")
+        .with_sample(worker.engine.restarts, **labels, child="engine")
+        .with_sample(worker.decoder_replacements, **labels, child="decoder"))
     errors = Family("patchcast_worker_errors_total", "error replies by code since start", "counter")
     for code, n in sorted(stats.errors_by_code.items()):
         errors = errors.with_sample(n, **labels, code=code)

@@ -153,6 +153,7 @@ class InferenceWorker:
             max_in_flight=config.worker.max_publish_in_flight, log_context={"worker_id": self.worker_id})
         self._decode_pool = new_decoder(self.config.worker)
         self._decoder_replaced_at = -math.inf
+        self.decoder_replacements = 0  # decoder process pools replaced after one broke
         self.batcher: Batcher[WorkItem, Prediction] = Batcher(
             self._run_batch, config.batching, capacity=config.worker.queue_capacity,
             executor=self._infer_pool, on_batch=self.stats.on_batch)
@@ -271,7 +272,8 @@ class InferenceWorker:
         self._decoder_replaced_at = now
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._decode_pool = new_decoder(self.config.worker)
-        self.log.warning("decoder_replaced")
+        self.decoder_replacements += 1
+        self.log.warning("decoder_replaced", replacements=self.decoder_replacements)
 
     async def _start_decoder(self) -> None:
         """Start every decoder process before serving (each imports numpy and Pillow: ~1 s)."""

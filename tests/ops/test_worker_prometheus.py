@@ -23,6 +23,7 @@ def _worker(with_window: bool) -> SimpleNamespace:
                               service_ms_p95=40.0, service_ms_p99=80.0) if with_window else None
     return SimpleNamespace(worker_id="w1", model_id="cifar10-server", stats=stats, last_metrics=metrics,
                            batcher=SimpleNamespace(depth=4, oldest_age_s=lambda: 0.25),
+                           engine=SimpleNamespace(restarts=1), decoder_replacements=0,
                            config=SimpleNamespace(worker=SimpleNamespace(queue_capacity=256)))
 
 
@@ -33,6 +34,8 @@ def test_worker_families_render_in_exposition_format() -> None:
     assert 'patchcast_worker_requests_total{model="cifar10-server",worker="w1"} 12' in text
     assert 'patchcast_worker_errors_total{code="busy",model="cifar10-server",worker="w1"} 2' in text
     assert 'patchcast_worker_queue_depth{model="cifar10-server",worker="w1"} 4' in text
+    assert 'patchcast_worker_child_restarts_total{child="engine",model="cifar10-server",worker="w1"} 1' in text
+    assert 'patchcast_worker_child_restarts_total{child="decoder",model="cifar10-server",worker="w1"} 0' in text
     assert 'patchcast_worker_service_seconds{model="cifar10-server",quantile="0.95",worker="w1"} 0.04' in text
     assert "# TYPE patchcast_worker_service_seconds summary" in text
     assert 'patchcast_worker_arrival_lateness_seconds{model="cifar10-server",worker="w1"} 0.12' in text
