@@ -81,10 +81,14 @@ def _child_main(conn: multiprocessing.connection.Connection, loaded: LoadedModel
             bounds = np.concatenate([[0], np.cumsum(counts)])
             sets = [PatchSet(pixels[a:b], indices[a:b]) for a, b in itertools.pairwise(bounds)]
             try:
-                conn.send(("logits", engine.logits_checked(sets).numpy()))
+                answer: tuple[Any, ...] = ("logits", engine.logits_checked(sets).numpy())
             except InferenceError as exc:
-                conn.send(("error", exc.code, exc.message))
+                answer = ("error", exc.code, exc.message)
             del pixels, sets  # no view may outlive the block
+            try:
+                conn.send(answer)
+            except OSError:  # the worker died during the batch
+                return
     finally:
         shm.close()
 
