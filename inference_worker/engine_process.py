@@ -62,7 +62,7 @@ def _child_main(conn: multiprocessing.connection.Connection, loaded: LoadedModel
         conn.send(("failed", exc.code, exc.message))
         return
     except Exception as exc:  # a broken model must reach the parent as a message, not a traceback
-        conn.send(("failed", "model_error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("failed", "model", f"{type(exc).__name__}: {exc}"))
         return
     shm = SharedMemory(name=block)
     try:
@@ -78,13 +78,16 @@ def _child_main(conn: multiprocessing.connection.Connection, loaded: LoadedModel
                 return
             _, counts, indices = message
             pixels = np.ndarray((int(counts.sum()), p, p, 3), dtype=np.uint8, buffer=shm.buf)
-            bounds = np.concatenate([[0], np.cumsum(counts)])
-            sets = [PatchSet(pixels[a:b], indices[a:b]) for a, b in itertools.pairwise(bounds)]
             try:
+                bounds = np.concatenate([[0], np.cumsum(counts)])
+                sets = [PatchSet(pixels[a:b], indices[a:b]) for a, b in itertools.pairwise(bounds)]
                 answer: tuple[Any, ...] = ("logits", engine.logits_checked(sets).numpy())
             except InferenceError as exc:
                 answer = ("error", exc.code, exc.message)
-            del pixels, sets  # no view may outlive the block
+            except Exception as exc:  # a malformed layout: this batch's error, not the process's end
+                answer = ("error", "inference", f"batch layout: {type(exc).__name__}: {exc}")
+            sets = []
+            del pixels  # no view may outlive the block
             try:
                 conn.send(answer)
             except OSError:  # the worker died during the batch

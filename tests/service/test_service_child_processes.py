@@ -76,6 +76,15 @@ def test_a_failing_batch_fails_alone_and_the_child_keeps_serving(engine) -> None
     assert engine.logits_checked(sets).shape == (4, 10)
 
 
+def test_a_malformed_layout_is_that_batchs_error_not_the_childs_end(engine) -> None:  # type: ignore[no-untyped-def]
+    pid = engine.pid
+    engine._conn.send(("batch", np.array([5], dtype=np.int64), np.arange(3, dtype=np.int64)))  # 3 indices, 5 patches
+    assert engine._conn.poll(30)
+    kind, code, message = engine._conn.recv()
+    assert (kind, code) == ("error", "inference") and "layout" in message
+    assert engine.pid == pid and engine.logits_checked(patch_sets(2, seed=9)).shape == (2, 10)
+
+
 def test_a_batch_over_the_block_is_refused_before_it_is_sent(server) -> None:  # type: ignore[no-untyped-def]
     small = EngineProcess(server, BatchingConfig(max_batch=4, max_tokens=64), "fp32", threads=1)
     try:
