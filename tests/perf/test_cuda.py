@@ -108,3 +108,19 @@ def test_engine_refuses_a_gpu_index_that_does_not_exist(loaded: LoadedModel) -> 
 
     with pytest.raises(ModelError, match="only"):
         ServerEngine(loaded, BatchingConfig(), "bf16", device=f"cuda:{torch.cuda.device_count()}")
+
+
+def test_the_engine_process_on_cuda_equals_the_engine_in_this_process(loaded: LoadedModel) -> None:
+    """worker.engine_process (on by default for CUDA): the same bf16 logits as the engine in this process
+    on the same GPU, within 1 % of the largest logit (GPU kernels may sum in another order per run)."""
+    from inference_worker.engine_process import EngineProcess
+
+    batching = BatchingConfig(max_batch=64, max_tokens=4096)
+    sets = _patch_sets(40, seed=3)
+    here = ServerEngine(loaded, batching, "bf16", device="cuda").logits_checked(sets)
+    remote = EngineProcess(loaded, batching, "auto", device="cuda", threads=1)
+    try:
+        assert (remote.precision, remote.device.type) == ("bf16", "cuda")
+        _within(remote.logits_checked(sets), here, VARLEN_REL)
+    finally:
+        remote.close()

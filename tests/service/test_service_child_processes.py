@@ -58,8 +58,10 @@ def block_exists(remote: EngineProcess) -> bool:
 
 def test_logits_equal_the_in_process_engine(server, engine) -> None:  # type: ignore[no-untyped-def]
     local = ServerEngine(server, BATCHING, "fp32")
+    empty = PatchSet(np.zeros((0, SERVER_ARCH.patch_size, SERVER_ARCH.patch_size, 3), np.uint8),
+                     np.zeros(0, np.int64))  # CLS alone
     for seed in range(3):  # several batches through the same shared block
-        sets = patch_sets(12, seed)
+        sets = [*patch_sets(12, seed), empty]
         torch.testing.assert_close(engine.logits_checked(sets), local.logits_checked(sets), atol=FP32_ATOL, rtol=0)
     assert engine.logits_checked([]).shape == (0, 10)
     assert (engine.precision, engine.attention, engine.device.type) == ("fp32", "sdpa", "cpu")
