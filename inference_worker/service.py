@@ -36,7 +36,7 @@ import torch
 from inference_worker.batcher import Batcher
 from inference_worker.decoders import new_decoder
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
-from inference_worker.engine_process import EngineProcess
+from inference_worker.engine_process import EngineClient, EngineProcess
 from inference_worker.prometheus import worker_families
 from inference_worker.stats import WorkerStats
 from shared.config import Config
@@ -113,9 +113,11 @@ class InferenceWorker:
 
     def __init__(self, config: Config, server: LoadedModel, *, worker_id: str | None = None,
                  topics: Topics = V1, limits: ProtocolLimits = DEFAULT_LIMITS,
-                 infer_pool: ThreadPoolExecutor | None = None) -> None:
+                 infer_pool: ThreadPoolExecutor | None = None, engine: EngineClient | None = None) -> None:
         """``infer_pool``: the single-thread executor to infer on (the worker takes it over and shuts it
-        down); by default a new one. See :func:`inference_pool` for why torch work stays on it."""
+        down); by default a new one. See :func:`inference_pool` for why torch work stays on it.
+        ``engine``: this worker's link to a shared engine process (``worker.frontends``); by default the
+        worker builds its own engine."""
         self.config = config
         self.worker_id = worker_id or config.worker.worker_id or default_worker_id()
         self.model_id = model_id(config.models.server, config.models.model_id)
@@ -123,8 +125,11 @@ class InferenceWorker:
         self.limits = limits
         self._infer_pool = infer_pool or inference_pool()
         try:
-            self.engine: ServerEngine | EngineProcess
-            if config.worker.uses_engine_process:
+            self.engine: ServerEngine | EngineProcess | EngineClient
+            if engine is not None:
+                self.engine = engine
+                self.precision = engine.precision
+            elif config.worker.uses_engine_process:
                 # The model runs in a child process (inference_worker.engine_process); this one never
                 # touches the device. Started from the inference thread, which then waits on its pipe.
                 self.engine = self._infer_pool.submit(
@@ -377,7 +382,8 @@ class InferenceWorker:
         here = self.engine.device.type == "cpu" and isinstance(self.engine, ServerEngine)
         probe = probe_once() if self.config.worker.precision == "auto" and here else None  # cached: measured at start
         self.log.info("worker_ready", subscription=self.subscription, precision=self.precision,
-                      engine_process=isinstance(self.engine, EngineProcess),
+                      engine_process="shared" if isinstance(self.engine, EngineClient) else
+                      isinstance(self.engine, EngineProcess),
                       precision_setting=self.config.worker.precision,
                       bf16_speedup=None if probe is None else round(probe.speedup, 2),
                       device=str(self.engine.device), attention=self.engine.attention,
@@ -459,7 +465,7 @@ def load_server(config: Config) -> LoadedModel:
 
 async def run_worker(config: Config, *, server: LoadedModel | None = None, worker_id: str | None = None,
                      handle_signals: bool = True, started: asyncio.Event | None = None,
-                     stop: asyncio.Event | None = None) -> InferenceWorker:
+                     stop: asyncio.Event | None = None, engine: EngineClient | None = None) -> InferenceWorker:
     """Load the server model (unless given), serve until SIGTERM/SIGINT (or ``stop`` is set), then
     shut down gracefully and return the worker (its ``stats`` hold the run's counters).
 
@@ -478,7 +484,7 @@ async def run_worker(config: Config, *, server: LoadedModel | None = None, worke
         worker_cfg = config.worker
         if worker_cfg.precision == "auto" and worker_cfg.device == "cpu" and not worker_cfg.uses_engine_process:
             await loop.run_in_executor(pool, probe_once)
-        worker = InferenceWorker(config, server, worker_id=worker_id, infer_pool=pool)
+        worker = InferenceWorker(config, server, worker_id=worker_id, infer_pool=pool, engine=engine)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise

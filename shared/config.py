@@ -161,6 +161,9 @@ class WorkerConfig:
     shutdown_grace_s: float = _f(10.0, "on SIGTERM, seconds to finish and answer what is queued")
     metrics_port: int = _f(0, "Prometheus /metrics HTTP port (0: off)")
     decode_threads: int = _f(1, "threads decoding patch payloads to pixels (CPU work, off the event loop)")
+    frontends: int = _f(1, "worker processes (each its own MQTT client and event loop) sharing one engine process that "
+                           "runs their waiting batches as one forward (a GPU then sees one large batch); > 1 needs the "
+                           "engine process; docs/service.md")
     decode_processes: int = _f(0, "decode in this many child processes instead (0: in decode_threads threads): a "
                                   "decoder thread waits for the GIL while the event loop is busy, which limited a GPU "
                                   "worker to ~650 requests/s (docs/service.md)")
@@ -178,6 +181,9 @@ class WorkerConfig:
         _check(1 <= self.max_publish_in_flight <= 10, "worker.max_publish_in_flight must be in 1..10")
         _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                f"worker.device must be cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.frontends >= 1, "worker.frontends must be ≥ 1")
+        _check(self.frontends == 1 or self.uses_engine_process,
+               "worker.frontends > 1 shares an engine process: set worker.engine_process = 'on' (or a CUDA device)")
 
     @property
     def uses_engine_process(self) -> bool:

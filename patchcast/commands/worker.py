@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--engine-process", choices=["auto", "on", "off"],
                    help="run the server model in a child process, away from the event loop's GIL; auto: on for "
                         "CUDA (worker.engine_process)")
+    p.add_argument("--frontends", type=int,
+                   help="worker processes sharing one engine process, which runs their waiting batches as one "
+                        "forward (needs the engine process; worker.frontends)")
     p.add_argument("--decode-processes", type=int,
                    help="decode patch payloads in this many child processes, 0 = in threads (worker.decode_processes)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (worker.metrics_port)")
@@ -72,10 +75,14 @@ def run(args: argparse.Namespace) -> int:
     overrides["worker"] = {"group": args.group, "worker_id": args.worker_id, "queue_capacity": args.queue_capacity,
                            "threads": args.threads, "precision": args.precision, "metrics_port": args.metrics_port,
                            "device": args.device, "engine_process": args.engine_process,
-                           "decode_processes": args.decode_processes}
+                           "decode_processes": args.decode_processes, "frontends": args.frontends}
     overrides["batching"] = {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
                              "max_delay_ms": args.max_delay_ms, "policy": args.policy}
     cfg = load_config(args.config, overrides=overrides)
     configure(cfg.logging.format, cfg.logging.level)
+    if cfg.worker.frontends > 1:
+        from inference_worker.frontends import run_frontends
+
+        return run_frontends(cfg)
     asyncio.run(run_worker(cfg))
     return 0

@@ -31,7 +31,7 @@ from inference_worker.service import InferenceWorker
 from shared.config import BatchingConfig, WorkerConfig
 from shared.errors import ConfigError, InferenceError, ModelError
 from shared.models import build_model
-from shared.protocol import ErrorReply, Reply, decode_reply
+from shared.protocol import Availability, ErrorReply, Reply, decode, decode_reply
 from shared.topics import V1
 from shared.transport import Incoming, Transport
 
@@ -316,6 +316,141 @@ async def test_sigterm_to_the_whole_process_group_drains_through_the_children(
         while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.2)  # polling the process table
         assert not left, f"children left after the worker stopped: {left}"
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+
+
+# ---- several worker processes sharing one engine process (worker.frontends) ---------------------------
+
+
+def test_a_shared_engine_runs_waiting_batches_as_one_forward(server) -> None:  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inference_worker.engine_process import EngineClient, SharedEngine
+
+    shared = SharedEngine(server, BATCHING, "fp32", clients=2, threads=1)
+    clients = [EngineClient(server, BATCHING, conn, block, shared.info) for conn, block in shared.endpoints]
+    local = ServerEngine(server, BATCHING, "fp32")
+    try:
+        batches = [patch_sets(7, seed=11), patch_sets(5, seed=12)]
+        os.kill(shared.pid, signal.SIGSTOP)  # both batches wait: the engine must take them together
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(c.logits_checked, b) for c, b in zip(clients, batches, strict=True)]
+            time.sleep(0.5)
+            os.kill(shared.pid, signal.SIGCONT)
+            results = [f.result(timeout=60) for f in futures]
+        for got, sets in zip(results, batches, strict=True):
+            torch.testing.assert_close(got, local.logits_checked(sets), atol=FP32_ATOL, rtol=0)
+        assert [c.last_merged for c in clients] == [2, 2]
+        # One at a time, each alone.
+        assert clients[0].logits_checked(batches[1]).shape == (5, 10) and clients[0].last_merged == 1
+        # A worker that leaves does not stop the engine for the other; the engine ends when both have left.
+        clients[0].close()
+        assert clients[1].logits_checked(batches[0]).shape == (7, 10)
+        clients[1].close()
+        deadline = time.monotonic() + 10
+        while shared.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not shared.alive()
+    finally:
+        for c in clients:
+            c.close()
+        shared.close()
+
+
+def test_frontends_need_the_engine_process() -> None:
+    assert WorkerConfig(frontends=3, device="cuda").frontends == 3
+    with pytest.raises(ConfigError, match="frontends"):
+        WorkerConfig(frontends=2)
+    with pytest.raises(ConfigError, match="frontends"):
+        WorkerConfig(frontends=0, engine_process="on")
+
+
+def _frontends_cmd(port: int, server_path: object, model: str, group: str, worker_id: str) -> list[str]:
+    return [sys.executable, "-m", "patchcast.cli", "worker", "--broker", f"127.0.0.1:{port}",
+            "--server-model", f"file:{server_path}", "--model-id", model, "--group", group, "--worker-id", worker_id,
+            "--threads", "1", "--precision", "fp32", "--engine-process", "on", "--frontends", "2",
+            "--log-format", "json", "--log-level", "warning"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+@async_test(150)
+async def test_two_frontends_share_an_engine_serve_over_mosquitto_and_stop_together(
+        broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
+    _, server_path = model_files
+    model, dev = f"tiny-{unique}", f"{unique}dev"
+    worker = start_in_own_group(_frontends_cmd(broker.port, server_path, model, f"pool-{unique}", f"{unique}-w"))
+    received: list[Incoming] = []
+    client = Transport(service_config(broker.port, server_path, server_path, REPO).broker, client_id=dev,
+                       handler=received.append)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            client_task = tg.create_task(client.run())
+            await client.wait_connected()
+            await client.subscribe(V1.reply(dev))
+            ids = {f"{unique}-w-f1", f"{unique}-w-f2"}
+            for wid in ids:
+                await client.subscribe(V1.availability("worker", wid))
+
+            def online() -> set[str]:
+                return {m.ident for m in (decode(x.payload) for x in received if "availability" in x.topic)
+                        if isinstance(m, Availability) and m.state == "online"}
+
+            async with asyncio.timeout(120):  # both workers subscribed and serving
+                while online() != ids:
+                    assert worker.poll() is None, worker.communicate()[0].decode()[-2000:]
+                    await asyncio.sleep(0.2)
+            children = children_of(worker.pid)
+            received.clear()
+            for i in range(20):
+                await client.publish(V1.request(model, dev), valid_request(dev, f"r{i}"), response_topic=V1.reply(dev),
+                                     correlation_data=f"r{i}".encode())
+            async with asyncio.timeout(60):
+                while sum(m.topic == V1.reply(dev) for m in received) < 20:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)  # polling what the client recorded
+            worker.terminate()
+            code = await asyncio.to_thread(worker.wait, 60)
+            client_task.cancel()
+        output = worker.stdout.read().decode()  # type: ignore[union-attr]
+        assert code == 0 and "Traceback" not in output, output[-3000:]
+        replies = [decode_reply(m.payload) for m in received if m.topic == V1.reply(dev)]
+        assert len(replies) == 20 and all(isinstance(r, Reply) for r in replies), replies
+        assert {r.worker_id for r in replies} == ids  # type: ignore[union-attr]
+        deadline = time.monotonic() + 15
+        while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)  # polling the process table
+        assert not left, f"children left after the worker stopped: {left}"
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_when_one_frontend_dies_the_group_stops_and_says_so(broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
+    _, server_path = model_files
+    worker = start_in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
+                                               f"{unique}-w"))
+    try:
+        deadline = time.monotonic() + 90
+        while len(children := children_of(worker.pid)) < 4:
+            assert worker.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        time.sleep(3.0)
+        frontends = [pid for pid in children if "patchcast.cli" not in Path(f"/proc/{pid}/cmdline").read_text()
+                     and "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(frontends) == 3  # the engine and two workers (spawned children)
+        victim = max(frontends)  # the workers start after the engine
+        os.kill(victim, signal.SIGKILL)
+        assert worker.wait(60) == 1
+        output = worker.stdout.read().decode()  # type: ignore[union-attr]
+        assert "frontend_group_failed" in output and "Traceback" not in output, output[-3000:]
+        deadline = time.monotonic() + 15
+        while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"children left: {left}"
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
