@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +61,16 @@ from shared.config import BatchingConfig, BrokerConfig, load_config
 from shared.heap import retain_freed_memory
 from shared.logs import configure
 from shared.models import LoadedModel, build_model
-from shared.protocol import PatchRequest, Reply, build_request, decode_patches, decode_reply, encode
+from shared.protocol import (
+    Availability,
+    PatchRequest,
+    Reply,
+    build_request,
+    decode,
+    decode_patches,
+    decode_reply,
+    encode,
+)
 from shared.topics import V1
 from shared.transport import Incoming, Transport
 
@@ -167,6 +177,8 @@ def worker_child_main(folder: Path) -> int:
     cfg = load_config(environ={}, overrides=spec["overrides"])
     configure_threads(cfg.worker.threads)
     loaded = on_a_passing_thread(build_model, cfg.models.server, role="server")
+    if cfg.worker.frontends > 1:
+        return frontends_child(folder, spec, loaded)
     sizes: list[int] = []
 
     cpu_at_ready: list[float] = []
@@ -202,6 +214,48 @@ def worker_child_main(folder: Path) -> int:
         "batch_sizes": sizes, "busy_s": worker.batcher.busy_s, "engine_s": engine_s[0], "replies": worker.stats.replies,
         "loop_cpu_s": loop_cpu_s, "cpu_s": process_cpu_s() - cpu_at_ready[1], "gpu_peak_mib": gpu_mib}))
     return 0
+
+
+async def wait_online(broker_cfg: BrokerConfig, ids: set[str], timeout_s: float) -> None:
+    """Until every worker in ``ids`` has said "online" on its retained availability topic."""
+    seen: set[str] = set()
+    done = asyncio.Event()
+
+    def on_availability(msg: Incoming) -> None:
+        message = decode(msg.payload)
+        if isinstance(message, Availability) and message.state == "online":
+            seen.add(message.ident)
+            if seen >= ids:
+                done.set()
+
+    client = Transport(broker_cfg, client_id=f"bench-watch-{os.getpid()}", handler=on_availability)
+    async with asyncio.TaskGroup() as tg:
+        runner = tg.create_task(client.run(), name="watch")
+        await client.wait_connected()
+        for ident in ids:
+            await client.subscribe(V1.availability("worker", ident))
+        await asyncio.wait_for(done.wait(), timeout_s)
+        runner.cancel()
+
+
+def frontends_child(folder: Path, spec: dict[str, Any], loaded: LoadedModel) -> int:
+    """A ``--worker-child`` with ``--frontends``: ``patchcast worker --frontends N`` (its engine process
+    and N worker processes) in this process; ``ready`` once all N are online. It reports no batch
+    sizes (they form in its children), so the benchmark measures replies/s through the broker only."""
+    from inference_worker.frontends import run_frontends
+
+    overrides = {**spec["overrides"], "worker": {**spec["overrides"]["worker"], "worker_id": spec["worker_id"]}}
+    cfg = load_config(environ={}, overrides=overrides)
+    ids = {f"{spec['worker_id']}-f{i}" for i in range(1, cfg.worker.frontends + 1)}
+
+    def announce() -> None:
+        asyncio.run(wait_online(cfg.broker, ids, 600))
+        print("ready", flush=True)
+
+    threading.Thread(target=announce, name="announce", daemon=True).start()
+    code = run_frontends(cfg, server=loaded)
+    (folder / "result.json").write_text(json.dumps({"frontends": cfg.worker.frontends, "exit_code": code}))
+    return code
 
 
 def by_device(requests: list[PatchRequest]) -> dict[str, list[tuple[str, bytes]]]:
@@ -364,11 +418,16 @@ def run_pool(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any, engi
                                "broker_cpu_s": process_tree_cpu_s(broker_pid) - broker_cpu})
         finally:
             workers = pool.stop()
+    served = len(requests) * args.rounds
+    if args.frontends > 1:  # batches form inside each command's worker processes: broker figures only
+        return {"worker_processes": args.worker_processes, "frontends": args.frontends, "rounds": rounds,
+                "exit_codes": [w["exit_code"] for w in workers],
+                "broker_cpu_ms_per_request": 1000 * sum(r["broker_cpu_s"] for r in rounds) / served,
+                "load_cpu_ms_per_request": 1000 * sum(r["load_cpu_s"] for r in rounds) / served}
     sizes = [n for w in workers for n in w["batch_sizes"]]
     # Every batch the pool formed, back to back through one engine (the requests cycled: they
     # alternate between the two kept fractions, so any run of them has the same mix).
     inproc_rps, _ = in_process(engine, sets * (sum(sizes) // len(sets) + 1), sizes)
-    served = len(requests) * args.rounds
     for r in rounds:
         r["ratio"] = r["broker_replies_per_s"] / inproc_rps
     return {
@@ -404,6 +463,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--device", default="cpu", help="worker.device: cpu, cuda or cuda:N")
     ap.add_argument("--decode-threads", type=int, default=1, help="worker.decode_threads (pixel decode)")
+    ap.add_argument("--frontends", type=int, default=1,
+                    help="with --worker-processes: each is 'patchcast worker --frontends N' (N worker processes "
+                         "sharing one engine process; needs the engine process); replies/s through the broker only")
     ap.add_argument("--decode-processes", type=int, default=0,
                     help="worker.decode_processes: pixel decoding in child processes (0: --decode-threads threads)")
     ap.add_argument("--engine-process", default="auto", choices=["auto", "on", "off"],
@@ -431,6 +493,9 @@ def main() -> int:
         ap.error("--load-processes must be ≥ 1, and 1 with --same-process-load")
     if args.worker_processes < 0 or (args.same_process_load and args.worker_processes):
         ap.error("--worker-processes must be ≥ 0, and 0 with --same-process-load")
+    if args.frontends > 1 and not (args.worker_processes and cfg_engine_process(args)):
+        ap.error("--frontends needs --worker-processes (each is then a group of frontends) and the engine process "
+                 "(--engine-process on, or --device cuda)")
     if args.load_generator:
         return load_generator_main(args.load_generator)
     if args.worker_child:
@@ -457,7 +522,8 @@ def main() -> int:
             "worker": {"threads": args.threads, "precision": args.precision,
                        "queue_capacity": max(1024, args.in_flight), "metrics_interval_s": 5.0,
                        "device": args.device, "decode_threads": args.decode_threads,
-                       "engine_process": args.engine_process, "decode_processes": args.decode_processes}}
+                       "engine_process": args.engine_process, "decode_processes": args.decode_processes,
+                       "frontends": args.frontends}}
         cfg = load_config(environ={}, overrides=overrides)
         devices = [f"bench-device-{i}" for i in range(args.load_processes)] if args.load_processes > 1 else \
             ["bench-device"]
@@ -535,6 +601,16 @@ def report_pool(args: argparse.Namespace, pool: dict[str, Any], engine: ServerEn
           f"{cfg_engine_process(args)}, {args.decode_processes} decoder processes), "
           f"{args.load_processes} load-generator processes keeping {args.in_flight} requests outstanding; "
           f"{len(requests)} requests a round, mean {result['tokens_mean']:.0f} tokens")
+    if args.frontends > 1:
+        print(f"each worker process: 'patchcast worker --frontends {args.frontends}' (exit codes "
+              f"{pool['exit_codes']}); CPU ms per request: broker {pool['broker_cpu_ms_per_request']:.2f}, "
+              f"load generators {pool['load_cpu_ms_per_request']:.2f}")
+        print(f"{'round':<7}{'broker/s':>11}")
+        for i, r in enumerate(pool["rounds"], 1):
+            print(f"{i:<7}{r['broker_replies_per_s']:>11.1f}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0 if not any(pool["exit_codes"]) else 1
     print(f"{'round':<7}{'broker/s':>11}{'ratio':>8}")
     for i, r in enumerate(pool["rounds"], 1):
         print(f"{i:<7}{r['broker_replies_per_s']:>11.1f}{r['ratio']:>8.3f}")

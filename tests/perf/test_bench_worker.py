@@ -41,3 +41,11 @@ def test_a_pool_of_worker_processes_with_engine_and_decoder_processes(tmp_path: 
     assert figures["batches"] >= 1 and figures["in_process_replies_per_s"] > 0
     assert 0 < figures["worker_engine_fraction_of_busy"] <= 1
     assert figures["worker_loop_cpu_ms_per_request"] > 0 and figures["load_cpu_ms_per_request"] > 0
+
+
+def test_a_worker_process_of_two_frontends_sharing_one_engine(tmp_path: Path) -> None:
+    figures = run_bench(tmp_path, "--worker-processes", "1", "--frontends", "2", "--load-processes", "2",
+                        "--engine-process", "on")
+    assert figures["frontends"] == 2 and figures["exit_codes"] == [0]
+    (round_,) = figures["rounds"]
+    assert round_["broker_replies_per_s"] > 0, "every request answered (the load generators wait for all)"
