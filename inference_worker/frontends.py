@@ -43,6 +43,7 @@ def _frontend_main(config: Config, server: LoadedModel, conn: multiprocessing.co
     configure(config.logging.format, config.logging.level)
     engine = EngineClient(server, config.batching, conn, block, info)
     asyncio.run(run_worker(config, server=server, worker_id=worker_id, engine=engine))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drained and stopped: a late second SIGTERM changes nothing
 
 
 def run_frontends(config: Config, server: LoadedModel | None = None) -> int:
@@ -80,8 +81,9 @@ def run_frontends(config: Config, server: LoadedModel | None = None) -> int:
             multiprocessing.connection.wait([p.sentinel for p in workers if p.is_alive()] + [engine.sentinel],
                                             timeout=_POLL_S)
             if stopping_since is None:
-                ended = [p for p in workers if not p.is_alive()]
-                engine_gone = not engine.alive()
+                # A stop signal first: with one sent to the whole group the workers may already be leaving.
+                ended = [] if stop_requested else [p for p in workers if not p.is_alive()]
+                engine_gone = not stop_requested and not engine.alive()
                 if ended or engine_gone:  # nobody asked: stop the rest, and say so in the exit code
                     failed = True
                     log.error("frontend_group_failed", workers_ended={p.name: p.exitcode for p in ended},
@@ -102,7 +104,10 @@ def run_frontends(config: Config, server: LoadedModel | None = None) -> int:
         for proc in workers:
             proc.join(10)
         engine.close()
-    failed = failed or any(p.exitcode != 0 for p in workers)
+    # After a stop signal a worker may also end by SIGTERM: a second one (the group's and ours) that
+    # arrives once it has drained and removed its handler. Nothing is lost then.
+    clean = (0, -signal.SIGTERM) if stop_requested else (0,)
+    failed = failed or any(p.exitcode not in clean for p in workers)
     log.info("frontends_stopped", exit_codes={p.name: p.exitcode for p in workers}, failed=failed)
     return 1 if failed else 0
 

@@ -410,7 +410,7 @@ async def test_two_frontends_share_an_engine_serve_over_mosquitto_and_stop_toget
             async with asyncio.timeout(60):
                 while sum(m.topic == V1.reply(dev) for m in received) < 20:  # noqa: ASYNC110
                     await asyncio.sleep(0.1)  # polling what the client recorded
-            worker.terminate()
+            os.killpg(worker.pid, signal.SIGTERM)  # the whole group, as a service manager or Ctrl-C does
             code = await asyncio.to_thread(worker.wait, 60)
             client_task.cancel()
         output = worker.stdout.read().decode()  # type: ignore[union-attr]
