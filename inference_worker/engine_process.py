@@ -2,9 +2,9 @@
 
 Why: on a GPU the forward is bound by the host issuing it, hundreds of small torch calls per batch,
 and each call releases and re-takes the GIL. Inside the worker's process the event loop (MQTT,
-validation, replies) and the pixel decoder hold the GIL most of the time at a few hundred requests
-per second, and every re-take waits for them: on an H100 the same batches ran ~10× slower in the
-worker than alone (docs/benchmarks.md). In its own process the engine has a GIL to itself. On a CPU
+validation, replies) holds the GIL much of the time at several hundred requests per second, and a
+re-take may wait for it. Through the broker on an H100 host, one worker served 965–1,000 replies/s
+with the engine in its own process against 842–967 in the worker's (docs/benchmarks.md). On a CPU
 the forward is long matrix products with few calls, so the engine stays in the worker (no copies).
 
 Shape: :class:`EngineProcess` has :class:`~inference_worker.engine.ServerEngine`'s interface. Each
@@ -15,11 +15,16 @@ as the batcher runs them. The pipe only ever carries this project's own messages
 and the child it started (requests from the wire never cross it as bytes to unpickle: they were
 validated and decoded to pixel arrays in the worker).
 
+:class:`SharedEngine` is the same child serving several worker processes (``worker.frontends``,
+:mod:`inference_worker.frontends`), each through its own pipe and block (:class:`EngineClient`): the
+batches that are waiting together run as one forward, and each worker gets its own rows back.
+
 Failure: a batch whose forward fails comes back as that batch's :class:`InferenceError`. If the child
 dies (killed, out of memory, a crash in a kernel), the batch in flight fails and the next batch
 starts a new child, at most ``MAX_RESTARTS`` times per ``RESTART_WINDOW_S``; past that every batch
 fails until the window has passed, so a crash loop cannot spin. A batch that takes longer than
-``batch_timeout_s`` fails and the child is replaced.
+``batch_timeout_s`` fails and the child is replaced. A shared engine is not restarted: the process
+that owns it stops its workers when it dies, for the supervisor above to start the group again.
 """
 
 from __future__ import annotations
