@@ -19,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,19 +39,47 @@ _EXTRA_JOIN_S = 30.0  # beyond the workers' own shutdown grace
 
 
 def _frontend_main(config: Config, server: LoadedModel, conn: multiprocessing.connection.Connection, block: str,
-                   info: dict[str, Any], worker_id: str) -> None:
+                   info: dict[str, Any], worker_id: str, supervisor: int) -> None:
     """One worker process: an InferenceWorker whose engine is this process's link to the shared engine."""
     from inference_worker.service import run_worker
 
     configure(config.logging.format, config.logging.level)
+    _stop_when_orphaned(supervisor)  # its pid from the supervisor: it may have died while this one started
     engine = EngineClient(server, config.batching, conn, block, info)
     asyncio.run(run_worker(config, server=server, worker_id=worker_id, engine=engine))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drained and stopped: a late second SIGTERM changes nothing
 
 
+def _stop_when_orphaned(parent: int) -> None:
+    """If the supervising process dies (SIGKILL), stop this worker the graceful way: drain, then leave."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def run_frontends(config: Config, server: LoadedModel | None = None) -> int:
     """Start the shared engine and ``worker.frontends`` worker processes; supervise until a stop signal
     (exit 0 once all have drained) or until one of them ends unexpectedly (exit 1)."""
+    stop_requested = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    # From the start: a stop while the engine and the workers start must stop them, not orphan them.
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _supervise(config, server, lambda: stop_requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _supervise(config: Config, server: LoadedModel | None, stop_requested: Callable[[], bool]) -> int:
     from inference_worker.service import load_server
 
     log = get_logger("patchcast.worker.frontends")
@@ -59,7 +90,7 @@ def run_frontends(config: Config, server: LoadedModel | None = None) -> int:
                           device=w.device, threads=w.threads)
     ctx = torch.multiprocessing.get_context("spawn")  # the model's weights travel as shared memory
     workers = [ctx.Process(target=_frontend_main, name=f"patchcast-frontend-{i}",
-                           args=(config, server, conn, block, engine.info, f"{base}-f{i}"))
+                           args=(config, server, conn, block, engine.info, f"{base}-f{i}", os.getpid()))
                for i, (conn, block) in enumerate(engine.endpoints, 1)]
     for proc in workers:
         proc.start()
@@ -67,13 +98,6 @@ def run_frontends(config: Config, server: LoadedModel | None = None) -> int:
     log.info("frontends_started", frontends=len(workers), engine_pid=engine.pid,
              worker_ids=[f"{base}-f{i}" for i in range(1, len(workers) + 1)])
 
-    stop_requested = False
-
-    def request_stop(*_: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     failed = False
     stopping_since: float | None = None
     try:
@@ -82,13 +106,13 @@ def run_frontends(config: Config, server: LoadedModel | None = None) -> int:
                                             timeout=_POLL_S)
             if stopping_since is None:
                 # A stop signal first: with one sent to the whole group the workers may already be leaving.
-                ended = [] if stop_requested else [p for p in workers if not p.is_alive()]
-                engine_gone = not stop_requested and not engine.alive()
+                ended = [] if stop_requested() else [p for p in workers if not p.is_alive()]
+                engine_gone = not stop_requested() and not engine.alive()
                 if ended or engine_gone:  # nobody asked: stop the rest, and say so in the exit code
                     failed = True
                     log.error("frontend_group_failed", workers_ended={p.name: p.exitcode for p in ended},
                               engine_ended=engine_gone)
-                if failed or stop_requested:
+                if failed or stop_requested():
                     stopping_since = time.monotonic()
                     for proc in workers:
                         if proc.is_alive():
@@ -99,14 +123,12 @@ def run_frontends(config: Config, server: LoadedModel | None = None) -> int:
                         proc.kill()
                         failed = True
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for proc in workers:
             proc.join(10)
         engine.close()
     # After a stop signal a worker may also end by SIGTERM: a second one (the group's and ours) that
     # arrives once it has drained and removed its handler. Nothing is lost then.
-    clean = (0, -signal.SIGTERM) if stop_requested else (0,)
+    clean = (0, -signal.SIGTERM) if stop_requested() else (0,)
     failed = failed or any(p.exitcode not in clean for p in workers)
     log.info("frontends_stopped", exit_codes={p.name: p.exitcode for p in workers}, failed=failed)
     return 1 if failed else 0

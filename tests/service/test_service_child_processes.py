@@ -455,3 +455,27 @@ def test_when_one_frontend_dies_the_group_stops_and_says_so(broker, model_files,
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_a_killed_frontend_supervisor_leaves_no_process_behind(broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
+    _, server_path = model_files
+    worker = start_in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
+                                               f"{unique}-w"))
+    try:
+        deadline = time.monotonic() + 90
+        while len(children := children_of(worker.pid)) < 4:
+            assert worker.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        time.sleep(3.0)
+        descendants = children | {g for c in children for g in children_of(c)}
+        worker.kill()  # the supervisor only: its workers drain and leave, then the engine
+        worker.wait(10)
+        deadline = time.monotonic() + 30
+        while (left := {pid for pid in descendants if alive(pid)}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"orphaned after SIGKILL of the supervisor: {left}"
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
