@@ -10,11 +10,13 @@ the order of float additions, may differ) and identical labels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +242,37 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def wait_for_children(proc: subprocess.Popen[bytes], count: int, timeout_s: float = 90.0) -> set[int]:
+    """``proc``'s child processes, once it has at least ``count``."""
+    deadline = time.monotonic() + timeout_s
+    while len(children := children_of(proc.pid)) < count:
+        assert proc.poll() is None and time.monotonic() < deadline, f"{proc.args!r} did not start its children"
+        time.sleep(0.2)
+    return children
+
+
+def still_alive_after(pids: set[int], timeout_s: float) -> set[int]:
+    """Those of ``pids`` still running after up to ``timeout_s`` seconds (none, once all have ended)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := {pid for pid in pids if alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@contextlib.contextmanager
+def in_own_group(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A process leading its own process group (the group a service manager or a terminal signals);
+    the whole group is killed on the way out if it is still running."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_a_killed_worker_leaves_no_child_process_behind(broker, model_files) -> None:  # type: ignore[no-untyped-def]
     _, server_path = model_files
@@ -247,29 +280,13 @@ def test_a_killed_worker_leaves_no_child_process_behind(broker, model_files) -> 
            "--server-model", f"file:{server_path}", "--threads", "1", "--precision", "fp32",
            "--log-format", "json", "--log-level", "warning"]
     env = {**os.environ, "PATCHCAST_WORKER__DECODE_PROCESSES": "2", "PATCHCAST_WORKER__ENGINE_PROCESS": "on"}
-    worker = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        # The engine process, two decoders and multiprocessing's resource tracker.
-        while len(children := children_of(worker.pid)) < 4:
-            assert worker.poll() is None and time.monotonic() < deadline, "the worker did not start its children"
-            time.sleep(0.2)
+    with in_own_group(cmd, env) as worker:
+        children = wait_for_children(worker, 4)  # the engine process, two decoders, the resource tracker
         time.sleep(1.0)  # every child past its start-up
         worker.kill()
         worker.wait(10)
-        deadline = time.monotonic() + 15
-        while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left = still_alive_after(children, 15)
         assert not left, f"orphaned after SIGKILL of the worker: {left}"
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(10)
-
-
-def start_in_own_group(cmd: list[str]) -> subprocess.Popen[bytes]:
-    """A process leading its own process group (the group a service manager or a terminal signals)."""
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
@@ -284,19 +301,15 @@ async def test_sigterm_to_the_whole_process_group_drains_through_the_children(
            "--server-model", f"file:{server_path}", "--model-id", model, "--group", f"pool-{unique}",
            "--threads", "1", "--precision", "fp32", "--max-delay-ms", "1500", "--engine-process", "on",
            "--decode-processes", "2", "--log-format", "json", "--log-level", "warning"]
-    worker = start_in_own_group(cmd)
     received: list[Incoming] = []
     client = Transport(service_config(broker.port, server_path, server_path, REPO).broker, client_id=dev,
                        handler=received.append)
-    try:
+    with in_own_group(cmd) as worker:
         async with asyncio.TaskGroup() as tg:
             client_task = tg.create_task(client.run())
             await client.wait_connected()
             await client.subscribe(V1.reply(dev))
-            async with asyncio.timeout(90):  # engine process, two decoders, the resource tracker
-                while len(children_of(worker.pid)) < 4:
-                    assert worker.poll() is None, worker.communicate()[0].decode()[-2000:]
-                    await asyncio.sleep(0.2)
+            await asyncio.to_thread(wait_for_children, worker, 4)  # engine, two decoders, resource tracker
             await asyncio.sleep(1.0)  # subscribed (the decoders start before the subscription)
             children = children_of(worker.pid)
             for i in range(10):
@@ -312,14 +325,8 @@ async def test_sigterm_to_the_whole_process_group_drains_through_the_children(
         assert "Traceback" not in output, output[-3000:]
         replies = [decode_reply(m.payload) for m in received]
         assert len(replies) == 10 and all(isinstance(r, Reply) for r in replies), replies
-        deadline = time.monotonic() + 15
-        while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)  # polling the process table
+        left = await asyncio.to_thread(still_alive_after, children, 15)
         assert not left, f"children left after the worker stopped: {left}"
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
 
 
 # ---- several worker processes sharing one engine process (worker.frontends) ---------------------------
@@ -381,11 +388,10 @@ async def test_two_frontends_share_an_engine_serve_over_mosquitto_and_stop_toget
         broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
     _, server_path = model_files
     model, dev = f"tiny-{unique}", f"{unique}dev"
-    worker = start_in_own_group(_frontends_cmd(broker.port, server_path, model, f"pool-{unique}", f"{unique}-w"))
     received: list[Incoming] = []
     client = Transport(service_config(broker.port, server_path, server_path, REPO).broker, client_id=dev,
                        handler=received.append)
-    try:
+    with in_own_group(_frontends_cmd(broker.port, server_path, model, f"pool-{unique}", f"{unique}-w")) as worker:
         async with asyncio.TaskGroup() as tg:
             client_task = tg.create_task(client.run())
             await client.wait_connected()
@@ -418,26 +424,16 @@ async def test_two_frontends_share_an_engine_serve_over_mosquitto_and_stop_toget
         replies = [decode_reply(m.payload) for m in received if m.topic == V1.reply(dev)]
         assert len(replies) == 20 and all(isinstance(r, Reply) for r in replies), replies
         assert {r.worker_id for r in replies} == ids  # type: ignore[union-attr]
-        deadline = time.monotonic() + 15
-        while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)  # polling the process table
+        left = await asyncio.to_thread(still_alive_after, children, 15)
         assert not left, f"children left after the worker stopped: {left}"
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_when_one_frontend_dies_the_group_stops_and_says_so(broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
     _, server_path = model_files
-    worker = start_in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
-                                               f"{unique}-w"))
-    try:
-        deadline = time.monotonic() + 90
-        while len(children := children_of(worker.pid)) < 4:
-            assert worker.poll() is None and time.monotonic() < deadline, "the workers did not start"
-            time.sleep(0.2)
+    with in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
+                                     f"{unique}-w")) as worker:
+        children = wait_for_children(worker, 4)  # the engine, two workers, the resource tracker
         time.sleep(3.0)
         frontends = [pid for pid in children if "patchcast.cli" not in Path(f"/proc/{pid}/cmdline").read_text()
                      and "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
@@ -447,35 +443,19 @@ def test_when_one_frontend_dies_the_group_stops_and_says_so(broker, model_files,
         assert worker.wait(60) == 1
         output = worker.stdout.read().decode()  # type: ignore[union-attr]
         assert "frontend_group_failed" in output and "Traceback" not in output, output[-3000:]
-        deadline = time.monotonic() + 15
-        while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left = still_alive_after(children, 15)
         assert not left, f"children left: {left}"
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_a_killed_frontend_supervisor_leaves_no_process_behind(broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
     _, server_path = model_files
-    worker = start_in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
-                                               f"{unique}-w"))
-    try:
-        deadline = time.monotonic() + 90
-        while len(children := children_of(worker.pid)) < 4:
-            assert worker.poll() is None and time.monotonic() < deadline, "the workers did not start"
-            time.sleep(0.2)
+    with in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
+                                     f"{unique}-w")) as worker:
+        children = wait_for_children(worker, 4)
         time.sleep(3.0)
         descendants = children | {g for c in children for g in children_of(c)}
         worker.kill()  # the supervisor only: its workers drain and leave, then the engine
         worker.wait(10)
-        deadline = time.monotonic() + 30
-        while (left := {pid for pid in descendants if alive(pid)}) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left = still_alive_after(descendants, 30)
         assert not left, f"orphaned after SIGKILL of the supervisor: {left}"
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
