@@ -30,8 +30,9 @@ from shared.protocol import (
     Availability,
     ErrorReply,
     PatchRequest,
+    RegionRequest,
     Reply,
-    decode_reply,
+    decode_device_message,
     encode,
 )
 from shared.routing import ExpertRouter, parse_experts
@@ -39,6 +40,7 @@ from shared.topics import Topics
 from shared.transport import Incoming, Outgoing, Transport
 
 _RETRYABLE_PUBLISH = ("timeout", "transport")  # too_large etc. would fail again
+Answer = Reply | ErrorReply | RegionRequest  # what arrives on a device's reply topic
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ReplyLedger:
     late: int = 0  # replies to requests no longer awaited (timed out before the reply came)
     foreign: int = 0  # replies on another topic or for another device's request id
     malformed: int = 0
+    regions: collections.Counter[str] = field(default_factory=collections.Counter)  # RegionRequests per request id
 
 
 class Device:
@@ -68,7 +71,7 @@ class Device:
         self.on_outcome = on_outcome
         self.ledger = ReplyLedger()
         self.outcomes: list[OutcomeRecord] = []
-        self._pending: dict[bytes, asyncio.Future[Reply | ErrorReply]] = {}
+        self._pending: dict[bytes, asyncio.Future[Answer]] = {}
         self._in_flight = asyncio.Semaphore(self.edge.max_in_flight)
         self._window: list[OutcomeRecord] = []
         self._window_started = time.monotonic()
@@ -90,7 +93,7 @@ class Device:
             self.ledger.foreign += 1
             return
         try:
-            reply = decode_reply(msg.payload)
+            reply = decode_device_message(msg.payload)
         except ProtocolError:
             self.ledger.malformed += 1
             return
@@ -101,7 +104,10 @@ class Device:
             else:
                 self.ledger.malformed += 1
             return
-        self.ledger.answered[rid] += 1
+        if isinstance(reply, RegionRequest):
+            self.ledger.regions[rid] += 1
+        else:
+            self.ledger.answered[rid] += 1
         future = self._pending.get(msg.correlation_data or rid.encode())
         if future is None or future.done():
             self.ledger.late += 1
@@ -109,10 +115,10 @@ class Device:
         future.set_result(reply)
 
     # ---- one image ---------------------------------------------------------------------------
-    async def _request(self, request: PatchRequest, topic: str) -> tuple[Reply | ErrorReply | None, int, str | None]:
+    async def _request(self, request: PatchRequest, topic: str) -> tuple[Answer | None, int, str | None]:
         """Publish one attempt and wait for its answer: (answer or None on timeout, bytes, error code)."""
         key = request.request_id.encode()
-        future: asyncio.Future[Reply | ErrorReply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
             payload = encode(request)
@@ -140,6 +146,8 @@ class Device:
 
     async def _offload(self, base_id: str, decision: EdgeDecision, sample: Sample) -> OutcomeRecord:
         assert decision.indices is not None and decision.payload is not None
+        if decision.downscale is not None:
+            return await self._exchange(base_id, decision, sample)
         mask = pack_mask(decision.indices, decision.num_patches)
         topic = (self.topics.request(self.router.route(decision.topk_ids, decision.topk_probs), self.device_id)
                  if self.router.experts else self.request_topic)
@@ -167,6 +175,9 @@ class Device:
             if isinstance(answer, Reply):
                 return self._record(rid, decision, sample, "server", answer.label, nbytes=total_bytes,
                                     latency_ms=latency_ms, attempts=attempts, worker_id=answer.worker_id)
+            if isinstance(answer, RegionRequest):  # this device offered no region
+                code = "bad_region"
+                break
             if isinstance(answer, ErrorReply):
                 code = answer.code
                 if code != "busy":
@@ -178,16 +189,89 @@ class Device:
         return self._record(base_id, decision, sample, status, decision.edge_label, nbytes=total_bytes,
                             attempts=attempts, error_code=code)
 
+    async def _exchange(self, rid: str, decision: EdgeDecision, sample: Sample) -> OutcomeRecord:
+        """Region retransmission: send the glance; if the worker asks for a region, send it the window's
+        full-resolution patches and take the fused answer. If the region leg fails, the glance's answer
+        (carried by the RegionRequest) is kept: the server has seen the image, at low resolution."""
+        assert decision.payload is not None and decision.pixels is not None and decision.downscale is not None
+        assert decision.indices is not None
+        engine = self.runner.engine
+        sent_at = time.time()
+        glance = PatchRequest(
+            device_id=self.device_id, request_id=rid, height=decision.height, width=decision.width,
+            patch_size=decision.patch_size, grid=(decision.height // decision.patch_size,
+                                                  decision.width // decision.patch_size),
+            mask=pack_mask(decision.indices, decision.num_patches), codec=engine.codec_name,
+            codec_params=engine.codec_params, payload=decision.payload, topk_ids=decision.topk_ids,
+            topk_probs=decision.topk_probs, uncertainty=decision.uncertainty,
+            uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label,
+            deadline=sent_at + self.edge.reply_timeout_s, downscale=decision.downscale)
+        started = time.monotonic()
+        answer, nbytes, code = await self._request(glance, self.request_topic)
+        # patches sent, counted in full-resolution patches: the glance is worth N / s² of them
+        patches = -(-decision.num_patches // decision.downscale**2)
+        asked: RegionRequest | None = None
+        if isinstance(answer, RegionRequest):
+            asked = answer
+            region, code = await self._region(rid, asked, decision, sample)
+            answer = None
+            if region is not None:
+                patches += region.kept
+                answer, more, code = await self._request(region, self.topics.region(asked.worker_id, self.device_id))
+                nbytes += more
+        latency_ms = (time.monotonic() - started) * 1000.0
+        full_bytes = None
+        if decision.full_payload_bytes is not None and nbytes:  # the glance's message with the full image instead
+            full_bytes = len(encode(glance)) - len(decision.payload) + decision.full_payload_bytes
+        kept = min(patches, decision.num_patches)
+        if isinstance(answer, Reply):
+            return self._record(rid, decision, sample, "server", answer.label, nbytes=nbytes, latency_ms=latency_ms,
+                                attempts=1 + (asked is not None), worker_id=answer.worker_id, patches=kept,
+                                full_bytes=full_bytes)
+        if isinstance(answer, ErrorReply):
+            code = answer.code
+        elif isinstance(answer, RegionRequest):
+            code = "bad_region"  # a worker asks once per exchange
+        final = asked.topk_ids[0] if asked is not None else decision.edge_label
+        return self._record(rid, decision, sample, "timeout" if code == "timeout" else "error", final,
+                            nbytes=nbytes, attempts=1 + (asked is not None), error_code=code, patches=kept,
+                            full_bytes=full_bytes, worker_id=None if asked is None else asked.worker_id)
+
+    async def _region(self, rid: str, asked: RegionRequest, decision: EdgeDecision,
+                      sample: Sample) -> tuple[PatchRequest | None, str | None]:
+        """The region request a worker asked for, or (None, why not) when the ask does not fit this image."""
+        assert decision.pixels is not None
+        engine = self.runner.engine
+        p = engine.patch_size
+        h, w = decision.pixels.shape[:2]
+        if asked.request_id != rid or asked.patch_size != p or tuple(asked.grid) != (h // p, w // p):
+            self.log.warning("region_request_refused", request_id=rid, worker_id=asked.worker_id,
+                             grid=list(asked.grid), patch_size=asked.patch_size)
+            return None, "bad_region"
+        indices = asked.indices
+        payload = await asyncio.to_thread(engine.codec.encode, decision.pixels, indices, p, engine.codec_params)
+        sent_at = time.time()
+        return PatchRequest(
+            device_id=self.device_id, request_id=rid, height=h, width=w, patch_size=p, grid=asked.grid,
+            mask=asked.mask, codec=engine.codec_name, codec_params=engine.codec_params, payload=payload,
+            topk_ids=decision.topk_ids, topk_probs=decision.topk_probs, uncertainty=decision.uncertainty,
+            uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label,
+            deadline=sent_at + min(self.edge.reply_timeout_s, asked.ttl_s), exchange=asked.exchange), None
+
     def _record(self, rid: str, decision: EdgeDecision, sample: Sample, status: str, final_label: int, *,
                 nbytes: int = 0, latency_ms: float | None = None, attempts: int = 0, worker_id: str | None = None,
-                error_code: str | None = None) -> OutcomeRecord:
+                error_code: str | None = None, patches: int | None = None,
+                full_bytes: int | None = None) -> OutcomeRecord:
         record = OutcomeRecord(
             device_id=self.device_id, request_id=rid, status=status,
-            patches=decision.kept if status != "edge" else 0, num_patches=decision.num_patches,
+            patches=0 if status == "edge" else decision.kept if patches is None else patches,
+            num_patches=decision.num_patches,
             bytes=nbytes, latency_ms=latency_ms, edge_label=decision.edge_label, final_label=final_label,
             ground_truth=sample.label, uncertainty=decision.uncertainty, error_code=error_code,
             attempts=attempts, worker_id=worker_id, edge_ms=decision.edge_ms)
-        if attempts and decision.full_payload_bytes is not None and decision.payload is not None:
+        if full_bytes is not None:
+            record = OutcomeRecord(**{**record.__dict__, "full_bytes": full_bytes})
+        elif attempts and decision.full_payload_bytes is not None and decision.payload is not None:
             # the same attempts, each with the full image as the payload instead of the kept patches
             full = nbytes + attempts * (decision.full_payload_bytes - len(decision.payload))
             record = OutcomeRecord(**{**record.__dict__, "full_bytes": full})

@@ -17,10 +17,12 @@ import torch
 
 from shared.attention import edge_forward
 from shared.codecs import full_image_payload_bytes, get_codec
-from shared.config import CodecConfig, GateConfig, SelectionConfig
+from shared.config import CodecConfig, GateConfig, RegionConfig, SelectionConfig
 from shared.datasets import Sample, crop_uint8, decode_rgb, normalize
+from shared.errors import ConfigError
 from shared.gates import Gate
 from shared.models import LoadedModel
+from shared.region import downsample, global_patch_size
 from shared.scores import scores_from_output
 from shared.selection import SelectionRule, select_batch
 
@@ -46,6 +48,11 @@ class EdgeDecision:
     # bytes of the same image as a full-image JPEG payload (what a device without patch selection
     # would send); measured only for images that are sent, and only when asked for
     full_payload_bytes: int | None = None
+    # Region retransmission (edge.offload = "region"): the payload is the whole image downsampled by
+    # ``downscale`` (height, width and patch_size describe that image), and ``pixels`` is the
+    # full-resolution image the device keeps until the exchange ends.
+    downscale: int | None = None
+    pixels: np.ndarray | None = None
 
     @property
     def kept(self) -> int:
@@ -63,7 +70,10 @@ class EdgeEngine:
     """A loaded edge ViT with the gate, selection rule and codec a device applies."""
 
     def __init__(self, loaded: LoadedModel, gate: GateConfig, selection: SelectionConfig,
-                 codec: CodecConfig, *, measure_full_bytes: bool = False) -> None:
+                 codec: CodecConfig, *, measure_full_bytes: bool = False,
+                 region: RegionConfig | None = None) -> None:
+        """``region``: offload by region retransmission (a downsampled glance, then the region a worker
+        asks for) instead of attention-chosen patches."""
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.gate = Gate(gate.kind, gate.threshold)
@@ -76,6 +86,12 @@ class EdgeEngine:
         self.num_patches = loaded.num_patches
         self.measure_full_bytes = measure_full_bytes
         self.quality = codec.quality
+        self.downscale = None if region is None else region.downscale
+        if self.downscale is not None:
+            try:
+                global_patch_size(self.patch_size, self.downscale)
+            except ValueError as exc:
+                raise ConfigError(f"edge.offload = 'region': {exc}") from exc
 
     def pixels(self, sample: Sample) -> np.ndarray:
         """(H, W, 3) uint8: the cropped image as the device holds it."""
@@ -101,6 +117,9 @@ class EdgeEngine:
             ids = tuple(int(v) for v in top_i[i])
             indices = payload = None
             full_bytes = None
+            if i in selections and self.downscale is not None:
+                decisions.append(self._glance(ids, top_p[i], float(unc[i]), px))
+                continue
             if i in selections:
                 indices = np.asarray(selections[i].indices, dtype=np.int64)
                 kept_scores = scores[i].numpy().astype(np.float64)[indices]
@@ -113,6 +132,20 @@ class EdgeEngine:
                 num_patches=self.num_patches, indices=indices, payload=payload, full_payload_bytes=full_bytes))
         share = (time.perf_counter() - started) * 1000.0 / max(len(samples), 1)
         return [_with_ms(d, share) for d in decisions]
+
+
+    def _glance(self, ids: tuple[int, ...], probs: torch.Tensor, uncertainty: float, px: np.ndarray) -> EdgeDecision:
+        """A region exchange's first message: the whole image, box-downsampled, every patch kept."""
+        assert self.downscale is not None
+        small = downsample(px, self.downscale)
+        p = global_patch_size(self.patch_size, self.downscale)
+        indices = np.arange(self.num_patches, dtype=np.int64)  # the downsampled grid is the model's grid
+        payload = self.codec.encode(small, indices, p, self.codec_params)
+        full_bytes = full_image_payload_bytes(px, self.patch_size, self.quality) if self.measure_full_bytes else None
+        return EdgeDecision(
+            edge_label=ids[0], topk_ids=ids, topk_probs=tuple(float(v) for v in probs), uncertainty=uncertainty,
+            send=True, height=small.shape[0], width=small.shape[1], patch_size=p, num_patches=self.num_patches,
+            indices=indices, payload=payload, full_payload_bytes=full_bytes, downscale=self.downscale, pixels=px)
 
 
 def _with_ms(decision: EdgeDecision, ms: float) -> EdgeDecision:

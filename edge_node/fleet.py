@@ -66,7 +66,8 @@ async def run_fleet(config: Config, *, edge: LoadedModel | None = None, dataset:
     if len(dataset) == 0:
         raise ConfigError(f"edge.source {cfg.source!r} has no images")
     engine = EdgeEngine(edge, config.gate, config.selection, config.codec,
-                        measure_full_bytes=config.edge.measure_full_bytes)
+                        measure_full_bytes=config.edge.measure_full_bytes,
+                        region=config.region if config.edge.offload == "region" else None)
     runner = EdgeRunner(engine, batch_size=cfg.batch_size, batch_delay_ms=cfg.batch_delay_ms)
     mid = model_id(config.models.server, config.models.model_id)
     devices = [Device(device_id(cfg.device_prefix, i), config, runner, topics, mid) for i in range(cfg.devices)]

@@ -39,6 +39,7 @@ from shared.packing import (
     AttentionImpl,
     autocast_ready_copy,
     bucket_rows,
+    forward_packed,
     forward_token_sets,
     plan_batches,
     varlen_available,
@@ -199,13 +200,22 @@ class ServerEngine:
         embedded = embed_patches(self.model, patches.unsqueeze(0), indices.unsqueeze(0))[0, :total]
         return list(torch.split(embedded, [int(s.patches.shape[0]) for s in sets], dim=0))
 
-    def logits(self, sets: Sequence[PatchSet]) -> torch.Tensor:
-        """Float32 logits (B, C) for B patch sets, in input order."""
+    def logits(self, sets: Sequence[PatchSet], cls_attention: list[np.ndarray] | None = None) -> torch.Tensor:
+        """Float32 logits (B, C) for B patch sets, in input order. With a ``cls_attention`` list, each
+        set's last-block CLS attention over its patches (float32 (K_i,), summing to 1) is appended to it;
+        that batch then runs packed whatever the policy (packing is exact, see shared.packing)."""
         if not sets:
             return torch.zeros(0, self.loaded.num_classes)
         policy = self.batching.policy
         with self._mode():
             tokens = self._token_sets(sets)
+            if cls_attention is not None:
+                maps: list[torch.Tensor] = []
+                out = forward_packed(self.model, tokens, attention=self.attention,
+                                     cls_only_last=self.batching.cls_only_last,
+                                     shape_buckets=self.batching.shape_buckets, cls_attention=maps).float().cpu()
+                cls_attention.extend(m.cpu().numpy() for m in maps)
+                return out
             if policy != "padded":
                 return forward_token_sets(self.model, tokens, policy, attention=self.attention,
                                           cls_only_last=self.batching.cls_only_last,
@@ -220,10 +230,11 @@ class ServerEngine:
     def close(self) -> None:
         """Nothing to release (the interface :class:`~inference_worker.engine_process.EngineProcess` shares)."""
 
-    def logits_checked(self, sets: Sequence[PatchSet]) -> torch.Tensor:
+    def logits_checked(self, sets: Sequence[PatchSet], cls_attention: list[np.ndarray] | None = None
+                       ) -> torch.Tensor:
         """:meth:`logits`, with any failure (shape, memory, NaN output) as :class:`InferenceError`."""
         try:
-            out = self.logits(sets)
+            out = self.logits(sets, cls_attention)
         except Exception as exc:
             raise InferenceError(f"server forward failed on a batch of {len(sets)}: "
                                  f"{type(exc).__name__}: {exc}") from exc

@@ -90,35 +90,39 @@ def _child_main(conns: list[multiprocessing.connection.Connection], loaded: Load
                 if message[0] != "batch":
                     live.pop(conn).close()
                     continue
-                jobs.append((conn, message[1], message[2]))
+                jobs.append((conn, message[1], message[2], len(message) > 3 and bool(message[3])))
             if jobs:
-                _serve(engine, [(conn, live[conn], counts, indices) for conn, counts, indices in jobs])
+                _serve(engine, [(conn, live[conn], counts, indices, maps) for conn, counts, indices, maps in jobs])
     finally:
         for shm in live.values():
             shm.close()
 
 
-def _serve(engine: ServerEngine, jobs: list[tuple[Any, SharedMemory, np.ndarray, np.ndarray]]) -> None:
-    """One forward over every waiting batch; each connection gets its own rows (or its error)."""
+def _serve(engine: ServerEngine, jobs: list[tuple[Any, SharedMemory, np.ndarray, np.ndarray, bool]]) -> None:
+    """One forward over every waiting batch; each connection gets its own rows (or its error), and
+    the CLS attention of its sets (concatenated, float32) when it asked for them."""
     p = engine.patch_size
     answers: dict[Any, tuple[Any, ...]] = {}
-    parts: list[tuple[Any, list[PatchSet]]] = []
-    for conn, shm, counts, indices in jobs:
+    parts: list[tuple[Any, list[PatchSet], bool]] = []
+    for conn, shm, counts, indices, wants_maps in jobs:
         try:
             pixels = np.ndarray((int(counts.sum()), p, p, 3), dtype=np.uint8, buffer=shm.buf)
             bounds = np.concatenate([[0], np.cumsum(counts)])
-            parts.append((conn, [PatchSet(pixels[a:b], indices[a:b]) for a, b in itertools.pairwise(bounds)]))
+            parts.append((conn, [PatchSet(pixels[a:b], indices[a:b]) for a, b in itertools.pairwise(bounds)],
+                          wants_maps))
         except Exception as exc:  # a malformed layout: this batch's error, not the process's end
             answers[conn] = ("error", "inference", f"batch layout: {type(exc).__name__}: {exc}")
-    merged = [s for _, sets in parts for s in sets]
+    merged = [s for _, sets, _ in parts for s in sets]
+    maps: list[np.ndarray] | None = [] if any(wants for _, _, wants in parts) else None
     try:
-        logits = engine.logits_checked(merged).numpy() if merged else None
+        logits = engine.logits_checked(merged, maps).numpy() if merged else None
         row = 0
-        for conn, sets in parts:
-            answers[conn] = ("logits", logits[row:row + len(sets)], len(parts))  # type: ignore[index]
+        for conn, sets, wants_maps in parts:
+            flat = np.concatenate(maps[row:row + len(sets)]) if wants_maps and maps is not None else None
+            answers[conn] = ("logits", logits[row:row + len(sets)], len(parts), flat)  # type: ignore[index]
             row += len(sets)
     except InferenceError as exc:
-        for conn, _ in parts:
+        for conn, _, _ in parts:
             answers[conn] = ("error", exc.code, exc.message)
     parts.clear()
     merged.clear()  # no view may outlive its block
@@ -178,11 +182,13 @@ class _EngineLink(ABC):
         """The engine stopped answering (died or timed out): forget it; the error for the batch."""
         return InferenceError(reason)
 
-    def logits(self, sets: Sequence[PatchSet]) -> torch.Tensor:
-        return self.logits_checked(sets)
+    def logits(self, sets: Sequence[PatchSet], cls_attention: list[np.ndarray] | None = None) -> torch.Tensor:
+        return self.logits_checked(sets, cls_attention)
 
-    def logits_checked(self, sets: Sequence[PatchSet]) -> torch.Tensor:
-        """Float32 logits (B, C) for B patch sets, in input order; any failure as :class:`InferenceError`."""
+    def logits_checked(self, sets: Sequence[PatchSet], cls_attention: list[np.ndarray] | None = None
+                       ) -> torch.Tensor:
+        """Float32 logits (B, C) for B patch sets, in input order; any failure as :class:`InferenceError`.
+        ``cls_attention``: as :meth:`ServerEngine.logits`."""
         if not sets:
             return torch.zeros(0, self.loaded.num_classes)
         counts = np.fromiter((s.patches.shape[0] for s in sets), dtype=np.int64, count=len(sets))
@@ -197,7 +203,7 @@ class _EngineLink(ABC):
         del view
         indices = np.concatenate([s.indices for s in sets]).astype(np.int64, copy=False)
         try:
-            conn.send(("batch", counts, indices))
+            conn.send(("batch", counts, indices, cls_attention is not None))
             if not conn.poll(self.batch_timeout_s):
                 raise self._lost(f"engine process took over {self.batch_timeout_s:.0f} s on a batch of "
                                  f"{len(sets)}; replaced")
@@ -210,6 +216,11 @@ class _EngineLink(ABC):
         self.last_merged = int(message[2])
         if logits.shape != (len(sets), self.loaded.num_classes):
             raise InferenceError(f"engine process returned logits of shape {tuple(logits.shape)}")
+        if cls_attention is not None:
+            flat = message[3]
+            if flat is None or flat.shape != (total,):
+                raise InferenceError("engine process returned no attention maps for this batch")
+            cls_attention.extend(np.split(flat, np.cumsum(counts)[:-1]))
         return logits
 
 

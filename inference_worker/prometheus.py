@@ -36,6 +36,12 @@ def worker_families(worker: InferenceWorker) -> list[Family]:
                "decoder process pool); each replacement failed the requests its predecessor held", "counter")
         .with_sample(worker.engine.restarts, **labels, child="engine")
         .with_sample(worker.decoder_replacements, **labels, child="decoder"))
+    regions = Family("patchcast_worker_region_exchanges_total", "region exchanges by outcome since start: asked "
+                     "(a RegionRequest sent), answered (the fused reply), expired (no region in time: the device "
+                     "keeps the glance's answer), table_full (the glance answered alone)", "counter")
+    for outcome in ("asked", "answered", "expired", "table_full"):
+        regions = regions.with_sample(stats.regions[outcome], **labels, outcome=outcome)
+    families.append(regions)
     errors = Family("patchcast_worker_errors_total", "error replies by code since start", "counter")
     for code, n in sorted(stats.errors_by_code.items()):
         errors = errors.with_sample(n, **labels, code=code)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import math
 import os
+import secrets
 import signal
 import time
 from collections.abc import Sequence
@@ -37,8 +39,10 @@ from inference_worker.batcher import Batcher
 from inference_worker.decoders import new_decoder
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
 from inference_worker.engine_process import EngineClient, EngineProcess
+from inference_worker.exchanges import Exchange, ExchangeTable
 from inference_worker.prometheus import worker_families
 from inference_worker.stats import WorkerStats
+from shared.bitmask import pack_mask
 from shared.config import Config
 from shared.errors import (
     BadGeometryError,
@@ -61,12 +65,14 @@ from shared.protocol import (
     Message,
     PatchRequest,
     ProtocolLimits,
+    RegionRequest,
     Reply,
     WorkerMetrics,
     decode_patches,
     decode_request,
     encode,
 )
+from shared.region import choose_window, decode_global, fuse, hybrid_patches, window_side
 from shared.topics import V1, Topics
 from shared.transport import Incoming, Outgoing, Transport
 
@@ -86,6 +92,10 @@ class WorkItem:
     response_topic: str
     correlation: bytes | None
     arrived: float = field(default_factory=time.monotonic)
+    # Region retransmission: a global request whose device offers a region (the batch then reads the
+    # server's attention), or the region of an open exchange (fused with its glance).
+    offers_region: bool = False
+    exchange: Exchange | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,11 @@ class Prediction:
     batch_started: float  # monotonic
     infer_ms: float
     batch_size: int
+    # A glance too uncertain to answer: the window to ask for, and what the exchange keeps.
+    window: np.ndarray | None = None
+    uncertainty: float = 0.0
+    probs: np.ndarray | None = None
+    global_patches: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,7 @@ class OutboxEntry:
     arrived: float | None = None  # for service time; None for refusals of unreadable requests
     item: WorkItem | None = None
     prediction: Prediction | None = None
+    response_topic: str | None = None  # MQTT response topic of the message (a RegionRequest's)
 
 
 class InferenceWorker:
@@ -150,6 +166,11 @@ class InferenceWorker:
         self.stats = WorkerStats()
         self.log = get_logger("patchcast.worker", worker_id=self.worker_id, model=self.model_id)
         self.subscription = topics.worker_subscription(config.worker.group, self.model_id)
+        self.region = config.region
+        self.region_subscription = topics.region_filter(self.worker_id)
+        self.exchanges = ExchangeTable(config.region.max_pending, config.region.timeout_s)
+        self._exchange_prefix = f"x{secrets.token_hex(3)}."  # exchange ids are unique per worker start
+        self._exchange_seq = 0
         availability = topics.availability("worker", self.worker_id)
         self.transport = Transport(
             config.broker, client_id=f"worker-{self.worker_id}", handler=self._on_message,
@@ -210,18 +231,20 @@ class InferenceWorker:
     # ---- intake (event loop; must stay cheap) ------------------------------------------------
     def _on_message(self, msg: Incoming) -> None:
         request_id: str | None = None
+        exchange: Exchange | None = None
         try:
             request = decode_request(msg.payload, limits=self.limits)
             request_id = request.request_id
-            _model, device = self.topics.parse_request(msg.topic)
+            region_topic = self.topics.parse_region(msg.topic)
+            _model, device = self.topics.parse_request(msg.topic) if region_topic is None else region_topic
             if device != request.device_id:
                 raise BadTopicError(f"request from {request.device_id!r} published on {device!r}'s topic")
-            if request.patch_size != self.engine.patch_size or (request.height, request.width) != (
-                    self.engine.input_size, self.engine.input_size):
-                size = self.engine.input_size
-                raise BadGeometryError(
-                    f"request is {request.height}×{request.width} in {request.patch_size}-pixel patches; "
-                    f"this worker's model takes {size}×{size} in {self.engine.patch_size}-pixel patches")
+            self._check_geometry(request)
+            if (region_topic is None) != (request.exchange is None):
+                raise BadTopicError("a region (a request with an exchange) goes to the worker that asked for it, "
+                                    "on its region topic, and only a region does")
+            if request.exchange is not None:
+                exchange = self.exchanges.claim(request)  # ProtocolError: unknown, expired or not as asked
             if msg.response_topic is None:
                 raise BadTopicError("request has no response topic")
             if not self._accepting:
@@ -236,20 +259,61 @@ class InferenceWorker:
         if request.deadline is not None:  # device wall clock → this host's monotonic clock
             deadline = time.monotonic() + (request.deadline - time.time())
         try:
-            pixels = self._decode_pool.submit(decode_patches, request)
+            if request.downscale is not None:
+                pixels = self._decode_pool.submit(decode_global, request, self.engine.patch_size)
+                indices = np.arange(self.engine.num_patches, dtype=np.int64)
+            else:
+                pixels = self._decode_pool.submit(decode_patches, request)
         except BrokenExecutor as exc:  # a decoder process died (a crash in an image library)
             self._replace_decoder()
             self._refuse(msg, request_id, InferenceError(f"pixel decoder failed: {exc}"))
             return
-        item = WorkItem(request, pixels, indices, msg.response_topic, msg.correlation_data, msg.received_at)
+        item = WorkItem(request, pixels, indices, msg.response_topic, msg.correlation_data, msg.received_at,
+                        offers_region=request.downscale is not None, exchange=exchange)
+        tokens = (self.engine.num_patches if exchange is not None and self.region.fusion != "probs"
+                  else int(indices.size)) + 1
         try:
-            future = self.batcher.submit_nowait(item, int(indices.size) + 1, deadline=deadline)
+            future = self.batcher.submit_nowait(item, tokens, deadline=deadline)
         except BusyError as exc:
             pixels.cancel()
             self._refuse(msg, request_id, exc)
             return
         self.stats.on_request(time.time() - request.sent_at)
         future.add_done_callback(lambda f, it=item: self._on_done(it, f))  # type: ignore[misc]
+
+    def _check_geometry(self, request: PatchRequest) -> None:
+        """The request's image must be this model's input: as sent, or upsampled (a global request)."""
+        size, p = self.engine.input_size, self.engine.patch_size
+        scale = request.downscale or 1
+        if request.patch_size * scale != p or (request.height * scale, request.width * scale) != (size, size):
+            shown = f" downscaled by {scale}" if scale > 1 else ""
+            raise BadGeometryError(
+                f"request is {request.height}×{request.width}{shown} in {request.patch_size}-pixel patches; "
+                f"this worker's model takes {size}×{size} in {p}-pixel patches")
+
+    def _ask_for_region(self, item: WorkItem, prediction: Prediction) -> bool:
+        """Open an exchange for an uncertain glance and post its RegionRequest; False when the table is
+        full (the glance then answers alone)."""
+        assert prediction.window is not None and prediction.probs is not None
+        request = item.request
+        self._exchange_seq += 1
+        exchange = Exchange(
+            exchange_id=f"{self._exchange_prefix}{self._exchange_seq}", device_id=request.device_id,
+            request_id=request.request_id, mask=pack_mask(prediction.window, self.engine.num_patches),
+            global_probs=prediction.probs, global_patches=prediction.global_patches,
+            expires_at=time.monotonic() + self.region.timeout_s, arrived=item.arrived)
+        if not self.exchanges.open(exchange):
+            self.stats.on_region("table_full")
+            return False
+        self.stats.on_region("asked")
+        grid = self.engine.input_size // self.engine.patch_size
+        ask = RegionRequest(
+            request_id=request.request_id, exchange=exchange.exchange_id, patch_size=self.engine.patch_size,
+            grid=(grid, grid), mask=exchange.mask, topk_ids=prediction.topk_ids, topk_probs=prediction.topk_probs,
+            uncertainty=prediction.uncertainty, worker_id=self.worker_id, ttl_s=self.region.timeout_s)
+        self._post(OutboxEntry(item.response_topic, item.correlation, ask,
+                               response_topic=self.topics.region(self.worker_id, request.device_id)))
+        return True
 
     def _on_done(self, item: WorkItem, future: asyncio.Future[Prediction]) -> None:
         if future.cancelled():
@@ -263,6 +327,10 @@ class InferenceWorker:
             self._post(OutboxEntry(item.response_topic, item.correlation, reply, arrived=item.arrived))
             return
         prediction = future.result()
+        if prediction.window is not None and self._accepting and self._ask_for_region(item, prediction):
+            return
+        if item.exchange is not None:
+            self.stats.on_region("answered")
         # The Reply itself is built at publish time so that total_ms covers the wait in the outbox.
         self._post(OutboxEntry(item.response_topic, item.correlation, None, arrived=item.arrived, item=item,
                                prediction=prediction))
@@ -294,17 +362,24 @@ class InferenceWorker:
         positions: list[int] = []
         for i, item in enumerate(items):
             try:
-                sets.append(PatchSet(item.pixels.result(timeout=DECODE_TIMEOUT_S), item.indices))
+                sets.append(self._patch_set(item, item.pixels.result(timeout=DECODE_TIMEOUT_S)))
                 positions.append(i)
             except ProtocolError as exc:  # one bad payload fails its request only
                 results[i] = exc
             except (BrokenExecutor, TimeoutError, CancelledError) as exc:  # so does a decoder that died or hung
                 results[i] = InferenceError(f"pixel decoding failed: {type(exc).__name__}: {exc}")
         if sets:
+            glances = [row for row, i in enumerate(positions) if items[i].offers_region]
+            maps: list[np.ndarray] | None = [] if glances else None  # the server's attention, for windows
             t0 = time.perf_counter()
-            logits = self.engine.logits_checked(sets)  # InferenceError fails the whole batch
+            logits = self.engine.logits_checked(sets, maps)  # InferenceError fails the whole batch
             infer_ms = (time.perf_counter() - t0) * 1000.0
             probs = torch.softmax(logits, dim=-1)
+            for row, i in enumerate(positions):
+                exchange = items[i].exchange
+                if exchange is not None:  # a region: its answer is the fusion with its glance
+                    fused = fuse(exchange.global_probs, probs[row].numpy(), self.region.fusion)
+                    probs[row] = torch.from_numpy(fused.astype(np.float32))
             k = min(TOPK, probs.shape[-1])
             top_p, top_i = probs.topk(k, dim=-1)
             to_global = self.engine.loaded.global_class  # an expert's outputs → global class ids
@@ -313,7 +388,36 @@ class InferenceWorker:
                 ids = tuple(to_global(v) for v in row_ids)
                 results[i] = Prediction(label=ids[0], topk_ids=ids, topk_probs=tuple(row_probs),
                                         batch_started=started, infer_ms=infer_ms, batch_size=len(sets))
+            if maps is not None:
+                self._windows(items, positions, glances, probs, maps, results)
         return [r if r is not None else PatchCastError("no result", code="internal") for r in results]
+
+    def _patch_set(self, item: WorkItem, pixels: np.ndarray) -> PatchSet:
+        """What the model sees for one request: its patches, or for a region under ``image`` fusion the
+        glance's upsampled patches with the window's full-resolution ones in place."""
+        exchange = item.exchange
+        if exchange is None or self.region.fusion == "probs" or exchange.global_patches is None:
+            return PatchSet(pixels, item.indices)
+        fused = hybrid_patches(exchange.global_patches, pixels, item.indices)
+        return PatchSet(fused, np.arange(self.engine.num_patches, dtype=np.int64))
+
+    def _windows(self, items: Sequence[WorkItem], positions: list[int], glances: list[int], probs: torch.Tensor,
+                 maps: list[np.ndarray], results: list[Prediction | PatchCastError | None]) -> None:
+        """For each glance too uncertain to answer (min-entropy ≥ region.threshold): the window of the
+        server's attention to ask the device for, and what the exchange keeps."""
+        grid = self.engine.input_size // self.engine.patch_size
+        side = window_side(grid, self.region.side)
+        for row in glances:
+            i = positions[row]
+            uncertainty = float(-torch.log2(probs[row].max().clamp_min(1e-12)))
+            prediction = results[i]
+            if uncertainty < self.region.threshold or not isinstance(prediction, Prediction):
+                continue
+            keep_pixels = self.region.fusion != "probs"
+            results[i] = dataclasses.replace(
+                prediction, window=choose_window(maps[row], (grid, grid), side), uncertainty=uncertainty,
+                probs=probs[row].numpy().copy(),
+                global_patches=items[i].pixels.result() if keep_pixels else None)
 
     # ---- background loops --------------------------------------------------------------------
     async def _send(self, entry: OutboxEntry) -> None:
@@ -329,7 +433,7 @@ class InferenceWorker:
                     worker_id=self.worker_id, batch_size=p.batch_size)
             assert message is not None
             await self.transport.publish(entry.topic, encode(message, limits=self.limits), qos=1,
-                                         correlation_data=entry.correlation)
+                                         correlation_data=entry.correlation, response_topic=entry.response_topic)
             if isinstance(message, Reply) and entry.arrived is not None:
                 self.stats.on_reply(time.monotonic() - entry.arrived)
         except PatchCastError as exc:
@@ -373,9 +477,17 @@ class InferenceWorker:
             except PatchCastError as exc:
                 self.log.warning("metrics_publish_failed", code=exc.code, error=exc.message)
 
+    async def _expiry_loop(self) -> None:
+        """Forget exchanges whose region did not come in time (the device answers with the glance)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.region.timeout_s / 4))
+            for _ in range(self.exchanges.expire(time.monotonic())):
+                self.stats.on_region("expired")
+
     async def _subscribe(self) -> None:
         # Registered before the first connect: the transport subscribes, then announces 'online',
         # so online availability means "serving"; it re-subscribes after every reconnect.
+        await self.transport.subscribe(self.region_subscription, qos=1)  # before any exchange can open
         await self.transport.subscribe(self.subscription, qos=1)
         await self.transport.wait_connected(math.inf)
         self.ready.set()
@@ -405,7 +517,8 @@ class InferenceWorker:
                 loops = [tg.create_task(self.transport.run(), name="mqtt"),
                          tg.create_task(self.batcher.run(), name="batcher"),
                          tg.create_task(self._sender_loop(), name="sender"),
-                         tg.create_task(self._metrics_loop(), name="metrics")]
+                         tg.create_task(self._metrics_loop(), name="metrics"),
+                         tg.create_task(self._expiry_loop(), name="exchanges")]
                 if self.config.worker.metrics_port:
                     endpoint = MetricsServer(lambda: worker_families(self), "0.0.0.0",
                                              self.config.worker.metrics_port)

@@ -47,6 +47,8 @@ class WorkerStats:
     batches: int = 0
     errors_by_code: collections.Counter[str] = field(default_factory=collections.Counter)
     window: WindowStats = field(default_factory=WindowStats)
+    # region exchanges by outcome: asked, answered (fused reply sent), expired, table_full
+    regions: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def on_request(self, arrival_s: float | None = None) -> None:
         self.requests += 1
@@ -69,6 +71,9 @@ class WorkerStats:
 
     def on_error(self, code: str) -> None:
         self.errors_by_code[code] += 1
+
+    def on_region(self, outcome: str) -> None:
+        self.regions[outcome] += 1
 
     def drain(self, now: float | None = None) -> WindowFigures:
         """Figures for one metrics message; starts a new window."""

@@ -104,6 +104,10 @@ class EdgeConfig:
                                   "outcomes report the bytes patch selection saved")
     metrics_interval_s: float = _f(5.0, "seconds between a device's EdgeMetrics messages")
     busy_retry_delay_s: float = _f(0.2, "wait before re-sending after a 'busy' reply (counts as a retry)")
+    offload: Literal["patches", "region"] = _f(
+        "patches", "what a device sends when its gate says so: patches, the attention-chosen patches (the paper's "
+                   "method); region, the whole image downsampled, then the full-resolution region the worker asks "
+                   "for (see [region])")
 
     def __post_init__(self) -> None:
         _check(self.devices >= 1, "edge.devices must be ≥ 1")
@@ -209,6 +213,28 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class RegionConfig:
+    downscale: int = _f(2, "devices with edge.offload = 'region' send the whole image box-downsampled by this factor "
+                           "(it must divide the model's patch size); the worker upsamples it back")
+    side: float = _f(0.5, "the window the worker asks for: this fraction of the image side (0.5: a quarter of the "
+                          "patches), placed where the server's own attention on the glance sums highest")
+    threshold: float = _f(1.0, "the worker asks for a region when the glance's min-entropy (bits) is at least this; "
+                               "lower answers more images from the glance alone (see docs/results.md)")
+    fusion: Literal["image", "probs", "image+probs"] = _f(
+        "image", "how the region is used: image, the glance's upsampled pixels with the window's full-resolution "
+                 "patches in place, one forward; probs, the window's patches alone, averaged with the glance's "
+                 "probabilities; image+probs, the first averaged with the glance")
+    max_pending: int = _f(1024, "exchanges one worker holds at once; beyond it the glance answers alone (counted)")
+    timeout_s: float = _f(5.0, "how long a worker keeps an exchange waiting for its region")
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.downscale <= 16, "region.downscale must be in 2..16")
+        _check(0.0 < self.side <= 1.0, "region.side must be in (0, 1]")
+        _check(self.threshold >= 0.0, "region.threshold must be ≥ 0")
+        _check(self.max_pending >= 1 and self.timeout_s > 0, "region.max_pending ≥ 1 and region.timeout_s > 0")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["auto", "json", "console"] = _f("auto", "auto: console on a terminal, JSON lines otherwise")
     level: Literal["debug", "info", "warning", "error"] = _f("info", "minimum log level")
@@ -304,6 +330,8 @@ class Config:
     batching: BatchingConfig = field(default_factory=BatchingConfig, metadata={"help": "worker dynamic batching"})
     worker: WorkerConfig = field(default_factory=WorkerConfig, metadata={"help": "inference worker"})
     routing: RoutingConfig = field(default_factory=RoutingConfig, metadata={"help": "expert routing (edge)"})
+    region: RegionConfig = field(default_factory=RegionConfig,
+                                 metadata={"help": "server-driven region retransmission (edge and worker)"})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "structured logs"})
     monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"help": "live dashboard"})
     scaler: ScalerConfig = field(default_factory=ScalerConfig, metadata={"help": "worker pool autoscaler"})

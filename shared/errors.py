@@ -122,3 +122,10 @@ class BadTopicError(ProtocolError):
     """A topic or an id used in a topic is invalid."""
 
     code = "bad_topic"
+
+
+class UnknownExchangeError(ProtocolError):
+    """A region for an exchange this worker does not hold: never opened here, already answered, or
+    expired (the device then keeps the glance's answer)."""
+
+    code = "no_exchange"

@@ -293,6 +293,38 @@ def _attention(attn: Attention, x: Tensor, lengths: list[int], impl: AttentionIm
     return attn.proj_drop(attn.proj(o))
 
 
+def _cls_attention(attn: Attention, xn: Tensor, starts: Tensor, lengths: list[int]) -> list[Tensor]:
+    """Each set's CLS-query attention over its patches in block ``attn`` (xn: the block's normalised
+    input, packed (T, D), maybe with dummy rows after the real ones): the softmax row of the CLS query
+    over the set's tokens, CLS column dropped, averaged over heads and renormalised over the patches;
+    float32 (K_i,) per set. Vectorised over the batch: one product per token with its own set's query
+    and a softmax per set through scatter/index_add, so a batch of many sets costs no Python loop."""
+    h, hd = attn.num_heads, attn.head_dim
+    real = sum(lengths)
+    if isinstance(attn.qkv, PrepackedLinear):
+        qkv = attn.qkv(xn[:real]).view(real, 3, h, hd)
+        q, k = qkv[:, 0].index_select(0, starts), qkv[:, 1]
+    else:
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        a = attn.attn_dim
+        q = F.linear(xn.index_select(0, starts), w[:a], None if bias is None else bias[:a]).view(-1, h, hd)
+        k = F.linear(xn[:real], w[a:2 * a], None if bias is None else bias[a:2 * a]).view(real, h, hd)
+    q, k = attn.q_norm(q).float(), attn.k_norm(k).float()
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=xn.device),
+                                    torch.as_tensor(lengths, device=xn.device))  # set of each token
+    scores = (k * q.index_select(0, owner)).sum(-1) * attn.scale  # (T, H): each token vs its set's CLS
+    peak = scores.new_full((len(lengths), h), -torch.inf).scatter_reduce(
+        0, owner[:, None].expand(-1, h), scores, "amax")
+    weights = (scores - peak.index_select(0, owner)).exp()
+    totals = weights.new_zeros(len(lengths), h).index_add_(0, owner, weights)
+    weights = (weights / totals.index_select(0, owner)).mean(-1)  # (T,): softmax per head, head mean
+    out = []
+    for set_weights in torch.split(weights, lengths):
+        patches = set_weights[1:]  # the CLS column dropped, then renormalised over the patches
+        out.append(patches / patches.sum().clamp_min(torch.finfo(torch.float32).tiny))
+    return out
+
+
 def bucket_rows(rows: int) -> int:
     """``rows`` rounded up to one of a few sizes: a multiple of 1/16 of its power of two (at least 8).
 
@@ -310,7 +342,7 @@ def bucket_rows(rows: int) -> int:
 
 def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
                    attention: AttentionImpl = "sdpa", cls_only_last: bool = True,
-                   shape_buckets: bool = False) -> Tensor:
+                   shape_buckets: bool = False, cls_attention: list[Tensor] | None = None) -> Tensor:
     """Logits (B, num_classes) for B token sets, each (K_i, D) patch tokens with pos-embed added.
 
     CLS (+ its pos-embed) is prepended to each set; all real tokens are processed as one packed
@@ -321,7 +353,9 @@ def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
     call over the packed rows: CUDA and bf16/fp16 only, see :func:`varlen_available`). ``cls_only_last``:
     compute the last block for the CLS rows only (exact; the head reads nothing else).
     ``shape_buckets``: append zero rows up to :func:`bucket_rows` (in no set: they change no
-    result) so that the matrix products see few distinct shapes.
+    result) so that the matrix products see few distinct shapes. ``cls_attention``: when a list is
+    given, each set's last-block CLS attention over its patches is appended to it (see
+    :func:`_cls_attention`; the region exchange chooses its window by it).
     """
     blocks = _packable_blocks(model)
     if len(token_sets) == 0:
@@ -335,6 +369,8 @@ def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
     last = len(blocks) - 1
     for i, blk in enumerate(blocks):
         attn = cast(Attention, blk.attn)  # checked by _packable_blocks
+        if i == last and cls_attention is not None:
+            cls_attention.extend(_cls_attention(attn, blk.norm1(x), starts, lengths))
         if cls_only_last and i == last:
             xc = x.index_select(0, starts)
             xc = xc + blk.drop_path1(blk.ls1(_attention(attn, blk.norm1(x), lengths, attention, starts, spare)))

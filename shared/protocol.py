@@ -48,6 +48,7 @@ MAX_PATCH_SIZE = 256
 MAX_TOPK = 1000
 MAX_CLASS_ID = 2**31 - 1
 MAX_MESSAGE_CHARS = 1024
+MAX_DOWNSCALE = 16
 _KIND_RE = re.compile(r"[a-z0-9_]{1,32}")
 
 
@@ -211,7 +212,8 @@ class PatchRequest(Message):
     WIRE: ClassVar[dict[str, str]] = {
         "device_id": "d", "request_id": "r", "height": "h", "width": "w", "patch_size": "p", "grid": "g",
         "mask": "m", "codec": "c", "codec_params": "cp", "payload": "x", "topk_ids": "k", "topk_probs": "kp",
-        "uncertainty": "u", "uncertainty_kind": "uk", "sent_at": "ts", "label": "y", "deadline": "dl"}
+        "uncertainty": "u", "uncertainty_kind": "uk", "sent_at": "ts", "label": "y", "deadline": "dl",
+        "downscale": "sc", "exchange": "ex"}
 
     device_id: str
     request_id: str
@@ -230,6 +232,11 @@ class PatchRequest(Message):
     sent_at: float  # device wall clock, Unix seconds
     label: int | None = None  # ground truth, for evaluation runs only
     deadline: float | None = None  # device wall clock after which an answer is useless
+    # Region retransmission (shared.region): a *global* request carries the whole image box-downsampled
+    # by ``downscale`` (every patch kept) and offers a full-resolution region on request; a *region*
+    # request carries the window a worker asked for, under that worker's ``exchange`` id.
+    downscale: int | None = None
+    exchange: str | None = None
 
     def __post_init__(self) -> None:
         _ident(self, "device_id")
@@ -265,6 +272,18 @@ class PatchRequest(Message):
         sent = _float(self, "sent_at", 0.0)
         _opt_int(self, "label", 0, MAX_CLASS_ID)
         _opt_float(self, "deadline", sent)
+        if _opt_int(self, "downscale", 2, MAX_DOWNSCALE) is not None:
+            if kept.size != n:
+                raise BadMaskError("a downscaled (global) request keeps every patch")
+            if self.exchange is not None:
+                raise BadFieldError("a request is either global (downscale) or a region (exchange), not both")
+        if self.exchange is not None:
+            _ident(self, "exchange")
+
+    @property
+    def stage(self) -> Literal["patches", "global", "region"]:
+        """``patches`` (the attention-aware request), or the global or region step of an exchange."""
+        return "global" if self.downscale is not None else "region" if self.exchange is not None else "patches"
 
     @property
     def num_patches(self) -> int:
@@ -338,6 +357,55 @@ class ErrorReply(Message):
         code = getattr(exc, "code", "internal")
         return cls(request_id, code if isinstance(code, str) and _KIND_RE.fullmatch(code) else "internal",
                    str(exc)[:MAX_MESSAGE_CHARS], worker_id)
+
+
+@dataclass(frozen=True)
+class RegionRequest(Message):
+    """A worker's request for a full-resolution region of a global request's image (to the device's
+    reply topic, with the worker's region topic as the MQTT response topic)."""
+
+    KIND: ClassVar[str] = "rgq"
+    WIRE: ClassVar[dict[str, str]] = {
+        "request_id": "r", "exchange": "x", "patch_size": "p", "grid": "g", "mask": "m", "topk_ids": "k",
+        "topk_probs": "kp", "uncertainty": "u", "worker_id": "wk", "ttl_s": "tl"}
+
+    request_id: str  # the global request's id; the region request repeats it
+    exchange: str  # the worker's id for this exchange; the region request carries it
+    patch_size: int  # of the full-resolution image
+    grid: tuple[int, int]  # full-resolution grid (rows, cols)
+    mask: bytes  # the window to send, over that grid (shared.bitmask)
+    topk_ids: tuple[int, ...]  # the glance's answer: what the device may keep if the region fails
+    topk_probs: tuple[float, ...]
+    uncertainty: float  # the glance's min-entropy, which made the worker ask
+    worker_id: str
+    ttl_s: float  # the worker keeps the exchange this long
+
+    def __post_init__(self) -> None:
+        _ident(self, "request_id")
+        _ident(self, "exchange")
+        _int(self, "patch_size", 1, MAX_PATCH_SIZE)
+        grid = _seq(self, "grid", int, 2)
+        if len(grid) != 2 or not all(1 <= side <= MAX_SIDE for side in grid):
+            raise BadGeometryError(f"grid {grid!r} must be two ints in 1..{MAX_SIDE}")
+        rows, cols = grid
+        mask = _bytes(self, "mask")
+        if len(mask) != mask_nbytes(rows * cols):
+            raise BadMaskError(f"mask has {len(mask)} bytes, expected {mask_nbytes(rows * cols)}")
+        try:
+            if unpack_mask(mask, rows * cols).size == 0:
+                raise BadMaskError("mask keeps no patch")
+        except ValueError as exc:
+            raise BadMaskError(str(exc)) from exc
+        _topk(self, "topk_ids", "topk_probs")
+        if not self.topk_ids:
+            raise BadFieldError("a region request carries the glance's top-k")
+        _float(self, "uncertainty")
+        _ident(self, "worker_id")
+        _float(self, "ttl_s", 0.001, 3600.0)
+
+    @property
+    def indices(self) -> np.ndarray:
+        return unpack_mask(self.mask, self.grid[0] * self.grid[1])
 
 
 @dataclass(frozen=True)
@@ -516,7 +584,7 @@ class Availability(Message):
 
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    PatchRequest, Reply, ErrorReply, WorkerMetrics, Outcome, EdgeMetrics, Availability)
+    PatchRequest, Reply, ErrorReply, RegionRequest, WorkerMetrics, Outcome, EdgeMetrics, Availability)
 _BY_KIND: dict[str, type[Message]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
 
 
@@ -604,7 +672,7 @@ def decode(data: bytes, *, limits: ProtocolLimits = DEFAULT_LIMITS) -> Message:
     message = _build(cls, obj)
     if isinstance(message, PatchRequest):
         check_request_limits(message, limits)
-    elif isinstance(message, Reply) and len(message.topk_ids) > limits.max_topk:
+    elif isinstance(message, Reply | RegionRequest) and len(message.topk_ids) > limits.max_topk:
         raise TooLargeError(f"top-k of {len(message.topk_ids)} exceeds {limits.max_topk}")
     return message
 
@@ -652,6 +720,14 @@ def decode_reply(data: bytes, *, limits: ProtocolLimits = DEFAULT_LIMITS) -> Rep
     return message
 
 
+def decode_device_message(data: bytes, *, limits: ProtocolLimits = DEFAULT_LIMITS
+                          ) -> Reply | ErrorReply | RegionRequest:
+    """What a device's reply topic carries: an answer, or a worker's request for a region."""
+    message = _decode_as(data, limits, Reply, ErrorReply, RegionRequest)
+    assert isinstance(message, Reply | ErrorReply | RegionRequest)
+    return message
+
+
 def decode_worker_metrics(data: bytes, *, limits: ProtocolLimits = DEFAULT_LIMITS) -> WorkerMetrics:
     message = _decode_as(data, limits, WorkerMetrics)
     assert isinstance(message, WorkerMetrics)
@@ -692,7 +768,8 @@ def build_request(*, device_id: str, request_id: str, pixels: np.ndarray, indice
                   scores: np.ndarray | None = None, topk_ids: tuple[int, ...] | list[int] = (),
                   topk_probs: tuple[float, ...] | list[float] = (), uncertainty: float = 0.0,
                   uncertainty_kind: str = "min_entropy", sent_at: float, label: int | None = None,
-                  deadline: float | None = None) -> PatchRequest:
+                  deadline: float | None = None, downscale: int | None = None,
+                  exchange: str | None = None) -> PatchRequest:
     """Encode the kept patches of ``pixels`` ((H, W, 3) uint8) and wrap them in a request."""
     h, w = int(pixels.shape[0]), int(pixels.shape[1])
     rows, cols = h // patch_size, w // patch_size
@@ -706,4 +783,4 @@ def build_request(*, device_id: str, request_id: str, pixels: np.ndarray, indice
         payload=payload,
         topk_ids=tuple(int(i) for i in topk_ids), topk_probs=tuple(float(p) for p in topk_probs),
         uncertainty=float(uncertainty), uncertainty_kind=uncertainty_kind, sent_at=sent_at, label=label,
-        deadline=deadline)
+        deadline=deadline, downscale=downscale, exchange=exchange)

@@ -70,6 +70,25 @@ class Topics:
     def reply(self, device: str) -> str:
         return f"{self.prefix}/reply/{validate_id(device, 'device id')}"
 
+    # Region retransmission: a device sends the region a worker asked for to that worker alone (the
+    # worker holds the exchange); the device level lets an ACL pin a device to its own topic.
+    def region(self, worker: str, device: str) -> str:
+        return f"{self.prefix}/region/{validate_id(worker, 'worker id')}/{validate_id(device, 'device id')}"
+
+    def region_filter(self, worker: str) -> str:
+        """What one worker subscribes to (plainly, not shared): regions sent to it by any device."""
+        return f"{self.prefix}/region/{validate_id(worker, 'worker id')}/+"
+
+    def parse_region(self, topic: str) -> tuple[str, str] | None:
+        """``(worker, device)`` of a region topic; ``None`` for any other topic."""
+        head = f"{self.prefix}/region/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head):].split("/")
+        if len(parts) != 2:
+            raise BadTopicError(f"{topic!r}: expected {head}<worker>/<device>")
+        return validate_id(parts[0], "worker id"), validate_id(parts[1], "device id")
+
     def metrics(self, role: str, ident: str) -> str:
         return f"{self.prefix}/metrics/{validate_role(role)}/{validate_id(ident)}"
 

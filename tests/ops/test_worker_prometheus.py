@@ -18,6 +18,7 @@ def _worker(with_window: bool) -> SimpleNamespace:
     stats = WorkerStats()
     stats.requests, stats.replies, stats.batches = 12, 11, 3
     stats.errors_by_code["busy"] = 2
+    stats.regions.update({"asked": 5, "answered": 4})
     metrics = SimpleNamespace(busy_fraction=0.5, requests_per_s=4.0, batch_size_mean=3.5, service_ms_p50=20.0,
                               arrival_ms_p95=120.0,
                               service_ms_p95=40.0, service_ms_p99=80.0) if with_window else None
@@ -37,6 +38,8 @@ def test_worker_families_render_in_exposition_format() -> None:
     assert 'patchcast_worker_child_restarts_total{child="engine",model="cifar10-server",worker="w1"} 1' in text
     assert 'patchcast_worker_child_restarts_total{child="decoder",model="cifar10-server",worker="w1"} 0' in text
     assert 'patchcast_worker_service_seconds{model="cifar10-server",quantile="0.95",worker="w1"} 0.04' in text
+    assert 'patchcast_worker_region_exchanges_total{model="cifar10-server",outcome="asked",worker="w1"} 5' in text
+    assert 'patchcast_worker_region_exchanges_total{model="cifar10-server",outcome="expired",worker="w1"} 0' in text
     assert "# TYPE patchcast_worker_service_seconds summary" in text
     assert 'patchcast_worker_arrival_lateness_seconds{model="cifar10-server",worker="w1"} 0.12' in text
     rss = re.search(r"^process_resident_memory_bytes (\d+)$", text, re.MULTILINE)

@@ -82,6 +82,14 @@ async def test_production_acl_confines_devices_and_workers(tmp_path: Path) -> No
             await asyncio.sleep(0.3)
             assert [m.payload for m in worker_got] == [b"mine"]
 
+            # A region goes to the worker that asked for it, under the device's own id only.
+            await worker.subscribe("patchcast/v1/region/worker-1/+")
+            await cam1.publish("patchcast/v1/region/worker-1/cam-0001", b"region")
+            await cam1.publish("patchcast/v1/region/worker-1/cam-0002", b"forged region")
+            assert await wait_for(lambda: len(worker_got) >= 2)
+            await asyncio.sleep(0.3)
+            assert [m.payload for m in worker_got] == [b"mine", b"region"]
+
             await worker.publish("patchcast/v1/reply/cam-0001", b"answer")
             await cam1.publish("patchcast/v1/reply/cam-0001", b"self-forged")  # devices cannot write replies
             assert await wait_for(lambda: len(cam1_got) >= 1)
