@@ -211,11 +211,13 @@ class Device:
         # patches sent, counted in full-resolution patches: the glance is worth N / s² of them
         patches = -(-decision.num_patches // decision.downscale**2)
         asked: RegionRequest | None = None
+        sent_region = False
         if isinstance(answer, RegionRequest):
             asked = answer
             region, code = await self._region(rid, asked, decision, sample)
             answer = None
             if region is not None:
+                sent_region = True
                 patches += region.kept
                 answer, more, code = await self._request(region, self.topics.region(asked.worker_id, self.device_id))
                 nbytes += more
@@ -226,16 +228,16 @@ class Device:
         kept = min(patches, decision.num_patches)
         if isinstance(answer, Reply):
             return self._record(rid, decision, sample, "server", answer.label, nbytes=nbytes, latency_ms=latency_ms,
-                                attempts=1 + (asked is not None), worker_id=answer.worker_id, patches=kept,
-                                full_bytes=full_bytes)
+                                attempts=1, worker_id=answer.worker_id, patches=kept, full_bytes=full_bytes,
+                                region=sent_region)
         if isinstance(answer, ErrorReply):
             code = answer.code
         elif isinstance(answer, RegionRequest):
             code = "bad_region"  # a worker asks once per exchange
         final = asked.topk_ids[0] if asked is not None else decision.edge_label
         return self._record(rid, decision, sample, "timeout" if code == "timeout" else "error", final,
-                            nbytes=nbytes, attempts=1 + (asked is not None), error_code=code, patches=kept,
-                            full_bytes=full_bytes, worker_id=None if asked is None else asked.worker_id)
+                            nbytes=nbytes, attempts=1, error_code=code, patches=kept, full_bytes=full_bytes,
+                            worker_id=None if asked is None else asked.worker_id, region=sent_region)
 
     async def _region(self, rid: str, asked: RegionRequest, decision: EdgeDecision,
                       sample: Sample) -> tuple[PatchRequest | None, str | None]:
@@ -261,14 +263,14 @@ class Device:
     def _record(self, rid: str, decision: EdgeDecision, sample: Sample, status: str, final_label: int, *,
                 nbytes: int = 0, latency_ms: float | None = None, attempts: int = 0, worker_id: str | None = None,
                 error_code: str | None = None, patches: int | None = None,
-                full_bytes: int | None = None) -> OutcomeRecord:
+                full_bytes: int | None = None, region: bool = False) -> OutcomeRecord:
         record = OutcomeRecord(
             device_id=self.device_id, request_id=rid, status=status,
             patches=0 if status == "edge" else decision.kept if patches is None else patches,
             num_patches=decision.num_patches,
             bytes=nbytes, latency_ms=latency_ms, edge_label=decision.edge_label, final_label=final_label,
             ground_truth=sample.label, uncertainty=decision.uncertainty, error_code=error_code,
-            attempts=attempts, worker_id=worker_id, edge_ms=decision.edge_ms)
+            attempts=attempts, worker_id=worker_id, edge_ms=decision.edge_ms, region=region)
         if full_bytes is not None:
             record = OutcomeRecord(**{**record.__dict__, "full_bytes": full_bytes})
         elif attempts and decision.full_payload_bytes is not None and decision.payload is not None:

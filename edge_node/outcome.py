@@ -28,6 +28,7 @@ class OutcomeRecord:
     worker_id: str | None = None
     edge_ms: float = 0.0
     full_bytes: int | None = None  # the same requests with the full image as a JPEG (when measured)
+    region: bool = False  # region offload: the worker asked for a region and the device sent it
 
     def to_message(self) -> Outcome:
         return Outcome(device_id=self.device_id, request_id=self.request_id, at=time.time(),

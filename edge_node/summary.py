@@ -71,6 +71,8 @@ def summarize(records: Sequence[OutcomeRecord], *, devices: int, wall_s: float, 
         "errors_by_code": dict(sorted(errors.items())),
         "attempts": sum(r.attempts for r in records),
         "retries": sum(max(r.attempts - 1, 0) for r in records),
+        # region offload: images whose worker asked for, and got, a full-resolution region
+        "regions_sent": sum(r.region for r in records),
         "accuracy": None,
         "latency_ms": _percentiles([r.latency_ms for r in records if r.latency_ms is not None]),
         "edge_ms_per_image": round(float(np.mean([r.edge_ms for r in records])), 3) if records else None,

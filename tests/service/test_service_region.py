@@ -115,7 +115,8 @@ async def test_every_uncertain_glance_gets_its_attention_window_and_a_fused_answ
     s = result.summary  # type: ignore[attr-defined]
     assert s["images"] == s["offloaded"] == DEVICES * PER_DEVICE  # gate η = 0: every image goes
     assert s["replies"] == s["offloaded"] and s["timeouts"] == s["errors"] == 0
-    assert worker.stats.regions["asked"] == worker.stats.regions["answered"] == s["offloaded"]
+    assert worker.stats.regions["asked"] == worker.stats.regions["answered"] == s["offloaded"] == s["regions_sent"]
+    assert s["retries"] == 0, "a region is part of its exchange, not a re-send"
     assert len(worker.exchanges) == 0
     for device in result.devices:  # type: ignore[attr-defined]
         assert set(device.ledger.regions.values()) == {1}, "one RegionRequest per exchange"
@@ -154,7 +155,7 @@ async def test_a_confident_glance_is_answered_alone(broker, model_files, image_f
 
     s = result.summary  # type: ignore[attr-defined]
     assert s["replies"] == s["offloaded"] == DEVICES * PER_DEVICE
-    assert worker.stats.regions["asked"] == 0 and not any("/region/" in i.topic for i in seen)
+    assert worker.stats.regions["asked"] == s["regions_sent"] == 0 and not any("/region/" in i.topic for i in seen)
     engine = EdgeEngine(edge, cfg.gate, cfg.selection, cfg.codec)
     for record in result.outcomes:  # type: ignore[attr-defined]
         glance_probs, _, _ = reference(server, sample_pixels(engine, dataset, record.request_id))
