@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--experts", metavar="'ID=C,C,…; ID=…'",
                    help="expert routing table (routing.experts): each sent image goes to the pool whose classes "
                    "hold the most of the edge's top-k probability mass, else to --model-id")
+    p.add_argument("--offload", choices=["patches", "region"],
+                   help="patches: the attention-chosen patches; region: a downsampled glance, then the "
+                   "full-resolution region the worker asks for (edge.offload; see [region] in the config)")
+    p.add_argument("--downscale", type=int, help="region offload: glance downsampling factor (region.downscale)")
     p.add_argument("--codec", help="patch codec (codec.name)")
     p.add_argument("--quality", type=int, help="codec quality (codec.quality)")
     p.add_argument("--no-outcomes", action="store_true", help="do not publish a per-image Outcome message")
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     overrides["edge"] = {"devices": args.devices, "rate_hz": args.rate, "source": args.source,
                          "duration_s": args.duration, "limit": args.limit, "max_in_flight": args.max_in_flight,
                          "reply_timeout_s": args.reply_timeout, "retries": args.retries,
-                         "publish_outcomes": False if args.no_outcomes else None}
+                         "publish_outcomes": False if args.no_outcomes else None, "offload": args.offload}
+    overrides["region"] = {"downscale": args.downscale}
     overrides["models"] = {"edge": args.edge_model, "server": args.server_model, "model_id": args.model_id}
     overrides["gate"] = {"threshold": args.threshold}
     overrides["selection"] = {"rule": args.rule, "value": args.value}

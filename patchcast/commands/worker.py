@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "forward (needs the engine process; worker.frontends)")
     p.add_argument("--decode-processes", type=int,
                    help="decode patch payloads in this many child processes, 0 = in threads (worker.decode_processes)")
+    p.add_argument("--region-threshold", type=float,
+                   help="region exchanges: ask for a region when the glance's min-entropy is at least this "
+                   "(region.threshold)")
+    p.add_argument("--region-fusion", choices=["image", "probs", "image+probs"],
+                   help="region exchanges: how the region is combined with the glance (region.fusion)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (worker.metrics_port)")
     p.set_defaults(handler=run)
 
@@ -78,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
                            "decode_processes": args.decode_processes, "frontends": args.frontends}
     overrides["batching"] = {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
                              "max_delay_ms": args.max_delay_ms, "policy": args.policy}
+    overrides["region"] = {"threshold": args.region_threshold, "fusion": args.region_fusion}
     cfg = load_config(args.config, overrides=overrides)
     configure(cfg.logging.format, cfg.logging.level)
     if cfg.worker.frontends > 1:
