@@ -159,10 +159,16 @@ class ServerEngine:
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches
         self.input_size = loaded.preprocess.input_size
-        if batching.policy == "packed":
-            from shared.packing import check_packable
+        from shared.packing import UnsupportedModelError, check_packable
 
-            check_packable(self.model)  # fail at start-up, not at the first request
+        try:
+            check_packable(self.model)
+            # Attention maps (region exchanges choose their window by them) come from the packed forward.
+            self.maps_available = True
+        except UnsupportedModelError:
+            if batching.policy == "packed":
+                raise  # fail at start-up, not at the first request
+            self.maps_available = False
 
     @contextlib.contextmanager
     def _mode(self) -> Iterator[None]:
@@ -240,4 +246,6 @@ class ServerEngine:
                                  f"{type(exc).__name__}: {exc}") from exc
         if not bool(torch.isfinite(out).all()):
             raise InferenceError("server model produced non-finite logits")
+        if cls_attention is not None and not all(np.isfinite(m).all() for m in cls_attention):
+            raise InferenceError("server model produced non-finite attention maps")
         return out

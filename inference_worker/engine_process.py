@@ -78,7 +78,8 @@ def _child_main(conns: list[multiprocessing.connection.Connection], loaded: Load
     try:
         for conn in conns:
             conn.send(("ready", {"precision": engine.precision, "attention": engine.attention,
-                                 "device": str(engine.device), "prepacked": engine.prepacked}))
+                                 "device": str(engine.device), "prepacked": engine.prepacked,
+                                 "maps": engine.maps_available}))
         while live:
             jobs = []
             for ready in multiprocessing.connection.wait(list(live)):
@@ -173,6 +174,7 @@ class _EngineLink(ABC):
         self.attention: str = info["attention"]
         self.device = torch.device(info["device"])
         self.prepacked: bool = info["prepacked"]
+        self.maps_available: bool = info["maps"]
 
     @abstractmethod
     def _connection(self) -> multiprocessing.connection.Connection:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import BadFieldError, BadMaskError, UnknownExchangeError
+from shared.errors import BadMaskError, UnknownExchangeError
 from shared.protocol import PatchRequest
 
 
@@ -45,11 +45,15 @@ class ExchangeTable:
         self._open[exchange.exchange_id] = exchange
         return True
 
-    def claim(self, request: PatchRequest) -> Exchange:
+    def claim(self, request: PatchRequest, now: float) -> Exchange:
         """The exchange a region request completes, removed from the table; raises ProtocolError when
-        there is none (:class:`UnknownExchangeError`) or the request is not what was asked for."""
+        there is none (:class:`UnknownExchangeError`: never opened, answered, or past its time at ``now``,
+        monotonic, even if the sweep has not run yet) or the request is not what was asked for."""
         assert request.exchange is not None
         exchange = self._open.get(request.exchange)
+        if exchange is not None and exchange.expires_at <= now:
+            del self._open[request.exchange]
+            raise UnknownExchangeError(f"exchange {request.exchange!r} expired")
         if exchange is None:
             raise UnknownExchangeError(f"no open exchange {request.exchange!r} here (answered, expired or "
                                        "never opened)")
@@ -57,8 +61,6 @@ class ExchangeTable:
             raise UnknownExchangeError(f"exchange {request.exchange!r} belongs to another request")
         if request.mask != exchange.mask:
             raise BadMaskError(f"region of exchange {request.exchange!r} is not the window asked for")
-        if request.downscale is not None:
-            raise BadFieldError("a region is sent at full resolution")
         del self._open[request.exchange]
         return exchange
 

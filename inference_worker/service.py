@@ -244,7 +244,7 @@ class InferenceWorker:
                 raise BadTopicError("a region (a request with an exchange) goes to the worker that asked for it, "
                                     "on its region topic, and only a region does")
             if request.exchange is not None:
-                exchange = self.exchanges.claim(request)  # ProtocolError: unknown, expired or not as asked
+                exchange = self.exchanges.claim(request, time.monotonic())  # ProtocolError: unknown, expired, …
             if msg.response_topic is None:
                 raise BadTopicError("request has no response topic")
             if not self._accepting:
@@ -269,7 +269,8 @@ class InferenceWorker:
             self._refuse(msg, request_id, InferenceError(f"pixel decoder failed: {exc}"))
             return
         item = WorkItem(request, pixels, indices, msg.response_topic, msg.correlation_data, msg.received_at,
-                        offers_region=request.downscale is not None, exchange=exchange)
+                        offers_region=request.downscale is not None and self.engine.maps_available,
+                        exchange=exchange)
         tokens = (self.engine.num_patches if exchange is not None and self.region.fusion != "probs"
                   else int(indices.size)) + 1
         try:
@@ -500,6 +501,7 @@ class InferenceWorker:
                       bf16_speedup=None if probe is None else round(probe.speedup, 2),
                       device=str(self.engine.device), attention=self.engine.attention,
                       policy=self.config.batching.policy, prepacked=self.engine.prepacked,
+                      region_windows=self.engine.maps_available,
                       threads=torch.get_num_threads(),
                       heap=retain_freed_memory().reason if self.config.worker.retain_heap else "glibc defaults")
 

@@ -19,12 +19,13 @@ measured offline is what the service computes.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-from shared.errors import BadFieldError
+from shared.errors import BadFieldError, BadGeometryError
 from shared.protocol import PatchRequest, decode_patches
 
 Fusion = Literal["image", "probs", "image+probs"]
@@ -78,7 +79,7 @@ def global_patch_size(patch_size: int, factor: int) -> int:
 
 def window_side(grid_side: int, fraction: float) -> int:
     """Patches per side of the region window: ``fraction`` of the grid side, at least 1."""
-    return max(1, min(grid_side, round(grid_side * fraction)))
+    return max(1, min(grid_side, math.floor(grid_side * fraction + 0.5)))  # halves up, not to even
 
 
 def choose_window(scores: np.ndarray, grid: tuple[int, int], side: int) -> np.ndarray:
@@ -86,7 +87,7 @@ def choose_window(scores: np.ndarray, grid: tuple[int, int], side: int) -> np.nd
     such window in row-major order on ties). ``scores`` is (rows·cols,), e.g. CLS attention."""
     rows, cols = grid
     if scores.shape != (rows * cols,):
-        raise ValueError(f"{scores.shape[0]} scores for a {rows}×{cols} grid")
+        raise ValueError(f"scores of shape {scores.shape} for a {rows}×{cols} grid")
     if not 1 <= side <= min(rows, cols):
         raise ValueError(f"window side {side} does not fit a {rows}×{cols} grid")
     table = np.zeros((rows + 1, cols + 1), dtype=np.float64)  # summed-area table
@@ -123,4 +124,7 @@ def decode_global(request: PatchRequest, patch_size: int) -> np.ndarray:
     if factor is None:
         raise BadFieldError("not a global request (no downscale)")
     small = from_patches(decode_patches(request), request.grid)
+    if (request.height * factor) % patch_size or (request.width * factor) % patch_size:
+        raise BadGeometryError(f"a {request.height}×{request.width} image upsampled by {factor} does not tile "
+                               f"into {patch_size}-pixel patches")
     return to_patches(upsample(small, factor), patch_size)
