@@ -46,6 +46,8 @@ def downsample(pixels: np.ndarray, factor: int) -> np.ndarray:
 
 def upsample(pixels: np.ndarray, factor: int) -> np.ndarray:
     """(h, w, 3) uint8 → (h·s, w·s, 3) uint8, bilinear (Pillow): the server's view of a global image."""
+    if factor < 1:
+        raise ValueError(f"cannot upsample by {factor}")
     if factor == 1:
         return pixels
     h, w = pixels.shape[:2]
@@ -73,7 +75,7 @@ def global_patch_size(patch_size: int, factor: int) -> int:
     """The patch size a global request is tiled in: the model's patch divided by the factor, so that
     the downsampled grid is the model's grid (each low-resolution patch becomes one model patch)."""
     if factor < 1 or patch_size % factor:
-        raise ValueError(f"region.downsample {factor} must divide the model's patch size {patch_size}")
+        raise ValueError(f"region.downscale {factor} must divide the model's patch size {patch_size}")
     return patch_size // factor
 
 
