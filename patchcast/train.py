@@ -48,6 +48,7 @@ from shared.models import (
     save_checkpoint,
     set_fused_attention,
 )
+from shared.region import window_side
 from shared.scores import cls_attention_scores
 from shared.subset import embed_all, forward_tokens, gather_tokens
 
@@ -73,6 +74,12 @@ class TrainConfig:
     token_keep_min: float = 0.25  # smallest kept fraction when token dropout applies
     token_selector: str | None = None  # edge model whose attention picks the subset (None: random subsets)
     token_attention_share: float = 1.0  # with a selector: share of subset batches it picks (the rest random)
+    # Region retransmission: probability that a batch trains on glances (box-downsampled by
+    # glance_downscale and upsampled back, as a worker sees them), half of those with a random
+    # full-resolution window of glance_window of the side in place (what a region exchange answers on).
+    glance_mix: float = 0.0
+    glance_downscale: int = 2
+    glance_window: float = 0.5
     init: str | None = None  # start from these weights (fine-tuning) instead of random init
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     teacher: str | None = None
@@ -98,6 +105,11 @@ class TrainConfig:
             raise ConfigError("distill_weight must be in [0, 1] and distill_temperature positive")
         if not 0.0 <= self.token_attention_share <= 1.0:
             raise ConfigError("token_attention_share must be in [0, 1]")
+        if not 0.0 <= self.glance_mix <= 1.0 or not 0.0 < self.glance_window <= 1.0:
+            raise ConfigError("glance_mix must be in [0, 1] and glance_window in (0, 1]")
+        if self.glance_mix and (self.glance_downscale < 2 or self.arch.patch_size % self.glance_downscale):
+            raise ConfigError(f"glance_downscale {self.glance_downscale} must be ≥ 2 and divide the patch size "
+                              f"{self.arch.patch_size}")
         if len(set(self.classes)) != len(self.classes) or any(c < 0 for c in self.classes):
             raise ConfigError("classes must be distinct class ids ≥ 0")
         if self.classes and self.arch.num_classes != len(self.classes):
@@ -167,6 +179,25 @@ def _normalise(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def glances(unit: torch.Tensor, factor: int, patch_size: int, window: float, gen: torch.Generator,
+             hybrid: bool) -> torch.Tensor:
+    """A batch (B, 3, H, W) in [0, 1] as a worker sees region-exchange images: box-downsampled by
+    ``factor`` and bilinearly upsampled back (the glance), or with ``hybrid`` the glance with one
+    random full-resolution window per image (``window`` of the side, on the patch grid) in place."""
+    b, _, h, w = unit.shape
+    glance = F.interpolate(F.avg_pool2d(unit, factor), scale_factor=factor, mode="bilinear", align_corners=False)
+    if not hybrid:
+        return glance
+    rows, cols = h // patch_size, w // patch_size
+    side = window_side(min(rows, cols), window)
+    top = torch.randint(0, rows - side + 1, (b,), generator=gen) * patch_size
+    left = torch.randint(0, cols - side + 1, (b,), generator=gen) * patch_size
+    y, x = torch.arange(h), torch.arange(w)
+    inside = (((y[None, :] >= top[:, None]) & (y[None, :] < top[:, None] + side * patch_size))[:, :, None]
+              & ((x[None, :] >= left[:, None]) & (x[None, :] < left[:, None] + side * patch_size))[:, None, :])
+    return torch.where(inside[:, None].to(unit.device), unit, glance)
 
 
 TokenPick = Literal["attention", "random"]
@@ -325,6 +356,9 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
                 group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr)
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             unit = augment(train_x[idx], gen).to(device, non_blocking=True)
+            if cfg.glance_mix > 0 and float(torch.rand(1, generator=gen)) < cfg.glance_mix:
+                hybrid = float(torch.rand(1, generator=gen)) < 0.5
+                unit = glances(unit, cfg.glance_downscale, cfg.arch.patch_size, cfg.glance_window, gen, hybrid)
             x = _normalise(unit, pre)
             y = train_y[idx].to(device, non_blocking=True)
             keep = num_patches

@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "token dropout: the server trains on the patches that edge would send (default: random subsets)")
     p.add_argument("--token-attention-share", type=float, default=1.0,
                    help="with --token-selector: share of subset batches picked by attention (the rest random)")
+    p.add_argument("--glance-mix", type=float, default=0.0,
+                   help="region retransmission: probability that a batch trains on glances (the image "
+                   "box-downsampled by --glance-downscale and upsampled back, as a worker sees it), half of them "
+                   "with a random full-resolution window of --glance-window of the side in place")
+    p.add_argument("--glance-downscale", type=int, default=2, help="with --glance-mix: the downsampling factor")
+    p.add_argument("--glance-window", type=float, default=0.5, help="with --glance-mix: window side fraction")
     p.add_argument("--init", default=None, metavar="MODEL",
                    help="start from these weights (zoo:NAME, file:PATH) instead of random init: fine-tuning")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         token_selector=args.token_selector, token_attention_share=args.token_attention_share,
         init=args.init, device=args.device, teacher=args.teacher,
         distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
-        seed=args.seed, threads=args.threads, name=args.name, classes=classes)
+        seed=args.seed, threads=args.threads, name=args.name, classes=classes, glance_mix=args.glance_mix,
+        glance_downscale=args.glance_downscale, glance_window=args.glance_window)
     cfg = replace(cfg, bf16=use_bf16("fp32" if args.fp32 else args.precision, cfg.torch_device()))
     console = Console()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

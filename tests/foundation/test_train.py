@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from patchcast.train import TrainConfig, augment, lr_at, pick_tokens, train
+from patchcast.train import TrainConfig, augment, glances, lr_at, pick_tokens, train
 from shared.errors import ConfigError
 from shared.models import VitArch, build_model
 
@@ -200,3 +200,31 @@ def test_specialist_head_starts_from_the_general_rows() -> None:
     assert out["head.bias"].tolist() == [3.0, 1.0] and out["x"] is state["x"]
     with pytest.raises(ConfigError, match="no rows"):
         specialist_head(state, (4,), "general")
+
+
+def test_glances_are_what_a_worker_sees_and_hybrids_keep_one_full_resolution_window() -> None:
+    from shared.region import downsample, upsample
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    unit = pixels.permute(0, 3, 1, 2).float() / 255.0
+    glance = glances(unit, 2, 4, 0.5, gen, hybrid=False)
+    # the worker's glance (uint8 box mean, Pillow bilinear) up to uint8 rounding and Pillow's fixed point
+    served = torch.from_numpy(np.stack([upsample(downsample(p.numpy(), 2), 2) for p in pixels]))
+    assert (glance.permute(0, 2, 3, 1) * 255 - served.float()).abs().max() <= 3.0
+    hybrid = glances(unit, 2, 4, 0.5, gen, hybrid=True)
+    for img, hyb, gl in zip(unit, hybrid, glance, strict=True):
+        full = (hyb == img).all(0)  # (H, W): pixels taken at full resolution
+        rows, cols = full.any(1).nonzero().flatten(), full.any(0).nonzero().flatten()
+        assert full.sum() == 16 * 16 and len(rows) == len(cols) == 16  # one 16×16 window (4×4 patches)
+        assert int(rows[0]) % 4 == 0 and int(cols[0]) % 4 == 0  # on the patch grid
+        assert torch.equal(hyb[:, ~full], gl[:, ~full])
+
+
+def test_glance_mix_trains_and_checks_its_settings(toy_data: Path, tmp_path: Path) -> None:
+    card = train(_cfg(toy_data, tmp_path / "run", epochs=4, glance_mix=0.75, glance_downscale=2))
+    assert card["test_accuracy"] >= 0.9 and card["training"]["glance_mix"] == 0.75
+    with pytest.raises(ConfigError, match="divide the patch size"):
+        _cfg(toy_data, tmp_path / "x", glance_mix=0.5, glance_downscale=3)
+    with pytest.raises(ConfigError, match="glance_mix"):
+        _cfg(toy_data, tmp_path / "x", glance_mix=1.5)
