@@ -26,7 +26,6 @@ class Exchange:
     global_probs: np.ndarray  # the glance's class probabilities (C,) float32
     global_patches: np.ndarray | None  # the glance's upsampled patches (N, p, p, 3) uint8, for image fusion
     expires_at: float  # monotonic
-    arrived: float  # monotonic: when the glance arrived (service time of the whole exchange)
 
 
 class ExchangeTable:

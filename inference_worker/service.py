@@ -302,7 +302,7 @@ class InferenceWorker:
             exchange_id=f"{self._exchange_prefix}{self._exchange_seq}", device_id=request.device_id,
             request_id=request.request_id, mask=pack_mask(prediction.window, self.engine.num_patches),
             global_probs=prediction.probs, global_patches=prediction.global_patches,
-            expires_at=time.monotonic() + self.region.timeout_s, arrived=item.arrived)
+            expires_at=time.monotonic() + self.region.timeout_s)
         if not self.exchanges.open(exchange):
             self.stats.on_region("table_full")
             return False

@@ -20,7 +20,7 @@ def exchange(exchange_id: str = "xab.1", *, device_id: str = "cam-01", request_i
     return Exchange(exchange_id=exchange_id, device_id=device_id, request_id=request_id,
                     mask=pack_mask(WINDOW if window is None else window, GRID * GRID),
                     global_probs=np.full(10, 0.1, dtype=np.float32), global_patches=None,
-                    expires_at=expires_at, arrived=expires_at - 5.0)
+                    expires_at=expires_at)
 
 
 def region(exchange_id: str = "xab.1", *, device_id: str = "cam-01", request_id: str = "r-1",
