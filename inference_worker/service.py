@@ -72,7 +72,7 @@ from shared.protocol import (
     decode_request,
     encode,
 )
-from shared.region import choose_window, decode_global, fuse, hybrid_patches, window_side
+from shared.region import centre_window, choose_window, decode_global, fuse, hybrid_patches, window_side
 from shared.topics import V1, Topics
 from shared.transport import Incoming, Outgoing, Transport
 
@@ -269,7 +269,8 @@ class InferenceWorker:
             self._refuse(msg, request_id, InferenceError(f"pixel decoder failed: {exc}"))
             return
         item = WorkItem(request, pixels, indices, msg.response_topic, msg.correlation_data, msg.received_at,
-                        offers_region=request.downscale is not None and self.engine.maps_available,
+                        offers_region=request.downscale is not None and (
+                            self.engine.maps_available or self.region.placement == "centre"),
                         exchange=exchange)
         tokens = (self.engine.num_patches if exchange is not None and self.region.fusion != "probs"
                   else int(indices.size)) + 1
@@ -371,7 +372,8 @@ class InferenceWorker:
                 results[i] = InferenceError(f"pixel decoding failed: {type(exc).__name__}: {exc}")
         if sets:
             glances = [row for row, i in enumerate(positions) if items[i].offers_region]
-            maps: list[np.ndarray] | None = [] if glances else None  # the server's attention, for windows
+            # the server's attention, for the windows it places
+            maps: list[np.ndarray] | None = [] if glances and self.region.placement == "attention" else None
             t0 = time.perf_counter()
             logits = self.engine.logits_checked(sets, maps)  # InferenceError fails the whole batch
             infer_ms = (time.perf_counter() - t0) * 1000.0
@@ -389,7 +391,7 @@ class InferenceWorker:
                 ids = tuple(to_global(v) for v in row_ids)
                 results[i] = Prediction(label=ids[0], topk_ids=ids, topk_probs=tuple(row_probs),
                                         batch_started=started, infer_ms=infer_ms, batch_size=len(sets))
-            if maps is not None:
+            if glances:
                 self._windows(items, positions, glances, probs, maps, results)
         return [r if r is not None else PatchCastError("no result", code="internal") for r in results]
 
@@ -403,11 +405,12 @@ class InferenceWorker:
         return PatchSet(fused, np.arange(self.engine.num_patches, dtype=np.int64))
 
     def _windows(self, items: Sequence[WorkItem], positions: list[int], glances: list[int], probs: torch.Tensor,
-                 maps: list[np.ndarray], results: list[Prediction | PatchCastError | None]) -> None:
-        """For each glance too uncertain to answer (min-entropy ≥ region.threshold): the window of the
-        server's attention to ask the device for, and what the exchange keeps."""
+                 maps: list[np.ndarray] | None, results: list[Prediction | PatchCastError | None]) -> None:
+        """For each glance too uncertain to answer (min-entropy ≥ region.threshold): the window to ask the
+        device for (where the server's attention sums highest, or the centre) and what the exchange keeps."""
         grid = self.engine.input_size // self.engine.patch_size
         side = window_side(grid, self.region.side)
+        centre = centre_window((grid, grid), side)
         for row in glances:
             i = positions[row]
             uncertainty = float(-torch.log2(probs[row].max().clamp_min(1e-12)))
@@ -416,7 +419,8 @@ class InferenceWorker:
                 continue
             keep_pixels = self.region.fusion != "probs"
             results[i] = dataclasses.replace(
-                prediction, window=choose_window(maps[row], (grid, grid), side), uncertainty=uncertainty,
+                prediction, window=centre if maps is None else choose_window(maps[row], (grid, grid), side),
+                uncertainty=uncertainty,
                 probs=probs[row].numpy().copy(),
                 global_patches=items[i].pixels.result() if keep_pixels else None)
 

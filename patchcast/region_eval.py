@@ -44,6 +44,7 @@ import numpy.typing as npt
 from shared.region import (
     FUSIONS,
     Fusion,
+    centre_window,
     choose_window,
     downsample,
     fuse,
@@ -224,14 +225,6 @@ def _chunk_passes(server: Any, cfg: RegionEvalConfig, pixels: np.ndarray, window
                   "window_probs": {f: w_probs[j * b:(j + 1) * b] for j, f in enumerate(sides)},
                   "centre_probs": {f: c_probs[j * b:(j + 1) * b] for j, f in enumerate(sides)}}
     return server_probs, out
-
-
-def centre_window(grid: tuple[int, int], side: int) -> IntArray:
-    """Sorted indices of the ``side``×``side`` window in the middle of the grid (rounded up-left)."""
-    rows, cols = grid
-    top, left = (rows - side) // 2, (cols - side) // 2
-    r, c = np.meshgrid(np.arange(top, top + side), np.arange(left, left + side), indexing="ij")
-    return np.sort((r * cols + c).reshape(-1)).astype(np.int64)
 
 
 def compute_passes(cfg: RegionEvalConfig, ds: Any, server: Any, report: ProgressFn) -> RegionPasses:

@@ -218,8 +218,13 @@ class RegionConfig:
                            "(it must divide the model's patch size); the worker upsamples it back")
     side: float = _f(0.5, "the window the worker asks for: this fraction of the image side (0.5: a quarter of the "
                           "patches), placed where the server's own attention on the glance sums highest")
-    threshold: float = _f(1.0, "the worker asks for a region when the glance's min-entropy (bits) is at least this; "
-                               "lower answers more images from the glance alone (see docs/results.md)")
+    placement: Literal["attention", "centre"] = _f(
+        "attention", "where the window goes: attention, where the server's own last-block CLS attention on the glance "
+                     "sums highest; centre, the middle of the image (on object-centred images such as CIFAR-10 it "
+                     "measured 0.2–0.9 points better, docs/results.md)")
+    threshold: float = _f(0.4, "the worker asks for a region when the glance's min-entropy (bits) is at least this; "
+                               "higher answers more images from the glance alone (0.4 measured best on the zoo's "
+                               "glance server, docs/results.md)")
     fusion: Literal["image", "probs", "image+probs"] = _f(
         "image", "how the region is used: image, the glance's upsampled pixels with the window's full-resolution "
                  "patches in place, one forward; probs, the window's patches alone, averaged with the glance's "

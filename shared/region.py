@@ -100,6 +100,17 @@ def choose_window(scores: np.ndarray, grid: tuple[int, int], side: int) -> np.nd
     return np.sort((r * cols + c).reshape(-1)).astype(np.int64)
 
 
+def centre_window(grid: tuple[int, int], side: int) -> np.ndarray:
+    """Sorted indices of the ``side``×``side`` window in the middle of the grid (rounded up-left): the
+    fixed placement, and the baseline the attention's choice is measured against."""
+    rows, cols = grid
+    if not 1 <= side <= min(rows, cols):
+        raise ValueError(f"window side {side} does not fit a {rows}×{cols} grid")
+    top, left = (rows - side) // 2, (cols - side) // 2
+    r, c = np.meshgrid(np.arange(top, top + side), np.arange(left, left + side), indexing="ij")
+    return np.sort((r * cols + c).reshape(-1)).astype(np.int64)
+
+
 def hybrid_patches(global_patches: np.ndarray, region_patches: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """The upsampled global image's patches with the window's full-resolution patches in place."""
     out = global_patches.copy()

@@ -217,7 +217,7 @@ def test_cli_options_and_one_line_errors(data_path: Path, tmp_path: Path, capsys
 
 
 def test_the_centre_baseline_is_the_middle_window(result: RegionEvalResult) -> None:
-    from patchcast.region_eval import centre_window
+    from shared.region import centre_window
 
     passes = result.passes
     assert centre_window((8, 8), 4).tolist() == [18, 19, 20, 21, 26, 27, 28, 29, 34, 35, 36, 37, 42, 43, 44, 45]

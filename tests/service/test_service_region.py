@@ -31,7 +31,7 @@ from shared.protocol import (
     decode_device_message,
     encode,
 )
-from shared.region import choose_window, downsample, hybrid_patches, to_patches, upsample, window_side
+from shared.region import centre_window, choose_window, downsample, hybrid_patches, to_patches, upsample, window_side
 from shared.subset import embed_patches
 from shared.topics import V1
 from shared.transport import Incoming, Transport
@@ -67,13 +67,15 @@ def sample_pixels(engine: EdgeEngine, dataset: datasets.Dataset, request_id: str
     return engine.pixels(list(device_samples(dataset, index, DEVICES, PER_DEVICE))[int(seq)])
 
 
-def reference(server: LoadedModel, pixels: np.ndarray, fusion: str = "image"
+def reference(server: LoadedModel, pixels: np.ndarray, fusion: str = "image", placement: str = "attention"
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(glance probabilities, window, fused probabilities) for one full image."""
     every = np.arange(GRID * GRID, dtype=np.int64)
     glance = to_patches(upsample(downsample(pixels, 2), 2), 4)
     glance_probs, attention = forward(server, glance, every)
-    window = choose_window(attention, (GRID, GRID), window_side(GRID, 0.5))
+    side = window_side(GRID, 0.5)
+    window = (choose_window(attention, (GRID, GRID), side) if placement == "attention"
+              else centre_window((GRID, GRID), side))
     full = to_patches(pixels, 4)
     if fusion == "probs":
         region_probs, _ = forward(server, full[window], window)
@@ -102,11 +104,13 @@ async def run_with_spy(cfg: Config, server: LoadedModel, unique: str, edge: Load
     return worker, result, seen
 
 
-@pytest.mark.parametrize(("engine_process", "fusion"), [("off", "image"), ("on", "probs")])
+@pytest.mark.parametrize(("engine_process", "fusion", "placement"),
+                         [("off", "image", "attention"), ("on", "probs", "attention"), ("off", "image", "centre")])
 @async_test(120)
 async def test_every_uncertain_glance_gets_its_attention_window_and_a_fused_answer(
-        broker, model_files, image_folder, unique, engine_process, fusion) -> None:  # type: ignore[no-untyped-def]
-    cfg = region_config(broker.port, model_files, image_folder, unique, threshold=0.0, fusion=fusion)
+        broker, model_files, image_folder, unique, engine_process, fusion, placement) -> None:  # type: ignore[no-untyped-def]
+    cfg = region_config(broker.port, model_files, image_folder, unique, threshold=0.0, fusion=fusion,
+                        placement=placement)
     cfg = with_section(cfg, "worker", engine_process=engine_process)
     edge, server = build_model(cfg.models.edge, role="edge"), build_model(cfg.models.server, role="server")
     dataset = datasets.load(image_folder)
@@ -131,7 +135,7 @@ async def test_every_uncertain_glance_gets_its_attention_window_and_a_fused_answ
     checked = 0
     for record in result.outcomes:  # type: ignore[attr-defined]
         pixels = sample_pixels(engine, dataset, record.request_id)
-        glance_probs, window, fused_probs = reference(server, pixels, fusion)
+        glance_probs, window, fused_probs = reference(server, pixels, fusion, placement)
         ask, region = asks[record.request_id], regions[record.request_id]
         assert ask.mask == pack_mask(window, GRID * GRID), "the window of the server's own attention"
         assert ask.topk_ids[0] == int(glance_probs.argmax())
