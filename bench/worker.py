@@ -189,10 +189,10 @@ def worker_child_main(folder: Path) -> int:
         worker.batcher.on_batch = lambda r: (worker.stats.on_batch(r), sizes.append(r.size))  # type: ignore[func-returns-value]
         forward = worker.engine.logits_checked
 
-        def timed_forward(sets: Any) -> Any:  # the engine's share of the batch time (the rest: pixel waits, top-k)
-            t0 = time.monotonic()
+        def timed_forward(sets: Any, *rest: Any) -> Any:  # the engine's share of the batch time (the rest: pixel
+            t0 = time.monotonic()                            # waits, top-k)
             try:
-                return forward(sets)
+                return forward(sets, *rest)
             finally:
                 engine_s[0] += time.monotonic() - t0
 
