@@ -91,17 +91,9 @@ def _codec_params(items: list[str]) -> tuple[tuple[str, int], ...]:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskID,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from patchcast.eval import EvalConfig, run_eval
+    from patchcast.progress import phase_bars
     from shared.heap import retain_freed_memory
 
     # As the worker does: freed activations stay mapped (`patchcast eval --limit 500 --no-rollout
@@ -117,19 +109,9 @@ def run(args: argparse.Namespace) -> int:
         expert_min_share=args.expert_min_share,
         seed=args.seed, plots=not args.no_plots, publish=args.publish,
         command=shlex.join(["patchcast", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "")
-    console = Console(stderr=True)
     labels = {"full": "edge + server, full images", "subsets": "server on selected patches",
               "bytes": "encoding selections", "experts": "specialists on selected patches"}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console, transient=False) as progress:
-        tasks: dict[str, TaskID] = {}
-
-        def on_progress(phase: str, done: int, total: int, info: str) -> None:
-            if phase not in tasks:
-                tasks[phase] = progress.add_task(labels.get(phase, phase), total=total, info="")
-            progress.update(tasks[phase], completed=done, total=total, info=info)
-
+    with phase_bars(labels) as on_progress:
         result = run_eval(cfg, on_progress)
     s = result.summary
     out = Console()

@@ -68,16 +68,8 @@ def _numbers(values: list[str], kind: type, what: str) -> tuple:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskID,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
+    from patchcast.progress import phase_bars
     from patchcast.region_eval import RegionEvalConfig, run_region_eval
 
     cfg = RegionEvalConfig(
@@ -87,18 +79,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads, bytes_sample=args.bytes_sample, max_loss=args.max_loss, budget=args.budget,
         seed=args.seed, plots=not args.no_plots,
         command=shlex.join(["patchcast", *sys.argv[1:]]) if sys.argv[1:2] == ["eval-region"] else "")
-    console = Console(stderr=True)
     labels = {"passes": "server: full image, glance, windows", "bytes": "encoding glances and windows"}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console, transient=False) as progress:
-        tasks: dict[str, TaskID] = {}
-
-        def on_progress(phase: str, done: int, total: int, info: str) -> None:
-            if phase not in tasks:
-                tasks[phase] = progress.add_task(labels.get(phase, phase), total=total, info="")
-            progress.update(tasks[phase], completed=done, total=total, info=info)
-
+    with phase_bars(labels) as on_progress:
         result = run_region_eval(cfg, on_progress)
     s = result.summary
     out = Console()

@@ -5,9 +5,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgpack
 import numpy as np
+import pytest
 
 from shared import protocol as P
+from shared.errors import ProtocolError
+
+
+def wire(message: P.Message) -> dict[str, Any]:
+    """A message as the map on the wire."""
+    return msgpack.unpackb(P.encode(message), raw=False)
+
+
+def pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def code_of(data: bytes, decoder: Any = P.decode, **kw: Any) -> str:
+    """The error code ``decoder`` refuses ``data`` with (it must refuse it)."""
+    with pytest.raises(ProtocolError) as info:
+        decoder(data, **kw)
+    return info.value.code
 
 
 def natural_image(height: int, width: int, seed: int = 0) -> np.ndarray:

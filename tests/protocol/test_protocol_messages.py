@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgpack
 import numpy as np
 import pytest
-from protocol_helpers import make_request, sample_messages
+from protocol_helpers import code_of, make_request, pack, sample_messages, wire
 
 from shared import protocol as P
 from shared.errors import BadMaskError, BusyError, ProtocolError, TooLargeError
-
-
-def wire(message: P.Message) -> dict[str, Any]:
-    return msgpack.unpackb(P.encode(message), raw=False)
-
-
-def pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def code_of(data: bytes, decoder: Any = P.decode, **kw: Any) -> str:
-    with pytest.raises(ProtocolError) as info:
-        decoder(data, **kw)
-    return info.value.code
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda m: type(m).__name__)

@@ -8,12 +8,10 @@ Everything here is exact (no tolerances): bytes, ints and floats that msgpack ca
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
-from protocol_helpers import make_request, sample_messages
+from protocol_helpers import code_of, make_request, pack, sample_messages, wire
 
 from shared import protocol as P
 from shared.bitmask import pack_mask
@@ -26,20 +24,6 @@ from shared.errors import (
     UnknownExchangeError,
 )
 from shared.topics import V1, Topics
-
-
-def wire(message: P.Message) -> dict[str, Any]:
-    return msgpack.unpackb(P.encode(message), raw=False)
-
-
-def pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def code_of(data: bytes, decoder: Any = P.decode, **kw: Any) -> str:
-    with pytest.raises(ProtocolError) as info:
-        decoder(data, **kw)
-    return info.value.code
 
 
 def global_request(**overrides: object) -> P.PatchRequest:
