@@ -16,6 +16,8 @@ Layouts for image formats:
   real neighbours.
 * ``mosaic``: the kept patches packed row-major into a ``cols = W / p`` wide grid (last row padded
   grey). Better when patches are smaller than a DCT block (CIFAR's 4×4).
+* ``box``: the canvas cropped to the bounding box of the kept patches (unkept ones inside it grey).
+  A region exchange's window is exactly its box: the crop, with no blank patch at all.
 
 JPEG payloads carry no tables: both sides rebuild the header (IJG quality-scaled tables, standard
 Huffman tables of ITU-T T.81 Annex K, SOF from the geometry); the payload starts at the SOS marker.
@@ -47,7 +49,7 @@ from shared.errors import (
 )
 
 Params = Mapping[str, int]
-Layout = Literal["canvas", "mosaic"]
+Layout = Literal["canvas", "mosaic", "box"]
 FILL = 128  # grey: neutral chroma, so 4:2:0 bleeds the least colour into kept patches' borders
 MAX_DECODE_PIXELS = 1 << 24  # defence in depth; the protocol limits are far lower
 MAX_ZSTD_WINDOW = 1 << 23
@@ -100,6 +102,28 @@ def canvas_image(patches: np.ndarray, geometry: tuple[int, int], indices: np.nda
     grid = np.full((rows * cols, p, p, 3), FILL, dtype=np.uint8)
     grid[indices] = patches
     return grid.reshape(rows, cols, p, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * p, cols * p, 3)
+
+
+def box_of(indices: np.ndarray, geometry: tuple[int, int], patch_size: int) -> tuple[int, int, int, int]:
+    """(top row, left column, rows, columns) of the kept patches' bounding box, in patches."""
+    _, cols = grid_of(geometry, patch_size)
+    r, c = indices // cols, indices % cols
+    top, left = int(r.min()), int(c.min())
+    return top, left, int(r.max()) - top + 1, int(c.max()) - left + 1
+
+
+def box_local(indices: np.ndarray, geometry: tuple[int, int], patch_size: int) -> np.ndarray:
+    """The kept patches' indices within their bounding box (row-major over the box)."""
+    _, cols = grid_of(geometry, patch_size)
+    top, left, _, box_cols = box_of(indices, geometry, patch_size)
+    return (indices // cols - top) * box_cols + (indices % cols - left)
+
+
+def box_image(patches: np.ndarray, geometry: tuple[int, int], indices: np.ndarray, patch_size: int) -> np.ndarray:
+    """The bounding box of the kept patches, the patches in place and grey between them."""
+    _, _, rows, cols = box_of(indices, geometry, patch_size)
+    return canvas_image(patches, (rows * patch_size, cols * patch_size), box_local(indices, geometry, patch_size),
+                        patch_size)
 
 
 def mosaic_shape(count: int, geometry: tuple[int, int], patch_size: int) -> tuple[int, int]:
@@ -418,8 +442,12 @@ class ImageCodec(Codec):
                 scores: np.ndarray | None) -> bytes:
         geometry = (pixels.shape[0], pixels.shape[1])
         patches = extract_patches(pixels, indices, patch_size)
-        image = (canvas_image(patches, geometry, indices, patch_size) if self.layout == "canvas"
-                 else mosaic_image(patches, geometry, patch_size))
+        if self.layout == "canvas":
+            image = canvas_image(patches, geometry, indices, patch_size)
+        elif self.layout == "box":
+            image = box_image(patches, geometry, indices, patch_size)
+        else:
+            image = mosaic_image(patches, geometry, patch_size)
         if self.fmt == "JPEG":
             return jpeg_encode_stripped(image, params["q"], chroma_subsampling(params["ss"], patch_size))
         buf = io.BytesIO()
@@ -434,14 +462,19 @@ class ImageCodec(Codec):
 
     def _decode(self, payload: bytes, geometry: tuple[int, int], indices: np.ndarray, patch_size: int,
                 params: dict[str, int]) -> np.ndarray:
-        shape = geometry if self.layout == "canvas" else mosaic_shape(indices.size, geometry, patch_size)
+        if self.layout == "canvas":
+            shape, where = geometry, indices
+        elif self.layout == "box":
+            _, _, rows, cols = box_of(indices, geometry, patch_size)
+            shape, where = (rows * patch_size, cols * patch_size), box_local(indices, geometry, patch_size)
+        else:
+            shape, where = mosaic_shape(indices.size, geometry, patch_size), np.arange(indices.size)
         if self.fmt == "JPEG":
             ss = chroma_subsampling(params["ss"], patch_size)
             image = jpeg_decode_stripped(payload, shape[0], shape[1], params["q"], ss)
         else:
             image = _pil_decode(payload, "PNG" if self.fmt == "PNG" else "WEBP", shape)
-        patches = split_image(image, patch_size)
-        return np.ascontiguousarray(patches[indices] if self.layout == "canvas" else patches[:indices.size])
+        return np.ascontiguousarray(split_image(image, patch_size)[where])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,5 +519,7 @@ for _codec in (
     ImageCodec("jpeg-mosaic", "JPEG", "mosaic", "table-less JPEG of the mosaic of kept patches (q, ss)"),
     ImageCodec("webp", "WEBP", "canvas", "lossy WebP of the image with unkept patches blank (q, m)"),
     ImageCodec("webp-mosaic", "WEBP", "mosaic", "lossy WebP of the mosaic of kept patches (q, m)"),
+    ImageCodec("jpeg-box", "JPEG", "box", "table-less JPEG of the kept patches' bounding box, unkept ones inside "
+               "it blank: a region's window is sent as its crop (q, ss)"),
 ):
     register(_codec)

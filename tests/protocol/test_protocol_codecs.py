@@ -178,3 +178,23 @@ def test_decode_refuses_bad_geometry_and_params(codec: C.Codec) -> None:
     assert _code(codec.decode, b"x", (64, 64), np.arange(17), 16) == "bad_mask"
     assert _code(codec.decode, "x", (64, 64), np.arange(2), 16) == "bad_payload"
     assert _code(codec.decode, b"x", (64, 64), np.arange(2), 16, {"nope": 1}) == "bad_field"
+
+
+def test_the_box_layout_sends_a_window_as_its_crop() -> None:
+    pixels = natural_image(64, 64, seed=5)  # 8×8 grid of 8-px patches
+    window = np.array([r * 8 + c for r in range(2, 6) for c in range(1, 4)])  # rows 2–5, columns 1–3
+    patches = C.extract_patches(pixels, window, 8)
+    assert C.box_of(window, (64, 64), 8) == (2, 1, 4, 3)
+    np.testing.assert_array_equal(C.box_image(patches, (64, 64), window, 8), pixels[16:48, 8:32])
+    # a gap inside the box is grey, and the kept patches come back in index order
+    sparse = np.array([2 * 8 + 1, 5 * 8 + 3])
+    box = C.box_image(C.extract_patches(pixels, sparse, 8), (64, 64), sparse, 8)
+    assert box.shape == (32, 24, 3) and (box[0:8, 8:16] == C.FILL).all()
+    codec = C.get_codec("jpeg-box")
+    params = codec.resolve_params({"q": 90})
+    payload = codec.encode(pixels, window, 8, params)
+    assert payload == C.jpeg_encode_stripped(pixels[16:48, 8:32], 90, C.chroma_subsampling(0, 8))
+    assert psnr(codec.decode(payload, (64, 64), window, 8, params), patches) > 30
+    # the crop is smaller than the same window packed into the mosaic's image-wide rows
+    mosaic = C.get_codec("jpeg-mosaic")
+    assert len(payload) < len(mosaic.encode(pixels, window, 8, mosaic.resolve_params({"q": 90})))
