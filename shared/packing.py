@@ -369,13 +369,16 @@ def forward_packed(model: VisionTransformer, token_sets: Sequence[Tensor], *,
     last = len(blocks) - 1
     for i, blk in enumerate(blocks):
         attn = cast(Attention, blk.attn)  # checked by _packable_blocks
-        if i == last and cls_attention is not None:
-            cls_attention.extend(_cls_attention(attn, blk.norm1(x), starts, lengths))
         if cls_only_last and i == last:
+            xn = blk.norm1(x)  # once: the CLS rows' attention and the maps both read it
+            if cls_attention is not None:
+                cls_attention.extend(_cls_attention(attn, xn, starts, lengths))
             xc = x.index_select(0, starts)
-            xc = xc + blk.drop_path1(blk.ls1(_attention(attn, blk.norm1(x), lengths, attention, starts, spare)))
+            xc = xc + blk.drop_path1(blk.ls1(_attention(attn, xn, lengths, attention, starts, spare)))
             x = xc + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xc))))
         else:
+            if i == last and cls_attention is not None:
+                cls_attention.extend(_cls_attention(attn, blk.norm1(x), starts, lengths))
             # In-place residual adds: x is our own packed buffer, and this saves a (T, D) copy each.
             x.add_(blk.drop_path1(blk.ls1(_attention(attn, blk.norm1(x), lengths, attention, spare=spare))))
             x.add_(blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))))
