@@ -111,41 +111,79 @@ def make_requests(loaded: LoadedModel, count: int, keeps: list[float], codec: st
     return requests
 
 
+class LoadRoundError(RuntimeError):
+    """A broker round that cannot give a timing: a worker refused a request, or replies stopped."""
+
+
 async def generate_load(broker_cfg: BrokerConfig, device: str, model: str, items: list[tuple[str, bytes]],
-                        in_flight: int) -> tuple[float, float]:
+                        in_flight: int, stall_s: float = 120.0) -> tuple[float, float]:
     """Publish every request (keeping ``in_flight`` outstanding) and wait for every reply: the
     ``time.monotonic()`` (one clock for every process of the machine) of the first publish and of
-    the last reply."""
+    the last reply.
+
+    An error reply ends the round (a refused request would leave its slot taken forever, and a
+    timing with refusals in it measures nothing), and so do ``stall_s`` seconds without a reply."""
     done = asyncio.Event()
     answered: set[str] = set()
+    refusals: list[str] = []
+    last_reply = time.monotonic()
     slots = asyncio.Semaphore(in_flight)
 
     def on_reply(msg: Incoming) -> None:
+        nonlocal last_reply
+        last_reply = time.monotonic()
         reply = decode_reply(msg.payload)
-        assert isinstance(reply, Reply), reply
+        if not isinstance(reply, Reply):
+            refusals.append(f"{reply.request_id}: {reply.code}: {reply.message}")
+            done.set()
+            return
         if reply.request_id not in answered:
             answered.add(reply.request_id)
             slots.release()
         if len(answered) == len(items):
             done.set()
 
+    async def watchdog() -> None:
+        while not done.is_set():
+            await asyncio.sleep(min(1.0, stall_s))
+            if time.monotonic() - last_reply > stall_s:
+                done.set()
+
     client = Transport(broker_cfg, client_id=device, handler=on_reply)
     async with asyncio.TaskGroup() as tg:
         runner = tg.create_task(client.run(), name="load-client")
         await client.subscribe(V1.reply(device))
         await client.wait_connected()
-        start = time.monotonic()
+        start = last_reply = time.monotonic()
+        stall = tg.create_task(watchdog(), name="load-watchdog")
 
         async def send(request_id: str, payload: bytes) -> None:
             await client.publish(V1.request(model, device), payload, qos=1, response_topic=V1.reply(device),
                                  correlation_data=request_id.encode())
 
+        async def acquire_slot() -> None:
+            # a refusal or a stall frees no slot: stop waiting for one when the round has ended
+            waiter = asyncio.ensure_future(slots.acquire())
+            ended = asyncio.ensure_future(done.wait())
+            await asyncio.wait({waiter, ended}, return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()
+            if not waiter.done():
+                waiter.cancel()
+
         for request_id, payload in items:
-            await slots.acquire()
+            await acquire_slot()
+            if done.is_set():
+                break
             tg.create_task(send(request_id, payload))
         await done.wait()
         end = time.monotonic()
+        stall.cancel()
         runner.cancel()
+    if refusals:
+        raise LoadRoundError(f"{len(refusals)} request(s) refused, first: {refusals[0]}")
+    if len(answered) < len(items):
+        raise LoadRoundError(f"replies stopped: {len(answered)} of {len(items)} answered, "
+                             f"none for {stall_s:.0f} s")
     return start, end
 
 
@@ -155,7 +193,12 @@ def load_generator_main(folder: Path) -> int:
     items = [(str(rid), bytes(payload)) for rid, payload in msgpack.unpackb((folder / "payloads").read_bytes())]
     broker_cfg = load_config(environ={}, overrides={"broker": {"port": spec["port"]}}).broker
     cpu_before = process_cpu_s()  # not the imports'
-    start, end = asyncio.run(generate_load(broker_cfg, spec["device"], spec["model"], items, spec["in_flight"]))
+    try:
+        start, end = asyncio.run(generate_load(broker_cfg, spec["device"], spec["model"], items, spec["in_flight"],
+                                               float(spec.get("stall_s", 120.0))))
+    except LoadRoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"start": start, "end": end, "replies": len(items), "cpu_s": process_cpu_s() - cpu_before}))
     return 0
 
