@@ -19,7 +19,9 @@ for every image's glance, + the window's share of the patches for the images ask
 measured with the service's codec on a seeded sample of images (:func:`measure_bytes`) ÷ the same
 images as full-image JPEG q90 payloads (:func:`shared.codecs.full_image_payload_bytes`, the reference
 ``patchcast eval`` uses). Accuracy is computed on the exact pixels (the codec's loss is not applied),
-as in ``patchcast eval``.
+as in ``patchcast eval``, unless ``through_codec`` is set: then the full image, every glance and every
+window pass through the codec (encode, then decode, each its own payload as in the live exchange)
+before the server sees them.
 
 Forwards go through the service's code path: patches are normalised and embedded like
 ``ServerEngine._token_sets`` and run with :func:`shared.packing.forward_packed` in batches planned by
@@ -47,6 +49,7 @@ from shared.region import (
     centre_window,
     choose_window,
     downsample,
+    from_patches,
     fuse,
     global_patch_size,
     hybrid_patches,
@@ -84,6 +87,9 @@ class RegionEvalConfig:
     bytes_sample: int = 256
     codec: str = "jpeg-mosaic"  # the service's default codec (shared.config.CodecConfig)
     quality: int = 90  # codec.quality, as edge_node.engine.codec_params passes it
+    # every image, glance and window the server classifies goes through the codec first (encode then
+    # decode, as the live exchange does); off: the server sees the lossless pixels
+    through_codec: bool = False
     chunk: int = 512  # images decoded and forwarded together
     max_batch: int = 32  # the worker's batching.max_batch / max_tokens defaults
     max_tokens: int = 2048
@@ -192,6 +198,34 @@ def _forward(model: Any, pre: Any, patch_sets: Sequence[np.ndarray], index_sets:
     return torch.softmax(logits, dim=-1).numpy(), uncertainty(logits, "min_entropy").numpy()
 
 
+class _Wire:
+    """The pixels the worker would decode: lossless unless the evaluation runs through the codec."""
+
+    def __init__(self, cfg: RegionEvalConfig) -> None:
+        from shared.codecs import get_codec
+
+        self.codec = get_codec(cfg.codec) if cfg.through_codec else None
+        if self.codec is not None:
+            keys = {spec.key for spec in self.codec.param_specs}
+            self.params = self.codec.resolve_params({"q": cfg.quality} if "q" in keys else {})
+
+    def patches(self, pixels: np.ndarray, indices: np.ndarray, patch_size: int) -> np.ndarray:
+        """(K, p, p, 3): the patches at ``indices`` of ``pixels`` (H, W, 3), after the codec's round trip."""
+        if self.codec is None:
+            return to_patches(pixels, patch_size)[indices]
+        geometry = (int(pixels.shape[0]), int(pixels.shape[1]))
+        payload = self.codec.encode(pixels, indices, patch_size, self.params)
+        return self.codec.decode(payload, geometry, indices, patch_size, self.params)
+
+    def glance(self, pixels: np.ndarray, factor: int, patch_size: int) -> np.ndarray:
+        """(N, p, p, 3): the image box-downsampled, sent in p/s patches, then upsampled (decode_global)."""
+        small = downsample(pixels, factor)
+        gp = global_patch_size(patch_size, factor)
+        grid = (small.shape[0] // gp, small.shape[1] // gp)
+        sent = self.patches(small, np.arange(grid[0] * grid[1]), gp)
+        return to_patches(upsample(from_patches(sent, grid), factor), patch_size)
+
+
 def _chunk_passes(server: Any, cfg: RegionEvalConfig, pixels: np.ndarray, window_sides: dict[float, int]
                   ) -> tuple[FloatArray, dict[int, dict[str, Any]]]:
     """Every forward for one chunk of images (B, H, W, 3) uint8."""
@@ -199,13 +233,14 @@ def _chunk_passes(server: Any, cfg: RegionEvalConfig, pixels: np.ndarray, window
     grid = server.grid
     n = grid[0] * grid[1]
     all_idx = np.arange(n, dtype=np.int64)
-    full = np.stack([to_patches(px, p) for px in pixels])  # (B, N, p, p, 3)
+    wire = _Wire(cfg)
+    full = np.stack([wire.patches(px, all_idx, p) for px in pixels])  # (B, N, p, p, 3)
     b = len(full)
     mb, mt = cfg.max_batch, cfg.max_tokens
     server_probs, _ = _forward(model, pre, list(full), [all_idx] * b, mb, mt)
     out: dict[int, dict[str, Any]] = {}
     for s in cfg.downscales:
-        glance = np.stack([to_patches(upsample(downsample(px, s), s), p) for px in pixels])
+        glance = np.stack([wire.glance(px, s, p) for px in pixels])
         maps: list[np.ndarray] = []
         g_probs, g_u = _forward(model, pre, list(glance), [all_idx] * b, mb, mt, cls_attention=maps)
         attention = np.stack(maps).astype(np.float32)
@@ -213,12 +248,15 @@ def _chunk_passes(server: Any, cfg: RegionEvalConfig, pixels: np.ndarray, window
                    for f, k in window_sides.items()}
         sides = list(window_sides)
         # The hybrid images of every side in one call, then the windows alone (short sets, batched by length).
-        hybrid = [hybrid_patches(glance[i], full[i][windows[f][i]], windows[f][i]) for f in sides for i in range(b)]
+        # the window's patches as sent on their own (through the codec, a window is its own payload)
+        sent = {f: [wire.patches(pixels[i], windows[f][i], p) for i in range(b)] for f in sides}
+        hybrid = [hybrid_patches(glance[i], sent[f][i], windows[f][i]) for f in sides for i in range(b)]
         h_probs, _ = _forward(model, pre, hybrid, [all_idx] * len(hybrid), mb, mt)
-        w_sets = [full[i][windows[f][i]] for f in sides for i in range(b)]
+        w_sets = [sent[f][i] for f in sides for i in range(b)]
         w_probs, _ = _forward(model, pre, w_sets, [windows[f][i] for f in sides for i in range(b)], mb, mt)
         centres = {f: centre_window(grid, window_sides[f]) for f in sides}
-        centred = [hybrid_patches(glance[i], full[i][centres[f]], centres[f]) for f in sides for i in range(b)]
+        centred = [hybrid_patches(glance[i], wire.patches(pixels[i], centres[f], p), centres[f])
+                   for f in sides for i in range(b)]
         c_probs, _ = _forward(model, pre, centred, [all_idx] * len(centred), mb, mt)
         out[s] = {"glance_probs": g_probs, "glance_u": g_u, "attention": attention, "windows": windows,
                   "image_probs": {f: h_probs[j * b:(j + 1) * b] for j, f in enumerate(sides)},
@@ -435,6 +473,7 @@ def summarise(cfg: RegionEvalConfig, passes: RegionPasses, points: Sequence[Regi
     best_bytes = min(within_all, key=lambda p: (p.bytes_frac, -p.accuracy)) if within_all else None
     return {"images": len(passes.labels), "server": _point_json(server), "target_accuracy": target,
             "budget": cfg.budget, "max_loss_points": cfg.max_loss, "scales": scales,
+            "pixels": f"{cfg.codec} q{cfg.quality} round trip" if cfg.through_codec else "lossless",
             "cheapest_within_loss": _point_json(best), "cheapest_within_loss_by_bytes": _point_json(best_bytes)}
 
 
@@ -483,7 +522,9 @@ def report_markdown(cfg: RegionEvalConfig, summary: dict[str, Any]) -> str:
              f"{summary['images']:,} images of `{cfg.data}`, server `{cfg.server}`; bytes measured on "
              f"{summary['bytes_sample']} images with `{cfg.codec}` q{cfg.quality} ÷ the same images as full-image "
              f"JPEG q{REFERENCE_JPEG_QUALITY} payloads. Pixel cost: pixels sent ÷ full-image pixels (glance 1/s² "
-             "for every image, + the window's share for the images asked).", ""]
+             "for every image, + the window's share for the images asked). The server classified "
+             + (f"every image, glance and window after a `{cfg.codec}` q{cfg.quality} round trip, as live."
+                if cfg.through_codec else "the exact pixels (the codec's loss not applied)."), ""]
     if cfg.command:
         lines += [f"Command: `{cfg.command}` ({summary['timings_s']['total_s']:.0f} s, "
                   f"{summary['threads']} torch threads).", ""]

@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads (default: all free cores, 1 on a busy machine)")
     p.add_argument("--bytes-sample", type=int, default=256,
                    help="images whose glance and windows are actually encoded to measure bytes")
+    p.add_argument("--codec", default="jpeg-mosaic", help="codec whose bytes are measured (patchcast codecs)")
+    p.add_argument("--quality", type=int, default=90, help="the codec's quality (codec.quality)")
+    p.add_argument("--through-codec", action="store_true",
+                   help="the server classifies what the codec delivers (each image, glance and window encoded "
+                   "and decoded, as in the live exchange) instead of the exact pixels")
     p.add_argument("--max-loss", type=float, default=1.0,
                    help="accuracy points below server-only the report's operating points may lose")
     p.add_argument("--budget", type=float, default=0.5,
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, server=args.server, pretrained=args.pretrained, limit=args.limit, out=args.out,
         downscales=_numbers(getattr(args, "downscale", None) or ["2"], int, "downscale"),
         sides=_numbers([args.side], float, "side"),
-        threads=args.threads, bytes_sample=args.bytes_sample, max_loss=args.max_loss, budget=args.budget,
+        threads=args.threads, bytes_sample=args.bytes_sample, codec=args.codec, quality=args.quality,
+        through_codec=args.through_codec, max_loss=args.max_loss, budget=args.budget,
         seed=args.seed, plots=not args.no_plots,
         command=shlex.join(["patchcast", *sys.argv[1:]]) if sys.argv[1:2] == ["eval-region"] else "")
     labels = {"passes": "server: full image, glance, windows", "bytes": "encoding glances and windows"}

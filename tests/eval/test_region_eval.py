@@ -228,3 +228,42 @@ def test_the_centre_baseline_is_the_middle_window(result: RegionEvalResult) -> N
             np.testing.assert_allclose(sc.image_probs[f][same], sc.centre_probs[f][same], atol=1e-5)
             choice = next(c for c in result.summary["scales"][str(s)]["window_choice"] if c["side_fraction"] == f)
             assert choice["centre"] == float(np.mean(sc.centre_probs[f].argmax(1) == passes.labels))
+
+
+def test_through_the_codec_the_server_sees_what_the_codec_delivers(
+        data_path: Path, tmp_path: Path, pixels: tuple[np.ndarray, np.ndarray], result: RegionEvalResult) -> None:
+    """With ``through_codec`` the glance and window forwards run on the codec's decoded pixels: a lossless
+    codec changes nothing, and JPEG's glances equal timm's forward on glances this test round-trips."""
+    from shared.attention import edge_forward
+    from shared.codecs import get_codec
+    from shared.models import build_model
+
+    few = 16
+    common = {"data": str(data_path), "limit": IMAGES, "downscales": (2,), "sides": (0.5,), "threads": 1,
+              "bytes_sample": 4, "eta_quantiles": 4, "plots": False}
+    lossless = run_region_eval(RegionEvalConfig(out=str(tmp_path / "png"), codec="png", through_codec=True,
+                                                **common)).passes
+    np.testing.assert_allclose(lossless.scales[2].glance_probs, result.passes.scales[2].glance_probs, atol=1e-6)
+    np.testing.assert_allclose(lossless.scales[2].image_probs[0.5], result.passes.scales[2].image_probs[0.5],
+                               atol=1e-6)
+
+    lossy = run_region_eval(RegionEvalConfig(out=str(tmp_path / "jpeg"), codec="jpeg-mosaic", quality=50,
+                                             through_codec=True, **common))
+    assert lossy.summary["pixels"] == "jpeg-mosaic q50 round trip"
+    assert "after a `jpeg-mosaic` q50 round trip" in (tmp_path / "jpeg" / "report.md").read_text()
+    passes = lossy.passes
+    codec = get_codec("jpeg-mosaic")
+    loaded = build_model("zoo:cifar10-server", role="edge")
+    px = pixels[0][:few]
+
+    def sent_glance(x: np.ndarray) -> np.ndarray:
+        small = downsample(x, 2)
+        idx = np.arange(64)
+        back = codec.decode(codec.encode(small, idx, 2, {"q": 50}), small.shape[:2], idx, 2, {"q": 50})
+        return upsample(from_patches(back, (8, 8)), 2)
+
+    glances = np.stack([sent_glance(x) for x in px])
+    with torch.inference_mode():
+        out = edge_forward(loaded.model, datasets.normalize(torch.from_numpy(glances), loaded.preprocess))
+    np.testing.assert_allclose(passes.scales[2].glance_probs[:few], out.logits.softmax(-1).numpy(), atol=1e-4)
+    assert not np.allclose(passes.scales[2].glance_probs, result.passes.scales[2].glance_probs, atol=1e-3)
