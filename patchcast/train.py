@@ -80,6 +80,10 @@ class TrainConfig:
     glance_mix: float = 0.0
     glance_downscale: int = 2
     glance_window: float = 0.5
+    # the codec a deployment sends with (patchcast codecs): glances and windows are encoded and decoded
+    # before the model sees them, so it learns on the artefacts a worker decodes (None: exact pixels)
+    glance_codec: str | None = None
+    glance_quality: int = 90
     init: str | None = None  # start from these weights (fine-tuning) instead of random init
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     teacher: str | None = None
@@ -110,6 +114,16 @@ class TrainConfig:
         if self.glance_mix and (self.glance_downscale < 2 or self.arch.patch_size % self.glance_downscale):
             raise ConfigError(f"glance_downscale {self.glance_downscale} must be ≥ 2 and divide the patch size "
                               f"{self.arch.patch_size}")
+        if self.glance_codec is not None:
+            from shared.codecs import get_codec
+            from shared.errors import ProtocolError
+
+            try:
+                get_codec(self.glance_codec)
+            except ProtocolError as exc:
+                raise ConfigError(f"glance_codec: {exc}") from exc
+            if not 1 <= self.glance_quality <= 100:
+                raise ConfigError("glance_quality must be in 1..100")
         if len(set(self.classes)) != len(self.classes) or any(c < 0 for c in self.classes):
             raise ConfigError("classes must be distinct class ids ≥ 0")
         if self.classes and self.arch.num_classes != len(self.classes):
@@ -181,13 +195,57 @@ def _normalise(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return (x - mean) / std
 
 
+@dataclass(frozen=True)
+class CodecRoundTrip:
+    """A codec's encode + decode applied to training pixels: what a worker decodes from a device."""
+
+    name: str
+    quality: int = 90
+
+    def __call__(self, pixels: torch.Tensor, patch_size: int, kept: list[np.ndarray] | None = None) -> torch.Tensor:
+        """uint8 (B, H, W, 3) → the same, with each image's patches at ``kept[i]`` (every patch when
+        ``kept`` is None) replaced by their decoded copies."""
+        from shared.codecs import get_codec
+
+        codec = get_codec(self.name)
+        keys = {spec.key for spec in codec.param_specs}
+        params = codec.resolve_params({"q": self.quality} if "q" in keys else {})
+        images = pixels.cpu().numpy()
+        b, h, w, _ = images.shape
+        cols = w // patch_size
+        out = images.copy()
+        for i in range(b):
+            idx = np.arange((h // patch_size) * cols) if kept is None else np.asarray(kept[i])
+            decoded = codec.decode(codec.encode(images[i], idx, patch_size, params), (h, w), idx, patch_size, params)
+            for j, k in enumerate(idx.tolist()):
+                r, c = divmod(k, cols)
+                out[i, r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size] = decoded[j]
+        return torch.from_numpy(out).to(pixels.device)
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] → uint8 (B, H, W, 3)."""
+    return images.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.permute(0, 3, 1, 2).float().div_(255.0)
+
+
 def glances(unit: torch.Tensor, factor: int, patch_size: int, window: float, gen: torch.Generator,
-             hybrid: bool) -> torch.Tensor:
+            hybrid: bool, wire: CodecRoundTrip | None = None) -> torch.Tensor:
     """A batch (B, 3, H, W) in [0, 1] as a worker sees region-exchange images: box-downsampled by
     ``factor`` and bilinearly upsampled back (the glance), or with ``hybrid`` the glance with one
-    random full-resolution window per image (``window`` of the side, on the patch grid) in place."""
+    random full-resolution window per image (``window`` of the side, on the patch grid) in place.
+    With ``wire``, the downsampled image (in p/s patches) and the window (its own payload) pass
+    through that codec first, as they travel."""
     b, _, h, w = unit.shape
-    glance = F.interpolate(F.avg_pool2d(unit, factor), scale_factor=factor, mode="bilinear", align_corners=False)
+    if wire is None:
+        small = F.avg_pool2d(unit, factor)
+    else:  # the device's uint8 box mean (shared.region.downsample), then the codec
+        means = F.avg_pool2d(_to_uint8(unit).permute(0, 3, 1, 2).float(), factor).round_()
+        small = _to_unit(wire(means.to(torch.uint8).permute(0, 2, 3, 1), patch_size // factor))
+    glance = F.interpolate(small, scale_factor=factor, mode="bilinear", align_corners=False)
     if not hybrid:
         return glance
     rows, cols = h // patch_size, w // patch_size
@@ -197,6 +255,11 @@ def glances(unit: torch.Tensor, factor: int, patch_size: int, window: float, gen
     y, x = torch.arange(h), torch.arange(w)
     inside = (((y[None, :] >= top[:, None]) & (y[None, :] < top[:, None] + side * patch_size))[:, :, None]
               & ((x[None, :] >= left[:, None]) & (x[None, :] < left[:, None] + side * patch_size))[:, None, :])
+    if wire is not None:
+        span = np.arange(side)
+        kept = [((int(t) // patch_size + span)[:, None] * cols + (int(lft) // patch_size + span)[None, :]).ravel()
+                for t, lft in zip(top, left, strict=True)]
+        unit = _to_unit(wire(_to_uint8(unit), patch_size, kept))
     return torch.where(inside[:, None].to(unit.device), unit, glance)
 
 
@@ -324,6 +387,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     if cfg.teacher:
         teacher = build_model(cfg.teacher, role="server").model.eval().to(device)
     selector = None
+    wire = CodecRoundTrip(cfg.glance_codec, cfg.glance_quality) if cfg.glance_codec else None
     if cfg.token_selector:
         loaded_selector = build_model(cfg.token_selector, role="edge")
         selector = loaded_selector.model.eval().to(device)
@@ -358,7 +422,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
             unit = augment(train_x[idx], gen).to(device, non_blocking=True)
             if cfg.glance_mix > 0 and float(torch.rand(1, generator=gen)) < cfg.glance_mix:
                 hybrid = float(torch.rand(1, generator=gen)) < 0.5
-                unit = glances(unit, cfg.glance_downscale, cfg.arch.patch_size, cfg.glance_window, gen, hybrid)
+                unit = glances(unit, cfg.glance_downscale, cfg.arch.patch_size, cfg.glance_window, gen, hybrid,
+                               wire)
             x = _normalise(unit, pre)
             y = train_y[idx].to(device, non_blocking=True)
             keep = num_patches

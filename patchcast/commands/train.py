@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "with a random full-resolution window of --glance-window of the side in place")
     p.add_argument("--glance-downscale", type=int, default=2, help="with --glance-mix: the downsampling factor")
     p.add_argument("--glance-window", type=float, default=0.5, help="with --glance-mix: window side fraction")
+    p.add_argument("--glance-codec", default=None, metavar="CODEC",
+                   help="with --glance-mix: send glances and windows through this codec (patchcast codecs) before "
+                   "the model sees them, as a worker decodes them (default: the exact pixels)")
+    p.add_argument("--glance-quality", type=int, default=90, help="with --glance-codec: the codec's quality")
     p.add_argument("--init", default=None, metavar="MODEL",
                    help="start from these weights (zoo:NAME, file:PATH) instead of random init: fine-tuning")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -101,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         init=args.init, device=args.device, teacher=args.teacher,
         distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
         seed=args.seed, threads=args.threads, name=args.name, classes=classes, glance_mix=args.glance_mix,
-        glance_downscale=args.glance_downscale, glance_window=args.glance_window)
+        glance_downscale=args.glance_downscale, glance_window=args.glance_window, glance_codec=args.glance_codec,
+        glance_quality=args.glance_quality)
     cfg = replace(cfg, bf16=use_bf16("fp32" if args.fp32 else args.precision, cfg.torch_device()))
     console = Console()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from patchcast.train import TrainConfig, augment, glances, lr_at, pick_tokens, train
+from patchcast.train import CodecRoundTrip, TrainConfig, augment, glances, lr_at, pick_tokens, train
 from shared.errors import ConfigError
 from shared.models import VitArch, build_model
 
@@ -219,6 +219,51 @@ def test_glances_are_what_a_worker_sees_and_hybrids_keep_one_full_resolution_win
         assert full.sum() == 16 * 16 and len(rows) == len(cols) == 16  # one 16×16 window (4×4 patches)
         assert int(rows[0]) % 4 == 0 and int(cols[0]) % 4 == 0  # on the patch grid
         assert torch.equal(hyb[:, ~full], gl[:, ~full])
+
+
+def test_glances_through_a_codec_are_what_the_worker_decodes() -> None:
+    """With a codec in the loop, a glance is the service's decode_global of the encoded glance (up to
+    the upsampling's rounding), and a hybrid's window is that window sent as its own payload."""
+    from shared.codecs import get_codec
+    from shared.region import downsample, from_patches, upsample
+
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    unit = pixels.permute(0, 3, 1, 2).float() / 255.0
+    wire = CodecRoundTrip("jpeg-mosaic", 50)
+    codec, all_small = get_codec("jpeg-mosaic"), np.arange(64)
+
+    def served(img: np.ndarray) -> np.ndarray:
+        small = downsample(img, 2)
+        back = codec.decode(codec.encode(small, all_small, 2, {"q": 50}), (16, 16), all_small, 2, {"q": 50})
+        return upsample(from_patches(back, (8, 8)), 2)
+
+    glance = glances(unit, 2, 4, 0.5, gen, hybrid=False, wire=wire)
+    want = torch.from_numpy(np.stack([served(p.numpy()) for p in pixels])).float()
+    lossless = glances(unit, 2, 4, 0.5, torch.Generator().manual_seed(1), hybrid=False)
+    # within the bilinear and box-mean rounding of the exact path, and clearly away from the lossless glance
+    assert (glance.permute(0, 2, 3, 1) * 255 - want).abs().max() <= 3.0  # Pillow vs torch bilinear, as above
+    assert (glance - lossless).abs().max() * 255 > 8.0
+    hybrid = glances(unit, 2, 4, 0.5, gen, hybrid=True, wire=wire)
+    for img, hyb in zip(pixels.numpy(), hybrid, strict=True):
+        exact_glance = torch.from_numpy(served(img).copy()).float() / 255
+        differs = (hyb.permute(1, 2, 0) - exact_glance).abs().amax(-1) > 5 / 255  # (H, W): the window, roughly
+        rows, cols = differs.any(1).nonzero().flatten(), differs.any(0).nonzero().flatten()
+        top, left = int(rows[0]) // 4 * 4, int(cols[0]) // 4 * 4
+        idx = np.array([(top // 4 + r) * 8 + left // 4 + c for r in range(4) for c in range(4)])
+        sent = codec.decode(codec.encode(img, idx, 4, {"q": 50}), (32, 32), idx, 4, {"q": 50})
+        window = (hyb.permute(1, 2, 0)[top:top + 16, left:left + 16] * 255).round().to(torch.uint8).numpy()
+        np.testing.assert_array_equal(window, from_patches(sent, (4, 4)))
+
+
+def test_glance_codec_settings_are_checked(toy_data: Path, tmp_path: Path) -> None:
+    card = train(_cfg(toy_data, tmp_path / "run", epochs=1, glance_mix=1.0, glance_codec="jpeg-mosaic",
+                      glance_quality=75))
+    assert card["training"]["glance_codec"] == "jpeg-mosaic" and card["training"]["glance_quality"] == 75
+    with pytest.raises(ConfigError, match="glance_codec"):
+        _cfg(toy_data, tmp_path / "x", glance_mix=0.5, glance_codec="gif")
+    with pytest.raises(ConfigError, match="glance_quality"):
+        _cfg(toy_data, tmp_path / "x", glance_mix=0.5, glance_codec="jpeg-mosaic", glance_quality=0)
 
 
 def test_glance_mix_trains_and_checks_its_settings(toy_data: Path, tmp_path: Path) -> None:
