@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shared.attention import edge_forward
-from shared.codecs import full_image_payload_bytes, get_codec
+from shared.codecs import full_image_payload_bytes, get_codec, quality_params
 from shared.config import CodecConfig, GateConfig, RegionConfig, SelectionConfig
 from shared.datasets import Sample, crop_uint8, decode_rgb, normalize
 from shared.errors import ConfigError
@@ -61,9 +61,7 @@ class EdgeDecision:
 
 def codec_params(config: CodecConfig) -> dict[str, int]:
     """The codec config as wire params: ``quality`` goes to codecs that have a ``q`` parameter."""
-    codec = get_codec(config.name)
-    keys = {spec.key for spec in codec.param_specs}
-    return codec.resolve_params({"q": config.quality} if "q" in keys else {})
+    return quality_params(get_codec(config.name), config.quality)
 
 
 class EdgeEngine:

@@ -202,12 +202,11 @@ class _Wire:
     """The pixels the worker would decode: lossless unless the evaluation runs through the codec."""
 
     def __init__(self, cfg: RegionEvalConfig) -> None:
-        from shared.codecs import get_codec
+        from shared.codecs import get_codec, quality_params
 
         self.codec = get_codec(cfg.codec) if cfg.through_codec else None
         if self.codec is not None:
-            keys = {spec.key for spec in self.codec.param_specs}
-            self.params = self.codec.resolve_params({"q": cfg.quality} if "q" in keys else {})
+            self.params = quality_params(self.codec, cfg.quality)
 
     def patches(self, pixels: np.ndarray, indices: np.ndarray, patch_size: int) -> np.ndarray:
         """(K, p, p, 3): the patches at ``indices`` of ``pixels`` (H, W, 3), after the codec's round trip."""
@@ -330,11 +329,10 @@ def measure_bytes(cfg: RegionEvalConfig, ds: Any, server: Any, passes: RegionPas
     """Encode, for each sampled image, the glance and every window it would send (its own windows,
     chosen by the server's attention on its glance) with the service's codec."""
     from shared import datasets
-    from shared.codecs import full_image_payload_bytes, get_codec
+    from shared.codecs import full_image_payload_bytes, get_codec, quality_params
 
     codec = get_codec(cfg.codec)
-    keys = {spec.key for spec in codec.param_specs}
-    params = codec.resolve_params({"q": cfg.quality} if "q" in keys else {})
+    params = quality_params(codec, cfg.quality)
     p = passes.patch_size
     n = passes.num_patches
     all_idx = np.arange(n)

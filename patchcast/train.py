@@ -205,11 +205,10 @@ class CodecRoundTrip:
     def __call__(self, pixels: torch.Tensor, patch_size: int, kept: list[np.ndarray] | None = None) -> torch.Tensor:
         """uint8 (B, H, W, 3) → the same, with each image's patches at ``kept[i]`` (every patch when
         ``kept`` is None) replaced by their decoded copies."""
-        from shared.codecs import get_codec
+        from shared.codecs import get_codec, quality_params
 
         codec = get_codec(self.name)
-        keys = {spec.key for spec in codec.param_specs}
-        params = codec.resolve_params({"q": self.quality} if "q" in keys else {})
+        params = quality_params(codec, self.quality)
         images = pixels.cpu().numpy()
         b, h, w, _ = images.shape
         cols = w // patch_size

@@ -501,6 +501,13 @@ def list_codecs() -> list[Codec]:
     return list(_REGISTRY.values())
 
 
+def quality_params(codec: Codec, quality: int) -> dict[str, int]:
+    """The codec's resolved params with ``quality`` as its ``q`` where it has one (lossless codecs
+    have none): how ``codec.quality`` in the config becomes wire params."""
+    keys = {spec.key for spec in codec.param_specs}
+    return codec.resolve_params({"q": quality} if "q" in keys else {})
+
+
 def full_image_payload_bytes(pixels: np.ndarray, patch_size: int, quality: int = 90) -> int:
     """Bytes of the whole image as a payload: the ``jpeg`` codec with every patch kept. The reference
     that patch selection is compared with (table-less, like every payload on the wire)."""
