@@ -48,7 +48,7 @@ from shared.models import (
     save_checkpoint,
     set_fused_attention,
 )
-from shared.region import window_side
+from shared.region import from_patches, to_patches, window_side
 from shared.scores import cls_attention_scores
 from shared.subset import embed_all, forward_tokens, gather_tokens
 
@@ -211,14 +211,14 @@ class CodecRoundTrip:
         params = quality_params(codec, self.quality)
         images = pixels.cpu().numpy()
         b, h, w, _ = images.shape
-        cols = w // patch_size
-        out = images.copy()
+        grid = (h // patch_size, w // patch_size)
+        out = np.empty_like(images)
         for i in range(b):
-            idx = np.arange((h // patch_size) * cols) if kept is None else np.asarray(kept[i])
-            decoded = codec.decode(codec.encode(images[i], idx, patch_size, params), (h, w), idx, patch_size, params)
-            for j, k in enumerate(idx.tolist()):
-                r, c = divmod(k, cols)
-                out[i, r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size] = decoded[j]
+            idx = np.arange(grid[0] * grid[1]) if kept is None else np.asarray(kept[i])
+            patches = to_patches(images[i], patch_size)
+            patches[idx] = codec.decode(codec.encode(images[i], idx, patch_size, params), (h, w), idx, patch_size,
+                                        params)
+            out[i] = from_patches(patches, grid)
         return torch.from_numpy(out).to(pixels.device)
 
 
