@@ -10,6 +10,8 @@ Each component takes only its own section (``cfg.worker``, ``cfg.batching`` …)
 
 from __future__ import annotations
 
+import copy
+
 import difflib
 import os
 import re
@@ -28,8 +30,9 @@ ENV_PREFIX = "PATCHCAST_"
 
 def _f(default: Any, help: str) -> Any:
     """A field with a default and a description (shown by ``--describe``)."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: default, metadata={"help": help})
+    if isinstance(default, list | dict | set):
+        # a fresh copy per instance: one mutable default object must never be shared by every config
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

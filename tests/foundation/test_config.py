@@ -96,3 +96,22 @@ def test_gpu_example_config_sets_the_device_and_gpu_caps() -> None:
     assert cfg.worker.queue_capacity >= cfg.batching.max_batch  # a full batch must fit in the queue
     # Neither the model nor the pixel decoder shares the event loop's GIL (docs/service.md).
     assert cfg.worker.uses_engine_process and cfg.worker.decode_processes >= 1
+
+
+def test_mutable_defaults_are_not_shared_between_instances() -> None:
+    """A list/dict default given to a config field is copied per instance, never one shared object."""
+    from dataclasses import dataclass
+
+    from shared.config import _f
+
+    @dataclass
+    class Section:
+        names: list[str] = _f(["a"], "names")
+        table: dict[str, int] = _f({"a": 1}, "table")
+
+    first, second = Section(), Section()
+    first.names.append("b")
+    first.table["b"] = 2
+    assert second.names == ["a"]
+    assert second.table == {"a": 1}
+    assert Section().names == ["a"]
