@@ -1,25 +1,32 @@
 # The two commands a newcomer runs (see README):
 #   make demo   set up everything and run the live demo
-#   make test   run the default test suite
+#   make test   set up what the tests need (quick when already done), then run the default test suite
 .PHONY: setup demo test test-slow lint typecheck bench
 
-setup:
-	./scripts/setup.sh
+# Set-up runs again only when what it installs from changes; the stamp lives inside .venv, so a
+# removed .venv is set up afresh.
+STAMP := .venv/.patchcast-setup
 
-demo: setup
+$(STAMP): pyproject.toml scripts/setup.sh
+	./scripts/setup.sh
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
 	.venv/bin/patchcast demo
 
-test:
+test: $(STAMP)
 	.venv/bin/pytest
 
-test-slow:
+test-slow: $(STAMP)
 	.venv/bin/pytest -m slow
 
-lint:
+lint: $(STAMP)
 	.venv/bin/ruff check .
 
-typecheck:
+typecheck: $(STAMP)
 	.venv/bin/mypy
 
-bench:
+bench: $(STAMP)
 	.venv/bin/python bench/worker_throughput.py --quick
