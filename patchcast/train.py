@@ -27,7 +27,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
 
 from shared import datasets
 from shared.attention import edge_forward
@@ -45,7 +46,9 @@ from shared.models import (
     VitArch,
     build_model,
     load_checkpoint,
+    load_teacher,
     save_checkpoint,
+    save_teacher_checkpoint,
     set_fused_attention,
 )
 from shared.region import from_patches, to_patches, window_side
@@ -54,6 +57,9 @@ from shared.subset import embed_all, forward_tokens, gather_tokens
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Augment = Literal["crop", "rrc"]
 SUBSET_SIZE = 1000  # the fixed test subset whose accuracy the model card records for CI checks
 SUBSET_SEED = 0
 
@@ -85,6 +91,16 @@ class TrainConfig:
     glance_codec: str | None = None
     glance_quality: int = 90
     init: str | None = None  # start from these weights (fine-tuning) instead of random init
+    # Train this timm CNN (random init) instead of the ViT: a distillation teacher, never an edge or
+    # server model; arch then gives only img_size, patch_size (the grid it is scored on) and num_classes.
+    cnn: str | None = None
+    # "crop": reflect-pad + random crop + flip (CIFAR); "rrc": random-resized crop (area in
+    # [rrc_scale_min, 1], aspect 3/4..4/3) + flip from the image decoded at 1.5x the input size (photos)
+    aug: Augment = "crop"
+    rrc_scale_min: float = 0.35
+    mixup: float = 0.0  # mixup Beta(alpha, alpha) (0: off)
+    cutmix: float = 0.0  # cutmix Beta(alpha, alpha) (0: off); with both, each mixed batch picks one at random
+    mix_prob: float = 1.0  # probability that a batch is mixed when mixup or cutmix is on
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     teacher: str | None = None
     distill_weight: float = 0.5
@@ -131,6 +147,15 @@ class TrainConfig:
                               f"{len(self.classes)}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.aug not in ("crop", "rrc") or not 0.0 < self.rrc_scale_min <= 1.0:
+            raise ConfigError(f"aug must be crop or rrc and rrc_scale_min in (0, 1], got {self.aug!r}, "
+                              f"{self.rrc_scale_min}")
+        if self.mixup < 0 or self.cutmix < 0 or not 0.0 <= self.mix_prob <= 1.0:
+            raise ConfigError("mixup and cutmix must be ≥ 0 and mix_prob in [0, 1]")
+        if self.cnn is not None and (self.token_dropout or self.token_selector or self.glance_mix or self.init
+                                     or self.classes or self.arch.reg_tokens):
+            raise ConfigError("a CNN (teacher) trains on whole images only: no token dropout, selector, glances, "
+                              "init, classes or register tokens")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -187,6 +212,49 @@ def augment(pixels: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.T
     flip = torch.rand(b, generator=gen) < 0.5
     x[flip] = x[flip].flip(-1)
     return x
+
+
+def resized_crop(pixels: torch.Tensor, size: int, gen: torch.Generator, scale_min: float) -> torch.Tensor:
+    """Random-resized crop + horizontal flip, batched (one ``grid_sample``): uint8 (B,h,w,3) → float
+    (B,3,size,size) in [0, 1]. Each crop covers an area fraction in [scale_min, 1] of the image with
+    aspect ratio in [3/4, 4/3], anywhere inside it."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    b = x.shape[0]
+    area = scale_min + (1.0 - scale_min) * torch.rand(b, generator=gen)
+    log_ratio = (torch.rand(b, generator=gen) * 2 - 1) * math.log(4 / 3)
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - w)
+    cy = (torch.rand(b, generator=gen) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def mix_batch(unit: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix with the batch reversed: images (B,3,H,W) and soft targets (B, classes).
+
+    ``lam`` ~ Beta(alpha, alpha) drawn from a NumPy generator seeded from ``gen`` (resume stays exact);
+    cutmix's lam is the area actually kept after clipping the box to the image."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    other = unit.flip(0)
+    if use_cutmix:
+        _, _, h, w = unit.shape
+        ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y0, y1, x0, x1 = max(0, cy - ch // 2), min(h, cy + ch // 2), max(0, cx - cw // 2), min(w, cx + cw // 2)
+        unit = unit.clone()
+        unit[:, :, y0:y1, x0:x1] = other[:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        unit = unit * lam + other * (1.0 - lam)
+    onehot = F.one_hot(y, num_classes).float()
+    return unit, onehot * lam + onehot.flip(0) * (1.0 - lam)
 
 
 def _normalise(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
@@ -351,7 +419,9 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     train_ds = datasets.load(cfg.data)
     if cfg.classes:
         train_ds = train_ds.restrict(cfg.classes)
-    train_x, train_y = decode_all(train_ds, pre)
+    # random-resized crops sample from a finer copy, so zoomed-in crops keep detail
+    train_pre = replace(pre, input_size=pre.input_size * 3 // 2) if cfg.aug == "rrc" else pre
+    train_x, train_y = decode_all(train_ds, train_pre)
     test_x = test_y = None
     test_ds = None
     if cfg.test_data:
@@ -364,7 +434,7 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
         raise ConfigError(f"arch has {cfg.arch.num_classes} classes, data has {len(train_ds.class_names)}")
 
     torch.manual_seed(cfg.seed)
-    model = cfg.arch.build()
+    model: torch.nn.Module = cfg.arch.build() if cfg.cnn is None else build_cnn(cfg.cnn, cfg.arch.num_classes)
     if cfg.init:
         start = build_model(cfg.init, role="edge")  # any layout: the state-dict check below decides
         init_state = start.model.state_dict()
@@ -375,7 +445,10 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
         except RuntimeError as exc:
             raise ConfigError(f"--init {cfg.init}: weights do not fit the architecture asked for") from exc
     # On a CPU the fused SDPA backward is the slow part of a step; on a GPU the fused kernel wins.
-    set_fused_attention(model, device.type != "cpu")
+    if isinstance(model, VisionTransformer):
+        set_fused_attention(model, device.type != "cpu")
+    else:
+        model.to(memory_format=torch.channels_last)  # oneDNN's fast layout for convolutions
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n
@@ -383,8 +456,15 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     teacher = None
+    teacher_pre = pre
     if cfg.teacher:
-        teacher = build_model(cfg.teacher, role="server").model.eval().to(device)
+        loaded_teacher = load_teacher(cfg.teacher)
+        teacher, teacher_pre = loaded_teacher.model.eval().to(device), loaded_teacher.preprocess
+        if teacher_pre.input_size != cfg.arch.img_size:
+            raise ConfigError(f"the teacher sees {teacher_pre.input_size} px images, the model trained "
+                              f"{cfg.arch.img_size} px")
+        if not isinstance(teacher, VisionTransformer):
+            teacher.to(memory_format=torch.channels_last)
     selector = None
     wire = CodecRoundTrip(cfg.glance_codec, cfg.glance_quality) if cfg.glance_codec else None
     if cfg.token_selector:
@@ -418,13 +498,19 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr)
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            unit = augment(train_x[idx], gen).to(device, non_blocking=True)
+            if cfg.aug == "rrc":
+                unit = resized_crop(train_x[idx], cfg.arch.img_size, gen, cfg.rrc_scale_min).to(device)
+            else:
+                unit = augment(train_x[idx], gen).to(device, non_blocking=True)
             if cfg.glance_mix > 0 and float(torch.rand(1, generator=gen)) < cfg.glance_mix:
                 hybrid = float(torch.rand(1, generator=gen)) < 0.5
                 unit = glances(unit, cfg.glance_downscale, cfg.arch.patch_size, cfg.glance_window, gen, hybrid,
                                wire)
-            x = _normalise(unit, pre)
             y = train_y[idx].to(device, non_blocking=True)
+            target = y
+            if (cfg.mixup > 0 or cfg.cutmix > 0) and float(torch.rand(1, generator=gen)) < cfg.mix_prob:
+                unit, target = mix_batch(unit, y, cfg.arch.num_classes, cfg.mixup, cfg.cutmix, gen)
+            x = _normalise(unit, pre)
             keep = num_patches
             if cfg.token_dropout > 0 and float(torch.rand(1, generator=gen)) < cfg.token_dropout:
                 lo = max(1, round(cfg.token_keep_min * num_patches))
@@ -440,13 +526,14 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
                             scores = cls_attention_scores(edge_forward(selector, _normalise(unit, selector_pre))
                                                           .cls_attention)
                     kept = pick_tokens(kind, keep, scores, len(y), num_patches, gen).to(device)
+                    assert isinstance(model, VisionTransformer)  # CNNs take no token dropout (config check)
                     logits = forward_tokens(model, gather_tokens(embed_all(model, x), kept))
                 else:
                     logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
                 if teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(x).float()
+                        t_logits = teacher(_normalise(unit, teacher_pre)).float()
                     tau = cfg.distill_temperature
                     kd = F.kl_div(F.log_softmax(logits.float() / tau, -1), F.log_softmax(t_logits / tau, -1),
                                   reduction="batchmean", log_target=True) * tau * tau
@@ -476,13 +563,31 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
     wall_s = wall_before + time.perf_counter() - t0
     model.eval()
     model.to("cpu")
-    set_fused_attention(model, True)
-    loaded = LoadedModel(model=model, name=cfg.name, preprocess=pre, class_names=list(train_ds.class_names),
-                         class_ids=list(cfg.classes))
-    save_checkpoint(out / "model.safetensors", loaded, arch=cfg.arch)
-    card = model_card(cfg, loaded, train_ds, test_ds, test_x, test_y, history, wall_s, load_s)
+    if cfg.cnn is not None:
+        model.to(memory_format=torch.contiguous_format)
+        save_teacher_checkpoint(out / "model.safetensors", model, cfg.cnn, pre, list(train_ds.class_names))
+    else:
+        assert isinstance(model, VisionTransformer)
+        set_fused_attention(model, True)
+        loaded = LoadedModel(model=model, name=cfg.name, preprocess=pre, class_names=list(train_ds.class_names),
+                             class_ids=list(cfg.classes))
+        save_checkpoint(out / "model.safetensors", loaded, arch=cfg.arch)
+    card = model_card(cfg, model, train_ds, test_ds, test_x, test_y, history, wall_s, load_s)
     write_card(out, cfg.name, card)
     return card
+
+
+def build_cnn(name: str, num_classes: int) -> torch.nn.Module:
+    """A timm CNN with random init (a distillation teacher; no downloads)."""
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except RuntimeError as exc:  # unknown model name
+        raise ConfigError(f"--arch {name!r}: {exc}") from exc
+    if isinstance(model, VisionTransformer):
+        raise ConfigError(f"--arch {name!r} is a ViT: train ViTs with the default --arch vit")
+    return model
 
 
 def specialist_head(state: dict[str, torch.Tensor], classes: Sequence[int], ref: str) -> dict[str, torch.Tensor]:
@@ -507,18 +612,24 @@ def subset_indices(n: int) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(SUBSET_SEED).permutation(n)[:SUBSET_SIZE])
 
 
-def model_card(cfg: TrainConfig, loaded: LoadedModel, train_ds: datasets.Dataset,
+def model_card(cfg: TrainConfig, model: torch.nn.Module, train_ds: datasets.Dataset,
                test_ds: datasets.Dataset | None, test_x: torch.Tensor | None, test_y: torch.Tensor | None,
                history: list[dict[str, float]], wall_s: float, load_s: float) -> dict[str, Any]:
     """Evaluate the final weights (the checkpoint as saved, reloaded) and describe the run."""
-    reloaded = load_checkpoint(Path(cfg.out) / "model.safetensors").model
+    path = Path(cfg.out) / "model.safetensors"
+    reloaded = load_checkpoint(path).model if cfg.cnn is None else load_teacher(f"file:{path}").model
+    params = sum(p.numel() for p in model.parameters())
+    architecture = ({"family": "timm VisionTransformer (CLS + patch tokens)", **asdict(cfg.arch), "params": params}
+                    if cfg.cnn is None else
+                    {"family": f"timm {cfg.cnn} (CNN, random init: a distillation teacher only)",
+                     "timm_name": cfg.cnn, "img_size": cfg.arch.img_size, "num_classes": cfg.arch.num_classes,
+                     "params": params})
     card: dict[str, Any] = {
         "name": cfg.name,
-        "architecture": {"family": "timm VisionTransformer (CLS + patch tokens)", **asdict(cfg.arch),
-                         "params": sum(p.numel() for p in loaded.model.parameters())},
-        "preprocess": loaded.preprocess.to_json(),
-        "class_names": loaded.class_names,
-        "class_ids": loaded.class_ids,  # a specialist's outputs → global class ids ([] = every class)
+        "architecture": architecture,
+        "preprocess": cfg.preprocess.to_json(),
+        "class_names": list(train_ds.class_names),
+        "class_ids": list(cfg.classes),  # a specialist's outputs → global class ids ([] = every class)
         # The data as named on the command line (relative to the data root), not this machine's path.
         "data": {"train": cfg.data, "train_sha256": _sha_or_none(train_ds.source),
                  "train_images": len(train_ds),
@@ -539,12 +650,12 @@ def model_card(cfg: TrainConfig, loaded: LoadedModel, train_ds: datasets.Dataset
         card["init_from"] = parent
     if test_x is not None and test_y is not None:
         # fp32 evaluation: what users (and CI) get when they load the checkpoint on any CPU
-        card["test_accuracy"] = round(evaluate(reloaded, test_x, test_y, loaded.preprocess, bf16=False), 4)
+        card["test_accuracy"] = round(evaluate(reloaded, test_x, test_y, cfg.preprocess, bf16=False), 4)
         sub = torch.tensor(subset_indices(len(test_y)))
         card["test_subset"] = {"size": len(sub), "seed": SUBSET_SEED, "rule": "numpy default_rng(seed)"
                                ".permutation(len(test))[:size], sorted",
                                "accuracy": round(evaluate(reloaded, test_x[sub], test_y[sub],
-                                                          loaded.preprocess, bf16=False), 4)}
+                                                          cfg.preprocess, bf16=False), 4)}
     return card
 
 
@@ -590,10 +701,11 @@ def write_card(out: Path, name: str, card: dict[str, Any]) -> None:
     a = card["architecture"]
     lines = [
         f"# Model card: {name}", "",
-        f"- Architecture: {a['family']}, img {a['img_size']}, patch {a['patch_size']}, dim {a['embed_dim']}, "
-        f"depth {a['depth']}, heads {a['num_heads']}"
-        f"{', ' + str(a['reg_tokens']) + ' register tokens' if a.get('reg_tokens') else ''}, "
-        f"{a['params']:,} parameters",
+        f"- Architecture: {a['family']}, img {a['img_size']}, "
+        + (f"patch {a['patch_size']}, dim {a['embed_dim']}, depth {a['depth']}, heads {a['num_heads']}"
+           f"{', ' + str(a['reg_tokens']) + ' register tokens' if a.get('reg_tokens') else ''}, "
+           if "embed_dim" in a else "")
+        + f"{a['params']:,} parameters",
         f"- Data: `{Path(card['data']['train']).name}` (sha256 `{card['data']['train_sha256']}`), "
         f"{card['data']['train_images']:,} images",
         f"- Training: {card['epochs']} epochs, wall time {card['wall_time_s'] / 60:.1f} min "

@@ -185,11 +185,10 @@ def read_checkpoint_metadata(path: Path) -> dict[str, str]:
         raise ModelError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
 
 
-def load_checkpoint(path: str | Path, name: str | None = None) -> LoadedModel:
-    """Load a PatchCast safetensors checkpoint (architecture and preprocessing from its metadata)."""
+def _load_module(path: Path) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Build the architecture a checkpoint's metadata names and load its weights (any timm model)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelError(f"{path}: only .safetensors checkpoints are accepted (pickled files can run code)")
     if not path.is_file():
@@ -197,29 +196,83 @@ def load_checkpoint(path: str | Path, name: str | None = None) -> LoadedModel:
     meta = read_checkpoint_metadata(path)
     try:
         if "patchcast.arch" in meta:
-            arch = VitArch(**json.loads(meta["patchcast.arch"]))
-            model: torch.nn.Module = arch.build()
+            model: torch.nn.Module = VitArch(**json.loads(meta["patchcast.arch"])).build()
         elif "patchcast.timm_name" in meta:
             num_classes = int(meta.get("patchcast.num_classes", "1000"))
             model = timm.create_model(meta["patchcast.timm_name"], pretrained=False, num_classes=num_classes)
         else:
             raise ModelError(f"{path}: metadata names no architecture (patchcast.arch or patchcast.timm_name)")
-        vit = _check_plain_vit(model, str(path))
         state = load_file(str(path))
-        missing, unexpected = vit.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ModelError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-        preprocess = (Preprocess.from_json(json.loads(meta["patchcast.data"])) if "patchcast.data" in meta
-                      else Preprocess.from_timm(vit))
-        class_names = json.loads(meta.get("patchcast.class_names", "[]"))
-        class_ids = [int(c) for c in json.loads(meta.get("patchcast.class_ids", "[]"))]
+        # fp16/bf16 storage (the zoo keeps large models at half size): compute stays fp32
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except ModelError:
         raise
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise ModelError(f"{path}: invalid checkpoint ({exc})") from exc
-    return LoadedModel(model=vit.eval(), name=name or path.stem, preprocess=preprocess,
+    if missing or unexpected:
+        raise ModelError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.eval(), meta
+
+
+def _preprocess_of(meta: dict[str, str], model: torch.nn.Module, path: Path) -> Preprocess:
+    try:
+        return (Preprocess.from_json(json.loads(meta["patchcast.data"])) if "patchcast.data" in meta
+                else Preprocess.from_timm(model))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"{path}: invalid preprocessing metadata ({exc})") from exc
+
+
+def load_checkpoint(path: str | Path, name: str | None = None) -> LoadedModel:
+    """Load a PatchCast safetensors checkpoint (architecture and preprocessing from its metadata).
+
+    Only ViTs: edge and server models must have patch tokens (see :func:`load_teacher` for CNNs)."""
+    path = Path(path)
+    model, meta = _load_module(path)
+    vit = _check_plain_vit(model, str(path))
+    preprocess = _preprocess_of(meta, vit, path)
+    try:
+        class_names = json.loads(meta.get("patchcast.class_names", "[]"))
+        class_ids = [int(c) for c in json.loads(meta.get("patchcast.class_ids", "[]"))]
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{path}: invalid checkpoint ({exc})") from exc
+    return LoadedModel(model=vit, name=name or path.stem, preprocess=preprocess,
                        class_names=[str(c) for c in class_names], class_ids=class_ids)
+
+
+@dataclass
+class Teacher:
+    """A distillation teacher: any timm classifier (a CNN too), used only to train the zoo's ViTs."""
+
+    model: torch.nn.Module
+    preprocess: Preprocess
+
+
+def load_teacher(ref: str) -> Teacher:
+    """A teacher from ``file:PATH``/``zoo:NAME`` (a ViT or a timm CNN checkpoint) or any other reference
+    :func:`build_model` takes. CNNs are accepted here only: edge and server roles stay ViT-only."""
+    kind, _, rest = ref.partition(":")
+    if not rest:
+        kind, rest = _guess_kind(ref), ref
+    if kind in ("file", "zoo"):
+        path = ZOO_DIR / f"{rest}.safetensors" if kind == "zoo" else Path(rest)
+        model, meta = _load_module(path)
+        return Teacher(model=model, preprocess=_preprocess_of(meta, model, path))
+    loaded = build_model(ref, role="edge")
+    return Teacher(model=loaded.model, preprocess=loaded.preprocess)
+
+
+def save_teacher_checkpoint(path: str | Path, model: torch.nn.Module, timm_name: str, preprocess: Preprocess,
+                            class_names: list[str]) -> None:
+    """A timm CNN teacher's weights + the metadata :func:`load_teacher` needs."""
+    from safetensors.torch import save_file
+
+    meta = {"patchcast.data": json.dumps(preprocess.to_json()), "patchcast.class_names": json.dumps(class_names),
+            "patchcast.timm_name": timm_name, "patchcast.num_classes": str(len(class_names))}
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
 
 
 def save_checkpoint(path: str | Path, loaded: LoadedModel, *, arch: VitArch | None = None,

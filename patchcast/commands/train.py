@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-data", default="cifar10/test.tar", help="held-out set for the model card ('' = none)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, card)")
     p.add_argument("--name", default="model", help="model name (zoo name when exported)")
+    p.add_argument("--arch", default="vit", metavar="vit|TIMM_CNN",
+                   help="vit (an edge or server model), or a timm CNN name such as resnet18, trained from random "
+                   "init as a distillation teacher (--teacher) only: PatchCast serves ViTs")
+    p.add_argument("--norm", choices=("cifar", "imagenet"), default="cifar",
+                   help="input mean/std: CIFAR-10's, or ImageNet's (photos such as Imagenette)")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--dim", type=int, default=96, help="embedding width")
@@ -39,6 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--aug", choices=("crop", "rrc"), default="crop",
+                   help="crop: reflect-pad 4 + random crop + flip (CIFAR); rrc: random-resized crop + flip, "
+                   "sampled from the image decoded at 1.5x the input size (photos)")
+    p.add_argument("--rrc-scale-min", type=float, default=0.35, help="with --aug rrc: smallest crop area fraction")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha) (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0,
+                   help="cutmix Beta(alpha, alpha) (0: off); with --mixup too, each mixed batch picks one")
+    p.add_argument("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed")
     p.add_argument("--token-dropout", type=float, default=0.0,
                    help="probability that a batch trains on a random subset of patch tokens (server models)")
     p.add_argument("--token-keep-min", type=float, default=0.25, help="smallest kept fraction under token dropout")
@@ -89,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from patchcast.train import TrainConfig, train, use_bf16
+    from patchcast.train import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, TrainConfig, train, use_bf16
     from shared.models import ZOO_DIR, VitArch
 
     classes = _parse_classes(args.classes)
@@ -106,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
         distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
         seed=args.seed, threads=args.threads, name=args.name, classes=classes, glance_mix=args.glance_mix,
         glance_downscale=args.glance_downscale, glance_window=args.glance_window, glance_codec=args.glance_codec,
-        glance_quality=args.glance_quality)
+        glance_quality=args.glance_quality, cnn=None if args.arch == "vit" else args.arch, aug=args.aug,
+        rrc_scale_min=args.rrc_scale_min, mixup=args.mixup, cutmix=args.cutmix, mix_prob=args.mix_prob,
+        mean=IMAGENET_MEAN if args.norm == "imagenet" else CIFAR_MEAN,
+        std=IMAGENET_STD if args.norm == "imagenet" else CIFAR_STD)
     cfg = replace(cfg, bf16=use_bf16("fp32" if args.fp32 else args.precision, cfg.torch_device()))
     console = Console()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -273,3 +273,49 @@ def test_glance_mix_trains_and_checks_its_settings(toy_data: Path, tmp_path: Pat
         _cfg(toy_data, tmp_path / "x", glance_mix=0.5, glance_downscale=3)
     with pytest.raises(ConfigError, match="glance_mix"):
         _cfg(toy_data, tmp_path / "x", glance_mix=1.5)
+
+
+def test_cnn_teacher_trains_saves_and_distils_into_a_vit(toy_data: Path, tmp_path: Path) -> None:
+    """``cnn``: a timm CNN from random init, saved as a teacher checkpoint that distillation loads, while
+    the edge and server roles still refuse it (PatchCast needs patch tokens)."""
+    from shared.errors import ModelError
+    from shared.models import load_checkpoint, load_teacher
+
+    card = train(_cfg(toy_data, tmp_path / "cnn", epochs=3, cnn="test_resnet", aug="rrc", mixup=0.2))
+    assert card["test_accuracy"] >= 0.9 and card["architecture"]["timm_name"] == "test_resnet"
+    assert "CNN" in (tmp_path / "cnn" / "toy.md").read_text()
+    ref = f"file:{tmp_path / 'cnn' / 'model.safetensors'}"
+    teacher = load_teacher(ref)
+    from timm.models.vision_transformer import VisionTransformer
+
+    assert not isinstance(teacher.model, VisionTransformer) and teacher.preprocess.input_size == 32
+    for role in ("edge", "server"):
+        with pytest.raises(ModelError, match="VisionTransformer"):
+            build_model(ref, role=role)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="VisionTransformer"):
+        load_checkpoint(tmp_path / "cnn" / "model.safetensors")
+    student = train(_cfg(toy_data, tmp_path / "student", epochs=3, teacher=ref, cutmix=1.0, mixup=0.2))
+    assert student["test_accuracy"] >= 0.9 and student["training"]["teacher"] == ref
+    with pytest.raises(ConfigError, match="CNN"):
+        _cfg(toy_data, tmp_path / "bad", cnn="test_resnet", token_dropout=0.5)
+    with pytest.raises(ConfigError, match="is a ViT"):
+        train(_cfg(toy_data, tmp_path / "bad2", epochs=1, cnn="test_vit"))
+
+
+def test_resized_crop_and_mixing_are_batched_and_seeded() -> None:
+    from patchcast.train import mix_batch, resized_crop
+
+    pixels = torch.randint(0, 256, (6, 48, 48, 3), dtype=torch.uint8)
+    a = resized_crop(pixels, 32, torch.Generator().manual_seed(3), 0.35)
+    b = resized_crop(pixels, 32, torch.Generator().manual_seed(3), 0.35)
+    assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    flat = torch.full((2, 48, 48, 3), 200, dtype=torch.uint8)  # crops of a flat image are that flat image
+    assert torch.allclose(resized_crop(flat, 32, torch.Generator().manual_seed(0), 0.35), torch.tensor(200 / 255))
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
+        images, target = mix_batch(a, y, 6, mixup, cutmix, torch.Generator().manual_seed(1))
+        assert images.shape == a.shape and target.shape == (6, 6)
+        assert torch.allclose(target.sum(1), torch.ones(6))
+        lam = float(target[0, 0])  # image 0 mixes with the last one (the batch reversed)
+        assert 0.0 <= lam <= 1.0 and float(target[0, 5]) == pytest.approx(1 - lam, abs=1e-6)
