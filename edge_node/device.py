@@ -2,17 +2,25 @@
 
 Per image: edge model (shared runner) → keep the edge label, or publish the kept patches with
 response topic = this device's reply topic, correlation data = the request id and message expiry =
-the reply timeout, then await the reply. On timeout, a 'busy' refusal or a transport failure the
-device re-sends (``edge.retries``, a new request id per attempt); when attempts run out it keeps
-the edge label. It never waits longer than ``(retries + 1) × reply_timeout_s`` per image. With
-expert routing the first attempt goes to the routed expert's pool and every re-send to the general
-pool, so a specialist pool that is down or overloaded costs one timeout, not the image.
+the time left to the image's deadline, then await the reply.
+
+Delivery (docs/reliability.md): an attempt that gets no reply within ``edge.reply_timeout_s``, or a
+'busy' refusal, is re-sent under the **same request id** (``edge.retries`` times, jittered
+exponential backoff), so a worker that already answered it answers again from its memory instead
+of computing it twice. A publish that fails because the broker is away is tried again, waiting for
+the reconnect, without counting as a re-send. Whichever reply comes first is the image's answer:
+later replies to it are counted (``ReplyLedger.duplicate``) and dropped, so the application sees
+exactly one final answer per image. At the image's deadline (``edge.deadline_s``, carried in the
+request) the device keeps the edge label. With expert routing the first attempt goes to the routed
+expert's pool and every re-send to the general pool, so a specialist pool that is down or
+overloaded costs one timeout, not the image.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,15 +51,40 @@ _RETRYABLE_PUBLISH = ("timeout", "transport")  # too_large etc. would fail again
 Answer = Reply | ErrorReply | RegionRequest  # what arrives on a device's reply topic
 
 
+_FINISHED_KEPT = 4096  # request ids of finished images remembered per device, to tell duplicates from late replies
+
+
 @dataclass
 class ReplyLedger:
     """What arrived on this device's reply topic (the tests check it: exactly once, right device)."""
 
     answered: collections.Counter[str] = field(default_factory=collections.Counter)  # request id → replies
-    late: int = 0  # replies to requests no longer awaited (timed out before the reply came)
+    late: int = 0  # replies to images no longer awaited (kept the edge label at their deadline)
+    duplicate: int = 0  # further Replies to an image already answered (re-sends answered twice): dropped
     foreign: int = 0  # replies on another topic or for another device's request id
     malformed: int = 0
     regions: collections.Counter[str] = field(default_factory=collections.Counter)  # RegionRequests per request id
+
+
+@dataclass(eq=False)
+class _Awaiting:
+    """The answers that came for one request id while its image waits: the first Reply is final; an
+    ErrorReply or RegionRequest is handed to the attempt that waits (``other``)."""
+
+    reply: Reply | None = None
+    other: ErrorReply | RegionRequest | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait(self, seconds: float) -> None:
+        """Until an answer is here or ``seconds`` have passed."""
+        if self.reply is not None or self.other is not None or seconds <= 0:
+            return
+        self.wake.clear()
+        try:
+            async with asyncio.timeout(seconds):
+                await self.wake.wait()
+        except TimeoutError:
+            pass
 
 
 class Device:
@@ -71,7 +104,8 @@ class Device:
         self.on_outcome = on_outcome
         self.ledger = ReplyLedger()
         self.outcomes: list[OutcomeRecord] = []
-        self._pending: dict[bytes, asyncio.Future[Answer]] = {}
+        self._pending: dict[bytes, _Awaiting] = {}
+        self._finished: collections.OrderedDict[str, bool] = collections.OrderedDict()  # request id → server answered
         self._in_flight = asyncio.Semaphore(self.edge.max_in_flight)
         self._window: list[OutcomeRecord] = []
         self._window_started = time.monotonic()
@@ -108,30 +142,60 @@ class Device:
             self.ledger.regions[rid] += 1
         else:
             self.ledger.answered[rid] += 1
-        future = self._pending.get(msg.correlation_data or rid.encode())
-        if future is None or future.done():
-            self.ledger.late += 1
+        awaiting = self._pending.get(msg.correlation_data or rid.encode())
+        if awaiting is None:
+            if isinstance(reply, Reply) and self._finished.get(rid):
+                self.ledger.duplicate += 1  # a re-send answered too: the application already has its answer
+            else:
+                self.ledger.late += 1
             return
-        future.set_result(reply)
+        if isinstance(reply, Reply):
+            if awaiting.reply is not None:
+                self.ledger.duplicate += 1
+                return
+            awaiting.reply = reply
+        else:
+            awaiting.other = reply
+        awaiting.wake.set()
+
+    def _await(self, rid: str) -> _Awaiting:
+        awaiting = _Awaiting()
+        self._pending[rid.encode()] = awaiting
+        return awaiting
+
+    def _done_waiting(self, rid: str, answered: bool) -> None:
+        self._pending.pop(rid.encode(), None)
+        self._finished[rid] = answered or self._finished.get(rid, False)
+        while len(self._finished) > _FINISHED_KEPT:
+            self._finished.popitem(last=False)
+
+    def _backoff(self, resend: int) -> float:
+        """Jittered exponential backoff before re-send number ``resend`` (1, 2, …)."""
+        return self.edge.retry_backoff_s * 2 ** min(resend - 1, 10) * random.uniform(0.5, 1.0)
 
     # ---- one image ---------------------------------------------------------------------------
-    async def _request(self, request: PatchRequest, topic: str) -> tuple[Answer | None, int, str | None]:
-        """Publish one attempt and wait for its answer: (answer or None on timeout, bytes, error code)."""
-        key = request.request_id.encode()
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
+    async def _request(self, request: PatchRequest, topic: str,
+                       wait_s: float) -> tuple[Answer | None, int, str | None]:
+        """One attempt of an exchange leg: publish and wait up to ``wait_s`` for its answer
+        (answer or None, bytes, error code)."""
+        rid = request.request_id
+        awaiting = self._await(rid)
+        answered = False
+        payload = encode(request)
         try:
-            payload = encode(request)
-            async with asyncio.timeout(self.edge.reply_timeout_s):
+            async with asyncio.timeout(wait_s):
                 await self.transport.publish(topic, payload, qos=1, response_topic=self.reply_topic,
-                                             correlation_data=key, expiry_s=self.edge.reply_timeout_s)
-                return await future, len(payload), None
+                                             correlation_data=rid.encode(), expiry_s=wait_s)
+            await awaiting.wait(wait_s)
+            answer = awaiting.reply or awaiting.other
+            answered = isinstance(answer, Reply)
+            return answer, len(payload), None if answer is not None else "timeout"
         except TimeoutError:
             return None, len(payload), "timeout"
         except PatchCastError as exc:
             return None, 0, exc.code
         finally:
-            self._pending.pop(key, None)
+            self._done_waiting(rid, answered)
 
     async def process(self, seq: int, sample: Sample) -> OutcomeRecord:
         base_id = f"{self.device_id}.{seq:06d}"
@@ -151,43 +215,91 @@ class Device:
         mask = pack_mask(decision.indices, decision.num_patches)
         topic = (self.topics.request(self.router.route(decision.topk_ids, decision.topk_probs), self.device_id)
                  if self.router.experts else self.request_topic)
+        rid = base_id
+        budget = self.edge.image_deadline_s
+        deadline = time.monotonic() + budget  # the image's deadline, from its first publish
+        wall_deadline = time.time() + budget
         total_bytes = 0
         code: str | None = None
-        attempts = 0
-        for attempt in range(self.edge.retries + 1):
-            if attempt:
-                topic = self.request_topic  # an expert pool that timed out or was busy: the general pool retries
-            rid = base_id if attempt == 0 else f"{base_id}.r{attempt}"
-            sent_at = time.time()
-            request = PatchRequest(
-                device_id=self.device_id, request_id=rid, height=decision.height, width=decision.width,
-                patch_size=decision.patch_size, grid=(decision.height // decision.patch_size,
-                                                      decision.width // decision.patch_size),
-                mask=mask, codec=self.runner.engine.codec_name, codec_params=self.runner.engine.codec_params,
-                payload=decision.payload, topk_ids=decision.topk_ids, topk_probs=decision.topk_probs,
-                uncertainty=decision.uncertainty, uncertainty_kind=self.config.gate.kind, sent_at=sent_at,
-                label=sample.label, deadline=sent_at + self.edge.reply_timeout_s)
-            started = time.monotonic()
-            answer, nbytes, code = await self._request(request, topic)
-            total_bytes += nbytes
-            attempts += 1 if nbytes else 0
-            latency_ms = (time.monotonic() - started) * 1000.0
-            if isinstance(answer, Reply):
-                return self._record(rid, decision, sample, "server", answer.label, nbytes=total_bytes,
-                                    latency_ms=latency_ms, attempts=attempts, worker_id=answer.worker_id)
-            if isinstance(answer, RegionRequest):  # this device offered no region
-                code = "bad_region"
-                break
-            if isinstance(answer, ErrorReply):
-                code = answer.code
-                if code != "busy":
+        attempts = 0  # requests the broker accepted
+        tries = 0  # publishes tried (a failed one is tried again, without counting as an attempt)
+        first_sent: float | None = None
+        awaiting = self._await(rid)
+        try:
+            while awaiting.reply is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    code = "timeout"
                     break
-                await asyncio.sleep(self.edge.busy_retry_delay_s)
-            elif code not in _RETRYABLE_PUBLISH:
-                break
+                if attempts > self.edge.retries:  # every attempt sent and the last one refused
+                    break
+                if tries:
+                    delay = self._backoff(tries)
+                    if code == "busy":
+                        delay = max(delay, self.edge.busy_retry_delay_s)
+                    await awaiting.wait(min(delay, remaining))  # a reply to an earlier attempt ends the wait
+                    if awaiting.reply is not None:
+                        break
+                    awaiting.other = None
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        code = "timeout"
+                        break
+                    topic = self.request_topic  # an expert pool that timed out or was busy: the general pool retries
+                tries += 1
+                sent_at = time.time()
+                request = PatchRequest(
+                    device_id=self.device_id, request_id=rid, height=decision.height, width=decision.width,
+                    patch_size=decision.patch_size, grid=(decision.height // decision.patch_size,
+                                                          decision.width // decision.patch_size),
+                    mask=mask, codec=self.runner.engine.codec_name, codec_params=self.runner.engine.codec_params,
+                    payload=decision.payload, topk_ids=decision.topk_ids, topk_probs=decision.topk_probs,
+                    uncertainty=decision.uncertainty, uncertainty_kind=self.config.gate.kind, sent_at=sent_at,
+                    label=sample.label, deadline=wall_deadline)
+                payload = encode(request)
+                if first_sent is None:
+                    first_sent = time.monotonic()
+                try:
+                    # While the broker is away this waits for the reconnect (bounded by the deadline).
+                    async with asyncio.timeout(remaining):
+                        await self.transport.publish(topic, payload, qos=1, response_topic=self.reply_topic,
+                                                     correlation_data=rid.encode(), expiry_s=remaining)
+                except TimeoutError:
+                    code = "timeout"
+                    continue
+                except PatchCastError as exc:
+                    code = exc.code
+                    if code not in _RETRYABLE_PUBLISH:
+                        break
+                    continue
+                attempts += 1
+                total_bytes += len(payload)
+                remaining = deadline - time.monotonic()
+                last = attempts > self.edge.retries
+                await awaiting.wait(remaining if last else min(self.edge.reply_timeout_s, remaining))
+                if awaiting.reply is not None:
+                    break
+                answer, awaiting.other = awaiting.other, None
+                if isinstance(answer, RegionRequest):  # this device offered no region
+                    code = "bad_region"
+                    break
+                if isinstance(answer, ErrorReply):
+                    code = answer.code
+                    if code != "busy":
+                        break
+                    continue
+                code = "timeout"
+        finally:
+            self._done_waiting(rid, awaiting.reply is not None)
+        reply = awaiting.reply
+        latency_ms = None if first_sent is None else (time.monotonic() - first_sent) * 1000.0
+        if reply is not None:
+            return self._record(rid, decision, sample, "server", reply.label, nbytes=total_bytes,
+                                latency_ms=latency_ms, attempts=attempts, worker_id=reply.worker_id,
+                                sent_at=first_sent)
         status = "timeout" if code == "timeout" else "error"
         return self._record(base_id, decision, sample, status, decision.edge_label, nbytes=total_bytes,
-                            attempts=attempts, error_code=code)
+                            attempts=attempts, error_code=code, sent_at=first_sent)
 
     async def _exchange(self, rid: str, decision: EdgeDecision, sample: Sample) -> OutcomeRecord:
         """Region retransmission: send the glance; if the worker asks for a region, send it the window's
@@ -205,9 +317,9 @@ class Device:
             codec_params=engine.codec_params, payload=decision.payload, topk_ids=decision.topk_ids,
             topk_probs=decision.topk_probs, uncertainty=decision.uncertainty,
             uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label,
-            deadline=sent_at + self.edge.reply_timeout_s, downscale=decision.downscale)
+            deadline=sent_at + self.edge.image_deadline_s, downscale=decision.downscale)
         started = time.monotonic()
-        answer, nbytes, code = await self._request(glance, self.request_topic)
+        answer, nbytes, code = await self._request(glance, self.request_topic, self.edge.image_deadline_s)
         # patches sent, counted in full-resolution patches: the glance is worth N / s² of them
         patches = -(-decision.num_patches // decision.downscale**2)
         asked: RegionRequest | None = None
@@ -219,7 +331,8 @@ class Device:
             if region is not None:
                 sent_region = True
                 patches += region.kept
-                answer, more, code = await self._request(region, self.topics.region(asked.worker_id, self.device_id))
+                answer, more, code = await self._request(region, self.topics.region(asked.worker_id, self.device_id),
+                                                         min(self.edge.image_deadline_s, asked.ttl_s))
                 nbytes += more
         latency_ms = (time.monotonic() - started) * 1000.0
         full_bytes = None
@@ -258,19 +371,20 @@ class Device:
             mask=asked.mask, codec=engine.codec_name, codec_params=engine.codec_params, payload=payload,
             topk_ids=decision.topk_ids, topk_probs=decision.topk_probs, uncertainty=decision.uncertainty,
             uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label,
-            deadline=sent_at + min(self.edge.reply_timeout_s, asked.ttl_s), exchange=asked.exchange), None
+            deadline=sent_at + min(self.edge.image_deadline_s, asked.ttl_s), exchange=asked.exchange), None
 
     def _record(self, rid: str, decision: EdgeDecision, sample: Sample, status: str, final_label: int, *,
                 nbytes: int = 0, latency_ms: float | None = None, attempts: int = 0, worker_id: str | None = None,
                 error_code: str | None = None, patches: int | None = None,
-                full_bytes: int | None = None, region: bool = False) -> OutcomeRecord:
+                full_bytes: int | None = None, region: bool = False, sent_at: float | None = None) -> OutcomeRecord:
         record = OutcomeRecord(
             device_id=self.device_id, request_id=rid, status=status,
             patches=0 if status == "edge" else decision.kept if patches is None else patches,
             num_patches=decision.num_patches,
             bytes=nbytes, latency_ms=latency_ms, edge_label=decision.edge_label, final_label=final_label,
             ground_truth=sample.label, uncertainty=decision.uncertainty, error_code=error_code,
-            attempts=attempts, worker_id=worker_id, edge_ms=decision.edge_ms, region=region)
+            attempts=attempts, worker_id=worker_id, edge_ms=decision.edge_ms, region=region,
+            sent_at=sent_at, done_at=time.monotonic())
         if full_bytes is not None:
             record = OutcomeRecord(**{**record.__dict__, "full_bytes": full_bytes})
         elif attempts and decision.full_payload_bytes is not None and decision.payload is not None:

@@ -107,7 +107,7 @@ async def run_fleet(config: Config, *, edge: LoadedModel | None = None, dataset:
     outcomes = [r for d in devices for r in d.outcomes]
     totals = {"late": sum(d.ledger.late for d in devices), "foreign": sum(d.ledger.foreign for d in devices),
               "malformed": sum(d.ledger.malformed for d in devices),
-              "duplicate": sum(n - 1 for d in devices for n in d.ledger.answered.values() if n > 1)}
+              "duplicate": sum(d.ledger.duplicate for d in devices)}
     summary = summarize(outcomes, devices=len(devices), wall_s=wall_s, model_id=mid, ledger_totals=totals)
     log.info("fleet_done", images=summary["images"], offloaded=summary["offloaded"], timeouts=summary["timeouts"],
              errors=summary["errors"])

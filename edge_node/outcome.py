@@ -29,6 +29,8 @@ class OutcomeRecord:
     edge_ms: float = 0.0
     full_bytes: int | None = None  # the same requests with the full image as a JPEG (when measured)
     region: bool = False  # region offload: the worker asked for a region and the device sent it
+    sent_at: float | None = None  # monotonic time of the image's first publish (None: never published)
+    done_at: float = 0.0  # monotonic time the device settled the image's answer
 
     def to_message(self) -> Outcome:
         return Outcome(device_id=self.device_id, request_id=self.request_id, at=time.time(),

@@ -69,6 +69,8 @@ def summarize(records: Sequence[OutcomeRecord], *, devices: int, wall_s: float, 
         "timeouts": sum(r.status == "timeout" for r in records),
         "errors": sum(r.status == "error" for r in records),
         "errors_by_code": dict(sorted(errors.items())),
+        # offloaded images whose device kept the edge label (no server answer by the deadline, or a refusal)
+        "fallbacks": sum(r.status in ("timeout", "error") for r in records),
         "attempts": sum(r.attempts for r in records),
         "retries": sum(max(r.attempts - 1, 0) for r in records),
         # region offload: images whose worker asked for, and got, a full-resolution region

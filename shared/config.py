@@ -47,7 +47,8 @@ class BrokerConfig:
     publish_timeout_s: float = _f(10.0, "seconds to wait for one publish/subscribe call to complete")
     max_packet_bytes: int = _f(1_048_576, "largest MQTT packet; must match the broker's max_packet_size")
     reconnect_min_s: float = _f(0.5, "first reconnect delay; doubles per failure with jitter")
-    reconnect_max_s: float = _f(30.0, "largest reconnect delay")
+    reconnect_max_s: float = _f(5.0, "largest reconnect delay (bounds how long a client stays away after the broker "
+                                     "is back; docs/reliability.md)")
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "broker.port must be in 1..65535")
@@ -94,8 +95,16 @@ class EdgeConfig:
     devices: int = _f(1, "simulated devices (each its own MQTT client and reply topic)")
     rate_hz: float = _f(2.0, "images per second per device (0: as fast as replies allow)")
     max_in_flight: int = _f(4, "requests awaiting a reply per device")
-    reply_timeout_s: float = _f(5.0, "seconds to wait for a reply before keeping the edge label")
-    retries: int = _f(0, "re-sends after a timeout before falling back to the edge label")
+    reply_timeout_s: float = _f(2.0, "seconds one attempt waits for its reply before the device re-sends the request "
+                                "(same request id; see edge.retries and edge.deadline_s)")
+    retries: int = _f(2, "re-sends of an unanswered request (after a reply timeout or a 'busy' refusal), under the "
+                         "same request id, with jittered exponential backoff; a publish that fails because the broker "
+                         "is away is tried again without counting (docs/reliability.md)")
+    deadline_s: float = _f(0.0, "an image's deadline: seconds from its first publish after which the device stops "
+                                "waiting and keeps the edge label (0: (retries + 1) × reply_timeout_s, so every retry "
+                                "can still be answered in time); it travels in the request")
+    retry_backoff_s: float = _f(0.1, "delay before the first re-send; doubles per re-send, times a random factor in "
+                                     "[0.5, 1] so that devices do not re-send in step")
     limit: int = _f(0, "images per device (0: the whole source, looping when --duration is set)")
     device_prefix: str = _f("cam", "device id prefix; ids are PREFIX-0000, PREFIX-0001, …")
     threads: int = _f(1, "torch threads for the shared edge model")
@@ -123,6 +132,16 @@ class EdgeConfig:
                "edge.duration_s and edge.batch_delay_ms must be ≥ 0")
         _check(self.metrics_interval_s > 0, "edge.metrics_interval_s must be positive")
         _check(self.busy_retry_delay_s >= 0, "edge.busy_retry_delay_s must be ≥ 0")
+        _check(self.deadline_s >= 0 and self.retry_backoff_s >= 0,
+               "edge.deadline_s and edge.retry_backoff_s must be ≥ 0")
+        _check(self.deadline_s == 0 or self.retries == 0 or self.deadline_s > self.reply_timeout_s,
+               "edge.deadline_s must exceed edge.reply_timeout_s when edge.retries > 0: a re-send must have time "
+               "to be answered before the deadline")
+
+    @property
+    def image_deadline_s(self) -> float:
+        """``deadline_s`` resolved: 0 means (retries + 1) × reply_timeout_s."""
+        return self.deadline_s or (self.retries + 1) * self.reply_timeout_s
 
 
 @dataclass(frozen=True)
@@ -177,6 +196,10 @@ class WorkerConfig:
     retain_heap: bool = _f(True, "keep freed tensor memory in the process (glibc mallopt) instead of page-faulting "
                                  "every batch's activations in again: 1.4× packed bf16 DeiT-Base on an AMX Xeon")
     max_publish_in_flight: int = _f(10, "replies awaiting the broker's PUBACK at once (aiomqtt: ≤ 10)")
+    dedupe_capacity: int = _f(4096, "recent (device, request id) pairs remembered, so a device's re-send of a request "
+                                    "already answered gets the same reply again without a second inference, and one "
+                                    "still in progress is not computed twice (0: off; docs/reliability.md)")
+    dedupe_ttl_s: float = _f(60.0, "seconds a remembered reply is kept for re-sends (longer than a device's deadline)")
 
     def __post_init__(self) -> None:
         _check(self.queue_capacity >= 1, "worker.queue_capacity must be ≥ 1")
@@ -186,6 +209,8 @@ class WorkerConfig:
         _check(self.shutdown_grace_s >= 0, "worker.shutdown_grace_s must be ≥ 0")
         _check(0 <= self.metrics_port < 65536, "worker.metrics_port must be in 0..65535")
         _check(1 <= self.max_publish_in_flight <= 10, "worker.max_publish_in_flight must be in 1..10")
+        _check(self.dedupe_capacity >= 0 and self.dedupe_ttl_s > 0,
+               "worker.dedupe_capacity must be ≥ 0 and worker.dedupe_ttl_s positive")
         _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                f"worker.device must be cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.frontends >= 1, "worker.frontends must be ≥ 1")
