@@ -49,9 +49,23 @@ class BrokerConfig:
     reconnect_min_s: float = _f(0.5, "first reconnect delay; doubles per failure with jitter")
     reconnect_max_s: float = _f(5.0, "largest reconnect delay (bounds how long a client stays away after the broker "
                                      "is back; docs/reliability.md)")
+    tls: bool = _f(False, "connect over TLS (the broker's TLS listener, usually port 8883); the broker's "
+                   "certificate is always verified")
+    tls_ca_file: str = _f("", "PEM file of the CA(s) that signed the broker's certificate (empty: the system's "
+                          "trusted CAs)")
+    tls_cert_file: str = _f("", "mutual TLS: this client's certificate (PEM), for a listener with "
+                            "require_certificate true (empty: none)")
+    tls_key_file: str = _f("", "mutual TLS: the private key (PEM) of tls_cert_file (empty: the key is inside "
+                           "tls_cert_file)")
+    tls_verify_hostname: bool = _f(True, "check that the broker's certificate names broker.host; turn off only "
+                                   "when the certificate cannot name the address clients use (the chain is "
+                                   "still verified)")
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "broker.port must be in 1..65535")
+        _check(self.tls or not (self.tls_ca_file or self.tls_cert_file or self.tls_key_file),
+               "broker.tls_ca_file/tls_cert_file/tls_key_file need broker.tls = true")
+        _check(bool(self.tls_cert_file) or not self.tls_key_file, "broker.tls_key_file needs broker.tls_cert_file")
         _check(self.max_packet_bytes >= 1024, "broker.max_packet_bytes must be ≥ 1024")
         _check(0 < self.reconnect_min_s <= self.reconnect_max_s, "broker reconnect delays must be 0 < min ≤ max")
         _check(self.connect_timeout_s > 0 and self.publish_timeout_s > 0, "broker timeouts must be positive")

@@ -129,3 +129,23 @@ class UnknownExchangeError(ProtocolError):
     expired (the device then keeps the glance's answer)."""
 
     code = "no_exchange"
+
+
+class RefusedError(TransportError):
+    """The broker answered a CONNECT, SUBSCRIBE or PUBLISH with a failure reason code (an ACL,
+    credentials or client-id refusal). Reconnecting or waiting cannot fix it; ``reason_code`` is the
+    MQTT v5 code (e.g. 0x87), ``code`` a name: ``not_authorized``, ``bad_credentials``,
+    ``bad_client_id`` or ``refused`` (any other failure code)."""
+
+    code = "refused"
+
+    def __init__(self, message: str, *, reason_code: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.reason_code = reason_code
+
+
+class TLSError(TransportError):
+    """The TLS handshake with the broker failed: wrong CA, a certificate that does not name the
+    host, a client certificate the broker refused, or a plain listener where TLS was expected."""
+
+    code = "tls"

@@ -16,6 +16,14 @@ Rules it enforces (see the measurements notes):
 * The broker's maximum packet size is checked *before* publishing: an over-size publish would
   make the broker drop the whole connection. It raises :class:`TransportError` code ``too_large``.
 * aiomqtt/paho errors never leak: they become :class:`TransportError` (``raise … from``).
+* A broker's refusal is an error, never a timeout: a failure reason code in CONNACK, SUBACK or
+  PUBACK raises :class:`RefusedError` (``not_authorized``, ``bad_credentials``, ``bad_client_id``,
+  ``refused``), logged and counted in :class:`TransportStats`; a failed TLS handshake (wrong CA,
+  host name, refused client certificate, TLS against a plain listener) raises :class:`TLSError`.
+  Neither is retried: :meth:`Transport.run` raises it, and :meth:`Transport.wait_connected` and
+  :meth:`Transport.publish` raise it at once instead of waiting out their timeouts.
+* TLS and mutual TLS from ``broker.tls*`` (:func:`tls_context`); the broker's certificate chain is
+  always verified, its host name unless ``tls_verify_hostname`` is off.
 """
 
 from __future__ import annotations
@@ -26,20 +34,127 @@ import logging
 import math
 import random
 import socket
+import ssl
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from shared.config import BrokerConfig
-from shared.errors import TransportError
+from shared.errors import ConfigError, RefusedError, TLSError, TransportError
 from shared.logs import get_logger
 
 DEFAULT_MAX_IN_FLIGHT = 10  # aiomqtt warns (and slows down) beyond 10 pending calls
-_SUBACK_FAILURE = 0x80  # MQTT v5 reason codes ≥ 0x80 are failures (e.g. 0x87 not authorised)
+_FAILURE = 0x80  # MQTT v5 reason codes ≥ 0x80 are failures (e.g. 0x87 not authorised)
+# Reason codes → RefusedError codes (MQTT v5 §2.4); any other failure code is "refused".
+_REFUSAL_CODES = {0x85: "bad_client_id", 0x86: "bad_credentials", 0x87: "not_authorized", 0x8A: "not_authorized",
+                  0x8C: "bad_credentials"}
+# An OpenSSL verdict in a connect error's text: the handshake failed, retrying cannot help.
+_TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "ALERT", "NO_CERTIFICATE",
+                 "certificate required", "unknown ca", "bad certificate")
+
+
+def refusal(reason_code: int, what: str) -> RefusedError:
+    """The :class:`RefusedError` for a failure reason code (``what``: the refused call, for the message)."""
+    try:
+        name = str(paho.ReasonCode(PacketTypes.CONNACK, identifier=reason_code))
+    except Exception:  # a code paho does not name
+        name = "failure"
+    code = _REFUSAL_CODES.get(reason_code, "refused")
+    return RefusedError(f"{what}: refused by the broker, reason code 0x{reason_code:02X} ({name})",
+                        reason_code=reason_code, code=code)
+
+
+def _reason_value(code: Any) -> int:
+    value = getattr(code, "value", code)
+    return int(value) if isinstance(value, int) else _FAILURE
+
+
+def tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
+    """The client's TLS context from ``broker.tls*`` (``None`` when TLS is off).
+
+    The broker's chain is verified against ``tls_ca_file`` (or the system CAs); TLS 1.2 at least;
+    ``tls_cert_file``/``tls_key_file`` present a client certificate (mutual TLS). Unreadable or
+    invalid files raise :class:`ConfigError` naming the file, before any connection is tried.
+    """
+    if not cfg.tls:
+        return None
+    for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"broker.{name} {path!r}: no such file")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.tls_ca_file or None)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"broker.tls_ca_file {cfg.tls_ca_file!r} is not a PEM CA certificate: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = cfg.tls_verify_hostname
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if cfg.tls_cert_file:
+        try:
+            ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file or None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"broker.tls_cert_file {cfg.tls_cert_file!r} / tls_key_file {cfg.tls_key_file!r}: "
+                              f"not a matching PEM certificate and key: {exc}") from exc
+    return ctx
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client plus what it drops: the PUBACK reason code, and a connection the broker
+    closes before its CONNACK (aiomqtt would wait out its timeout)."""
+
+    _MAX_REMEMBERED = 1024  # PUBACK failures of publishes nobody waits for any more (timed out)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.puback_failures: dict[int, int] = {}
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        value = _reason_value(reason_code)
+        if value >= _FAILURE:
+            if len(self.puback_failures) >= self._MAX_REMEMBERED:
+                self.puback_failures.clear()
+            self.puback_failures[mid] = value
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any = None) -> None:
+        if not self._connected.done():  # closed before the CONNACK: fail the connect now
+            self._connected.set_exception(aiomqtt.MqttError(
+                f"the broker closed the connection before its CONNACK ({reason_code})"))
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+    def pending_failure(self) -> BaseException | None:
+        """What ended the connection attempt, when the socket reader saw it (e.g. a TLS alert)."""
+        disconnected = self._disconnected
+        if disconnected.done() and not disconnected.cancelled():
+            return disconnected.exception()
+        return None
+
+    async def publish_checked(self, topic: str, payload: bytes, *, qos: int, retain: bool,
+                              properties: Properties | None, ack_timeout_s: float) -> int:
+        """Publish like :meth:`aiomqtt.Client.publish`; return the PUBACK reason code (0: accepted)."""
+        info = self._client.publish(topic, payload, qos, retain, properties)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        try:
+            if not info.is_published():
+                confirmation = asyncio.Event()
+                with self._pending_call(info.mid, confirmation, self._pending_publishes):
+                    await self._wait_for(confirmation.wait(), timeout=ack_timeout_s)
+        finally:
+            code = self.puback_failures.pop(info.mid, 0)
+        return code
 
 
 @dataclass(frozen=True)
@@ -147,6 +262,7 @@ class TransportStats:
     publish_failures: int = 0
     received: int = 0
     handler_errors: int = 0
+    refusals: Counter[str] = field(default_factory=Counter)  # RefusedError/TLSError code → count
 
 
 class Transport:
@@ -169,7 +285,10 @@ class Transport:
         self.birth = tuple(birth)
         self.stats = TransportStats()
         self._subscriptions: dict[str, int] = {}
-        self._client: aiomqtt.Client | None = None
+        self._client: _Client | None = None
+        self._tls = tls_context(config)  # ConfigError now for unreadable CA/certificate/key files
+        self._failure: TransportError | None = None  # a refusal or TLS failure: final
+        self._failed = asyncio.Event()
         self._connected = asyncio.Event()
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._closing = False
@@ -180,28 +299,77 @@ class Transport:
     def connected(self) -> bool:
         return self._connected.is_set() and self._client is not None
 
+    @property
+    def failure(self) -> TransportError | None:
+        """The refusal or TLS failure that ended :meth:`run`, if any."""
+        return self._failure
+
+    @property
+    def _where(self) -> str:
+        return f"{'mqtts' if self._tls else 'mqtt'}://{self.config.host}:{self.config.port}"
+
+    async def _until_connected(self) -> None:
+        """Until connected; the final failure (refusal, TLS) as soon as there is one."""
+        while not self._connected.is_set():
+            if self._failure is not None:
+                raise self._failure
+            waiters = [asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._failed.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+        if self._failure is not None:
+            raise self._failure
+
     async def wait_connected(self, wait_s: float | None = None) -> None:
-        """Wait until connected (default: up to ``connect_timeout_s``; ``math.inf``: forever);
-        :class:`TransportError` code ``timeout`` if not."""
+        """Wait until connected (default: up to ``connect_timeout_s``; ``math.inf``: forever).
+        :class:`RefusedError`/:class:`TLSError` at once when the broker refused this client,
+        :class:`TransportError` code ``timeout`` when nothing answered in time."""
         limit = self.config.connect_timeout_s if wait_s is None else wait_s
         try:
             async with asyncio.timeout(None if limit == math.inf else limit):
-                await self._connected.wait()
+                await self._until_connected()
         except TimeoutError as exc:
-            raise TransportError(f"no connection to {self.config.host}:{self.config.port} "
-                                 f"(client {self.client_id})", code="timeout") from exc
+            raise TransportError(f"no connection to {self._where} (client {self.client_id})",
+                                 code="timeout") from exc
+
+    def _fail(self, exc: TransportError) -> TransportError:
+        """Record a final failure: logged once, counted, and raised by every waiting call."""
+        self._failure = exc
+        self._failed.set()
+        self.stats.refusals[exc.code] += 1
+        self._log.error("mqtt_refused", broker=self._where, code=exc.code, error=exc.message)
+        return exc
+
+    def _connect_failure(self, exc: BaseException, client: _Client) -> TransportError | None:
+        """A final failure for this connect error (refused, TLS), or ``None`` when worth retrying."""
+        if isinstance(exc, MqttConnectError) and _reason_value(exc.rc) >= _FAILURE:
+            return refusal(_reason_value(exc.rc), f"connect as client {self.client_id!r}"
+                           f"{f' user {self.config.username!r}' if self.config.username else ' (anonymous)'}")
+        cause = client.pending_failure() if isinstance(exc, TimeoutError | aiomqtt.MqttError) else None
+        text = " ".join(str(e) for e in (exc, cause) if e is not None)
+        if self._tls and any(marker.lower() in text.lower() for marker in _TLS_FAILURES):
+            return TLSError(f"TLS handshake with {self._where} failed: {text} (check broker.tls_ca_file, "
+                            f"the certificate's host names, and the client certificate if the listener "
+                            f"requires one)")
+        if not self._tls and "before its CONNACK" in text:
+            return TLSError(f"{self._where} closed the connection before answering CONNECT: a TLS listener? "
+                            f"(set broker.tls = true and broker.tls_ca_file)")
+        return None
 
     # ---- connection loop ---------------------------------------------------------------------
-    def _new_client(self) -> aiomqtt.Client:
+    def _new_client(self) -> _Client:
         cfg = self.config
         will = None
         if self.will is not None:
             will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
-        return aiomqtt.Client(
+        return _Client(
             cfg.host, cfg.port, identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
             username=cfg.username or None, password=cfg.password or None, will=will,
             keepalive=cfg.keepalive_s, timeout=cfg.publish_timeout_s, logger=_quiet_mqtt_logger(),
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)], tls_context=self._tls,
+            tls_insecure=None if self._tls is None else not cfg.tls_verify_hostname)
 
     def backoff_delay(self, failures: int) -> float:
         """Jittered exponential backoff: ``min·2^failures`` capped at max, times U(0.5, 1)."""
@@ -209,7 +377,11 @@ class Transport:
         return base * random.uniform(0.5, 1.0)
 
     async def run(self) -> None:
-        """Connect and stay connected until cancelled (or :meth:`close`)."""
+        """Connect and stay connected until cancelled (or :meth:`close`).
+
+        Raises :class:`RefusedError` when the broker refuses the CONNECT or a subscription (bad
+        credentials, a client id this user may not take, an ACL) and :class:`TLSError` when the TLS
+        handshake fails: reconnecting cannot fix those. Anything else is retried with backoff."""
         failures = 0
         while not self._closing:
             client = self._new_client()
@@ -217,9 +389,12 @@ class Transport:
                 async with asyncio.timeout(self.config.connect_timeout_s):
                     await client.__aenter__()
             except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
+                final = self._connect_failure(exc, client)
+                if final is not None:
+                    raise self._fail(final) from exc
                 delay = self.backoff_delay(failures)
                 failures += 1
-                self._log.warning("mqtt_connect_failed", broker=f"{self.config.host}:{self.config.port}",
+                self._log.warning("mqtt_connect_failed", broker=self._where,
                                   error=str(exc) or type(exc).__name__, retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
                 continue
@@ -229,9 +404,10 @@ class Transport:
             except (aiomqtt.MqttError, TimeoutError) as exc:
                 self.stats.disconnects += 1
                 self._log.warning("mqtt_connection_lost", error=str(exc) or type(exc).__name__)
+            except RefusedError as exc:
+                self._fail(exc)  # an ACL problem: reconnecting cannot fix it
+                raise
             except TransportError as exc:
-                if exc.code == "subscribe_refused":
-                    raise  # an ACL problem: reconnecting cannot fix it
                 self.stats.disconnects += 1
                 self._log.warning("mqtt_connection_lost", error=exc.message)
             finally:
@@ -244,13 +420,16 @@ class Transport:
                 delay = self.backoff_delay(0)
                 await asyncio.sleep(delay)
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: _Client) -> None:
         # Subscribe and announce before anyone may publish through this client.
         for topic_filter, qos in self._subscriptions.items():
             await self._subscribe_on(client, topic_filter, qos)
         for msg in self.birth:
             async with asyncio.timeout(self.config.publish_timeout_s):
-                await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+                code = await client.publish_checked(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain,
+                                                    properties=None, ack_timeout_s=self.config.publish_timeout_s)
+            if code >= _FAILURE:
+                raise refusal(code, f"publish to {msg.topic}")
         self._client = client
         self._connected.set()
         self.stats.connects += 1
@@ -267,17 +446,16 @@ class Transport:
                 self._log.exception("mqtt_handler_failed", topic=message.topic.value)
 
     # ---- calls -------------------------------------------------------------------------------
-    async def _subscribe_on(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
+    async def _subscribe_on(self, client: _Client, topic_filter: str, qos: int) -> None:
         try:
             async with asyncio.timeout(self.config.publish_timeout_s):
                 codes = await client.subscribe(topic_filter, qos=qos)
         except TimeoutError as exc:
             raise TransportError(f"subscribe {topic_filter!r} timed out", code="timeout") from exc
         for code in codes:
-            value = code.value if hasattr(code, "value") else int(code)
-            if value >= _SUBACK_FAILURE:
-                raise TransportError(f"broker refused subscription {topic_filter!r}: {code}",
-                                     code="subscribe_refused")
+            value = _reason_value(code)
+            if value >= _FAILURE:
+                raise refusal(value, f"subscribe {topic_filter!r}")
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected, and again after every reconnect."""
@@ -286,9 +464,10 @@ class Transport:
         if client is not None:
             try:
                 await self._subscribe_on(client, topic_filter, qos)
-            except TransportError as exc:
-                if exc.code == "subscribe_refused":
-                    self._subscriptions.pop(topic_filter, None)  # never retried: it would fail again
+            except RefusedError as exc:
+                self._subscriptions.pop(topic_filter, None)  # never retried: it would fail again
+                self.stats.refusals[exc.code] += 1
+                self._log.error("mqtt_refused", broker=self._where, code=exc.code, error=exc.message)
                 raise
             except aiomqtt.MqttError as exc:
                 raise TransportError(f"subscribe {topic_filter!r}: {exc}") from exc
@@ -320,7 +499,9 @@ class Transport:
         """Publish once (QoS 1: until the broker's PUBACK), waiting for a connection if needed.
 
         Raises :class:`TransportError`: ``too_large`` before sending anything, ``timeout`` when no
-        connection or acknowledgement came within ``publish_timeout_s``, ``transport`` otherwise.
+        connection or acknowledgement came within ``publish_timeout_s``, ``transport`` otherwise;
+        :class:`RefusedError` (e.g. ``not_authorized``) when the broker's PUBACK refuses it (QoS ≥ 1;
+        a refused QoS 0 publish is dropped by the broker unseen), or when this client was refused.
         """
         props = publish_properties(response_topic=response_topic, correlation_data=correlation_data,
                                    expiry_s=expiry_s, user_properties=user_properties)
@@ -328,12 +509,18 @@ class Transport:
         try:
             async with asyncio.timeout(self.config.publish_timeout_s):
                 async with self._in_flight:
-                    await self._connected.wait()
+                    await self._until_connected()
                     client = self._client
                     if client is None:
                         raise TransportError("connection lost before publishing", code="transport")
-                    await client.publish(topic, payload, qos=qos, retain=retain, properties=props,
-                                         timeout=self.config.publish_timeout_s + 1.0)
+                    code = await client.publish_checked(topic, payload, qos=qos, retain=retain, properties=props,
+                                                        ack_timeout_s=self.config.publish_timeout_s + 1.0)
+            if code >= _FAILURE:
+                exc = refusal(code, f"publish to {topic}")
+                self.stats.publish_failures += 1
+                self.stats.refusals[exc.code] += 1
+                self._log.warning("mqtt_publish_refused", topic=topic, code=exc.code, reason_code=code)
+                raise exc
         except TimeoutError as exc:
             self.stats.publish_failures += 1
             raise TransportError(f"publish to {topic} timed out after {self.config.publish_timeout_s} s",

@@ -1,43 +1,46 @@
-"""The production broker profile really enforces what its README promises: passwords required,
-devices confined to their own topics, workers to the shared subscription and reply topics."""
+"""The production broker profile really enforces what its README promises, against a real Mosquitto
+with the dynamic-security plugin: no anonymous or foreign logins, client ids bound to device user
+names, devices confined to their own topics and refused at SUBSCRIBE/PUBLISH, and every refusal an
+error with its reason code at once (never a timeout)."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from service_helpers import async_test
 
-from patchcast.broker import REPO_ROOT, BrokerProcess
+from patchcast.broker import PRODUCTION_CONF, BrokerProcess, SecurityFile, find_dynsec_plugin
 from shared.config import BrokerConfig
-from shared.errors import TransportError
+from shared.errors import BrokerProcessError, RefusedError
+from shared.topics import Topics
 from shared.transport import Incoming, Transport
 
-PROD = REPO_ROOT / "broker" / "production"
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd not installed")
+
+def _plugin_missing() -> bool:
+    try:
+        find_dynsec_plugin()
+    except BrokerProcessError:
+        return True
+    return False
 
 
-def production_conf(tmp: Path) -> Path:
-    passwd = tmp / "passwd"
-    for i, (user, password) in enumerate((("cam-0001", "pw1"), ("cam-0002", "pw2"), ("worker-pool-deit", "pww"))):
-        subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd), user, password],
-                       check=True, capture_output=True, timeout=20)
-    text = (PROD / "mosquitto.conf").read_text()
-    text = text.replace("/etc/mosquitto/patchcast.passwd", str(passwd))
-    text = text.replace("/etc/mosquitto/patchcast.acl", str(PROD / "acl.example"))
-    text = text.replace("/var/lib/mosquitto/", str(tmp) + "/").replace("log_dest syslog", "log_dest stderr")
-    # Started as root, mosquitto drops to its own user before reading these files; this test's files
-    # live in a private temporary folder, so keep the test broker's privileges (ignored when not root).
-    text += "\nuser root\n"
-    conf = tmp / "production.conf"
-    conf.write_text(text)
-    return conf
+pytestmark = pytest.mark.skipif(_plugin_missing(), reason="Mosquitto's dynamic-security plugin is not installed")
+T = Topics()
+MODEL = "deit"
 
 
-async def wait_for(predicate, limit_s: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+def security_file(tmp: Path) -> tuple[Path, dict[str, str]]:
+    sec = SecurityFile.load(tmp / "dynsec.json")
+    passwords = {"cam-0001": sec.add_client("cam-0001", "device"), "cam-0002": sec.add_client("cam-0002", "device"),
+                 "worker-pool-deit": sec.add_client("worker-pool-deit", "worker"),
+                 "monitor": sec.add_client("monitor", "observer")}
+    return sec.save(), passwords
+
+
+async def wait_for(predicate: Callable[[], bool], limit_s: float = 5.0) -> bool:
     try:
         async with asyncio.timeout(limit_s):
             while not predicate():  # noqa: ASYNC110 - polling what handlers collected
@@ -47,53 +50,118 @@ async def wait_for(predicate, limit_s: float = 5.0) -> bool:  # type: ignore[no-
     return True
 
 
-@async_test(90)
-async def test_production_acl_confines_devices_and_workers(tmp_path: Path) -> None:
-    with BrokerProcess(port=0, template=production_conf(tmp_path)) as broker:
+async def refused_connect(cfg: BrokerConfig, client_id: str) -> RefusedError:
+    """Run a client that the broker must refuse; its run() ends with the RefusedError at once."""
+    t = Transport(cfg, client_id=client_id)
+    with pytest.raises(RefusedError) as info:
+        async with asyncio.timeout(cfg.connect_timeout_s):  # a refusal, not a timeout
+            await t.run()
+    assert t.failure is info.value and t.stats.refusals[info.value.code] == 1
+    with pytest.raises(RefusedError):  # anyone waiting for the connection learns it too
+        await t.wait_connected(5.0)
+    return info.value
+
+
+@async_test(60)
+async def test_production_acl_matrix(tmp_path: Path) -> None:
+    dynsec, pw = security_file(tmp_path)
+    with BrokerProcess(port=0, template=PRODUCTION_CONF, security_file=dynsec) as broker:
         def cfg(user: str = "", password: str = "") -> BrokerConfig:
-            return BrokerConfig(port=broker.port, username=user, password=password, connect_timeout_s=3.0,
-                                publish_timeout_s=3.0, reconnect_min_s=0.1, reconnect_max_s=0.5)
+            return BrokerConfig(port=broker.port, username=user, password=password, connect_timeout_s=5.0,
+                                publish_timeout_s=5.0, reconnect_min_s=0.1, reconnect_max_s=0.5)
 
-        cam1_got: list[Incoming] = []
+        a_got: list[Incoming] = []
+        b_got: list[Incoming] = []
         worker_got: list[Incoming] = []
-        cam1 = Transport(cfg("cam-0001", "pw1"), client_id="cam-0001", handler=cam1_got.append)
-        worker = Transport(cfg("worker-pool-deit", "pww"), client_id="worker-1", handler=worker_got.append)
-        anonymous = Transport(cfg(), client_id="nobody")
+        mon_got: list[Incoming] = []
+        a = Transport(cfg("cam-0001", pw["cam-0001"]), client_id="cam-0001", handler=a_got.append)
+        b = Transport(cfg("cam-0002", pw["cam-0002"]), client_id="cam-0002", handler=b_got.append)
+        worker = Transport(cfg("worker-pool-deit", pw["worker-pool-deit"]), client_id="worker-w1",
+                           handler=worker_got.append)
+        monitor = Transport(cfg("monitor", pw["monitor"]), client_id="monitor-1", handler=mon_got.append)
+        await worker.subscribe(T.worker_subscription("workers", MODEL))
+        await worker.subscribe(T.region_filter("w1"))
+        await a.subscribe(T.reply("cam-0001"))
+        await b.subscribe(T.reply("cam-0002"))
+        await monitor.subscribe(f"{T.prefix}/#")
+        await monitor.subscribe("$SYS/broker/clients/connected", qos=0)
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(t.run()) for t in (cam1, worker, anonymous)]
-            await worker.subscribe("$share/deit/patchcast/v1/req/deit/+")
-            await cam1.subscribe("patchcast/v1/reply/cam-0001")
-            await cam1.wait_connected()
-            await worker.wait_connected()
-            with pytest.raises(TransportError):
-                await anonymous.wait_connected(1.5)  # no password: refused
+            tasks = [tg.create_task(t.run(), name=t.client_id) for t in (a, b, worker, monitor)]
+            for t in (a, b, worker, monitor):
+                await t.wait_connected()
 
-            # A device may not read another device's replies: Mosquitto 2.0 grants the subscription
-            # but never delivers (newer versions refuse it with 0x87; either is fine).
-            try:
-                await cam1.subscribe("patchcast/v1/reply/cam-0002")
-            except TransportError as exc:
-                assert exc.code == "subscribe_refused"
-            await worker.publish("patchcast/v1/reply/cam-0002", b"not for cam-0001")
+            # ---- CONNECT: anonymous, wrong password, foreign client ids ---------------------------
+            assert (await refused_connect(cfg(), "nobody")).code == "not_authorized"
+            bad = await refused_connect(cfg("cam-0001", "wrong"), "cam-0001")
+            assert bad.code in ("bad_credentials", "not_authorized") and bad.reason_code >= 0x80
+            for victim in ("worker-w1", "cam-0002"):  # client-id takeover: refused before any takeover
+                exc = await refused_connect(cfg("cam-0001", pw["cam-0001"]), victim)
+                assert exc.code == "not_authorized" and exc.reason_code == 0x87, exc
+            assert worker.connected and b.connected and a.connected
+            assert worker.stats.disconnects == b.stats.disconnects == 0
 
-            await cam1.publish("patchcast/v1/req/deit/cam-0001", b"mine", response_topic="patchcast/v1/reply/cam-0001")
-            await cam1.publish("patchcast/v1/req/deit/cam-0002", b"forged")  # accepted on the wire, not delivered
-            assert await wait_for(lambda: len(worker_got) >= 1)
-            await asyncio.sleep(0.3)
-            assert [m.payload for m in worker_got] == [b"mine"]
+            # ---- SUBSCRIBE: B's replies, the workers' shared subscription, requests, everything --
+            for topic_filter in (T.reply("cam-0002"), f"{T.prefix}/reply/+", T.worker_subscription("workers", MODEL),
+                                 T.worker_subscription("rogue", MODEL), T.request_filter(MODEL),
+                                 T.request(MODEL, "cam-0002"), f"{T.prefix}/#", "#", T.region_filter("w1")):
+                with pytest.raises(RefusedError) as info:
+                    await a.subscribe(topic_filter)
+                assert info.value.code == "not_authorized" and info.value.reason_code == 0x87, topic_filter
 
-            # A region goes to the worker that asked for it, under the device's own id only.
-            await worker.subscribe("patchcast/v1/region/worker-1/+")
-            await cam1.publish("patchcast/v1/region/worker-1/cam-0001", b"region")
-            await cam1.publish("patchcast/v1/region/worker-1/cam-0002", b"forged region")
+            # ---- PUBLISH: as B, into B's reply topic, as a worker ---------------------------------
+            for topic in (T.request(MODEL, "cam-0002"), T.reply("cam-0002"), T.reply("cam-0001"),
+                          T.region("w1", "cam-0002"), T.availability("worker", "w1"), T.metrics("worker", "w1")):
+                with pytest.raises(RefusedError) as info:
+                    async with asyncio.timeout(3.0):  # the PUBACK says so at once
+                        await a.publish(topic, b"forged", qos=1, response_topic=T.reply("cam-0002"))
+                assert info.value.code == "not_authorized" and info.value.reason_code == 0x87, topic
+            with pytest.raises(RefusedError):
+                await monitor.publish(T.request(MODEL, "cam-0001"), b"observers only read")
+
+            # ---- what is allowed still works, and nothing forged arrived anywhere ----------------
+            await a.publish(T.request(MODEL, "cam-0001"), b"mine", response_topic=T.reply("cam-0001"))
+            await a.publish(T.region("w1", "cam-0001"), b"region")
             assert await wait_for(lambda: len(worker_got) >= 2)
-            await asyncio.sleep(0.3)
-            assert [m.payload for m in worker_got] == [b"mine", b"region"]
+            await worker.publish(T.reply("cam-0001"), b"answer-a")
+            await worker.publish(T.reply("cam-0002"), b"answer-b")
+            assert await wait_for(lambda: len(a_got) >= 1 and len(b_got) >= 1)
+            assert await wait_for(lambda: sum(m.topic.startswith(f"{T.prefix}/reply/") for m in mon_got) >= 2)
+            assert sorted(m.payload for m in worker_got) == [b"mine", b"region"]
+            assert [m.payload for m in a_got] == [b"answer-a"]
+            assert [m.payload for m in b_got] == [b"answer-b"]
+            assert b"forged" not in {m.payload for m in mon_got}
+            assert a.stats.refusals["not_authorized"] == 9 + 6
+            assert worker.stats.disconnects == b.stats.disconnects == a.stats.disconnects == 0
+            for t in tasks:
+                t.cancel()
 
-            await worker.publish("patchcast/v1/reply/cam-0001", b"answer")
-            await cam1.publish("patchcast/v1/reply/cam-0001", b"self-forged")  # devices cannot write replies
-            assert await wait_for(lambda: len(cam1_got) >= 1)
-            await asyncio.sleep(0.3)
-            assert [m.payload for m in cam1_got] == [b"answer"]
+
+@async_test(60)
+async def test_device_cannot_swallow_requests_through_the_shared_subscription(tmp_path: Path) -> None:
+    """The issue's repro: a device joining the workers' shared subscription. Refused at SUBSCRIBE,
+    so every request of another device still reaches the worker pool (none dropped at delivery)."""
+    dynsec, pw = security_file(tmp_path)
+    with BrokerProcess(port=0, template=PRODUCTION_CONF, security_file=dynsec) as broker:
+        def cfg(user: str) -> BrokerConfig:
+            return BrokerConfig(port=broker.port, username=user, password=pw[user], connect_timeout_s=5.0,
+                                publish_timeout_s=5.0)
+
+        worker_got: list[Incoming] = []
+        rogue_got: list[Incoming] = []
+        worker = Transport(cfg("worker-pool-deit"), client_id="worker-w1", handler=worker_got.append)
+        rogue = Transport(cfg("cam-0001"), client_id="cam-0001", handler=rogue_got.append)
+        victim = Transport(cfg("cam-0002"), client_id="cam-0002")
+        await worker.subscribe(T.worker_subscription("workers", MODEL))
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(t.run(), name=t.client_id) for t in (worker, rogue, victim)]
+            for t in (worker, rogue, victim):
+                await t.wait_connected()
+            with pytest.raises(RefusedError):
+                await rogue.subscribe(T.worker_subscription("workers", MODEL))
+            for i in range(41):
+                await victim.publish(T.request(MODEL, "cam-0002"), f"r{i}".encode())
+            assert await wait_for(lambda: len(worker_got) >= 41)
+            assert sorted(m.payload for m in worker_got) == sorted(f"r{i}".encode() for i in range(41))
+            assert rogue_got == []
             for t in tasks:
                 t.cancel()
