@@ -454,6 +454,8 @@ class EvalConfig:
     seed: int = 0
     plots: bool = True
     publish: str | None = None  # a markdown file whose generated section (and img/ figures) to rewrite
+    # several generated sections in one file: each run rewrites the one with its name (figures img/NAME-*.png)
+    publish_name: str = ""
     command: str = ""  # the command line, recorded in the report
 
     def __post_init__(self) -> None:
@@ -1557,19 +1559,31 @@ PUBLISH_BEGIN = "<!-- patchcast eval: generated section, rewritten by `patchcast
 PUBLISH_END = "<!-- patchcast eval: end of generated section -->"
 
 
-def publish(doc: Path, out_dir: Path, summary: dict[str, Any], table2: str, table3: str) -> None:
-    """Copy the figures next to ``doc`` (``img/``) and rewrite only the generated section of ``doc``,
-    keeping the hand-written text around it."""
+def publish_markers(name: str = "") -> tuple[str, str]:
+    """The comments around a generated section: one unnamed section, or one per ``--publish-name``."""
+    if not name:
+        return PUBLISH_BEGIN, PUBLISH_END
+    return (f"<!-- patchcast eval {name}: generated section, rewritten by `patchcast eval --publish "
+            f"--publish-name {name}` -->", f"<!-- patchcast eval {name}: end of generated section -->")
+
+
+def publish(doc: Path, out_dir: Path, summary: dict[str, Any], table2: str, table3: str, name: str = "") -> None:
+    """Copy the figures next to ``doc`` (``img/``, named ``NAME-fig….png`` for a named section) and
+    rewrite only the generated section of ``doc`` (the one called ``name``), keeping the hand-written
+    text and the other sections around it."""
     img = doc.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
-    for name, _ in FIGURES:
-        if (out_dir / name).is_file():
-            shutil.copyfile(out_dir / name, img / name)
-    block = f"{PUBLISH_BEGIN}\n\n{report_markdown(summary, table2, table3, img_prefix='img/', level=2)}\n{PUBLISH_END}"
+    prefix = f"{name}-" if name else ""
+    for fig, _ in FIGURES:
+        if (out_dir / fig).is_file():
+            shutil.copyfile(out_dir / fig, img / f"{prefix}{fig}")
+    begin, end = publish_markers(name)
+    report = report_markdown(summary, table2, table3, img_prefix=f"img/{prefix}", level=2)
+    block = f"{begin}\n\n{report}\n{end}"
     text = doc.read_text() if doc.is_file() else ""
-    if PUBLISH_BEGIN in text and PUBLISH_END in text:
-        head, _, rest = text.partition(PUBLISH_BEGIN)
-        _, _, tail = rest.partition(PUBLISH_END)
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         text = head + block + tail
     else:
         text = (text.rstrip() + "\n\n" if text else "") + block + "\n"
@@ -1589,7 +1603,7 @@ def write_outputs(cfg: EvalConfig, out_dir: Path, points: list[Point], summary: 
     if cfg.plots:
         files += plot_all(points, out_dir, summary)
     if cfg.publish:
-        publish(Path(cfg.publish), out_dir, summary, t2, t3)
+        publish(Path(cfg.publish), out_dir, summary, t2, t3, cfg.publish_name)
         files.append(Path(cfg.publish))
     return files
 

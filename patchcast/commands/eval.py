@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--publish", metavar="FILE.md", default=None,
                    help="also copy the figures to FILE's img/ folder and rewrite the generated section of "
                    "FILE (e.g. docs/results.md), keeping its hand-written text")
+    p.add_argument("--publish-name", default="", metavar="NAME",
+                   help="with --publish: rewrite the generated section called NAME (figures img/NAME-*.png), so "
+                   "one page holds several datasets' sections (default: the unnamed one)")
     p.set_defaults(handler=run)
 
 
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         codec_params=_codec_params(args.codec_param), bytes_sample=args.bytes_sample, max_loss=args.max_loss,
         random_draws=args.random_draws, bootstrap=args.bootstrap, experts=tuple(args.expert),
         expert_min_share=args.expert_min_share,
-        seed=args.seed, plots=not args.no_plots, publish=args.publish,
+        seed=args.seed, plots=not args.no_plots, publish=args.publish, publish_name=args.publish_name,
         command=shlex.join(["patchcast", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "")
     labels = {"full": "edge + server, full images", "subsets": "server on selected patches",
               "bytes": "encoding selections", "experts": "specialists on selected patches"}

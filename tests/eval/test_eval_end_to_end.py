@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from patchcast.cli import main
-from patchcast.eval import BOOTSTRAP_COSTS, PUBLISH_BEGIN, frontier_at, read_csv
+from patchcast.eval import BOOTSTRAP_COSTS, PUBLISH_BEGIN, frontier_at, publish_markers, read_csv
 from shared import datasets
 from shared.models import LoadedModel, Preprocess, VitArch, build_model, save_checkpoint
 
@@ -135,6 +135,13 @@ def test_eval_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
     assert main(_args(setup, out, "--publish", str(doc), "--no-plots")) == 0
     again = doc.read_text()
     assert again.count(PUBLISH_BEGIN) == 1 and again.endswith("A closing remark.\n")
+    # A named section (another dataset) sits beside the unnamed one; each run rewrites only its own.
+    assert main(_args(setup, out, "--publish", str(doc), "--publish-name", "photos", "--no-plots")) == 0
+    assert main(_args(setup, out, "--publish", str(doc), "--publish-name", "photos", "--no-plots")) == 0
+    named = doc.read_text()
+    begin, end = publish_markers("photos")
+    assert named.count(PUBLISH_BEGIN) == 1 and named.count(begin) == 1 and named.count(end) == 1
+    assert "](img/photos-fig8_tradeoff.png)" in named and named.startswith(again)
 
 
 def test_cached_selection_matches_a_per_image_forward(setup: dict[str, Path], tmp_path: Path) -> None:
