@@ -12,7 +12,7 @@ import itertools
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edge_node.device import Device
@@ -28,6 +28,7 @@ from shared.logs import get_logger
 from shared.models import LoadedModel, build_model
 from shared.naming import device_id, model_id
 from shared.topics import V1, Topics
+from shared.transport import login_as, read_credentials
 
 
 @dataclass
@@ -70,7 +71,10 @@ async def run_fleet(config: Config, *, edge: LoadedModel | None = None, dataset:
                         region=config.region if config.edge.offload == "region" else None)
     runner = EdgeRunner(engine, batch_size=cfg.batch_size, batch_delay_ms=cfg.batch_delay_ms)
     mid = model_id(config.models.server, config.models.model_id)
-    devices = [Device(device_id(cfg.device_prefix, i), config, runner, topics, mid) for i in range(cfg.devices)]
+    logins = read_credentials(cfg.credentials_file) if cfg.credentials_file else None  # per-device passwords
+    ids = [device_id(cfg.device_prefix, i) for i in range(cfg.devices)]
+    devices = [Device(d, replace(config, broker=login_as(config.broker, d, logins)), runner, topics, mid)
+               for d in ids]
     count: int | None = cfg.limit or (None if cfg.duration_s else len(dataset))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

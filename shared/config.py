@@ -121,6 +121,9 @@ class EdgeConfig:
                                      "[0.5, 1] so that devices do not re-send in step")
     limit: int = _f(0, "images per device (0: the whole source, looping when --duration is set)")
     device_prefix: str = _f("cam", "device id prefix; ids are PREFIX-0000, PREFIX-0001, …")
+    credentials_file: str = _f("", "file of 'DEVICE-ID PASSWORD' lines (patchcast broker add-device --credentials-out): "
+                               "each simulated device logs in as its own id (production profile); empty: every "
+                               "device uses broker.username/password")
     threads: int = _f(1, "torch threads for the shared edge model")
     batch_size: int = _f(8, "edge images run through the model together (amortises the forward)")
     duration_s: float = _f(0.0, "seconds to run the fleet (0: until every device has sent its images)")

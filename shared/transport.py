@@ -38,7 +38,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,12 @@ class _Client(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.puback_failures: dict[int, int] = {}
+        self.last_error = ""  # paho's last error-level log line, e.g. a TLS alert on the socket
+        self._client.on_log = self._on_log
+
+    def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            self.last_error = buf
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
                     properties: Any) -> None:
@@ -129,8 +135,9 @@ class _Client(aiomqtt.Client):
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any = None) -> None:
         if not self._connected.done():  # closed before the CONNACK: fail the connect now
+            detail = f"; {self.last_error}" if self.last_error else ""
             self._connected.set_exception(aiomqtt.MqttError(
-                f"the broker closed the connection before its CONNACK ({reason_code})"))
+                f"the broker closed the connection before its CONNACK ({reason_code}{detail})"))
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
@@ -155,6 +162,35 @@ class _Client(aiomqtt.Client):
         finally:
             code = self.puback_failures.pop(info.mid, 0)
         return code
+
+
+def read_credentials(path: str | Path) -> dict[str, str]:
+    """``user password`` lines (``#`` comments, blank lines allowed), as ``patchcast broker
+    add-device --credentials-out`` writes them: each simulated device's own login."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"credentials file {path}: {exc.strerror or exc}") from exc
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ConfigError(f"credentials file {path}, line {n}: expected 'USER PASSWORD'")
+        out[parts[0]] = parts[1]
+    return out
+
+
+def login_as(cfg: BrokerConfig, user: str, credentials: dict[str, str] | None) -> BrokerConfig:
+    """``cfg`` logging in as ``user`` with its password from ``credentials`` (``cfg`` itself when
+    ``credentials`` is ``None``); :class:`ConfigError` when the file has no line for ``user``."""
+    if credentials is None:
+        return cfg
+    if user not in credentials:
+        raise ConfigError(f"no credentials for {user!r} in the credentials file (patchcast broker add-device)")
+    return replace(cfg, username=user, password=credentials[user])
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "known, latency percentiles, timeouts, errors).")
     add_broker_args(p)
     p.add_argument("--devices", type=int, help="simulated devices (edge.devices)")
+    p.add_argument("--credentials", metavar="FILE", help="per-device logins, 'ID PASSWORD' lines from 'patchcast "
+                   "broker add-device --credentials-out' (edge.credentials_file)")
     p.add_argument("--rate", type=float, help="images per second per device, 0 = as fast as replies allow "
                    "(edge.rate_hz)")
     p.add_argument("--source", help="images: folder, ImageFolder tree, tar, labels.csv folder or one file; "
@@ -64,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     overrides["edge"] = {"devices": args.devices, "rate_hz": args.rate, "source": args.source,
                          "duration_s": args.duration, "limit": args.limit, "max_in_flight": args.max_in_flight,
                          "reply_timeout_s": args.reply_timeout, "retries": args.retries,
-                         "publish_outcomes": False if args.no_outcomes else None, "offload": args.offload}
+                         "publish_outcomes": False if args.no_outcomes else None, "offload": args.offload,
+                         "credentials_file": args.credentials}
     overrides["region"] = {"downscale": args.downscale}
     overrides["models"] = {"edge": args.edge_model, "server": args.server_model, "model_id": args.model_id}
     overrides["gate"] = {"threshold": args.threshold}

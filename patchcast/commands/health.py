@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from patchcast.commands.broker import add_tls_args, tls_overrides
 from shared.errors import ConfigError
 
 
 def add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config file (TOML/YAML); PATCHCAST_<SECTION>__<FIELD> env vars apply")
     p.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker address (overrides broker.host/port)")
+    add_tls_args(p)
 
 
 def broker_overrides(address: str | None) -> dict[str, Any]:
@@ -31,7 +33,7 @@ def load(args: argparse.Namespace, **sections: dict[str, Any]) -> Any:
     from shared.config import load_config
 
     overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in sections.items()}
-    broker = broker_overrides(getattr(args, "broker", None))
+    broker = {**broker_overrides(getattr(args, "broker", None)), **tls_overrides(args)}
     if broker:
         overrides.setdefault("broker", {}).update(broker)
     return load_config(getattr(args, "config", None), overrides=overrides)

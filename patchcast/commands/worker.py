@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from patchcast.commands.broker import add_tls_args, tls_overrides
+
 
 def add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="PatchCast config file (TOML/YAML); flags below override it")
@@ -13,15 +15,18 @@ def add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["auto", "json", "console"], default=None,
                    help="log rendering (default: logging.format; JSON lines when not on a terminal)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    add_tls_args(p)
 
 
 def broker_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from patchcast.broker import parse_address
-
     out: dict[str, dict[str, Any]] = {"logging": {"format": args.log_format, "level": args.log_level}}
     if args.broker:
         host, port = parse_address(args.broker)
         out["broker"] = {"host": host, "port": port}
+    tls = tls_overrides(args)
+    if tls:
+        out.setdefault("broker", {}).update(tls)
     return out
 
 

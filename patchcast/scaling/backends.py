@@ -125,6 +125,12 @@ def worker_env(cfg: Config, base: Mapping[str, str] | None = None) -> dict[str, 
     env = dict(os.environ if base is None else base)
     env["PATCHCAST_BROKER__HOST"] = cfg.broker.host
     env["PATCHCAST_BROKER__PORT"] = str(cfg.broker.port)
+    if cfg.broker.tls:  # --tls* flags given to the supervisor reach its workers too
+        env["PATCHCAST_BROKER__TLS"] = "true"
+        env["PATCHCAST_BROKER__TLS_VERIFY_HOSTNAME"] = str(cfg.broker.tls_verify_hostname).lower()
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if getattr(cfg.broker, key):
+                env[f"PATCHCAST_BROKER__{key.upper()}"] = getattr(cfg.broker, key)
     env.setdefault("PATCHCAST_LOGGING__FORMAT", "json")
     return env
 
