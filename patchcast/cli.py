@@ -34,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _patchcast_error(exc: BaseException) -> PatchCastError | None:
+    """The first :class:`PatchCastError` in a (nested) exception group, if any."""
+    if isinstance(exc, PatchCastError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _patchcast_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,6 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PatchCastError as exc:
         # Expected failures (bad config, missing file, broker down) get one clear line, not a traceback.
         print(f"patchcast {args.command}: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # A service's task group failed: the same one line when an expected failure ended it
+        # (e.g. the broker refused the login), the traceback otherwise.
+        found = _patchcast_error(group)
+        if found is None:
+            raise
+        print(f"patchcast {args.command}: error [{found.code}]: {found.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"patchcast {args.command}: interrupted", file=sys.stderr)

@@ -469,7 +469,7 @@ class Transport:
         self._client = client
         self._connected.set()
         self.stats.connects += 1
-        self._log.info("mqtt_connected", broker=f"{self.config.host}:{self.config.port}",
+        self._log.info("mqtt_connected", broker=self._where,
                        subscriptions=list(self._subscriptions))
         async for message in client.messages:
             self.stats.received += 1

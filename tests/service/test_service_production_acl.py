@@ -165,3 +165,47 @@ async def test_device_cannot_swallow_requests_through_the_shared_subscription(tm
             assert rogue_got == []
             for t in tasks:
                 t.cancel()
+
+
+@async_test(60)
+async def test_cli_makes_credentials_and_certificates_and_runs_the_production_profile(tmp_path: Path) -> None:
+    """`patchcast broker add-device/add-user/make-certs`, then `patchcast broker --profile production
+    --tls-dir` in a subprocess: a device logs in over TLS with the password it was given."""
+    import subprocess
+    import sys
+
+    from patchcast.cli import main
+    from shared.transport import read_credentials
+
+    sec, creds, certs = tmp_path / "dynsec.json", tmp_path / "fleet.cred", tmp_path / "certs"
+    assert main(["broker", "add-device", "--count", "2", "--prefix", "dev", "--security", str(sec),
+                 "--credentials-out", str(creds)]) == 0
+    assert main(["broker", "add-user", "monitor", "--kind", "observer", "--security", str(sec)]) == 0
+    assert main(["broker", "make-certs", "--out", str(certs)]) == 0
+    assert main(["broker", "add-device", "dev-0000", "--security", str(sec)]) == 1  # exists: refused
+    logins = read_credentials(creds)
+    assert sorted(logins) == ["dev-0000", "dev-0001"] and (creds.stat().st_mode & 0o777) == 0o600
+    assert (sec.stat().st_mode & 0o777) == 0o600
+    assert sorted(SecurityFile.load(sec).usernames()) == ["dev-0000", "dev-0001", "monitor"]
+
+    proc = subprocess.Popen([sys.executable, "-m", "patchcast.cli", "broker", "--profile", "production",  # noqa: ASYNC220
+                             "--security", str(sec), "--tls-dir", str(certs), "--port", "0", "--print-port-only"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30))
+        base = {"port": port, "tls": True, "tls_ca_file": str(certs / "ca.crt"), "connect_timeout_s": 5.0}
+        dev = Transport(BrokerConfig(**base, username="dev-0001", password=logins["dev-0001"]),  # type: ignore[arg-type]
+                        client_id="dev-0001")
+        task = asyncio.create_task(dev.run())
+        await dev.wait_connected()
+        with pytest.raises(RefusedError):
+            await dev.subscribe(T.worker_subscription("workers", MODEL))
+        task.cancel()
+        # The other device's password is not this one's.
+        exc = await refused_connect(BrokerConfig(**base, username="dev-0000",  # type: ignore[arg-type]
+                                                 password=logins["dev-0001"]), "dev-0000")
+        assert exc.code == "not_authorized"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
