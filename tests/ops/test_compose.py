@@ -220,3 +220,87 @@ def test_image_installs_every_module():
         for module in (REPO / top).rglob("*.py"):
             package = ".".join(module.parent.relative_to(REPO).parts)
             assert package in found, f"{module.relative_to(REPO)} is outside any installed package"
+
+
+# ---- compose.production.yaml: the production broker profile layered on compose.yaml ---------------
+
+PRODUCTION = REPO / "compose.production.yaml"
+SECRETS_ENV = {"PATCHCAST_WORKER_PASSWORD": "w", "PATCHCAST_MONITOR_PASSWORD": "m"}
+
+
+def _interpolate_with(text: str, values: dict[str, str]) -> str:
+    """Compose interpolation where ``values`` are set (``${X:?msg}`` takes the value)."""
+    pattern = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?]([^}]*))?\}")
+    return pattern.sub(lambda m: values.get(m.group(1), m.group(2) or ""), text).replace("$$", "$")
+
+
+@pytest.fixture(scope="module")
+def production() -> dict[str, Any]:
+    data = yaml.safe_load(PRODUCTION.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_production_overlay_gives_every_client_tls_and_its_login(compose: dict[str, Any],
+                                                                 production: dict[str, Any]):
+    """Each PatchCast service's environment, base merged with the overlay, is a valid config over TLS
+    on 8883 with the CA from its mounted secrets; workers and the monitor log in; devices use the
+    per-device credentials file."""
+    from shared.config import load_config
+
+    base = patchcast_services(compose)
+    overlay = production["services"]
+    assert set(base) <= set(overlay), set(base) - set(overlay)
+    for name in base:
+        env = {k: _interpolate_with(str(v), SECRETS_ENV)
+               for k, v in {**base[name]["environment"], **overlay[name]["environment"]}.items()}
+        cfg = load_config(environ=env)
+        assert cfg.broker.host == "mosquitto" and cfg.broker.port == 8883 and cfg.broker.tls, name
+        assert cfg.broker.tls_ca_file == "/tls/ca.crt" and cfg.broker.tls_verify_hostname, name
+        assert cfg.broker.tls_cert_file.startswith("/tls/client-") and cfg.broker.tls_key_file, name
+        mounts = [_interpolate_with(v, {}).split(":")[1] for v in overlay[name]["volumes"]]
+        assert "/tls" in mounts, name
+        if name == "edge":
+            assert cfg.edge.credentials_file == "/secrets/fleet.cred" and "/secrets/fleet.cred" in mounts
+            assert not cfg.broker.username
+        else:
+            assert cfg.broker.username in ("worker-pool", "monitor") and cfg.broker.password in ("w", "m"), name
+    for svc in overlay.values():
+        for volume in svc.get("volumes", []):
+            assert volume.startswith("${PATCHCAST_SECRETS:-./secrets}/"), volume  # never the repository's files
+
+
+def test_production_overlay_broker_config_matches_the_profile(production: dict[str, Any]):
+    inline = _directives(production["configs"]["mosquitto-production-conf"]["content"])
+    profile = _directives((REPO / "broker" / "production" / "mosquitto.conf").read_text())
+    for key in ("max_packet_size", "set_tcp_nodelay", "persistence", "max_inflight_messages", "max_queued_messages",
+                "max_queued_bytes", "memory_limit", "max_keepalive", "allow_anonymous", "per_listener_settings",
+                "tls_version"):
+        assert inline.get(key) == profile.get(key), key
+    assert inline["allow_anonymous"] == "false" and inline["plugin"].endswith("mosquitto_dynamic_security.so")
+    assert inline["require_certificate"] == "true"
+    mosquitto = production["services"]["mosquitto"]
+    assert mosquitto["command"][-1] == mosquitto["configs"][0]["target"]
+    assert "8883:8883" in mosquitto["ports"]
+
+
+def test_production_overlay_broker_config_loads_in_this_mosquitto(production: dict[str, Any], tmp_path):
+    """The overlay's broker config, with this host's plugin and test certificates, starts Mosquitto."""
+    from patchcast.broker import BrokerProcess, SecurityFile, find_dynsec_plugin, find_mosquitto, make_test_certs
+    from shared.errors import BrokerProcessError
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    try:
+        find_mosquitto()
+        find_dynsec_plugin()
+    except BrokerProcessError as exc:
+        pytest.skip(str(exc))
+    template = tmp_path / "production.conf"
+    template.write_text(production["configs"]["mosquitto-production-conf"]["content"])
+    certs = make_test_certs(tmp_path / "tls", days=1)
+    sec = SecurityFile.load(tmp_path / "dynsec.json")
+    sec.add_client("monitor", "observer")
+    with BrokerProcess(port=0, template=template, tls=certs.listener(require_certificate=True),
+                       security_file=sec.save()) as broker:
+        assert broker.running()
