@@ -1,30 +1,38 @@
 """Bytes on the wire: the whole request message per codec and kept fraction, against a full-image JPEG.
 
+Two datasets: Imagenette (``imagenette2/val.tar``: real photos, 16-pixel patches, at the input size of
+``zoo:imagenette-server``) and CIFAR-10 (``cifar10/test.tar``, 4-pixel patches).
+
 For every image, kept fraction and codec this builds the real ``PatchRequest`` (ids, geometry, mask,
 codec params, payload, edge top-5, uncertainty, timestamps, deadline; no ground-truth label, as in
 production) and measures ``len(protocol.encode(request))``: the exact MQTT payload. The baseline is
-the full cropped image as a standard JPEG file (Pillow, quality 90, 4:2:0), which is what a device
-would send without patch selection.
+the full image at the server model's input size as a standard JPEG file (Pillow, quality 90, 4:2:0),
+which is what a device would send without patch selection.
+
+``--operating-point SUMMARY.json`` (a ``patchcast eval`` summary) adds the deployed view: the whole
+split through that point's gate and selection rule (the edge's uncertainty decides which images are
+offloaded, its attention which patches), every offloaded image's real request with the service codec,
+against every image, and against the offloaded images, as full JPEGs.
 
 Timings: encode = codec encode + building and msgpack-packing the request; decode = validating
 decode + codec decode to (K, p, p, 3) uint8. Quality of lossy codecs is measured on the kept patches:
 PSNR, and the mean absolute error on each patch's 1-pixel border ring vs its interior (4:2:0 chroma
 upsampling bleeds fill colour into the ring).
 
-Which patches are kept: the edge model's CLS attention where a trained edge model for the dataset
-is available (``zoo:cifar10-edge``), else a stand-in: per-patch gradient energy (mean squared
-central-difference gradient of luma), the most detailed patches first. Detailed patches cost more
-bytes than average ones, so the stand-in is on the pessimistic side for byte counts.
+Which patches are kept: the edge model's CLS attention (``zoo:imagenette-edge``, ``zoo:cifar10-edge``);
+for CIFAR-10 without its zoo edge, a stand-in: per-patch gradient energy (mean squared
+central-difference gradient of luma), the most detailed patches first.
 
-Effect on classification (CIFAR-10, when a trained model is in the zoo): the classifier
-(``zoo:cifar10-server`` if present) runs on the *decoded* kept patches
-with the subset forward (each patch embedded at its own position, as the worker does), and its
-accuracy is compared with the same forward on the original, lossless kept patches.
+Effect on classification: the dataset's zoo server (``zoo:imagenette-server``, ``zoo:cifar10-server``)
+runs on the *decoded* kept patches with the subset forward (each patch embedded at its own position,
+as the worker does), and its accuracy is compared with the same forward on the original, lossless
+kept patches.
 
 Quality adaptive to attention is measured as an experiment, ``x-jpeg-tiered`` (defined here, not
 registered in the protocol): the top half of the kept patches by score at q, the rest at q2.
 
     PATCHCAST_DATA=/path/to/datasets python bench/bytes.py --limit 100
+    python bench/bytes.py --dataset imagenette --operating-point reports/eval-imagenette/summary.json
 """
 
 from __future__ import annotations
@@ -118,7 +126,8 @@ DEFAULT_CODECS = ("raw", "raw+zlib", "raw+zstd", "png", "webp-lossless", "jpeg",
                   "jpeg:ss=444,q=85", "jpeg-mosaic", "jpeg-mosaic:ss=420", "jpeg-mosaic:ss=444",
                   "jpeg-mosaic:q=80", "webp", "webp:m=2", "webp-mosaic", "x-jpeg-tiered", "x-jpeg-tiered:q2=50")
 BASELINE_QUALITY = 90
-IMAGENET_PRE = Preprocess(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875)  # 256 → 224
+IMAGENETTE = "imagenette2/val.tar"
+IMAGENETTE_EDGE, IMAGENETTE_SERVER = "zoo:imagenette-edge", "zoo:imagenette-server"
 PSNR_CAP_DB = 99.0  # identical patches have infinite PSNR; cap so means stay finite
 
 
@@ -161,20 +170,37 @@ def gradient_energy(pixels: np.ndarray, patch: int) -> np.ndarray:
 STANDIN_TOPK = ((1, 2, 3, 4, 5), (0.41, 0.22, 0.09, 0.05, 0.03))  # sizes matter, values do not
 
 
+def _zoo_has(ref: str) -> bool:
+    return (ZOO_DIR / f"{ref.removeprefix('zoo:')}.safetensors").is_file()
+
+
+def imagenette_pixels(limit: int | None, seed: int = 0) -> tuple[list[np.ndarray], list[int], Preprocess]:
+    """A seeded spread of the Imagenette val photos at the server model's input size (what a device sends)."""
+    from shared.models import build_model
+
+    if not (_zoo_has(IMAGENETTE_EDGE) and _zoo_has(IMAGENETTE_SERVER)):
+        raise SystemExit(f"{IMAGENETTE_EDGE} / {IMAGENETTE_SERVER} are not in the zoo ({ZOO_DIR})")
+    pre = build_model(IMAGENETTE_SERVER).preprocess
+    ds = datasets.load(IMAGENETTE).spread(limit, seed)
+    pixels = [datasets.crop_uint8(datasets.decode_rgb(s.data), pre) for s in ds.samples]
+    return pixels, [-1 if s.label is None else s.label for s in ds.samples], pre
+
+
 def load_samples(dataset: str, limit: int | None) -> tuple[list[Sample], int, str]:
     """Images, patch size and a description of how patches were scored."""
-    if dataset == "imagenet":
-        ds = datasets.load("imagenet_samples").spread(limit)
-        pixels = [datasets.crop_uint8(datasets.decode_rgb(s.data), IMAGENET_PRE) for s in ds.samples]
-        patch = 16
-        return ([Sample(px, gradient_energy(px, patch), *STANDIN_TOPK) for px in pixels], patch,
-                "gradient-energy stand-in (no trained ImageNet edge model)")
+    if dataset == "imagenette":
+        pixels, labels, pre = imagenette_pixels(limit)
+        samples = _edge_attention(pixels, IMAGENETTE_EDGE)
+        for sample, label in zip(samples, labels, strict=True):
+            sample.label = label
+        return (samples, 16, f"edge model CLS attention ({IMAGENETTE_EDGE}, last block, mean over heads), "
+                f"images at the server's input size {pre.input_size} px")
     ds = datasets.load("cifar10/test.tar").spread(limit)
     pixels = [np.asarray(datasets.decode_rgb(s.data), dtype=np.uint8) for s in ds.samples]
     labels = [-1 if s.label is None else s.label for s in ds.samples]
     patch = 4
     if (ZOO_DIR / "cifar10-edge.safetensors").is_file():
-        samples = _edge_attention(pixels)
+        samples = _edge_attention(pixels, "zoo:cifar10-edge")
         how = "edge model CLS attention (zoo:cifar10-edge, last block, mean over heads)"
     else:
         samples = [Sample(px, gradient_energy(px, patch), *STANDIN_TOPK) for px in pixels]
@@ -186,10 +212,9 @@ def load_samples(dataset: str, limit: int | None) -> tuple[list[Sample], int, st
 
 def classifier_ref(dataset: str) -> str | None:
     """The zoo model that classifies decoded patches, if there is one for this dataset."""
-    if dataset != "cifar10":
-        return None
     # Only the server: its subset forward is CLS + patches (the edge carries register tokens).
-    return "zoo:cifar10-server" if (ZOO_DIR / "cifar10-server.safetensors").is_file() else None
+    ref = {"cifar10": "zoo:cifar10-server", "imagenette": IMAGENETTE_SERVER}.get(dataset)
+    return ref if ref is not None and _zoo_has(ref) else None
 
 
 def subset_correct(ref: str, patches: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -213,25 +238,112 @@ def subset_correct(ref: str, patches: np.ndarray, indices: np.ndarray, labels: n
 _model_cache: dict[str, Any] = {}
 
 
-def _edge_attention(pixels: list[np.ndarray]) -> list[Sample]:
+def _edge_attention(pixels: list[np.ndarray], ref: str) -> list[Sample]:
+    return [s for s, _ in edge_passes(pixels, ref)]
+
+
+def edge_passes(pixels: list[np.ndarray], ref: str) -> list[tuple[Sample, np.ndarray]]:
+    """The edge model on every image: a sample (CLS attention scores, top-5) and the logits of each."""
     import torch
 
     from shared.attention import edge_forward
     from shared.models import build_model
     from shared.scores import cls_attention_scores
 
-    loaded = build_model("zoo:cifar10-edge", role="edge")
-    out: list[Sample] = []
+    loaded = build_model(ref, role="edge")
+    out: list[tuple[Sample, np.ndarray]] = []
     with torch.inference_mode():
         for start in range(0, len(pixels), 256):
             batch = torch.from_numpy(np.stack(pixels[start:start + 256]))
             result = edge_forward(loaded.model, datasets.normalize(batch, loaded.preprocess))
             scores = cls_attention_scores(result.cls_attention).numpy()
-            probs, ids = torch.softmax(result.logits.float(), dim=-1).topk(5, dim=-1)
+            logits = result.logits.float()
+            probs, ids = torch.softmax(logits, dim=-1).topk(5, dim=-1)
             for i in range(batch.shape[0]):
-                out.append(Sample(pixels[start + i], scores[i], tuple(int(v) for v in ids[i]),
-                                  tuple(float(v) for v in probs[i])))
+                out.append((Sample(pixels[start + i], scores[i], tuple(int(v) for v in ids[i]),
+                                   tuple(float(v) for v in probs[i])), logits[i].numpy()))
     return out
+
+
+# ---- the deployed view: one operating point of `patchcast eval`, the whole split --------------------
+
+OFFLOADED_BOUND, ALL_BOUND = 0.75, 0.30  # issue targets: patch requests vs the same images as full JPEGs
+
+
+def operating_point(summary_path: Path, key: str) -> dict[str, Any]:
+    """``key`` (e.g. ``best_point``) of a ``patchcast eval`` summary: a deployable edge-attention point."""
+    summary = json.loads(summary_path.read_text())
+    point = summary.get(key)
+    if not point:
+        raise SystemExit(f"{summary_path}: no {key!r} operating point")
+    if point["encoder"] != "edge" or point["score"] != "attention" or point["rule"] in ("none", "full"):
+        raise SystemExit(f"{summary_path}: {key} is {point['description']}; need an edge-attention selection")
+    return {**point, "server_accuracy": summary["server"]["accuracy"], "eval_images": summary["images"],
+            "summary": str(summary_path), "key": key}
+
+
+def deployed_bytes(point: dict[str, Any], codec: str, quality: int, limit: int | None,
+                   progress: Progress) -> dict[str, Any]:
+    """Every image through the point's gate; each offloaded one as its real ``PatchRequest`` (the kept
+    patches by the edge's attention, ``codec`` at ``quality``), each image also as a full JPEG q90."""
+    import torch
+
+    from shared.gates import Gate
+    from shared.selection import SelectionRule, select
+
+    pixels, _, pre = imagenette_pixels(limit)
+    passes = edge_passes(pixels, IMAGENETTE_EDGE)
+    logits = torch.from_numpy(np.stack([lg for _, lg in passes]))
+    gate = Gate(point["gate"], point["eta"]) if point["gate"] != "none" else None
+    send = gate.should_send(logits).numpy() if gate else np.ones(len(passes), dtype=bool)
+    u = gate.uncertainty(logits).numpy() if gate else np.zeros(len(passes))
+    rule = SelectionRule(point["rule"], point["value"])
+    params = codecs.quality_params(codecs.get_codec(codec), quality)
+    full = np.zeros(len(passes), dtype=np.int64)
+    sent = np.zeros(len(passes), dtype=np.int64)
+    kept = np.zeros(len(passes), dtype=np.int64)
+    task = progress.add_task("operating point", total=len(passes))
+    for i, (s, _) in enumerate(passes):
+        full[i] = len(full_jpeg(s.pixels)[0])
+        if send[i]:
+            indices = select(s.scores, rule).indices
+            now = time.time()
+            request = P.build_request(
+                device_id="cam-0001", request_id=f"{i:08x}", pixels=s.pixels, indices=indices, patch_size=16,
+                codec=codec, codec_params=params, scores=s.scores[indices], topk_ids=s.topk_ids,
+                topk_probs=s.topk_probs, uncertainty=float(u[i]), uncertainty_kind=point["gate"]
+                if point["gate"] != "none" else "min_entropy", sent_at=now, deadline=now + 2.0)
+            sent[i] = len(P.encode(request))
+            kept[i] = indices.size
+        progress.advance(task)
+    n_off = int(send.sum())
+    all_ratio = float(sent.sum() / full.sum())
+    off_ratio = float(sent.sum() / full[send].sum()) if n_off else 0.0
+    return {"point": point, "codec": codec, "codec_params": params, "images": len(passes),
+            "image": f"{pre.input_size}x{pre.input_size}", "offloaded": n_off,
+            "mean_kept_patches": float(kept[send].mean()) if n_off else 0.0,
+            "request_bytes": int(sent.sum()), "full_jpeg_bytes_all": int(full.sum()),
+            "full_jpeg_bytes_offloaded": int(full[send].sum()), "full_jpeg_mean_bytes": float(full.mean()),
+            "vs_full_jpeg_all_images": all_ratio, "vs_full_jpeg_offloaded_images": off_ratio}
+
+
+def deployed_lines(d: dict[str, Any]) -> list[str]:
+    p = d["point"]
+    return [
+        f"Operating point `{p['key']}` of `{p['summary']}`: {p['description']}: {p['accuracy'] * 100:.2f} % "
+        f"(server-only {p['server_accuracy'] * 100:.2f} %, {p['eval_images']} images), comm cost "
+        f"{p['comm_cost']:.3f}.",
+        f"Deployed on {d['images']} images ({d['image']}): {d['offloaded']} offloaded "
+        f"({d['offloaded'] / d['images']:.1%}), {d['mean_kept_patches']:.1f} patches each on average, "
+        f"`{d['codec']}` {d['codec_params']}; request messages {d['request_bytes']:,} B; full-image JPEG "
+        f"q{BASELINE_QUALITY} files: every image {d['full_jpeg_bytes_all']:,} B "
+        f"(mean {d['full_jpeg_mean_bytes']:.0f} B), the offloaded images {d['full_jpeg_bytes_offloaded']:,} B.",
+        f"All request bytes vs every image as full JPEG: {d['vs_full_jpeg_all_images']:.1%} "
+        f"(target ≤ {ALL_BOUND:.0%}): {'PASS' if d['vs_full_jpeg_all_images'] <= ALL_BOUND else 'FAIL'}",
+        f"Offloaded images' patch requests vs the same images as full JPEG: "
+        f"{d['vs_full_jpeg_offloaded_images']:.1%} (target ≤ {OFFLOADED_BOUND:.0%}): "
+        f"{'PASS' if d['vs_full_jpeg_offloaded_images'] <= OFFLOADED_BOUND else 'FAIL'}",
+    ]
 
 
 def ring_mask(patch: int) -> np.ndarray:
@@ -468,20 +580,31 @@ def acceptance(result: dict[str, Any]) -> list[str]:
 
 
 def write_outputs(args: argparse.Namespace, argv: list[str] | None, info: dict[str, Any],
-                  results: list[dict[str, Any]]) -> None:
+                  results: list[dict[str, Any]], deployed: dict[str, Any] | None = None) -> None:
     command = "python bench/bytes.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.json:
-        args.json.write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"command": command, "machine": info, "results": results,
+                                         "operating_point": deployed}, indent=1))
     if args.markdown:
         args.markdown.write_text("\n\n".join([f"`{command}`", *(markdown(r) for r in results),
-                                              *(line for r in results for line in acceptance(r))]) + "\n")
+                                              *(line for r in results for line in acceptance(r)),
+                                              *(deployed_lines(deployed) if deployed else [])]) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", choices=["imagenet", "cifar10", "both"], default="both")
+    ap.add_argument("--dataset", choices=["imagenette", "cifar10", "both", "none"], default="both",
+                    help="the per-codec tables: Imagenette val photos, CIFAR-10, both, or none (only "
+                    "--operating-point)")
     ap.add_argument("--limit", type=int, default=None,
-                    help="images per dataset (default: ImageNet 1000, CIFAR 3000)")
+                    help="images per dataset (default: Imagenette 1000, CIFAR 3000)")
+    ap.add_argument("--operating-point", type=Path, default=None, metavar="SUMMARY.json",
+                    help="a `patchcast eval` summary of the Imagenette zoo: measure that point deployed, on "
+                    "every val image (or --point-limit)")
+    ap.add_argument("--point", default="best_point", help="which point of the summary (e.g. best_point_by_bytes)")
+    ap.add_argument("--point-limit", type=int, default=None, help="images for --operating-point (default: all)")
+    ap.add_argument("--point-codec", default="jpeg-mosaic", help="codec of the deployed requests (codec.name)")
+    ap.add_argument("--point-quality", type=int, default=90, help="its quality (codec.quality)")
     ap.add_argument("--codecs", default=" ".join(DEFAULT_CODECS),
                     help="space-separated codec specs, e.g. 'jpeg jpeg:ss=444 webp'")
     ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
@@ -495,9 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     console.print(f"machine: {info}")
     results = []
-    names = ["imagenet", "cifar10"] if args.dataset == "both" else [args.dataset]
+    names = {"both": ["imagenette", "cifar10"], "none": []}.get(args.dataset, [args.dataset])
     for name in names:
-        limit = args.limit if args.limit is not None else (1000 if name == "imagenet" else 3000)
+        limit = args.limit if args.limit is not None else (1000 if name == "imagenette" else 3000)
         samples, patch, how = load_samples(name, limit)
         console.print(f"{name}: patches chosen by {how}")
         bar = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -507,9 +630,18 @@ def main(argv: list[str] | None = None) -> int:
         print_tables(console, result)
         results.append(result)
         write_outputs(args, argv, info, results)  # after each dataset: a long run keeps what it measured
+    deployed = None
+    if args.operating_point is not None:
+        point = operating_point(args.operating_point, args.point)
+        bar = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*bar, console=console) as progress:
+            deployed = deployed_bytes(point, args.point_codec, args.point_quality, args.point_limit, progress)
+        write_outputs(args, argv, info, results, deployed)
     for r in results:
         for line in acceptance(r):
             console.print(line)
+    for line in deployed_lines(deployed) if deployed else []:
+        console.print(line)
     return 0
 
 

@@ -94,7 +94,8 @@ async def test_production_acl_matrix(tmp_path: Path) -> None:
             assert (await refused_connect(cfg(), "nobody")).code == "not_authorized"
             bad = await refused_connect(cfg("cam-0001", "wrong"), "cam-0001")
             assert bad.code in ("bad_credentials", "not_authorized") and bad.reason_code >= 0x80
-            for victim in ("worker-w1", "cam-0002"):  # client-id takeover: refused before any takeover
+            # Client-id takeover (the repro: 20 tries as the worker): refused before any takeover.
+            for victim in ["worker-w1"] * 20 + ["cam-0002"]:
                 exc = await refused_connect(cfg("cam-0001", pw["cam-0001"]), victim)
                 assert exc.code == "not_authorized" and exc.reason_code == 0x87, exc
             assert worker.connected and b.connected and a.connected

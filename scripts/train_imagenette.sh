@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The Imagenette zoo (docs/results.md, "Imagenette"): a ResNet-18 teacher from random init, the edge
+# ViT (also the token selector), then the server ViT distilled from the teacher with token dropout on
+# edge-attention and random subsets. 112 px inputs: a 7×7 grid of the paper's 16-pixel patches.
+# Each step resumes exactly from its last finished epoch when run again, and is skipped once done.
+# Usage: scripts/train_imagenette.sh [RUNS_DIR] (default runs/); THREADS=N sets torch threads.
+set -euo pipefail
+runs=${1:-runs}
+threads=${THREADS:-2}
+pc=(patchcast train --threads "$threads" --norm imagenet --data imagenette2/train.tar
+    --test-data imagenette2/val.tar --img-size 112 --patch-size 16 --aug rrc --rrc-scale-min 0.35)
+
+step() {  # step OUT ARGS…: train unless OUT/model.safetensors exists
+    local out=$1; shift
+    if [[ -f $out/model.safetensors ]]; then echo "done: $out"; return; fi
+    "${pc[@]}" --out "$out" "$@"
+}
+
+step "$runs/nette-r18" --arch resnet18 --name imagenette-resnet18 --epochs 8 --batch-size 128 --lr 2e-3 \
+    --warmup-epochs 1
+step "$runs/nette-edge" --name imagenette-edge --dim 96 --depth 6 --heads 3 --reg-tokens 4 --epochs 20 \
+    --batch-size 128 --lr 2e-3 --warmup-epochs 2 --teacher "file:$runs/nette-r18/model.safetensors" --distill-weight 0.5
+step "$runs/nette-server" --name imagenette-server --dim 192 --depth 6 --heads 3 --epochs 50 --batch-size 128 \
+    --lr 1e-3 --warmup-epochs 3 --mixup 0.8 --cutmix 1.0 --mix-prob 0.3 \
+    --teacher "file:$runs/nette-r18/model.safetensors" --distill-weight 0.7 --distill-temperature 2 \
+    --token-dropout 0.5 --token-keep-min 0.25 --token-selector "file:$runs/nette-edge/model.safetensors" \
+    --token-attention-share 0.75
