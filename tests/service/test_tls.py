@@ -176,3 +176,27 @@ async def test_fleet_worker_and_monitor_end_to_end_over_mutual_tls(
     assert {d.device_id for d in result.devices} == set(logins)
     snap = monitor.snapshot()
     assert snap.images_total == devices * per_device and snap.sent_total == devices * per_device
+
+
+def test_tls_settings_reach_supervised_workers_and_every_command(tmp_path: Path) -> None:
+    """`patchcast workers --tls-ca …` hands the TLS settings to the workers it starts (environment),
+    and every command that connects takes the --tls* flags."""
+    from patchcast.cli import build_parser
+    from patchcast.commands.broker import tls_overrides
+    from patchcast.scaling.backends import worker_env
+    from shared.config import load_config
+
+    ca, cert, key = (tmp_path / n for n in ("ca.crt", "c.crt", "c.key"))
+    cfg = load_config(overrides={"broker": {"tls": True, "tls_ca_file": str(ca), "tls_cert_file": str(cert),
+                                            "tls_key_file": str(key), "tls_verify_hostname": False}}, environ={})
+    child = load_config(environ={k: v for k, v in worker_env(cfg, base={}).items() if k.startswith("PATCHCAST_")})
+    assert child.broker == cfg.broker
+    assert "PATCHCAST_BROKER__TLS" not in worker_env(load_config(environ={}), base={})
+    parser = build_parser()
+    for command in (["worker"], ["edge"], ["monitor"], ["workers"], ["health", "--role", "worker"], ["demo"]):
+        args = parser.parse_args([*command, "--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)])
+        assert tls_overrides(args) == {"tls": True, "tls_ca_file": str(ca), "tls_cert_file": str(cert),
+                                       "tls_key_file": str(key)}, command
+    assert tls_overrides(parser.parse_args(["worker"])) == {}
+    assert tls_overrides(parser.parse_args(["worker", "--tls", "--tls-no-verify-hostname"])) == {
+        "tls": True, "tls_verify_hostname": False}
