@@ -45,7 +45,7 @@ from shared.protocol import (
 )
 from shared.routing import ExpertRouter, parse_experts
 from shared.topics import Topics
-from shared.transport import Incoming, Outgoing, Transport
+from shared.transport import NO_SUBSCRIBERS, Incoming, Outgoing, Transport
 
 _RETRYABLE_PUBLISH = ("timeout", "transport")  # too_large etc. would fail again
 Answer = Reply | ErrorReply | RegionRequest  # what arrives on a device's reply topic
@@ -104,6 +104,7 @@ class Device:
         self.on_outcome = on_outcome
         self.ledger = ReplyLedger()
         self.outcomes: list[OutcomeRecord] = []
+        self.started = 0  # images taken in; each ends as exactly one outcome (or an edge-model failure, logged)
         self._pending: dict[bytes, _Awaiting] = {}
         self._finished: collections.OrderedDict[str, bool] = collections.OrderedDict()  # request id → server answered
         self._in_flight = asyncio.Semaphore(self.edge.max_in_flight)
@@ -222,7 +223,8 @@ class Device:
         total_bytes = 0
         code: str | None = None
         attempts = 0  # requests the broker accepted
-        tries = 0  # publishes tried (a failed one is tried again, without counting as an attempt)
+        delivered = 0  # … and delivered to a pool (edge.retries bounds the re-sends of these)
+        tries = 0  # publishes tried (one that failed or reached no worker is tried again without counting)
         first_sent: float | None = None
         awaiting = self._await(rid)
         try:
@@ -231,7 +233,7 @@ class Device:
                 if remaining <= 0:
                     code = "timeout"
                     break
-                if attempts > self.edge.retries:  # every attempt sent and the last one refused
+                if delivered > self.edge.retries:  # every attempt sent and the last one refused
                     break
                 if tries:
                     delay = self._backoff(tries)
@@ -262,8 +264,9 @@ class Device:
                 try:
                     # While the broker is away this waits for the reconnect (bounded by the deadline).
                     async with asyncio.timeout(remaining):
-                        await self.transport.publish(topic, payload, qos=1, response_topic=self.reply_topic,
-                                                     correlation_data=rid.encode(), expiry_s=remaining)
+                        reached = await self.transport.publish(
+                            topic, payload, qos=1, response_topic=self.reply_topic, correlation_data=rid.encode(),
+                            expiry_s=remaining) != NO_SUBSCRIBERS
                 except TimeoutError:
                     code = "timeout"
                     continue
@@ -274,8 +277,12 @@ class Device:
                     continue
                 attempts += 1
                 total_bytes += len(payload)
+                if not reached:  # no worker subscribed (a pool down, or not back yet after a broker restart)
+                    code = "no_workers"
+                    continue
+                delivered += 1
                 remaining = deadline - time.monotonic()
-                last = attempts > self.edge.retries
+                last = delivered > self.edge.retries
                 await awaiting.wait(remaining if last else min(self.edge.reply_timeout_s, remaining))
                 if awaiting.reply is not None:
                     break
@@ -434,6 +441,7 @@ class Device:
                     if stop_at is not None and time.monotonic() >= stop_at:
                         break
                     await self._in_flight.acquire()  # backpressure: at most W images in progress
+                    self.started += 1
                     images.create_task(self._handle(seq, sample), name=f"{self.device_id}-{seq}")
                     # A device that fell behind (window full) does not burst to catch up.
                     next_at = max(next_at + interval, time.monotonic())

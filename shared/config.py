@@ -47,7 +47,7 @@ class BrokerConfig:
     publish_timeout_s: float = _f(10.0, "seconds to wait for one publish/subscribe call to complete")
     max_packet_bytes: int = _f(1_048_576, "largest MQTT packet; must match the broker's max_packet_size")
     reconnect_min_s: float = _f(0.5, "first reconnect delay; doubles per failure with jitter")
-    reconnect_max_s: float = _f(5.0, "largest reconnect delay (bounds how long a client stays away after the broker "
+    reconnect_max_s: float = _f(2.0, "largest reconnect delay (bounds how long a client stays away after the broker "
                                      "is back; docs/reliability.md)")
     tls: bool = _f(False, "connect over TLS (the broker's TLS listener, usually port 8883); the broker's "
                    "certificate is always verified")

@@ -54,6 +54,7 @@ from shared.logs import get_logger
 
 DEFAULT_MAX_IN_FLIGHT = 10  # aiomqtt warns (and slows down) beyond 10 pending calls
 _FAILURE = 0x80  # MQTT v5 reason codes ≥ 0x80 are failures (e.g. 0x87 not authorised)
+NO_SUBSCRIBERS = 0x10  # PUBACK "no matching subscribers": accepted, and delivered to nobody
 # Reason codes → RefusedError codes (MQTT v5 §2.4); any other failure code is "refused".
 _REFUSAL_CODES = {0x85: "bad_client_id", 0x86: "bad_credentials", 0x87: "not_authorized", 0x8A: "not_authorized",
                   0x8C: "bad_credentials"}
@@ -126,7 +127,7 @@ class _Client(aiomqtt.Client):
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
                     properties: Any) -> None:
         value = _reason_value(reason_code)
-        if value >= _FAILURE:
+        if value:  # a refusal, or NO_SUBSCRIBERS
             if len(self.puback_failures) >= self._MAX_REMEMBERED:
                 self.puback_failures.clear()
             self.puback_failures[mid] = value
@@ -531,8 +532,10 @@ class Transport:
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       response_topic: str | None = None, correlation_data: bytes | None = None,
-                      expiry_s: float | None = None, user_properties: Sequence[tuple[str, str]] = ()) -> None:
-        """Publish once (QoS 1: until the broker's PUBACK), waiting for a connection if needed.
+                      expiry_s: float | None = None, user_properties: Sequence[tuple[str, str]] = ()) -> int:
+        """Publish once (QoS 1: until the broker's PUBACK), waiting for a connection if needed; return the
+        PUBACK's reason code (0, or :data:`NO_SUBSCRIBERS` when nobody subscribes to the topic: a
+        device's request that no worker will see).
 
         Raises :class:`TransportError`: ``too_large`` before sending anything, ``timeout`` when no
         connection or acknowledgement came within ``publish_timeout_s``, ``transport`` otherwise;
@@ -565,6 +568,7 @@ class Transport:
             self.stats.publish_failures += 1
             raise TransportError(f"publish to {topic}: {exc}") from exc
         self.stats.published += 1
+        return code if qos else 0
 
     async def publish_message(self, msg: Outgoing) -> None:
         await self.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
