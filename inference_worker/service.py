@@ -9,8 +9,16 @@ Flow of one request::
         with worker.engine_process (on for CUDA) the embed and forward run in a child process
     ─▶ outbox ─▶ sender: Reply/ErrorReply to the request's response topic with its correlation data
 
-Malformed input never stops the worker: every failure becomes an ErrorReply with the error's code
-(to the response topic when the request named one, else to the worker's errors topic) and a count.
+Nothing a message holds can stop the worker: every failure stays that message's, becomes an
+ErrorReply with the error's code and a count (logged at most every few seconds per code), and a
+failure to publish a reply is counted the same way. Replies go to the reply topic of the device that
+the request topic names (the broker authenticated its publisher), never to a topic the message
+chooses: a request must name exactly that topic as its MQTT response topic, carry one of its device's
+own request ids and bounded MQTT properties (docs/protocol.md), or it is refused. A request without a
+response topic is refused on the worker's errors topic. A request whose deadline the queue ahead
+cannot meet is refused ``busy`` at once; one whose deadline passes while it waits is dropped before
+its batch runs (counted ``expired``), and a result ready only after its deadline is not published
+(counted ``late``): nobody waits for it.
 Background loops run in one TaskGroup with task names; :meth:`InferenceWorker.stop` (SIGTERM,
 SIGINT) unsubscribes, drains the queue within ``shutdown_grace_s``, publishes offline
 availability and leaves.
@@ -68,6 +76,9 @@ from shared.protocol import (
     RegionRequest,
     Reply,
     WorkerMetrics,
+    check_properties,
+    check_request_owner,
+    check_response_topic,
     decode_patches,
     decode_request,
     encode,
@@ -89,9 +100,10 @@ class WorkItem:
     request: PatchRequest
     pixels: Future[np.ndarray]
     indices: np.ndarray
-    response_topic: str
+    response_topic: str  # the sending device's own reply topic (from the request topic)
     correlation: bytes | None
     arrived: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic; past it no answer is published
     # Region retransmission: a global request whose device offers a region (the batch then reads the
     # server's attention), or the region of an open exchange (fused with its glance).
     offers_region: bool = False
@@ -122,6 +134,7 @@ class OutboxEntry:
     item: WorkItem | None = None
     prediction: Prediction | None = None
     response_topic: str | None = None  # MQTT response topic of the message (a RegionRequest's)
+    deadline: float | None = None  # monotonic; a message not published by then is dropped
 
 
 class InferenceWorker:
@@ -182,7 +195,7 @@ class InferenceWorker:
         self.decoder_replacements = 0  # decoder process pools replaced after one broke
         self.batcher: Batcher[WorkItem, Prediction] = Batcher(
             self._run_batch, config.batching, capacity=config.worker.queue_capacity,
-            executor=self._infer_pool, on_batch=self.stats.on_batch)
+            executor=self._infer_pool, on_batch=self.stats.on_batch, admission=config.worker.admission)
         # Replies plus refusals: bounded by the queue capacity and the broker's inflight window in
         # normal operation; the cap only matters under a flood of unreadable messages.
         self._outbox: asyncio.Queue[OutboxEntry] = asyncio.Queue(
@@ -202,24 +215,26 @@ class InferenceWorker:
     def _availability(self, state: str) -> bytes:
         return encode(Availability("worker", self.worker_id, state, time.time()))  # type: ignore[arg-type]
 
-    def _refuse(self, msg: Incoming, request_id: str | None, exc: PatchCastError | Exception) -> None:
-        """Answer a request that will not be served; never raises."""
+    def _refuse(self, msg: Incoming, reply_to: str | None, correlation: bytes | None, request_id: str | None,
+                exc: PatchCastError | Exception) -> None:
+        """Answer a request that will not be served (to ``reply_to``, the sending device's own reply
+        topic, or without one to the worker's errors topic, where it stays visible); never raises."""
         self._count_failure(getattr(exc, "code", "internal"), exc, msg.topic, request_id)
         reply = ErrorReply.from_error(exc, request_id=request_id, worker_id=self.worker_id)
-        # Without a response topic the device cannot be told; the errors topic keeps it visible.
-        topic = msg.response_topic or self.topics.errors("worker", self.worker_id)
-        self._post(OutboxEntry(topic, msg.correlation_data, reply))
+        self._post(OutboxEntry(reply_to or self.topics.errors("worker", self.worker_id), correlation, reply))
 
-    def _count_failure(self, code: str, exc: BaseException, topic: str, request_id: str | None) -> None:
-        """Count a request that got an error reply; log it rate-limited per code (a flood of busy or
-        malformed messages, or one failed batch of 32, must not flood the logs)."""
+    def _count_failure(self, code: str, exc: BaseException, topic: str, request_id: str | None,
+                       event: str = "requests_failed") -> None:
+        """Count a failure by its code; log it rate-limited per code (a flood of busy or malformed
+        messages, or one failed batch of 32, must not flood the logs). Never raises."""
+        code = code if isinstance(code, str) else "internal"
         self.stats.on_error(code)
         self._refused_since_log[code] += 1
         now = time.monotonic()
         if now - self._refused_logged_at.get(code, -math.inf) >= _REFUSAL_LOG_EVERY_S:
-            self.log.warning("requests_failed", code=code, count=self._refused_since_log[code],
-                             last_error=str(exc)[:300], last_topic=topic, last_request_id=request_id,
-                             queue_capacity=self.config.worker.queue_capacity)
+            self.log.warning(event, code=code, count=self._refused_since_log[code],
+                             last_error=f"{type(exc).__name__}: {exc}"[:300], last_topic=topic[:200],
+                             last_request_id=request_id, queue_capacity=self.config.worker.queue_capacity)
             self._refused_since_log[code], self._refused_logged_at[code] = 0, now
 
     def _post(self, entry: OutboxEntry) -> None:
@@ -230,34 +245,52 @@ class InferenceWorker:
 
     # ---- intake (event loop; must stay cheap) ------------------------------------------------
     def _on_message(self, msg: Incoming) -> None:
+        """Every message, on the event loop. Never raises: whatever goes wrong is that message's."""
+        try:
+            self._intake(msg)
+        except Exception as exc:  # a bug met by one message: counted and logged, the next one is served
+            self._count_failure("internal", exc, msg.topic, None, event="intake_failed")
+
+    def _intake(self, msg: Incoming) -> None:
         request_id: str | None = None
         exchange: Exchange | None = None
+        reply_to: str | None = None  # the sending device's own reply topic, once the topic names it
+        correlation: bytes | None = None  # echoed only once its length is checked
         try:
+            region_topic = self.topics.parse_region(msg.topic)
+            if region_topic is not None and region_topic[0] != self.worker_id:
+                raise BadTopicError(f"region topic {msg.topic[:200]!r} is not this worker's")
+            _level, device = self.topics.parse_request(msg.topic) if region_topic is None else region_topic
+            if msg.response_topic is not None:  # no response topic: the device asked for no answer
+                reply_to = self.topics.reply(device)
+            check_properties(msg.correlation_data, msg.user_properties, self.limits)
+            correlation = msg.correlation_data
+            check_response_topic(msg.response_topic, self.topics.reply(device))
             request = decode_request(msg.payload, limits=self.limits)
             request_id = request.request_id
-            region_topic = self.topics.parse_region(msg.topic)
-            _model, device = self.topics.parse_request(msg.topic) if region_topic is None else region_topic
-            if device != request.device_id:
-                raise BadTopicError(f"request from {request.device_id!r} published on {device!r}'s topic")
+            check_request_owner(request, device)
             self._check_geometry(request)
             if (region_topic is None) != (request.exchange is None):
                 raise BadTopicError("a region (a request with an exchange) goes to the worker that asked for it, "
                                     "on its region topic, and only a region does")
             if request.exchange is not None:
                 exchange = self.exchanges.claim(request, time.monotonic())  # ProtocolError: unknown, expired, …
-            if msg.response_topic is None:
-                raise BadTopicError("request has no response topic")
             if not self._accepting:
                 raise PatchCastError("worker is shutting down", code="shutdown")
             if self.batcher.full:  # refuse before spending a pixel decode on it
                 raise BusyError(f"request queue full ({self.config.worker.queue_capacity} waiting)")
-        except (ProtocolError, PatchCastError) as exc:
-            self._refuse(msg, request_id, exc)
+        except PatchCastError as exc:
+            self._refuse(msg, reply_to, correlation, request_id, exc)
             return
+        assert reply_to is not None
         indices = request.indices
         deadline = None
         if request.deadline is not None:  # device wall clock → this host's monotonic clock
             deadline = time.monotonic() + (request.deadline - time.time())
+            if deadline <= time.monotonic():  # nobody waits for it (or the device's clock is off): no answer
+                self._count_failure("expired", PatchCastError("deadline passed before the request arrived",
+                                                              code="expired"), msg.topic, request_id)
+                return
         try:
             if request.downscale is not None:
                 pixels = self._decode_pool.submit(decode_global, request, self.engine.patch_size)
@@ -266,9 +299,9 @@ class InferenceWorker:
                 pixels = self._decode_pool.submit(decode_patches, request)
         except BrokenExecutor as exc:  # a decoder process died (a crash in an image library)
             self._replace_decoder()
-            self._refuse(msg, request_id, InferenceError(f"pixel decoder failed: {exc}"))
+            self._refuse(msg, reply_to, correlation, request_id, InferenceError(f"pixel decoder failed: {exc}"))
             return
-        item = WorkItem(request, pixels, indices, msg.response_topic, msg.correlation_data, msg.received_at,
+        item = WorkItem(request, pixels, indices, reply_to, correlation, msg.received_at, deadline=deadline,
                         offers_region=request.downscale is not None and (
                             self.engine.maps_available or self.region.placement == "centre"),
                         exchange=exchange)
@@ -278,7 +311,7 @@ class InferenceWorker:
             future = self.batcher.submit_nowait(item, tokens, deadline=deadline)
         except BusyError as exc:
             pixels.cancel()
-            self._refuse(msg, request_id, exc)
+            self._refuse(msg, reply_to, correlation, request_id, exc)
             return
         self.stats.on_request(time.time() - request.sent_at)
         future.add_done_callback(lambda f, it=item: self._on_done(it, f))  # type: ignore[misc]
@@ -314,19 +347,30 @@ class InferenceWorker:
             grid=(grid, grid), mask=exchange.mask, topk_ids=prediction.topk_ids, topk_probs=prediction.topk_probs,
             uncertainty=prediction.uncertainty, worker_id=self.worker_id, ttl_s=self.region.timeout_s)
         self._post(OutboxEntry(item.response_topic, item.correlation, ask,
-                               response_topic=self.topics.region(self.worker_id, request.device_id)))
+                               response_topic=self.topics.region(self.worker_id, request.device_id),
+                               deadline=item.deadline))
         return True
 
     def _on_done(self, item: WorkItem, future: asyncio.Future[Prediction]) -> None:
+        try:
+            self._answer(item, future)
+        except Exception as exc:  # contained like intake failures: one request's, counted
+            self._count_failure("internal", exc, item.response_topic, item.request.request_id, event="answer_failed")
+
+    def _answer(self, item: WorkItem, future: asyncio.Future[Prediction]) -> None:
         if future.cancelled():
             return
         exc = future.exception()
         rid = item.request.request_id
         if exc is not None:
-            self._count_failure(getattr(exc, "code", "internal"), exc, item.response_topic, rid)
+            code = getattr(exc, "code", "internal")
+            self._count_failure(code, exc, item.response_topic, rid)
+            if code == "expired":  # its deadline passed while it waited: nobody waits for an answer
+                return
             error = exc if isinstance(exc, Exception) else Exception(exc)
             reply = ErrorReply.from_error(error, request_id=rid, worker_id=self.worker_id)
-            self._post(OutboxEntry(item.response_topic, item.correlation, reply, arrived=item.arrived))
+            self._post(OutboxEntry(item.response_topic, item.correlation, reply, arrived=item.arrived,
+                                   deadline=item.deadline))
             return
         prediction = future.result()
         if prediction.window is not None and self._accepting and self._ask_for_region(item, prediction):
@@ -335,7 +379,7 @@ class InferenceWorker:
             self.stats.on_region("answered")
         # The Reply itself is built at publish time so that total_ms covers the wait in the outbox.
         self._post(OutboxEntry(item.response_topic, item.correlation, None, arrived=item.arrived, item=item,
-                               prediction=prediction))
+                               prediction=prediction, deadline=item.deadline))
 
     # ---- pixel decoding ----------------------------------------------------------------------
     def _replace_decoder(self) -> None:
@@ -426,7 +470,15 @@ class InferenceWorker:
 
     # ---- background loops --------------------------------------------------------------------
     async def _send(self, entry: OutboxEntry) -> None:
+        """Publish one outbox entry. Never raises (but for cancellation): a reply that cannot be published
+        is counted ``reply_failed`` and logged rate-limited, whatever the cause."""
         try:
+            if entry.deadline is not None and time.monotonic() > entry.deadline:
+                if entry.message is None or isinstance(entry.message, RegionRequest):  # a result, too late
+                    self._count_failure("late", PatchCastError("answer ready after the request's deadline",
+                                                               code="late"), entry.topic,
+                                        entry.item.request.request_id if entry.item else None)
+                return  # (an error reply's code was counted when it was posted)
             message = entry.message
             if message is None and entry.prediction is not None and entry.item is not None:
                 p, arrived = entry.prediction, entry.item.arrived
@@ -441,9 +493,8 @@ class InferenceWorker:
                                          correlation_data=entry.correlation, response_topic=entry.response_topic)
             if isinstance(message, Reply) and entry.arrived is not None:
                 self.stats.on_reply(time.monotonic() - entry.arrived)
-        except PatchCastError as exc:
-            self.stats.on_error("reply_failed")
-            self.log.warning("reply_failed", topic=entry.topic, code=exc.code, error=exc.message)
+        except Exception as exc:  # TransportError, or anything the MQTT client raised: this reply's only
+            self._count_failure("reply_failed", exc, entry.topic, None, event="reply_failed")
         finally:
             self._publish_slots.release()
             self._sending -= 1

@@ -189,6 +189,8 @@ class WorkerConfig:
     group: str = _f("workers", "shared-subscription group: workers of one group split the requests")
     worker_id: str = _f("", "worker id (default: host name + pid)")
     queue_capacity: int = _f(256, "bounded request queue; beyond it devices get a 'busy' error reply")
+    admission: bool = _f(True, "refuse at once ('busy') a request whose deadline the queue ahead of it cannot meet, "
+                               "judged by a running estimate of batch time (docs/service.md)")
     threads: int = _f(0, "torch threads for inference (0: all cores)")
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 where a start-up probe measures it "
                                                                  "≥ 1.25× faster than fp32 on this CPU")

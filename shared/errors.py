@@ -124,6 +124,20 @@ class BadTopicError(ProtocolError):
     code = "bad_topic"
 
 
+class BadPropertyError(ProtocolError):
+    """An MQTT property of a request is out of bounds: correlation data too long, too many or too
+    large user properties (a bad response topic is ``bad_topic``)."""
+
+    code = "bad_property"
+
+
+class ForeignIdError(ProtocolError):
+    """A request id that is not the sending device's own (ids are ``<device id>.<suffix>``, the device
+    being the one named by the request topic)."""
+
+    code = "foreign_id"
+
+
 class UnknownExchangeError(ProtocolError):
     """A region for an exchange this worker does not hold: never opened here, already answered, or
     expired (the device then keeps the glance's answer)."""

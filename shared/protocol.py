@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -32,8 +32,10 @@ from shared.errors import (
     BadFieldError,
     BadGeometryError,
     BadMaskError,
+    BadPropertyError,
     BadTopicError,
     BadVersionError,
+    ForeignIdError,
     MalformedError,
     ProtocolError,
     TooLargeError,
@@ -66,6 +68,10 @@ class ProtocolLimits:
     max_str_len: int = 1024
     max_array_len: int = 1024
     max_map_len: int = 64
+    # MQTT properties of a request (the worker echoes the correlation data; it ignores user properties)
+    max_correlation_bytes: int = 128
+    max_user_properties: int = 16
+    max_user_property_chars: int = 1024  # all keys and values together
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -712,6 +718,54 @@ def decode_request(data: bytes, *, limits: ProtocolLimits = DEFAULT_LIMITS) -> P
     message = _decode_as(data, limits, PatchRequest)
     assert isinstance(message, PatchRequest)
     return message
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """An untrusted string for an error message: quoted and escaped (no control characters reach a
+    log line) and cut to ``limit`` characters."""
+    return repr(value[:limit]) + ("…" if len(value) > limit else "")
+
+
+def check_properties(correlation_data: bytes | None, user_properties: Sequence[tuple[str, str]],
+                     limits: ProtocolLimits = DEFAULT_LIMITS) -> None:
+    """The MQTT properties of a request other than its response topic: correlation data at most
+    ``max_correlation_bytes`` (the worker echoes it), at most ``max_user_properties`` user properties
+    of at most ``max_user_property_chars`` characters together. :class:`BadPropertyError` otherwise."""
+    if correlation_data is not None and len(correlation_data) > limits.max_correlation_bytes:
+        raise BadPropertyError(f"correlation data of {len(correlation_data)} bytes exceeds "
+                               f"{limits.max_correlation_bytes}")
+    if len(user_properties) > limits.max_user_properties:
+        raise BadPropertyError(f"{len(user_properties)} user properties exceed {limits.max_user_properties}")
+    chars = sum(len(key) + len(value) for key, value in user_properties)
+    if chars > limits.max_user_property_chars:
+        raise BadPropertyError(f"user properties of {chars} characters exceed {limits.max_user_property_chars}")
+
+
+def check_response_topic(response_topic: str | None, own: str) -> None:
+    """A request's MQTT response topic must be exactly ``own``, the reply topic of the device that the
+    request topic names (the broker authenticated the publisher of that topic): never empty, never a
+    wildcard, never another device's. The worker replies to ``own`` in any case; this makes a device
+    that names anything else learn it (:class:`BadTopicError`) instead of silently not being heard."""
+    if response_topic is None:
+        raise BadTopicError("request has no response topic")
+    if not response_topic:
+        raise BadTopicError("request has an empty response topic")
+    if "+" in response_topic or "#" in response_topic:
+        raise BadTopicError(f"response topic {_shown(response_topic)} contains a wildcard")
+    if response_topic != own:
+        raise BadTopicError(f"response topic {_shown(response_topic)} is not the sending device's own reply "
+                            f"topic {own!r}")
+
+
+def check_request_owner(request: PatchRequest, device_id: str) -> None:
+    """The request belongs to ``device_id``, the device its topic names: its ``device_id`` field is that
+    device (:class:`BadTopicError`), and its request id is one of the device's own, ``<device id>.<suffix>``
+    (:class:`ForeignIdError`), so that no device can name, and have answered, another device's request."""
+    if request.device_id != device_id:
+        raise BadTopicError(f"request from {request.device_id!r} published on {device_id!r}'s topic")
+    if not (request.request_id.startswith(device_id + ".") and len(request.request_id) > len(device_id) + 1):
+        raise ForeignIdError(f"request id {request.request_id!r} is not one of device {device_id!r}'s: "
+                             f"ids are '{device_id}.<suffix>'")
 
 
 def decode_reply(data: bytes, *, limits: ProtocolLimits = DEFAULT_LIMITS) -> Reply | ErrorReply:

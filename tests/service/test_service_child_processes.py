@@ -186,7 +186,7 @@ async def test_a_dead_decoder_process_is_replaced_and_the_worker_keeps_serving(
         refused = await ask("while-broken")
         assert isinstance(refused, ErrorReply) and refused.code == "inference", refused
         served = await ask("after")
-        assert isinstance(served, Reply) and served.request_id == "after"
+        assert isinstance(served, Reply) and served.request_id == f"{dev}.after"
         worker.stop()
         await serving
         client_task.cancel()

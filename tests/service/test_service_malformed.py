@@ -24,10 +24,13 @@ pytestmark = pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="m
 
 
 def valid_request(device: str, request_id: str, **overrides: object) -> bytes:
+    """A valid request of ``device`` (its id ``<device>.<request_id>``: a device names only its own ids),
+    with wire fields replaced by ``overrides``."""
     rng = np.random.default_rng(0)
     n = (IMG // PATCH) ** 2
-    req = build_request(device_id=device, request_id=request_id, pixels=rng.integers(0, 256, (IMG, IMG, 3),
-                        dtype=np.uint8), indices=np.arange(0, n, 3), patch_size=PATCH, codec="jpeg-mosaic",
+    req = build_request(device_id=device, request_id=f"{device}.{request_id}",
+                        pixels=rng.integers(0, 256, (IMG, IMG, 3), dtype=np.uint8),
+                        indices=np.arange(0, n, 3), patch_size=PATCH, codec="jpeg-mosaic",
                         topk_ids=[3, 1], topk_probs=[0.5, 0.2], uncertainty=1.0, sent_at=1.0)
     body = msgpack.unpackb(encode(req))
     body.update(overrides)
@@ -109,9 +112,10 @@ async def test_malformed_requests_get_error_replies_and_never_stop_the_worker(
         assert reply.code == code, (correlation, reply.message)
         assert reply.worker_id == worker.worker_id
     topic, good = by_correlation[b"c-good"]
-    assert isinstance(good, Reply) and good.request_id == "r-good" and topic == reply_topic
+    assert isinstance(good, Reply) and good.request_id == f"{dev}.r-good" and topic == reply_topic
     orphan = [decode_reply(m.payload) for m in received if m.topic == V1.errors("worker", worker.worker_id)]
-    assert len(orphan) == 1 and isinstance(orphan[0], ErrorReply) and orphan[0].code == "malformed"
+    # MQTT-level fields are checked before the payload: no response topic is the first fault found.
+    assert len(orphan) == 1 and isinstance(orphan[0], ErrorReply) and orphan[0].code == "bad_topic"
     assert sum(worker.stats.errors_by_code.values()) == len(cases) + 1
     assert worker.stats.replies == 1
 
