@@ -104,7 +104,8 @@ def make_requests(loaded: LoadedModel, count: int, keeps: list[float], codec: st
         k = max(1, round(keeps[i % len(keeps)] * n))
         idx = np.sort(rng.choice(n, size=k, replace=False))
         requests.append(build_request(
-            device_id=devices[i % len(devices)], request_id=f"r{i:06d}", pixels=images[i % len(images)],
+            device_id=devices[i % len(devices)], request_id=f"{devices[i % len(devices)]}.{i:06d}",
+            pixels=images[i % len(images)],
             indices=idx, patch_size=p,
             codec=codec, codec_params={"q": quality} if codec.startswith(("jpeg", "webp")) else None,
             topk_ids=[0], topk_probs=[0.5], uncertainty=1.0, sent_at=time.time()))
