@@ -191,7 +191,9 @@ class WorkerConfig:
     queue_capacity: int = _f(256, "bounded request queue; beyond it devices get a 'busy' error reply")
     admission: bool = _f(True, "refuse at once ('busy') a request whose deadline the queue ahead of it cannot meet, "
                                "judged by a running estimate of batch time (docs/service.md)")
-    threads: int = _f(0, "torch threads for inference (0: all cores)")
+    threads: int = _f(1, "torch threads for inference (0: all cores). 1 by default: a pool scales out with worker "
+                         "processes, and a worker whose threads share cores with other busy processes waits at every "
+                         "parallel region (2 threads on a busy 2-core host: 1 s a batch instead of 5 ms, docs/service.md)")
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 where a start-up probe measures it "
                                                                  "≥ 1.25× faster than fp32 on this CPU")
     device: str = _f("cpu", "where the server model runs: cpu, cuda or cuda:N (a worker process per GPU); with "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NoReturn
 
 from patchcast.commands.broker import add_tls_args, tls_overrides
 
@@ -96,4 +96,31 @@ def run(args: argparse.Namespace) -> int:
 
         return run_frontends(cfg)
     asyncio.run(run_worker(cfg))
-    return 0
+    exit_now(0)
+
+
+def exit_now(code: int, children_wait_s: float = 5.0) -> NoReturn:
+    """Leave the process without the interpreter's teardown, once the worker has stopped.
+
+    By then the worker has closed what it owns: answered or refused its queue, published offline,
+    disconnected, joined its engine process and unlinked its shared memory. What is left is
+    finalising a few thousand modules (torch, timm and their imports): ~1 s on an idle 2-core host and
+    several seconds on a busy one, during which a supervisor or an orchestrator waits on a process
+    that has nothing left to do. Child processes still winding down (the pixel decoders) are joined
+    first, so none is orphaned; output is flushed.
+    """
+    import contextlib
+    import logging
+    import multiprocessing
+    import os
+    import sys
+    import time
+
+    deadline = time.monotonic() + children_wait_s
+    for child in multiprocessing.active_children():
+        child.join(max(0.0, deadline - time.monotonic()))
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
