@@ -214,15 +214,17 @@ class Batcher(Generic[ItemT, ResultT]):
                 return None
         return self._queue.popleft()
 
-    def _expire(self, pending: Pending[ItemT, ResultT], now: float) -> bool:
+    def _expire(self, pending: Pending[ItemT, ResultT], now: float, finish: float | None = None) -> bool:
         """True (and the request leaves the waiting set) when its owner cancelled it or its deadline
-        passed: nobody waits for its answer any more, so no forward pass is spent on it."""
+        passed, or will have passed at ``finish`` (its batch's estimated end): nobody would wait for its
+        answer, so no forward pass is spent on it."""
         if pending.future.done():  # cancelled by its owner
             self._tokens -= pending.tokens
             return True
-        if pending.deadline is not None and now > pending.deadline:
+        if pending.deadline is not None and max(now, finish or now) > pending.deadline:
             self._tokens -= pending.tokens
-            pending.future.set_exception(PatchCastError("deadline passed while queued", code="expired"))
+            why = "deadline passed while queued" if now > pending.deadline else "deadline passes before its batch ends"
+            pending.future.set_exception(PatchCastError(why, code="expired"))
             return True
         return False
 
@@ -261,8 +263,10 @@ class Batcher(Generic[ItemT, ResultT]):
         """Run one batch in the executor and settle every request's future."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        # The batch formed over up to max_delay_ms: a request whose deadline passed meanwhile is dropped.
-        live = [p for p in batch if not self._expire(p, started)]
+        # The batch formed over up to max_delay_ms: a request whose deadline passed meanwhile, or passes
+        # before the batch would end, is dropped.
+        finish = started + self.estimate.batch_s(sum(p.tokens for p in batch)) if self.admission else None
+        live = [p for p in batch if not self._expire(p, started, finish)]
         self._tokens -= sum(p.tokens for p in live)
         if not live:
             return

@@ -91,6 +91,9 @@ TOPK = 5
 _DECODER_RESTART_S = 5.0  # a broken decoder process pool is replaced at most this often
 DECODE_TIMEOUT_S = 30.0  # a batch waits at most this long for one request's pixels
 _REFUSAL_LOG_EVERY_S = 5.0  # refusals are logged at most this often per code (with the count since)
+# A reply published later than this before its request's deadline would reach the device after it:
+# it is not published (the broker hop and the device's own loop take a few ms on a LAN).
+DELIVERY_MARGIN_S = 0.02
 
 
 @dataclass(eq=False)
@@ -308,7 +311,8 @@ class InferenceWorker:
         tokens = (self.engine.num_patches if exchange is not None and self.region.fusion != "probs"
                   else int(indices.size)) + 1
         try:
-            future = self.batcher.submit_nowait(item, tokens, deadline=deadline)
+            future = self.batcher.submit_nowait(  # admitted only if it can be answered in time
+                item, tokens, deadline=None if deadline is None else deadline - DELIVERY_MARGIN_S)
         except BusyError as exc:
             pixels.cancel()
             self._refuse(msg, reply_to, correlation, request_id, exc)
@@ -473,7 +477,7 @@ class InferenceWorker:
         """Publish one outbox entry. Never raises (but for cancellation): a reply that cannot be published
         is counted ``reply_failed`` and logged rate-limited, whatever the cause."""
         try:
-            if entry.deadline is not None and time.monotonic() > entry.deadline:
+            if entry.deadline is not None and time.monotonic() > entry.deadline - DELIVERY_MARGIN_S:
                 if entry.message is None or isinstance(entry.message, RegionRequest):  # a result, too late
                     self._count_failure("late", PatchCastError("answer ready after the request's deadline",
                                                                code="late"), entry.topic,
