@@ -66,17 +66,22 @@ async def test_malformed_requests_get_error_replies_and_never_stop_the_worker(
     reply_topic = V1.reply(dev)
     req_topic = V1.request(model, dev)
     cases = {
-        # correlation → (payload, topic, expected code)
-        "c-garbage": (b"this is not msgpack \xff\x00", req_topic, "malformed"),
-        "c-version": (msgpack.packb({"v": 9, "t": "req"}), req_topic, "bad_version"),
-        "c-mask": (valid_request(dev, "r-mask", m=b"\xff" * 3), req_topic, "bad_mask"),
-        "c-codec": (valid_request(dev, "r-codec", c="gif"), req_topic, "unknown_codec"),
-        "c-field": (valid_request(dev, "r-field", h="32"), req_topic, "bad_field"),
-        "c-topic": (valid_request("someone-else", "r-topic"), req_topic, "bad_topic"),
+        # correlation → (payload, MQTT response topic, expected code); every answer goes to dev's reply topic
+        "c-garbage": (b"this is not msgpack \xff\x00", reply_topic, "malformed"),
+        "c-version": (msgpack.packb({"v": 9, "t": "req"}), reply_topic, "bad_version"),
+        "c-mask": (valid_request(dev, "r-mask", m=b"\xff" * 3), reply_topic, "bad_mask"),
+        "c-codec": (valid_request(dev, "r-codec", c="gif"), reply_topic, "unknown_codec"),
+        "c-field": (valid_request(dev, "r-field", h="32"), reply_topic, "bad_field"),
+        "c-topic": (valid_request("someone-else", "r-topic"), reply_topic, "bad_topic"),
         "c-geometry": (valid_request(dev, "r-geo", h=64, w=64, g=[16, 16], p=4, m=b"\x80" + b"\x00" * 31),
-                       req_topic, "bad_geometry"),
+                       reply_topic, "bad_geometry"),
         # Valid envelope, pixels that do not decode: refused on the decode thread, not at intake.
-        "c-payload": (valid_request(dev, "r-payload", x=b"\x00" * 50), req_topic, "bad_payload"),
+        "c-payload": (valid_request(dev, "r-payload", x=b"\x00" * 50), reply_topic, "bad_payload"),
+        # A wildcard response topic once made the worker's MQTT client raise and the worker exit.
+        "c-wildcard": (valid_request(dev, "r-wild"), "x/#", "bad_topic"),
+        # Another device's reply topic and request id: steering an answer into its pending request.
+        "c-steer": (valid_request(dev, "r-steer", r="victim.000777"), V1.reply("victim"), "bad_topic"),
+        "c-foreign-id": (valid_request(dev, "r-id", r="victim.000777"), reply_topic, "foreign_id"),
     }
     received: list[Incoming] = []
     spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=received.append)
@@ -87,9 +92,9 @@ async def test_malformed_requests_get_error_replies_and_never_stop_the_worker(
         await spy.subscribe(V1.errors("worker", worker.worker_id))
         worker_task = tg.create_task(worker.run())
         await asyncio.wait_for(worker.ready.wait(), 30)
-        for correlation, (payload, topic, _code) in cases.items():
-            await asyncio.to_thread(mosquitto_pub, broker.port, topic, payload, tmp_path,
-                                    response_topic=reply_topic, correlation=correlation)
+        for correlation, (payload, response_topic, _code) in cases.items():
+            await asyncio.to_thread(mosquitto_pub, broker.port, req_topic, payload, tmp_path,
+                                    response_topic=response_topic, correlation=correlation)
         # No response topic: the device cannot be told; the worker reports on its errors topic.
         await asyncio.to_thread(mosquitto_pub, broker.port, req_topic, b"\x00", tmp_path, response_topic=None,
                                 correlation=None)
