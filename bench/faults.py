@@ -76,6 +76,22 @@ from shared.topics import V1
 from shared.transport import Incoming, Transport
 
 REPO = Path(__file__).resolve().parent.parent
+_T0 = time.monotonic()
+
+
+_CLEANUP: list[Callable[[], None]] = []  # stops what is running now, should this process be terminated
+
+
+def _terminated(signum: int, frame: object) -> None:
+    for stop in reversed(_CLEANUP):
+        with contextlib.suppress(Exception):
+            stop()
+    raise SystemExit(128 + signum)
+
+
+def say(text: str) -> None:
+    """Progress on stderr (the table goes to stdout)."""
+    print(f"[{time.monotonic() - _T0:6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -217,6 +233,7 @@ class Run:
     edge: LoadedModel
     dataset: Dataset
     capacity: float = 0.0
+    startup_s: float = 0.0  # how long the first workers took to serve
     faults: list[tuple[float, float]] = field(default_factory=list)  # (start, end), monotonic
 
     def fleet_config(self, rate_hz: float, duration_s: float, prefix: str | None = None,
@@ -285,23 +302,30 @@ def recovery_s(records: Sequence[OutcomeRecord], fault_end: float) -> float | No
 
 # ---- scenarios -----------------------------------------------------------------------------------
 async def worker_kills(run: Run) -> Row:
+    """SIGKILL a serving worker every ``kill_every_s`` (or, when a worker takes longer than that to
+    start here, every start-up time, so that the pool keeps its size), never the last one serving:
+    that would be an outage of the pool, not a worker's death. A replacement starts at once."""
     o = run.options
     rng = random.Random(o.seed)
-    duration = o.warmup_s + o.kills * o.kill_every_s + o.tail_s
+    every = max(o.kill_every_s, run.startup_s)
+    duration = o.warmup_s + o.kills * every + o.tail_s
     fleet = asyncio.create_task(run.fleet(duration), name="fleet")
     await asyncio.sleep(o.warmup_s)
     for _ in range(o.kills):
         serving = [w for w in run.pool.alive() if run.spy.online(w)]
-        while not serving:  # every live worker still starting: wait for one to serve
+        while len(serving) < 2 and not fleet.done():  # a survivor must be serving
             await asyncio.sleep(0.1)
             serving = [w for w in run.pool.alive() if run.spy.online(w)]
+        if fleet.done():
+            break
         victim = rng.choice(serving)
         await asyncio.to_thread(run.pool.kill, victim)
+        say(f"worker-kills: SIGKILL {victim} ({len(serving) - 1} others serving)")
         now = time.monotonic()
         run.faults.append((now, now))
         run.pool.start_one()  # the replacement, as a supervisor would start it
-        await asyncio.sleep(o.kill_every_s)
-    return run.row(await fleet, details={"workers_started": len(run.pool.procs)})
+        await asyncio.sleep(every)
+    return run.row(await fleet, details={"workers_started": len(run.pool.procs), "kill_every_s": round(every, 1)})
 
 
 async def _broker_away(run: Run, outages: Sequence[float]) -> Row:
@@ -314,6 +338,7 @@ async def _broker_away(run: Run, outages: Sequence[float]) -> Row:
         await asyncio.to_thread(run.broker.stop)
         await asyncio.sleep(away)
         await asyncio.to_thread(run.broker.start)  # the same port
+        say(f"broker back after {time.monotonic() - start:.1f} s")
         run.faults.append((start, time.monotonic()))
         await asyncio.sleep(o.gap_s)
     return run.row(await fleet, details={"outages_s": list(outages)})
@@ -341,8 +366,10 @@ async def hostile(run: Run) -> Row:
     fleet = asyncio.create_task(run.fleet(duration), name="fleet")
     await asyncio.sleep(o.warmup_s)
     start = time.monotonic()
+    say(f"hostile: sending {len(messages)} messages of {len(corpus.kinds)} kinds")
     acked = await asyncio.to_thread(hc.send, messages, "127.0.0.1", run.broker.port, client_id="evil-0000",
                                     rate_hz=o.hostile_rate)
+    say(f"hostile: {acked} acknowledged")
     run.faults.append((start, time.monotonic()))
     return run.row(await fleet, details={"hostile_sent": acked, "hostile_kinds": len(corpus.kinds),
                                          "expected_codes": dict(hc.expected_counts(messages))})
@@ -383,6 +410,7 @@ async def run_scenario(name: str, options: Options, cfg: Config, edge: LoadedMod
     with BrokerProcess(port=0, template=LOCAL_CONF) as broker:
         cfg = replace(cfg, broker=replace(cfg.broker, host="127.0.0.1", port=broker.port))
         pool = Pool(broker.port, cfg, group, logdir, options)
+        _CLEANUP[:] = [broker.stop, pool.stop]
         spy = Availabilities(cfg, f"{group}-spy")
         run = Run(name, options, cfg, broker, pool, spy, edge, dataset)
         try:
@@ -390,9 +418,13 @@ async def run_scenario(name: str, options: Options, cfg: Config, edge: LoadedMod
                 spy_task = tg.create_task(spy.transport.run(), name="spy")
                 await spy.transport.wait_connected()
                 await spy.transport.subscribe(V1.availability_filter("worker"))
+                started = time.monotonic()
                 first = [pool.start_one() for _ in range(options.workers)]
                 await spy.wait_online(first, pool)
+                run.startup_s = time.monotonic() - started
+                say(f"{name}: {len(first)} workers serving after {run.startup_s:.1f} s")
                 run.capacity = options.capacity or await measure_capacity(run)
+                say(f"{name}: capacity {run.capacity:.0f} replies/s; offering {run.rate_hz * options.devices:.0f}/s")
                 try:
                     row = await SCENARIOS[name](run)
                 finally:
@@ -567,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write every row, with details, to this file")
     ap.add_argument("--logs", type=Path, help="keep the workers' logs in this folder")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)  # the broker runs in its own session: stop it too
     names = args.scenario or [n for n in ("worker-kills", "broker-restarts", "broker-outage", "hostile",
                                           "shared-session") if n != "hostile" or (REPO / "bench" /
                                                                                   "hostile_corpus.py").exists()]

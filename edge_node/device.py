@@ -8,7 +8,9 @@ Delivery (docs/reliability.md): an attempt that gets no reply within ``edge.repl
 'busy' refusal, is re-sent under the **same request id** (``edge.retries`` times, jittered
 exponential backoff), so a worker that already answered it answers again from its memory instead
 of computing it twice. A publish that fails because the broker is away is tried again, waiting for
-the reconnect, without counting as a re-send. Whichever reply comes first is the image's answer:
+the reconnect, and one that reached no worker (PUBACK "no matching subscribers": the pool is down,
+or not subscribed again yet after a broker restart) is re-sent after the backoff; neither counts
+as a re-send. Whichever reply comes first is the image's answer:
 later replies to it are counted (``ReplyLedger.duplicate``) and dropped, so the application sees
 exactly one final answer per image. At the image's deadline (``edge.deadline_s``, carried in the
 request) the device keeps the edge label. With expert routing the first attempt goes to the routed
