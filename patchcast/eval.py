@@ -1422,7 +1422,7 @@ FIGURES = (("fig8_tradeoff.png", "Accuracy vs communication cost with the Pareto
 
 
 def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_prefix: str | None = "",
-                    level: int = 1) -> str:
+                    level: int = 1, title: str = "PatchCast evaluation") -> str:
     """The run's report. ``img_prefix`` is prepended to figure file names (None: no figures);
     ``level`` is the heading depth of the title, so the report can sit inside another document."""
     h = "#" * level
@@ -1430,7 +1430,7 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_pr
     e, s = summary["edge"], summary["server"]
     t = summary.get("timings_s", {})
     lines = [
-        f"{h} PatchCast evaluation", "",
+        f"{h} {title}", "",
         f"- Command: `{summary['config'].get('command') or 'patchcast eval'}`",
         f"- Images: {summary['images']:,} ({summary['config']['data']}), "
         f"{summary['num_patches']} patches per image; {summary.get('precision', '')}, "
@@ -1578,7 +1578,8 @@ def publish(doc: Path, out_dir: Path, summary: dict[str, Any], table2: str, tabl
         if (out_dir / fig).is_file():
             shutil.copyfile(out_dir / fig, img / f"{prefix}{fig}")
     begin, end = publish_markers(name)
-    report = report_markdown(summary, table2, table3, img_prefix=f"img/{prefix}", level=2)
+    report = report_markdown(summary, table2, table3, img_prefix=f"img/{prefix}", level=2,
+                             title=f"PatchCast evaluation: {name}" if name else "PatchCast evaluation")
     block = f"{begin}\n\n{report}\n{end}"
     text = doc.read_text() if doc.is_file() else ""
     if begin in text and end in text:
