@@ -13,13 +13,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo", help="run everything locally: broker, autoscaled workers, N devices, live monitor",
         description="Start a local Mosquitto on a free port, an autoscaled pool of inference workers, N "
         "simulated devices and the live monitor; run for --duration seconds, then print a summary table and "
-        "write a JSON report (--report). Defaults: the offline zoo models (zoo:cifar10-edge / "
-        "zoo:cifar10-server) on the CIFAR-10 test images; --profile deit uses timm DeiT-Tiny/Base and an "
-        "image folder. Every child process is stopped on exit, error or Ctrl-C. Exit status 1 when a request "
-        "was lost.",
+        "write a JSON report (--report). Defaults: the offline zoo models zoo:imagenette-edge / "
+        "zoo:imagenette-server on the Imagenette val photos (imagenette2/val.tar) at their measured operating point; "
+        "--profile cifar10 runs the CIFAR-10 zoo on the CIFAR-10 test images; --profile deit uses timm "
+        "DeiT-Tiny/Base and an image folder. Every child process is stopped on exit, error or Ctrl-C. Exit "
+        "status 1 when a request was lost.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_broker_args(p)
-    p.add_argument("--profile", choices=("cifar10", "deit"), default=None, help="demo.profile")
+    p.add_argument("--profile", choices=("imagenette", "cifar10", "deit"), default=None, help="demo.profile")
     p.add_argument("--edge", default=None, help="edge model reference (default: the profile's)")
     p.add_argument("--server", default=None, help="server model reference (default: the profile's)")
     p.add_argument("--source", default=None, help="images (default: the profile's; under $PATCHCAST_DATA)")
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reply-timeout", type=float, default=15.0,
                    help="seconds a device waits for a reply (a request not answered by then counts as lost)")
     p.add_argument("--server-eval", type=int, default=None,
-                   help="full images for the server-only reference accuracy (default: 256 cifar10, 0 deit)")
+                   help="full images for the server-only reference accuracy (default: 256 imagenette and "
+                   "cifar10, 0 deit)")
     p.add_argument("--metrics-port", type=int, default=0, help="scaler Prometheus endpoint (0: off)")
     p.add_argument("--headless", action="store_true", help="no live dashboard; progress as log lines")
     p.add_argument("--report", default=None, help="write the JSON report here")
@@ -75,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
         broker=f"{cfg.broker.host}:{cfg.broker.port}" if args.use_broker else None, config_file=args.config,
         worker_threads=args.worker_threads, reply_timeout_s=args.reply_timeout,
         server_eval=prof.server_eval if args.server_eval is None else args.server_eval,
-        pretrained=args.pretrained)
+        pretrained=args.pretrained,
+        # the profile's operating point goes with its own models only
+        selection=prof.selection if (args.edge, args.server) == (None, None) else None)
     report = asyncio.run(run_demo(cfg, opts, console))
     console.print(summary_table(report))
     text = json.dumps(report, indent=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,82 @@ def test_demo_headless_report(tmp_path: Path):
     pids = [p for group in r["pids"].values() for p in group]
     assert pids and not [p for p in pids if alive(p)]
     print(f"demo took {took:.0f} s; images {r['images']}, p95 {r['latency_ms'] and r['latency_ms']['p95']} ms")
+
+
+def test_default_profile_is_the_imagenette_zoo_at_its_operating_point(tmp_path: Path) -> None:
+    """`make demo` runs the Imagenette zoo on the val photos, the devices at the measured operating point;
+    CIFAR-10 is one flag away."""
+    from patchcast.demo import IMAGENETTE_POINT, DemoOptions, edge_argv, profile_defaults
+    from shared.config import load_config
+    from shared.models import zoo_names
+
+    cfg = load_config(REPO / "config" / "default.toml")
+    assert cfg.demo.profile == "imagenette"
+    prof = profile_defaults(cfg, cfg.demo.profile)
+    assert (prof.edge, prof.server, prof.source) == ("zoo:imagenette-edge", "zoo:imagenette-server",
+                                                     "imagenette2/val.tar")
+    assert {"imagenette-edge", "imagenette-server"} <= set(zoo_names())
+    assert profile_defaults(cfg, "cifar10").edge == "zoo:cifar10-edge"
+    assert profile_defaults(cfg, "deit").source == "imagenette2/val.tar"
+    opts = DemoOptions(profile="imagenette", edge=prof.edge, server=prof.server, source=prof.source, devices=2,
+                       rate_hz=1.0, duration_s=5.0, selection=prof.selection)
+    argv = edge_argv(opts, "127.0.0.1:1883", tmp_path / "summary.json")
+    rule, value, eta = IMAGENETTE_POINT
+    assert argv[argv.index("--rule") + 1] == rule and float(argv[argv.index("--value") + 1]) == value
+    assert float(argv[argv.index("--threshold") + 1]) == eta
+    assert "--rule" not in edge_argv(replace(opts, selection=None), "127.0.0.1:1883", tmp_path / "s.json")
+
+
+def test_summary_shows_bytes_against_full_jpeg_for_offloaded_and_all_images() -> None:
+    from rich.console import Console
+
+    from patchcast.demo import summary_table
+
+    report = {"images": 100, "devices": 2, "sending_s": 10.0, "interrupted": False, "outcomes_received": 100,
+              "offload_rate": 0.4, "patch_fraction": 0.5, "bytes_sent": 40_000, "bytes_full_jpeg": 160_000,
+              "bytes_vs_full_jpeg": 0.25, "bytes_full_jpeg_all": 400_000, "bytes_vs_full_jpeg_all": 0.1,
+              "accuracy": {"edge_only": 0.6, "collaborative": 0.75, "server_only": 0.77, "server_only_images": 256},
+              "latency_ms": {"p50": 10.0, "p95": 20.0, "p99": 30.0}, "lost_requests": 0, "unaccounted_images": 0,
+              "workers": {"peak": 1, "min": 1, "max": 2, "served_by": {"w": 40}, "scale_events": []}}
+    console = Console(width=200, record=True)
+    console.print(summary_table(report))
+    text = console.export_text()
+    assert "40,000 B vs 160,000 B for the offloaded images as full-image JPEG requests (25.0 %)" in text
+    assert "40,000 B vs 400,000 B for every image as a full-image JPEG request (10.0 %)" in text
+    for line in ("accuracy edge-only", "accuracy collaborative", "accuracy server-only"):
+        assert line in text
+
+
+def imagenette_subset(folder: Path, every: int = 20) -> Path:
+    """An ImageFolder of every N-th Imagenette val photo (all 10 classes)."""
+    import tarfile
+
+    from shared.datasets import resolve
+
+    with tarfile.open(resolve("imagenette2/val.tar")) as tar:
+        for m in [m for m in tar if m.isfile()][::every]:
+            parts = Path(m.name).parts
+            target = folder / parts[-2] / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fh = tar.extractfile(m)
+            assert fh is not None
+            target.write_bytes(fh.read())
+    return folder
+
+
+@pytest.mark.slow
+def test_demo_default_profile_sends_fewer_bytes_than_full_jpeg(tmp_path: Path) -> None:
+    source = imagenette_subset(tmp_path / "images")  # ~196 val photos
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        patchcast_cmd("demo", "--duration", "15", "--devices", "4", "--headless", "--report", str(report_path),
+                      "--source", str(source), "--log-dir", str(tmp_path / "logs"), "--max-workers", "2",
+                      "--server-eval", "64"),
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    r = json.loads(report_path.read_text())
+    assert r["models"] == {"edge": "zoo:imagenette-edge", "server": "zoo:imagenette-server"}
+    assert r["lost_requests"] == 0 and r["unaccounted_images"] == 0 and r["offloaded"] > 0
+    assert r["bytes_vs_full_jpeg"] < 1.0 and r["bytes_vs_full_jpeg_all"] < r["bytes_vs_full_jpeg"]
+    for key in ("edge_only", "collaborative", "server_only"):
+        assert r["accuracy"][key] is not None, key
