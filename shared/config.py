@@ -357,12 +357,13 @@ class ScalerConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    profile: Literal["cifar10", "deit"] = _f(
-        "cifar10", "cifar10: offline zoo models + CIFAR-10 test set; deit: timm DeiT-Tiny/Base + a folder")
+    profile: Literal["imagenette", "cifar10", "deit"] = _f(
+        "imagenette", "imagenette: offline zoo models + Imagenette val photos; cifar10: offline zoo models + "
+        "CIFAR-10 test set; deit: timm DeiT-Tiny/Base + a folder")
     devices: int = _f(8, "simulated devices")
     rate_hz: float = _f(2.0, "images per second per device")
     duration_s: float = _f(30.0, "seconds the devices send images")
-    deit_source: str = _f("imagenet_samples", "image folder for the deit profile (under $PATCHCAST_DATA)")
+    deit_source: str = _f("imagenette2/val.tar", "images for the deit profile (under $PATCHCAST_DATA)")
     startup_timeout_s: float = _f(180.0, "seconds to wait for the broker and the first worker")
     settle_s: float = _f(3.0, "seconds after the devices stop for the last outcomes to arrive")
     shutdown_timeout_s: float = _f(20.0, "bound on stopping each child process (then it is killed)")
