@@ -381,7 +381,9 @@ async def overload(run: Run) -> Row:
     base = asyncio.create_task(run.fleet(duration), name="fleet")
     await asyncio.sleep(o.warmup_s)
     start = time.monotonic()
-    extra = await run.fleet(o.overload_s, rate_hz=o.overload * run.capacity / o.devices, prefix="surge")
+    # a deep window, so that the surge's devices keep sending at their rate however slow the answers
+    extra = await run.fleet(o.overload_s, rate_hz=o.overload * run.capacity / o.devices, prefix="surge",
+                            max_in_flight=256)
     run.faults.append((start, time.monotonic()))
     result = await base
     surge = extra.summary
