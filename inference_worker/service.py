@@ -45,6 +45,7 @@ import torch
 
 from inference_worker.batcher import Batcher
 from inference_worker.decoders import new_decoder
+from inference_worker.dedupe import RecentRequests, Seen, dedupe_key
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
 from inference_worker.engine_process import EngineClient, EngineProcess
 from inference_worker.exchanges import Exchange, ExchangeTable
@@ -185,6 +186,7 @@ class InferenceWorker:
         self.region = config.region
         self.region_subscription = topics.region_filter(self.worker_id)
         self.exchanges = ExchangeTable(config.region.max_pending, config.region.timeout_s)
+        self.recent = RecentRequests.from_config(config.worker)  # re-sends: answered again, not recomputed
         self._exchange_prefix = f"x{secrets.token_hex(3)}."  # exchange ids are unique per worker start
         self._exchange_seq = 0
         availability = topics.availability("worker", self.worker_id)
@@ -278,6 +280,8 @@ class InferenceWorker:
                                     "on its region topic, and only a region does")
             if request.exchange is not None:
                 exchange = self.exchanges.claim(request, time.monotonic())  # ProtocolError: unknown, expired, …
+            if self._seen_before(reply_to, correlation, request):
+                return
             if not self._accepting:
                 raise PatchCastError("worker is shutting down", code="shutdown")
             if self.batcher.full:  # refuse before spending a pixel decode on it
@@ -318,7 +322,20 @@ class InferenceWorker:
             self._refuse(msg, reply_to, correlation, request_id, exc)
             return
         self.stats.on_request(time.time() - request.sent_at)
+        if (key := dedupe_key(request)) is not None:
+            self.recent.begin(key, time.monotonic())
         future.add_done_callback(lambda f, it=item: self._on_done(it, f))  # type: ignore[misc]
+
+    def _seen_before(self, reply_to: str | None, correlation: bytes | None, request: PatchRequest) -> bool:
+        """A re-send (same device and request id) of a request this worker holds: answered again from
+        memory, or dropped while the first is in progress (its reply answers it). inference_worker.dedupe"""
+        key = dedupe_key(request)
+        if key is None:
+            return False
+        seen, reply = self.recent.check(key, time.monotonic())
+        if seen is Seen.ANSWERED and reply is not None and reply_to is not None:
+            self._post(OutboxEntry(reply_to, correlation, reply))
+        return seen is not Seen.NEW
 
     def _check_geometry(self, request: PatchRequest) -> None:
         """The request's image must be this model's input: as sent, or upsampled (a global request)."""
@@ -367,6 +384,8 @@ class InferenceWorker:
         exc = future.exception()
         rid = item.request.request_id
         if exc is not None:
+            if (key := dedupe_key(item.request)) is not None:
+                self.recent.forget(key)  # a re-send is served afresh
             code = getattr(exc, "code", "internal")
             self._count_failure(code, exc, item.response_topic, rid)
             if code == "expired":  # its deadline passed while it waited: nobody waits for an answer
@@ -492,6 +511,8 @@ class InferenceWorker:
                     topk_probs=p.topk_probs, queue_ms=max(0.0, (p.batch_started - arrived) * 1000.0),
                     infer_ms=p.infer_ms, total_ms=max(0.0, (now - arrived) * 1000.0),
                     worker_id=self.worker_id, batch_size=p.batch_size)
+                if (key := dedupe_key(entry.item.request)) is not None:
+                    self.recent.answer(key, message, now)
             assert message is not None
             await self.transport.publish(entry.topic, encode(message, limits=self.limits), qos=1,
                                          correlation_data=entry.correlation, response_topic=entry.response_topic)
