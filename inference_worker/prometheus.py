@@ -42,6 +42,13 @@ def worker_families(worker: InferenceWorker) -> list[Family]:
     for outcome in ("asked", "answered", "expired", "table_full"):
         regions = regions.with_sample(stats.regions[outcome], **labels, outcome=outcome)
     families.append(regions)
+    recent = worker.recent.stats
+    families.append(
+        Family("patchcast_worker_resends_total", "devices' re-sends of requests this worker held, since start: "
+               "replayed (answered again from memory, no inference), dropped (the first was still in progress; "
+               "its reply answers both)", "counter")
+        .with_sample(recent.replayed, **labels, outcome="replayed")
+        .with_sample(recent.dropped, **labels, outcome="dropped"))
     errors = Family("patchcast_worker_errors_total", "error replies by code since start", "counter")
     for code, n in sorted(stats.errors_by_code.items()):
         errors = errors.with_sample(n, **labels, code=code)

@@ -7,6 +7,7 @@ import contextlib
 import re
 from types import SimpleNamespace
 
+from inference_worker.dedupe import DedupeStats
 from inference_worker.prometheus import worker_families
 from inference_worker.stats import WorkerStats
 from shared.prometheus import MetricsServer, render
@@ -25,6 +26,7 @@ def _worker(with_window: bool) -> SimpleNamespace:
     return SimpleNamespace(worker_id="w1", model_id="cifar10-server", stats=stats, last_metrics=metrics,
                            batcher=SimpleNamespace(depth=4, oldest_age_s=lambda: 0.25),
                            engine=SimpleNamespace(restarts=1), decoder_replacements=0,
+                           recent=SimpleNamespace(stats=DedupeStats(replayed=3, dropped=1)),
                            config=SimpleNamespace(worker=SimpleNamespace(queue_capacity=256)))
 
 
@@ -40,6 +42,8 @@ def test_worker_families_render_in_exposition_format() -> None:
     assert 'patchcast_worker_service_seconds{model="cifar10-server",quantile="0.95",worker="w1"} 0.04' in text
     assert 'patchcast_worker_region_exchanges_total{model="cifar10-server",outcome="asked",worker="w1"} 5' in text
     assert 'patchcast_worker_region_exchanges_total{model="cifar10-server",outcome="expired",worker="w1"} 0' in text
+    assert 'patchcast_worker_resends_total{model="cifar10-server",outcome="replayed",worker="w1"} 3' in text
+    assert 'patchcast_worker_resends_total{model="cifar10-server",outcome="dropped",worker="w1"} 1' in text
     assert "# TYPE patchcast_worker_service_seconds summary" in text
     assert 'patchcast_worker_arrival_lateness_seconds{model="cifar10-server",worker="w1"} 0.12' in text
     rss = re.search(r"^process_resident_memory_bytes (\d+)$", text, re.MULTILINE)
