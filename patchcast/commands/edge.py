@@ -30,8 +30,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--duration", type=float, help="seconds to run, looping over the source (edge.duration_s)")
     p.add_argument("--limit", type=int, help="images per device (edge.limit; 0 = the whole source)")
     p.add_argument("--max-in-flight", type=int, help="requests awaiting a reply per device (edge.max_in_flight)")
-    p.add_argument("--reply-timeout", type=float, help="seconds before keeping the edge label (edge.reply_timeout_s)")
-    p.add_argument("--retries", type=int, help="re-sends after a timeout or 'busy' (edge.retries)")
+    p.add_argument("--reply-timeout", type=float, help="seconds one attempt waits for its reply before the re-send "
+                   "(edge.reply_timeout_s)")
+    p.add_argument("--retries", type=int, help="re-sends, same request id, after a reply timeout or 'busy' "
+                   "(edge.retries)")
+    p.add_argument("--deadline", type=float, help="seconds from an image's first publish until it keeps the edge "
+                   "label (edge.deadline_s; 0: (retries + 1) × reply timeout)")
     p.add_argument("--edge-model", help="edge model reference (models.edge)")
     p.add_argument("--server-model", help="server model reference, only to derive the topic's model id "
                    "(models.server)")
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = broker_overrides(args)
     overrides["edge"] = {"devices": args.devices, "rate_hz": args.rate, "source": args.source,
                          "duration_s": args.duration, "limit": args.limit, "max_in_flight": args.max_in_flight,
-                         "reply_timeout_s": args.reply_timeout, "retries": args.retries,
+                         "reply_timeout_s": args.reply_timeout, "retries": args.retries, "deadline_s": args.deadline,
                          "publish_outcomes": False if args.no_outcomes else None, "offload": args.offload,
                          "credentials_file": args.credentials}
     overrides["region"] = {"downscale": args.downscale}
