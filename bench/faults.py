@@ -10,7 +10,8 @@ tests delivery), with the configuration's delivery settings (``edge.retries``, `
 ``edge.deadline_s``, ``worker.dedupe_*``, ``broker.reconnect_*``). The offered load is ``--load``
 times the capacity measured first on the same pool (devices sending as fast as replies allow).
 
-Scenarios (``--scenario``, repeatable; default: all but ``hostile`` when its corpus module is absent):
+Scenarios (``--scenario``, repeatable; default: all but ``overload``, and ``hostile`` only where its
+corpus module exists):
 
 * ``worker-kills``: SIGKILL a serving worker every ``--kill-every`` seconds, ``--kills`` times; a
   replacement starts at once (as ``patchcast workers`` restarts a crashed worker);
@@ -593,11 +594,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--kill-every", type=float, default=Options.kill_every_s)
     ap.add_argument("--outage", type=float, default=Options.outage_s, help="broker-outage: seconds away")
     ap.add_argument("--hostile-count", type=int, default=Options.hostile_count)
+    ap.add_argument("--overload", type=float, default=Options.overload,
+                    help="overload: the surge fleet's load, × the capacity, on top of --load")
     ap.add_argument("--edge-model", help="models.edge")
     ap.add_argument("--server-model", help="models.server")
     ap.add_argument("--source", help="edge.source")
-    ap.add_argument("--worker-arg", action="append", default=[], help="extra 'patchcast worker' argument "
-                    "(repeatable; default: --threads 1)")
+    ap.add_argument("--worker-arg", action="append", default=[], help="a 'patchcast worker' argument, as "
+                    "--worker-arg=--threads --worker-arg=2 (repeatable; default: --threads 1)")
     ap.add_argument("--json", type=Path, help="also write every row, with details, to this file")
     ap.add_argument("--logs", type=Path, help="keep the workers' logs in this folder")
     args = ap.parse_args(argv)
@@ -614,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["edge"]["source"] = args.source
     options = Options(workers=args.workers, devices=args.devices, load=args.load, capacity=args.capacity,
                       kills=args.kills, kill_every_s=args.kill_every, outage_s=args.outage,
-                      hostile_count=args.hostile_count, config=args.config, overrides=overrides,
+                      hostile_count=args.hostile_count, overload=args.overload, config=args.config,
+                      overrides=overrides,
                       worker_args=tuple(args.worker_arg) or Options.worker_args)
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
