@@ -14,6 +14,7 @@ from service_helpers import IMG, PATCH, async_test, service_config
 from edge_node.fleet import run_fleet
 from inference_worker.dedupe import RecentRequests, Seen
 from inference_worker.service import InferenceWorker
+from shared import datasets
 from shared.models import build_model
 from shared.protocol import PatchRequest, Reply, build_request, decode, encode
 from shared.topics import V1
@@ -147,3 +148,35 @@ async def test_device_resends_under_the_same_id_and_hands_one_answer_per_image(
     # each image: one reply handed on, one counted as a duplicate (on the wire, never to the application);
     # a device's last image may be closed before its second reply comes in
     assert 6 <= s["replies_duplicate"] <= 8 and s["retries"] == 8
+
+
+@async_test(90)
+async def test_a_request_that_reached_no_worker_is_resent_without_waiting_out_the_reply_timeout(
+        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+    """The pool subscribes only after the devices have started sending (as after a broker restart):
+    the broker's PUBACK says 'no matching subscribers', and the devices re-send after a short backoff,
+    well before their 5-s reply timeout, without spending a re-send."""
+    edge_path, server_path = model_files
+    model = f"tiny-{unique}"
+    cfg = service_config(broker.port, edge_path, server_path, image_folder, models={"model_id": model},
+                         worker={"group": f"pool-{unique}"},
+                         edge={"devices": 2, "limit": 6, "device_prefix": f"{unique}cam", "reply_timeout_s": 5.0,
+                               "retries": 0, "deadline_s": 0.0, "retry_backoff_s": 0.05})
+    worker = InferenceWorker(cfg, build_model(cfg.models.server, role="server"), worker_id=f"{unique}-w")
+    edge, dataset = build_model(cfg.models.edge, role="edge"), datasets.load(image_folder)
+    async with asyncio.TaskGroup() as tg:
+        fleet = tg.create_task(run_fleet(cfg, edge=edge, dataset=dataset), name="fleet")
+        await asyncio.sleep(1.5)  # the devices publish into an empty pool meanwhile
+        task = tg.create_task(worker.run(), name="worker")
+        result = await fleet
+        worker.stop()
+        await task
+
+    s = result.summary
+    assert s["images"] == s["offloaded"] == 12 and s["replies"] == 12 and s["fallbacks"] == 0
+    early = [r for r in result.outcomes if r.attempts > 1]
+    assert early, "the first images went out before the pool subscribed"
+    assert s["retries"] == sum(r.attempts - 1 for r in result.outcomes) > 0
+    # with retries = 0 a re-send after a reply timeout was impossible: these re-sends followed the
+    # broker's 'no matching subscribers', and came long before the 5-s reply timeout
+    assert max(r.latency_ms or 0.0 for r in early) < 4_000
