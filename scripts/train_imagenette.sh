@@ -20,8 +20,8 @@ step "$runs/nette-r18" --arch resnet18 --name imagenette-resnet18 --epochs 8 --b
     --warmup-epochs 1
 step "$runs/nette-edge" --name imagenette-edge --dim 96 --depth 6 --heads 3 --reg-tokens 4 --epochs 20 \
     --batch-size 128 --lr 2e-3 --warmup-epochs 2 --teacher "file:$runs/nette-r18/model.safetensors" --distill-weight 0.5
-step "$runs/nette-server" --name imagenette-server --dim 192 --depth 6 --heads 3 --epochs 50 --batch-size 128 \
+step "$runs/nette-server" --name imagenette-server --dim 192 --depth 6 --heads 3 --epochs 32 --batch-size 128 \
     --lr 1e-3 --warmup-epochs 3 --mixup 0.8 --cutmix 1.0 --mix-prob 0.3 \
-    --teacher "file:$runs/nette-r18/model.safetensors" --distill-weight 0.7 --distill-temperature 2 \
+    --teacher "file:$runs/nette-r18/model.safetensors" --distill-weight 0.5 --distill-temperature 2 \
     --token-dropout 0.5 --token-keep-min 0.25 --token-selector "file:$runs/nette-edge/model.safetensors" \
     --token-attention-share 0.75
