@@ -11,7 +11,6 @@ Each component takes only its own section (``cfg.worker``, ``cfg.batching`` …)
 from __future__ import annotations
 
 import copy
-
 import difflib
 import os
 import re
@@ -121,9 +120,9 @@ class EdgeConfig:
                                      "[0.5, 1] so that devices do not re-send in step")
     limit: int = _f(0, "images per device (0: the whole source, looping when --duration is set)")
     device_prefix: str = _f("cam", "device id prefix; ids are PREFIX-0000, PREFIX-0001, …")
-    credentials_file: str = _f("", "file of 'DEVICE-ID PASSWORD' lines (patchcast broker add-device --credentials-out): "
-                               "each simulated device logs in as its own id (production profile); empty: every "
-                               "device uses broker.username/password")
+    credentials_file: str = _f("", "file of 'DEVICE-ID PASSWORD' lines (patchcast broker add-device "
+                               "--credentials-out): each simulated device logs in as its own id (production profile); "
+                               "empty: every device uses broker.username/password")
     threads: int = _f(1, "torch threads for the shared edge model")
     batch_size: int = _f(8, "edge images run through the model together (amortises the forward)")
     duration_s: float = _f(0.0, "seconds to run the fleet (0: until every device has sent its images)")
@@ -193,7 +192,8 @@ class WorkerConfig:
                                "judged by a running estimate of batch time (docs/service.md)")
     threads: int = _f(1, "torch threads for inference (0: all cores). 1 by default: a pool scales out with worker "
                          "processes, and a worker whose threads share cores with other busy processes waits at every "
-                         "parallel region (2 threads on a busy 2-core host: 1 s a batch instead of 5 ms, docs/service.md)")
+                         "parallel region (2 threads on a busy 2-core host: 1 s a batch instead of 5 ms, "
+                         "docs/service.md)")
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 where a start-up probe measures it "
                                                                  "≥ 1.25× faster than fp32 on this CPU")
     device: str = _f("cpu", "where the server model runs: cpu, cuda or cuda:N (a worker process per GPU); with "

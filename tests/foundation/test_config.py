@@ -106,8 +106,8 @@ def test_mutable_defaults_are_not_shared_between_instances() -> None:
 
     @dataclass
     class Section:
-        names: list[str] = _f(["a"], "names")
-        table: dict[str, int] = _f({"a": 1}, "table")
+        names: list[str] = _f(["a"], "names")  # noqa: RUF009 (the pattern under test)
+        table: dict[str, int] = _f({"a": 1}, "table")  # noqa: RUF009
 
     first, second = Section(), Section()
     first.names.append("b")
