@@ -54,16 +54,16 @@ def zoo_or_tiny(folder: Path) -> tuple[str, str]:
     return tiny_models(folder)
 
 
-def cifar_subset(folder: Path, every: int = 25) -> Path:
-    """An ImageFolder of every N-th CIFAR-10 test image (all classes, labels from the folder names):
-    the same images as the full test set, a fraction of the load time."""
+def tar_subset(folder: Path, tar_name: str, every: int) -> Path:
+    """An ImageFolder of every N-th image of a split's tar (all classes, labels from the folder names):
+    the same images as the whole split, a fraction of the load time."""
     import tarfile
 
     from shared.datasets import resolve
 
     if folder.is_dir() and any(folder.iterdir()):
         return folder
-    with tarfile.open(resolve("cifar10/test.tar")) as tar:
+    with tarfile.open(resolve(tar_name)) as tar:
         members = [m for m in tar if m.isfile()]
         for m in members[::every]:
             parts = Path(m.name).parts
@@ -73,6 +73,11 @@ def cifar_subset(folder: Path, every: int = 25) -> Path:
             assert fh is not None
             target.write_bytes(fh.read())
     return folder
+
+
+def cifar_subset(folder: Path, every: int = 25) -> Path:
+    """Every N-th CIFAR-10 test image as an ImageFolder."""
+    return tar_subset(folder, "cifar10/test.tar", every)
 
 
 def alive(pid: int) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from ops_helpers import REPO, alive, child_env, cifar_subset, patchcast_cmd, zoo_or_tiny
+from ops_helpers import REPO, alive, child_env, cifar_subset, patchcast_cmd, tar_subset, zoo_or_tiny
 
 
 @pytest.mark.slow
@@ -102,19 +102,7 @@ def test_summary_shows_bytes_against_full_jpeg_for_offloaded_and_all_images() ->
 
 def imagenette_subset(folder: Path, every: int = 20) -> Path:
     """An ImageFolder of every N-th Imagenette val photo (all 10 classes)."""
-    import tarfile
-
-    from shared.datasets import resolve
-
-    with tarfile.open(resolve("imagenette2/val.tar")) as tar:
-        for m in [m for m in tar if m.isfile()][::every]:
-            parts = Path(m.name).parts
-            target = folder / parts[-2] / parts[-1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fh = tar.extractfile(m)
-            assert fh is not None
-            target.write_bytes(fh.read())
-    return folder
+    return tar_subset(folder, "imagenette2/val.tar", every)
 
 
 @pytest.mark.slow

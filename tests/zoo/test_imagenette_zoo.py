@@ -3,10 +3,9 @@ say on a fixed val subset, and meets the targets of the edge/server pair."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from zoo_helpers import card as _card
 
 from patchcast.train import evaluate, subset_indices
 from shared import datasets
@@ -16,11 +15,6 @@ EDGE, SERVER = "imagenette-edge", "imagenette-server"
 VAL = "imagenette2/val.tar"
 
 
-def _card(name: str) -> dict:  # type: ignore[type-arg]
-    path = ZOO_DIR / f"{name}.json"
-    if not path.is_file():
-        pytest.fail(f"zoo model {name} has no model card at {path}")
-    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")

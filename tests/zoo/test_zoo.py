@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from zoo_helpers import card as _card
 
 from patchcast.train import evaluate, subset_indices
 from shared import datasets
@@ -17,11 +16,6 @@ SPECIALISTS = ("cifar10-vehicles", "cifar10-animals")  # experts for routing, fi
 REGION = ("cifar10-server-glance",)  # the server fine-tuned on region-exchange images (train --glance-mix)
 
 
-def _card(name: str) -> dict:  # type: ignore[type-arg]
-    path = ZOO_DIR / f"{name}.json"
-    if not path.is_file():
-        pytest.fail(f"zoo model {name} has no model card at {path}")
-    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
