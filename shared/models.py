@@ -241,12 +241,16 @@ def load_checkpoint(path: str | Path, name: str | None = None) -> LoadedModel:
                        class_names=[str(c) for c in class_names], class_ids=class_ids)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Teacher:
     """A distillation teacher: any timm classifier (a CNN too), used only to train the zoo's ViTs."""
 
     model: torch.nn.Module
     preprocess: Preprocess
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, torch.nn.Module):
+            raise ModelError(f"a teacher must be a torch module, got {type(self.model).__name__}")
 
 
 def load_teacher(ref: str) -> Teacher:
