@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from service_helpers import SERVER_ARCH, async_test, random_model, service_config
 from test_service_engine import patch_sets
 from test_service_malformed import valid_request
+from waiting import wait_until, wait_until_async
 
 from edge_node.fleet import run_fleet
 from inference_worker.engine import PatchSet, ServerEngine
@@ -33,7 +35,7 @@ from inference_worker.service import InferenceWorker
 from shared.config import BatchingConfig, WorkerConfig
 from shared.errors import ConfigError, InferenceError, ModelError
 from shared.models import build_model
-from shared.protocol import Availability, ErrorReply, Reply, decode, decode_reply
+from shared.protocol import Availability, ErrorReply, Reply, WorkerMetrics, decode, decode_reply
 from shared.topics import V1
 from shared.transport import Incoming, Transport
 
@@ -115,9 +117,7 @@ def test_a_killed_child_fails_its_batch_and_the_next_batch_restarts_it(server) -
         first = remote.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while remote._proc.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not remote._proc.is_alive(), 10, message="the killed engine process to end")
         # Dead before the call: the call starts a new child and is served.
         torch.testing.assert_close(remote.logits_checked(sets), expected, atol=FP32_ATOL, rtol=0)
         assert remote.pid != first and remote.restarts == 1
@@ -180,9 +180,11 @@ async def test_a_dead_decoder_process_is_replaced_and_the_worker_keeps_serving(
         serving = tg.create_task(worker.run())
         await asyncio.wait_for(worker.ready.wait(), 60)
         assert isinstance(await ask("before"), Reply)
-        (decoder,) = worker._decode_pool._processes.values()  # type: ignore[attr-defined]
+        pool = worker._decode_pool
+        (decoder,) = pool._processes.values()  # type: ignore[attr-defined]
         os.kill(decoder.pid, signal.SIGKILL)
-        await asyncio.sleep(1.0)  # the pool notices the death and marks itself broken
+        await wait_until_async(lambda: pool._broken, 30,  # type: ignore[attr-defined]
+                               message="the decoder pool to notice its dead process")
         refused = await ask("while-broken")
         assert isinstance(refused, ErrorReply) and refused.code == "inference", refused
         served = await ask("after")
@@ -259,6 +261,42 @@ def still_alive_after(pids: set[int], timeout_s: float) -> set[int]:
     return left
 
 
+def online(received: list[Incoming]) -> set[str]:
+    """The workers whose last availability in ``received`` says online."""
+    states = {m.ident: m.state for m in (decode(x.payload) for x in received if "/availability/" in x.topic)
+              if isinstance(m, Availability)}
+    return {ident for ident, state in states.items() if state == "online"}
+
+
+async def wait_online(client: Transport, received: list[Incoming], ids: set[str],
+                      proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+    """Until every worker of ``ids`` says online (retained availability, announced once it is subscribed
+    and serving: its engine and decoder processes have started)."""
+    for wid in ids:
+        await client.subscribe(V1.availability("worker", wid))
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"{proc.args!r} ended early"
+        return online(received) == ids
+
+    await wait_until_async(ready, timeout_s, 0.2, message=f"workers {sorted(ids)} online")
+
+
+def wait_online_sync(port: int, model_path: Path, ids: set[str], proc: subprocess.Popen[bytes]) -> None:
+    """:func:`wait_online` from a synchronous test, through a client of its own."""
+    async def watch() -> None:
+        received: list[Incoming] = []
+        client = Transport(service_config(port, model_path, model_path, REPO).broker,
+                           client_id=f"{min(ids)}-watch", handler=received.append)
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(client.run())
+            await client.wait_connected()
+            await wait_online(client, received, ids, proc)
+            task.cancel()
+
+    asyncio.run(watch())
+
+
 @contextlib.contextmanager
 def in_own_group(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """A process leading its own process group (the group a service manager or a terminal signals);
@@ -274,15 +312,16 @@ def in_own_group(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-def test_a_killed_worker_leaves_no_child_process_behind(broker, model_files) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_worker_leaves_no_child_process_behind(broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
     _, server_path = model_files
     cmd = [sys.executable, "-m", "patchcast.cli", "worker", "--broker", f"127.0.0.1:{broker.port}",
            "--server-model", f"file:{server_path}", "--threads", "1", "--precision", "fp32",
+           "--worker-id", f"{unique}-w", "--group", f"pool-{unique}",
            "--log-format", "json", "--log-level", "warning"]
     env = {**os.environ, "PATCHCAST_WORKER__DECODE_PROCESSES": "2", "PATCHCAST_WORKER__ENGINE_PROCESS": "on"}
     with in_own_group(cmd, env) as worker:
         children = wait_for_children(worker, 4)  # the engine process, two decoders, the resource tracker
-        time.sleep(1.0)  # every child past its start-up
+        wait_online_sync(broker.port, server_path, {f"{unique}-w"}, worker)  # every child past its start-up
         worker.kill()
         worker.wait(10)
         left = still_alive_after(children, 15)
@@ -299,37 +338,65 @@ async def test_sigterm_to_the_whole_process_group_drains_through_the_children(
     model, dev = f"tiny-{unique}", f"{unique}dev"
     cmd = [sys.executable, "-m", "patchcast.cli", "worker", "--broker", f"127.0.0.1:{broker.port}",
            "--server-model", f"file:{server_path}", "--model-id", model, "--group", f"pool-{unique}",
-           "--threads", "1", "--precision", "fp32", "--max-delay-ms", "1500", "--engine-process", "on",
-           "--decode-processes", "2", "--log-format", "json", "--log-level", "warning"]
+           "--worker-id", f"{unique}-w", "--threads", "1", "--precision", "fp32",
+           "--max-delay-ms", "60000",  # the batch is held until the SIGTERM: the drain must run it
+           "--engine-process", "on", "--decode-processes", "2", "--log-format", "json", "--log-level", "warning"]
+    env = {**os.environ, "PATCHCAST_WORKER__METRICS_INTERVAL_S": "0.1"}
     received: list[Incoming] = []
     client = Transport(service_config(broker.port, server_path, server_path, REPO).broker, client_id=dev,
                        handler=received.append)
-    with in_own_group(cmd) as worker:
+
+    def queued() -> int:
+        """The worker's queue depth in its latest metrics report (-1 before the first)."""
+        reports = [m for m in (decode(x.payload) for x in received if "/metrics/" in x.topic)
+                   if isinstance(m, WorkerMetrics)]
+        return reports[-1].queue_depth if reports else -1
+
+    def replies_in() -> list[Incoming]:
+        return [m for m in received if m.topic == V1.reply(dev)]
+
+    with in_own_group(cmd, env) as worker:
         async with asyncio.TaskGroup() as tg:
             client_task = tg.create_task(client.run())
             await client.wait_connected()
             await client.subscribe(V1.reply(dev))
+            await client.subscribe(V1.metrics("worker", f"{unique}-w"))
             await asyncio.to_thread(wait_for_children, worker, 4)  # engine, two decoders, resource tracker
-            await asyncio.sleep(1.0)  # subscribed (the decoders start before the subscription)
+            await wait_online(client, received, {f"{unique}-w"}, worker)  # subscribed to requests
             children = children_of(worker.pid)
             for i in range(10):
                 await client.publish(V1.request(model, dev), valid_request(dev, f"r{i}"), response_topic=V1.reply(dev),
                                      correlation_data=f"r{i}".encode())
-            await asyncio.sleep(0.3)  # delivered, and waiting in the batcher (1.5 s window)
+            await wait_until_async(lambda: queued() == 10, 60, message="the ten requests waiting in the batcher")
             os.killpg(worker.pid, signal.SIGTERM)
             code = await asyncio.to_thread(worker.wait, 60)
-            await asyncio.sleep(0.3)
+            await wait_until_async(lambda: len(replies_in()) >= 10, 10, message="the ten replies delivered")
             client_task.cancel()
         output = worker.stdout.read().decode()  # type: ignore[union-attr]
         assert code == 0, output[-2000:]
         assert "Traceback" not in output, output[-3000:]
-        replies = [decode_reply(m.payload) for m in received]
+        replies = [decode_reply(m.payload) for m in replies_in()]
         assert len(replies) == 10 and all(isinstance(r, Reply) for r in replies), replies
         left = await asyncio.to_thread(still_alive_after, children, 15)
         assert not left, f"children left after the worker stopped: {left}"
 
 
 # ---- several worker processes sharing one engine process (worker.frontends) ---------------------------
+
+
+class _SendSpy:
+    """A worker's end of the engine pipe that says when a message has been sent through it."""
+
+    def __init__(self, conn: object) -> None:
+        self._conn = conn
+        self.sent = threading.Event()
+
+    def send(self, message: object) -> None:
+        self._conn.send(message)  # type: ignore[attr-defined]
+        self.sent.set()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
 
 
 def test_a_shared_engine_runs_waiting_batches_as_one_forward(server) -> None:  # type: ignore[no-untyped-def]
@@ -342,10 +409,13 @@ def test_a_shared_engine_runs_waiting_batches_as_one_forward(server) -> None:  #
     local = ServerEngine(server, BATCHING, "fp32")
     try:
         batches = [patch_sets(7, seed=11), patch_sets(5, seed=12)]
+        spies = [_SendSpy(c._conn) for c in clients]
+        for c, spy in zip(clients, spies, strict=True):
+            c._conn = spy  # type: ignore[assignment]
         os.kill(shared.pid, signal.SIGSTOP)  # both batches wait: the engine must take them together
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(c.logits_checked, b) for c, b in zip(clients, batches, strict=True)]
-            time.sleep(0.5)
+            wait_until(lambda: all(s.sent.is_set() for s in spies), 30, message="both batches sent to the engine")
             os.kill(shared.pid, signal.SIGCONT)
             results = [f.result(timeout=60) for f in futures]
         for got, sets in zip(results, batches, strict=True):
@@ -357,10 +427,7 @@ def test_a_shared_engine_runs_waiting_batches_as_one_forward(server) -> None:  #
         clients[0].close()
         assert clients[1].logits_checked(batches[0]).shape == (7, 10)
         clients[1].close()
-        deadline = time.monotonic() + 10
-        while shared.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not shared.alive()
+        wait_until(lambda: not shared.alive(), 10, message="the engine to end once both workers left")
     finally:
         for c in clients:
             c.close()
@@ -397,25 +464,14 @@ async def test_two_frontends_share_an_engine_serve_over_mosquitto_and_stop_toget
             await client.wait_connected()
             await client.subscribe(V1.reply(dev))
             ids = {f"{unique}-w-f1", f"{unique}-w-f2"}
-            for wid in ids:
-                await client.subscribe(V1.availability("worker", wid))
-
-            def online() -> set[str]:
-                return {m.ident for m in (decode(x.payload) for x in received if "availability" in x.topic)
-                        if isinstance(m, Availability) and m.state == "online"}
-
-            async with asyncio.timeout(120):  # both workers subscribed and serving
-                while online() != ids:
-                    assert worker.poll() is None, worker.communicate()[0].decode()[-2000:]
-                    await asyncio.sleep(0.2)
+            await wait_online(client, received, ids, worker)  # both workers subscribed and serving
             children = children_of(worker.pid)
             received.clear()
             for i in range(20):
                 await client.publish(V1.request(model, dev), valid_request(dev, f"r{i}"), response_topic=V1.reply(dev),
                                      correlation_data=f"r{i}".encode())
-            async with asyncio.timeout(60):
-                while sum(m.topic == V1.reply(dev) for m in received) < 20:  # noqa: ASYNC110
-                    await asyncio.sleep(0.1)  # polling what the client recorded
+            await wait_until_async(lambda: sum(m.topic == V1.reply(dev) for m in received) >= 20, 60,
+                                   message="the twenty replies")
             os.killpg(worker.pid, signal.SIGTERM)  # the whole group, as a service manager or Ctrl-C does
             code = await asyncio.to_thread(worker.wait, 60)
             client_task.cancel()
@@ -434,7 +490,7 @@ def test_when_one_frontend_dies_the_group_stops_and_says_so(broker, model_files,
     with in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
                                      f"{unique}-w")) as worker:
         children = wait_for_children(worker, 4)  # the engine, two workers, the resource tracker
-        time.sleep(3.0)
+        wait_online_sync(broker.port, server_path, {f"{unique}-w-f1", f"{unique}-w-f2"}, worker)
         frontends = [pid for pid in children if "patchcast.cli" not in Path(f"/proc/{pid}/cmdline").read_text()
                      and "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(frontends) == 3  # the engine and two workers (spawned children)
@@ -453,7 +509,7 @@ def test_a_killed_frontend_supervisor_leaves_no_process_behind(broker, model_fil
     with in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
                                      f"{unique}-w")) as worker:
         children = wait_for_children(worker, 4)
-        time.sleep(3.0)
+        wait_online_sync(broker.port, server_path, {f"{unique}-w-f1", f"{unique}-w-f2"}, worker)
         descendants = children | {g for c in children for g in children_of(c)}
         worker.kill()  # the supervisor only: its workers drain and leave, then the engine
         worker.wait(10)
