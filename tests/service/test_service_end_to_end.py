@@ -9,6 +9,7 @@ import collections
 import numpy as np
 import torch
 from service_helpers import async_test, service_config, with_section
+from waiting import wait_until_async
 
 from edge_node.engine import EdgeEngine
 from edge_node.fleet import run_fleet
@@ -60,11 +61,24 @@ async def test_two_workers_eight_devices_every_request_answered_once_on_its_own_
         worker_tasks = [tg.create_task(w.run(), name=w.worker_id) for w in workers]
         await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), 30)
         result = await run_fleet(cfg, edge=edge, dataset=dataset)
-        await asyncio.sleep(0.6)  # the spy's copies of the last replies, one more metrics round
+        answered = {r.request_id for r in result.outcomes if r.status != "edge"}
+        ids = {w.worker_id for w in workers}
+
+        def spied() -> bool:  # the spy's copies of every reply, and a metrics report of the load from each worker
+            messages = [decode(m.payload) for m in seen]
+            busy = {m.worker_id for m in messages if isinstance(m, WorkerMetrics) and m.requests_per_s > 0}
+            return {m.request_id for m in messages if isinstance(m, Reply | ErrorReply)} >= answered and busy == ids
+
+        await wait_until_async(spied, 30, 0.1, message="the spy's copies of the replies and the workers' metrics")
         for w in workers:
             w.stop()
         await asyncio.gather(*worker_tasks)
-        await asyncio.sleep(0.2)
+
+        def offline() -> set[str]:
+            return {m.ident for m in (decode(x.payload) for x in seen if "/availability/" in x.topic)
+                    if isinstance(m, Availability) and m.state == "offline"}
+
+        await wait_until_async(lambda: offline() == ids, 10, message="both workers' offline availability")
         spy_task.cancel()
 
     s = result.summary

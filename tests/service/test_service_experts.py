@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from service_helpers import SERVER_ARCH, async_test, random_model, service_config
+from waiting import wait_until_async
 
 from edge_node.fleet import run_fleet
 from inference_worker.service import InferenceWorker
@@ -73,7 +74,14 @@ async def test_devices_route_each_image_to_the_expert_with_the_most_top_k_mass(
         tasks = [tg.create_task(w.run(), name=w.worker_id) for w in pools.values()]
         await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in pools.values())), 30)
         result = await run_fleet(cfg, edge=edge, dataset=dataset)
-        await asyncio.sleep(0.5)
+        sent = {r.request_id for r in result.outcomes if r.status != "edge"}
+
+        def spied() -> bool:  # the spy's copies of every request and of every reply
+            messages = [decode(m.payload) for m in seen]
+            return ({m.request_id for m in messages if isinstance(m, PatchRequest)} >= sent
+                    and {m.request_id for m in messages if isinstance(m, Reply)} >= sent)
+
+        await wait_until_async(spied, 30, 0.1, message="the spy's copies of the requests and replies")
         for w in pools.values():
             w.stop()
         await asyncio.gather(*tasks)
@@ -147,7 +155,8 @@ async def test_a_missing_expert_pool_costs_one_timeout_then_the_general_pool_ans
         await asyncio.wait_for(general.ready.wait(), 30)
         result = await run_fleet(cfg, edge=build_model(cfg.models.edge, role="edge"),
                                  dataset=datasets.load(image_folder))
-        await asyncio.sleep(0.3)
+        # The spy's copies of the 16 requests: each image to the missing pool, then to the general one.
+        await wait_until_async(lambda: len(seen) >= 16, 30, message="the spy's copies of the 16 requests")
         general.stop()
         await task
         spy_task.cancel()

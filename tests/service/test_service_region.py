@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from service_helpers import async_test, service_config, with_section
+from waiting import wait_until_async
 
 from edge_node.engine import EdgeEngine
 from edge_node.fleet import device_samples, run_fleet
@@ -97,7 +98,14 @@ async def run_with_spy(cfg: Config, server: LoadedModel, unique: str, edge: Load
         worker_task = tg.create_task(worker.run(), name="worker")
         await asyncio.wait_for(worker.ready.wait(), 30)
         result = await run_fleet(cfg, edge=edge, dataset=dataset)
-        await asyncio.sleep(0.3)
+        answered = {r.request_id for r in result.outcomes if r.status == "server"}
+
+        def spied() -> bool:  # the spy's copy of every final answer (it follows its exchange's messages)
+            return {m.request_id for m in (decode_device_message(i.payload) for i in seen
+                                           if i.topic.startswith("patchcast/v1/reply/"))
+                    if isinstance(m, Reply)} >= answered
+
+        await wait_until_async(spied, 30, 0.1, message="the spy's copies of the replies")
         worker.stop()
         await worker_task
         spy_task.cancel()
@@ -221,10 +229,12 @@ async def test_regions_that_were_not_asked_for_are_refused_and_unclaimed_exchang
         assert isinstance(again, ErrorReply) and again.code == "no_exchange"
 
         # An exchange whose region never comes is forgotten after region.timeout_s.
+        opened_after = time.monotonic()
         ask = await send(request(f"{device}.3", downscale=2), request_topic)
         assert isinstance(ask, RegionRequest)
-        await asyncio.sleep(1.2)
-        assert len(worker.exchanges) == 0 and worker.stats.regions["expired"] == 1
+        await wait_until_async(lambda: worker.stats.regions["expired"] == 1, 10, message="the exchange to expire")
+        assert time.monotonic() - opened_after >= 0.6, "expired before region.timeout_s"
+        assert len(worker.exchanges) == 0
         late = await send(request(f"{device}.3", exchange=ask.exchange, window=ask.indices), region_topic)
         assert isinstance(late, ErrorReply) and late.code == "no_exchange"
         worker.stop()

@@ -6,6 +6,7 @@ import asyncio
 
 from service_helpers import async_test, service_config
 from test_service_malformed import valid_request
+from waiting import wait_until_async
 
 from inference_worker.service import InferenceWorker
 from shared.models import build_model
@@ -39,12 +40,11 @@ async def test_stop_answers_what_is_queued_then_goes_offline(broker, model_files
         await asyncio.gather(*(client.publish(V1.request(model, dev), valid_request(dev, f"r{i}"),
                                               response_topic=V1.reply(dev), correlation_data=f"r{i}".encode())
                                for i in range(10)))
-        async with asyncio.timeout(10):
-            while worker.batcher.depth < 10:  # noqa: ASYNC110 - polling the batcher from outside
-                await asyncio.sleep(0.01)
+        await wait_until_async(lambda: worker.batcher.depth == 10, 10, 0.01, message="the ten requests queued")
         worker.stop()
         await worker_task
-        await asyncio.sleep(0.2)
+        await wait_until_async(lambda: len(replies) >= 10 and states[-1:] == ["offline"], 10,
+                               message="the ten replies and the offline availability")
         for t in tasks:
             t.cancel()
     answers = [decode_reply(m.payload) for m in replies]
