@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.worker import natural_image
+from bench.common import natural_image
 from shared.protocol import PatchRequest, build_request, decode_patches
 
 
@@ -33,7 +33,7 @@ def requests(count: int = 32) -> list[PatchRequest]:
     out = []
     for i in range(count):
         kept = np.sort(rng.choice(196, size=147 if i % 2 else 63, replace=False))
-        out.append(build_request(device_id="d", request_id=f"r{i}", pixels=natural_image(224, i % 8), indices=kept,
+        out.append(build_request(device_id="d", request_id=f"r{i}", pixels=natural_image(224, 224, i % 8), indices=kept,
                                  patch_size=16, codec="jpeg", codec_params={"q": 90}, topk_ids=[0],
                                  topk_probs=[0.5], uncertainty=1.0, sent_at=0.0))
     return out

@@ -42,7 +42,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +49,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from worker_throughput import NUM_PATCHES, beta_lengths, equal_lengths, fifo, planned, zoo_fractions
-
+from bench import common
+from bench.common import NUM_PATCHES, Batch, Variant, fifo, planned
 from inference_worker.engine import PatchSet, ServerEngine
 from shared.config import BatchingConfig
-from shared.costs import vit_flops
 from shared.models import LoadedModel, Preprocess
 from shared.packing import (
     AttentionImpl,
@@ -66,32 +63,6 @@ from shared.packing import (
     forward_sequential,
     varlen_available,
 )
-
-Batch = list[Any]
-
-
-@dataclass
-class Variant:
-    key: str
-    mix: str
-    what: str
-    batches: list[Batch]
-    run: Callable[[Batch], object]
-    images: int
-    flops: float
-    walls: list[float] = field(default_factory=list)
-
-    def rate(self) -> float:
-        return self.images / statistics.median(self.walls)
-
-
-def model_flops(lengths: Sequence[int], depth: int) -> float:
-    return sum(2.0 * vit_flops(k + 1, 768, depth, 4.0) for k in lengths)
-
-
-def make_sets(lengths: Sequence[int], seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(k, 768, generator=g).cuda() for k in lengths]
 
 
 def patch_sets(lengths: Sequence[int], seed: int) -> list[PatchSet]:
@@ -116,6 +87,9 @@ def matmul_peak(n: int = 8192, reps: int = 10) -> float:
 
 
 def build_variants(args: argparse.Namespace, model: torch.nn.Module, mixes: dict[str, list[int]]) -> list[Variant]:
+    from timm.models.vision_transformer import VisionTransformer
+
+    assert isinstance(model, VisionTransformer)
     depth = args.depth
     fp32 = model.cuda()
     ready = autocast_ready_copy(fp32)
@@ -158,16 +132,16 @@ def build_variants(args: argparse.Namespace, model: torch.nn.Module, mixes: dict
     def pageable_run(batch: Batch) -> object:
         return pageable.logits(batch)
 
-    flash = "varlen" if varlen_available() else "sdpa"
+    flash: AttentionImpl = "varlen" if varlen_available() else "sdpa"
     out: list[Variant] = []
     mb, mt, bb, bt, b = args.max_batch, args.max_tokens, args.big_batch, args.big_tokens, args.batch
     for mix, lengths in mixes.items():
-        sets = make_sets(lengths, seed=args.seed)
-        flops = model_flops(lengths, depth)
+        sets = common.make_sets(lengths, 768, seed=args.seed, device="cuda")
+        flops = common.model_flops(lengths, depth)
 
         def variant(key: str, what: str, batches: list[Batch], run: Callable[[Batch], object],
                     mix: str = mix, flops: float = flops, n: int = len(lengths)) -> Variant:
-            return Variant(key, mix, what, batches, run, n, flops)
+            return Variant(key, mix, what, batches, run, images=n, flops=flops)
 
         out += [
             variant("packed", f"packed, flash attention per block, caps {mb}/{mt}", planned(sets, mb, mt),
@@ -178,7 +152,7 @@ def build_variants(args: argparse.Namespace, model: torch.nn.Module, mixes: dict
         ]
         if mix == "full":
             continue
-        eq = make_sets(equal_lengths(lengths), seed=args.seed + 1)
+        eq = common.make_sets(common.equal_lengths(lengths), 768, seed=args.seed + 1, device="cuda")
         out += [
             variant("equal", f"equal lengths, same total tokens, packed, caps {bb}/{bt}", planned(eq, bb, bt),
                     packed(flash)),
@@ -217,29 +191,10 @@ def planned_patch_sets(sets: list[PatchSet], max_batch: int, max_tokens: int) ->
     return [[sets[i] for i in g] for g in groups]
 
 
-def measure(variants: list[Variant], rounds: int, log: Callable[[str], None]) -> None:
-    with torch.inference_mode():
-        for v in variants:  # warm-up: kernel selection, allocator
-            v.run(v.batches[0])
-        torch.cuda.synchronize()
-        for r in range(rounds):
-            order = variants[r % len(variants):] + variants[:r % len(variants)]
-            for v in order:
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for batch in v.batches:
-                    v.run(batch)
-                torch.cuda.synchronize()
-                v.walls.append(time.perf_counter() - t0)
-            log(f"round {r + 1}/{rounds} done")
-
-
 def ratio(variants: dict[tuple[str, str], Variant], a: tuple[str, str], b: tuple[str, str]) -> float | None:
     if a not in variants or b not in variants:
         return None
-    va, vb = variants[a], variants[b]
-    per_round = [(va.images / wa) / (vb.images / wb) for wa, wb in zip(va.walls, vb.walls, strict=True)]
-    return statistics.median(per_round)
+    return common.paired(variants[a], variants[b])
 
 
 def report(variants: list[Variant], peak: float, args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
@@ -314,11 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write every figure here")
     args = p.parse_args(argv)
 
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
     if args.save_zoo_fractions:
-        fractions, how = zoo_fractions(args.zoo_images)
+        fractions, how = common.zoo_fractions(args.zoo_images)
         if fractions is None:
             print(f"error: {how}", file=sys.stderr)
             return 1
@@ -330,34 +282,33 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rng = np.random.default_rng(args.seed)
     r = args.requests
-    mixes = {"paper": beta_lengths(rng, r, 9.0, 3.0), "keep32": beta_lengths(rng, r, 6.6, 14.0)}
+    mixes = {"paper": common.beta_lengths(rng, r, 9.0, 3.0), "keep32": common.beta_lengths(rng, r, 6.6, 14.0)}
     if args.zoo_fractions:
         data = json.loads(args.zoo_fractions.read_text())
         fractions, how = np.asarray(data["fractions"]), data["source"]
     else:
-        fractions, how = zoo_fractions(args.zoo_images)
+        fractions, how = common.zoo_fractions(args.zoo_images)
     if fractions is not None:
         mixes["zoo"] = [int(v) for v in np.clip(np.rint(rng.choice(fractions, r) * NUM_PATCHES), 1, NUM_PATCHES)]
-    log(f"zoo mix: {how if fractions is not None else 'skipped: ' + how}")
+    common.log(f"zoo mix: {how if fractions is not None else 'skipped: ' + how}")
     mixes["full"] = [NUM_PATCHES] * r
     import timm
 
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+    info = {**common.machine_info(), "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
             "platform": platform.platform(), "varlen": varlen_available(),
             "command": " ".join(["python", "bench/gpu_worker.py", *(argv or sys.argv[1:])])}
     for name, lengths in mixes.items():
-        log(f"mix {name}: {len(lengths)} requests, patch tokens mean {np.mean(lengths):.1f}")
+        common.log(f"mix {name}: {len(lengths)} requests, patch tokens mean {np.mean(lengths):.1f}")
     model = timm.create_model("deit_base_patch16_224", pretrained=False, depth=args.depth).eval()
     variants = build_variants(args, model, mixes)
     peak = matmul_peak()
-    log(f"{len(variants)} variants × {args.rounds} rounds on {info['gpu']}; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
-    measure(variants, args.rounds, log)
+    common.log(f"{len(variants)} variants × {args.rounds} rounds on {info['gpu']}; "
+               f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    common.measure(variants, args.rounds, common.log, sync=torch.cuda.synchronize)
     print(f"\nmachine: {info['gpu']}, torch {info['torch']} (CUDA {info['cuda']}), varlen flash attention "
           f"{'yes' if info['varlen'] else 'no'}\ncommand: {info['command']}")
     result = report(variants, peak, args, info)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str))
+    common.write_json(args.json, result)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -44,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent))  # run from a checkout without installing
-sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from bench.common import beta_lengths, cpu_name, make_sets, planned
 
 KINDS = ("default", "retained", "retained-2threads")
 WORKLOADS = ("packed", "one-by-one", "packed-fp32")
@@ -63,7 +62,7 @@ def child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     settings = retain_freed_memory() if kind != "default" else None  # before any tensor exists
     import timm
     import torch
-    import worker_throughput as wt
+    from timm.models.vision_transformer import VisionTransformer
 
     from shared.packing import autocast_ready_copy, forward_packed, forward_sequential
 
@@ -73,9 +72,10 @@ def child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     def setup() -> None:
         torch.manual_seed(args.seed)
         model = timm.create_model("deit_base_patch16_224", pretrained=False, depth=args.depth).eval()
-        lengths = wt.beta_lengths(np.random.default_rng(args.seed), args.requests, 9.0, 3.0)
-        sets = wt.make_sets(lengths, int(model.embed_dim), seed=args.seed)
-        state.update(model=model, ready=autocast_ready_copy(model), sets=sets, batches=wt.planned(sets, 32, 2048))
+        assert isinstance(model, VisionTransformer)
+        lengths = beta_lengths(np.random.default_rng(args.seed), args.requests, 9.0, 3.0)
+        sets = make_sets(lengths, int(model.embed_dim), seed=args.seed)
+        state.update(model=model, ready=autocast_ready_copy(model), sets=sets, batches=planned(sets, 32, 2048))
 
     def packed_bf16() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def ratio(a: str, b: str, workload: str) -> float:
         return statistics.median(x[a][workload] / x[b][workload] for x in rounds)
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores, "
           f"{args.threads} threads, DeiT-Base shape depth {args.depth}, paper mix of {args.requests} requests, "
           f"{args.rounds} rounds")
     print(f"retained: {reason}\n")

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import select
 import signal
@@ -53,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import machine_info, natural_image
 from inference_worker.batcher import BatchReport
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
 from inference_worker.service import InferenceWorker
@@ -78,27 +78,12 @@ T = TypeVar("T")
 SCRIPT = Path(__file__).resolve()
 
 
-def natural_image(size: int, seed: int) -> np.ndarray:
-    """Smooth colour gradients, blobs and mild noise: JPEG sizes like photos, deterministic."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    img = np.zeros((size, size, 3))
-    for c in range(3):
-        img[..., c] = 128 + 70 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y)
-                                        + rng.uniform(0, 6.3))
-    for _ in range(6):
-        cy, cx, r = rng.uniform(0, 1, 3) * (1, 1, 0.25) + (0, 0, 0.05)
-        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
-        img = img * (1 - blob) + rng.uniform(0, 255, 3) * blob
-    return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
-
-
 def make_requests(loaded: LoadedModel, count: int, keeps: list[float], codec: str, quality: int,
                   devices: list[str]) -> list[PatchRequest]:
     """``count`` requests, dealt round-robin to ``devices`` (one load-generator process each)."""
     size, p, n = loaded.preprocess.input_size, loaded.patch_size, loaded.num_patches
     rng = np.random.default_rng(0)
-    images = [natural_image(size, s) for s in range(16)]
+    images = [natural_image(size, size, s) for s in range(16)]
     requests = []
     for i in range(count):
         k = max(1, round(keeps[i % len(keeps)] * n))
@@ -605,7 +590,7 @@ def main() -> int:
         "payload_bytes_mean": figures["bytes_mean"],
         "pixel_decode_ms_per_request": decode_ms, "rounds": rounds,
         **ratio_summary([r["ratio"] for r in rounds]),
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+        **machine_info(),
     }
     print(f"model {args.model} ({engine.precision}, {args.policy}, {threads} threads, {engine.device}, attention "
           f"{engine.attention}, {args.decode_threads} decode thread(s), GIL switch interval "
@@ -638,8 +623,7 @@ def report_pool(args: argparse.Namespace, pool: dict[str, Any], engine: ServerEn
               "engine_process": cfg_engine_process(args), "decode_processes": args.decode_processes,
               "load_processes": args.load_processes, "in_flight": args.in_flight, "requests": len(requests),
               "tokens_mean": float(np.mean([r.kept + 1 for r in requests])),
-              "pixel_decode_ms_per_request": decode_ms, **pool,
-              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+              "pixel_decode_ms_per_request": decode_ms, **pool, **machine_info()}
     print(f"model {args.model} ({engine.precision}, {args.policy}, {engine.device}, attention {engine.attention}) in "
           f"{args.worker_processes} worker processes ({args.threads or 'all'} torch threads each, engine process "
           f"{cfg_engine_process(args)}, {args.decode_processes} decoder processes), "

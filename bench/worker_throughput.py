@@ -67,16 +67,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +80,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from shared.costs import vit_flops
+from bench.common import (
+    NUM_PATCHES,
+    Batch,
+    Variant,
+    beta_lengths,
+    equal_lengths,
+    fifo,
+    log,
+    machine_info,
+    make_sets,
+    measure,
+    med,
+    model_flops,
+    paired,
+    planned,
+    write_json,
+    zoo_fractions,
+)
 from shared.heap import HeapSettings, retain_freed_memory
 from shared.packing import (
     AttentionImpl,
@@ -98,93 +110,9 @@ from shared.packing import (
 from shared.precision import bf16_flags, probe_once, resolve
 from shared.prepack import PrepackedLinear, prepack_available, prepack_linears
 
-NUM_PATCHES = 196
-Batch = list[torch.Tensor]
-
-
-# ---- workloads ------------------------------------------------------------------------------------
-
-def beta_lengths(rng: np.random.Generator, n: int, a: float, b: float) -> list[int]:
-    return [int(v) for v in np.clip(np.rint(rng.beta(a, b, n) * NUM_PATCHES), 1, NUM_PATCHES)]
-
-
-def zoo_fractions(limit: int) -> tuple[np.ndarray | None, str]:
-    """Kept fractions of zoo:cifar10-edge at δ_sum = 0.97 on CIFAR-10 test images, or None and why not."""
-    from shared import datasets
-    from shared.models import ZOO_DIR, build_model
-
-    if not (ZOO_DIR / "cifar10-edge.safetensors").is_file():
-        return None, "zoo:cifar10-edge not in shared/zoo"
-    try:
-        ds = datasets.load("cifar10/test.tar").spread(limit)
-    except Exception as exc:  # a missing data root is a skip, not a failure of the benchmark
-        return None, f"CIFAR-10 test data not found ({exc})"
-    from shared.attention import edge_forward
-    from shared.scores import cls_attention_scores
-    from shared.selection import SelectionRule, select_batch
-
-    loaded = build_model("zoo:cifar10-edge", role="edge")
-    rule = SelectionRule("sum_threshold", 0.97)
-    pixels = np.stack([np.asarray(datasets.decode_rgb(s.data), dtype=np.uint8) for s in ds.samples])
-    fractions: list[float] = []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), 250):
-            x = datasets.normalize(torch.from_numpy(pixels[start:start + 250]), loaded.preprocess)
-            scores = cls_attention_scores(edge_forward(loaded.model, x).cls_attention)
-            fractions += [s.fraction for s in select_batch(scores, rule)]
-    return np.asarray(fractions), f"zoo:cifar10-edge, {len(fractions)} CIFAR-10 test images, δ_sum 0.97"
-
-
-def equal_lengths(lengths: Sequence[int]) -> list[int]:
-    """Same request count and total real tokens, spread as evenly as integers allow."""
-    n, total = len(lengths), sum(lengths)
-    return [total // n + (1 if i < total % n else 0) for i in range(n)]
-
-
-def make_sets(lengths: Sequence[int], dim: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(k, dim, generator=g) for k in lengths]
-
-
-def fifo(sets: Sequence[torch.Tensor], size: int) -> list[Batch]:
-    return [list(sets[i:i + size]) for i in range(0, len(sets), size)]
-
-
-def planned(sets: Sequence[torch.Tensor], max_batch: int, max_tokens: int, pad_to_max: bool = False) -> list[Batch]:
-    groups = plan_batches([int(t.shape[0]) for t in sets], max_batch, max_tokens, pad_to_max=pad_to_max)
-    return [[sets[i] for i in g] for g in groups]
-
-
 # ---- variants -------------------------------------------------------------------------------------
 
-@dataclass
-class Variant:
-    key: str
-    mix: str
-    what: str
-    batches: list[Batch]  # the workload of every round (for round_batches: the warm-up's)
-    run: Callable[[Batch], object]
-    threads: int | None = None
-    round_batches: list[list[Batch]] | None = None  # a fresh workload per round (the stream mix)
-    images: int = 0
-    real_tokens: int = 0  # CLS included
-    computed_tokens: int = 0  # CLS and padding included
-    flops: float = 0.0  # model FLOPs (2 × MACs) of the whole workload; for peaks, of one run
-    peak: bool = False
-    walls: list[float] = field(default_factory=list)
-    cpus: list[float] = field(default_factory=list)
-
-    def per_round(self, cpu: bool = False) -> list[float]:
-        """Images/s per round (GFLOP/s for peak variants); ``cpu``: per CPU-second of this process."""
-        work = self.flops / 1e9 if self.peak else self.images
-        return [work / t for t in (self.cpus if cpu else self.walls)]
-
-
 DEPTH = 12  # DeiT-Base; --depth changes it for smoke runs only
-
-
-def model_flops(lengths: Sequence[int]) -> float:
-    return sum(2.0 * vit_flops(k + 1, 768, DEPTH, 4.0) for k in lengths)
 
 
 def skipped_flops(lengths: Sequence[int], dim: int = 768, mlp_ratio: float = 4.0) -> float:
@@ -207,7 +135,7 @@ def model_variant(key: str, mix: str, what: str, batches: list[Batch], run: Call
     else:
         computed = sum(k + 1 for k in lengths)
     return Variant(key, mix, what, batches, run, threads, images=len(lengths),
-                   real_tokens=sum(k + 1 for k in lengths), computed_tokens=computed, flops=model_flops(lengths))
+                   real_tokens=sum(k + 1 for k in lengths), computed_tokens=computed, flops=model_flops(lengths, DEPTH))
 
 
 def matmul_variant(key: str, n: int, dtype: torch.dtype, reps: int) -> Variant:
@@ -237,19 +165,6 @@ def gemm_variant(key: str, rows: int, reps: int, prepacked: bool = False) -> Var
     how = "prepacked linear" if prepacked else "linear"
     return Variant(key, "machine", f"bf16 {how} {rows}×768→3072 ×{reps}", [[]], run,
                    flops=2.0 * rows * 768 * 3072 * reps, peak=True)
-
-
-@contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def autocast_bf16() -> Any:
@@ -496,48 +411,7 @@ def attention_variants(lengths: Sequence[int], dim: int, args: argparse.Namespac
                     flops=flops, peak=True)]
 
 
-# ---- measurement ----------------------------------------------------------------------------------
-
-def measure(variants: list[Variant], rounds: int, log: Callable[[str], None]) -> None:
-    with torch.inference_mode():
-        for v in variants:  # warm-up: oneDNN primitives, allocator, autocast caches
-            with num_threads(v.threads):
-                v.run(v.batches[0])
-        for r in range(rounds):
-            shift = r % len(variants)
-            for v in variants[shift:] + variants[:shift]:
-                with num_threads(v.threads):
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    for batch in (v.round_batches[r] if v.round_batches else v.batches):
-                        v.run(batch)
-                    v.walls.append(time.perf_counter() - t0)
-                    v.cpus.append(time.process_time() - c0)
-            log(f"round {r + 1}/{rounds} done")
-
-
-def med(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs))
-
-
-def paired(a: Variant, b: Variant, cpu: bool = False) -> float:
-    """Median over rounds of (a's throughput ÷ b's throughput), by wall time or by CPU time."""
-    return med([x / y for x, y in zip(a.per_round(cpu), b.per_round(cpu), strict=True)])
-
-
-def machine_info() -> dict[str, Any]:
-    model = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in lscpu.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    flags = bf16_flags()
-    return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": flags["avx512_bf16"],
-            "amx_bf16": flags["amx_bf16"], "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_start": os.getloadavg()[0]}
-
+# ---- report ---------------------------------------------------------------------------------------
 
 def report(variants: list[Variant], args: argparse.Namespace, info: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     by = {(v.mix, v.key): v for v in variants}
@@ -734,12 +608,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with suppress(RuntimeError):  # only settable before the first parallel work
         torch.set_num_interop_threads(1)
     info = machine_info()
+    flags = bf16_flags()
+    info["avx512_bf16"], info["amx_bf16"] = flags["avx512_bf16"], flags["amx_bf16"]
     info["threads"] = torch.get_num_threads()
     info["heap"] = heap.reason
     notes: list[str] = [f"heap: {heap.reason}", f"oneDNN kernel cache: {kernel_cache} kernels"]
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     rng = np.random.default_rng(args.seed)
     r = args.requests
@@ -773,9 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"load average {info['loadavg_start']:.1f} → {info['loadavg_end']:.1f}")
     print(f"command: {' '.join(['python', 'bench/worker_throughput.py', *(argv or sys.argv[1:])])}")
     result = report(variants, args, info, notes)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str))
+    write_json(args.json, result)
     return 0
 
 

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -13,6 +15,11 @@ import pytest
 
 from shared import protocol as P
 from shared.errors import ProtocolError
+
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the checkout: its bench/ is not installed
+from bench.common import natural_image  # the benchmarks' photo-like image, shared with these tests
+
+__all__ = ["code_of", "make_request", "natural_image", "pack", "sample_messages", "wire"]
 
 
 def wire(message: P.Message) -> dict[str, Any]:
@@ -29,22 +36,6 @@ def code_of(data: bytes, decoder: Any = P.decode, **kw: Any) -> str:
     with pytest.raises(ProtocolError) as info:
         decoder(data, **kw)
     return info.value.code
-
-
-def natural_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A photo-like uint8 image: smooth gradients and blobs plus mild texture (deterministic)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    img = np.zeros((height, width, 3))
-    for c in range(3):
-        fx, fy, phase = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 6.28)
-        img[..., c] = 128 + 70 * np.sin(2 * np.pi * (fx * x / width + fy * y / height) + phase)
-    for _ in range(6):  # a few soft blobs with their own colour
-        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(0.1, 0.3) * min(height, width)
-        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
-        img = img * (1 - blob) + rng.uniform(0, 255, 3) * blob
-    img += rng.normal(0, 4, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def make_request(codec: str = "jpeg", *, size: int = 64, patch: int = 16, keep_every: int = 2,
