@@ -238,8 +238,8 @@ def cpu_name() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, cores, Python, torch and the load average now (``loadavg_start``)."""
+    """The CPU's model name, its cores, the torch and Python versions."""
     import torch
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "loadavg_start": os.getloadavg()[0]}
+            "python": platform.python_version()}

@@ -608,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with suppress(RuntimeError):  # only settable before the first parallel work
         torch.set_num_interop_threads(1)
     info = machine_info()
+    info["loadavg_start"] = os.getloadavg()[0]
     flags = bf16_flags()
     info["avx512_bf16"], info["amx_bf16"] = flags["avx512_bf16"], flags["amx_bf16"]
     info["threads"] = torch.get_num_threads()
