@@ -78,7 +78,7 @@ class LoadGen:
         while (now := time.monotonic()) - start < duration_s:
             due = start + n / rate_hz
             if now < due:
-                await asyncio.sleep(due - now)
+                await asyncio.sleep(due - now)  # not a wait: pacing the load at rate_hz
                 continue
             task = asyncio.create_task(self._send_one())
             self._tasks.add(task)

@@ -57,7 +57,7 @@ async def publish_fleet(port: int, *, worker: str = "w-test-1",
             i += 1
         if until is None or until.poll() is not None:
             break
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.25)  # not a wait: pacing a stand-in fleet's messages
     await t.close()
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)

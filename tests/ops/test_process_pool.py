@@ -20,14 +20,14 @@ out = sys.argv[2]
 with open(os.path.join(out, os.environ["PATCHCAST_WORKER__WORKER_ID"] + "." + str(os.getpid())), "w") as f:
     f.write("up")
 if mode == "crash":
-    time.sleep(0.1)
+    time.sleep(0.1)  # not a wait: a worker that crashes shortly after its start
     sys.exit(3)
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 else:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 while True:
-    time.sleep(0.05)
+    time.sleep(0.05)  # not a wait: a worker idling until it is signalled
 """
 
 
@@ -89,7 +89,8 @@ async def _crashes_restart_with_rate_limit(tmp_path: Path) -> None:
     await pool.scale_to(1)
     runner = asyncio.create_task(pool.run(), name="pool-run")
     try:
-        await asyncio.sleep(2.5)
+        await _wait_for(lambda: pool.crashes_total == 3)
+        await asyncio.sleep(0.5)  # not a wait: time for a 4th start (0.1 s backoff) if the rate limit failed
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -105,7 +106,7 @@ async def _shutdown_while_running_leaves_no_orphans(tmp_path: Path) -> None:
     await pool.scale_to(2)
     runner = asyncio.create_task(pool.run(), name="pool-run")
     pids = pool.pids()
-    await asyncio.sleep(0.3)
+    await _wait_for(lambda: len(list(tmp_path.glob("worker-*.*"))) == 2)  # both running
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)
     await pool.shutdown()
@@ -146,7 +147,7 @@ async def _drained_worker_gets_short_exit_grace(tmp_path: Path) -> None:
     await _wait_for(lambda: any(tmp_path.glob("worker-1.*")))
     t0 = time.monotonic()
     shutdown = asyncio.create_task(pool.shutdown())
-    await asyncio.sleep(0.2)
+    await _wait_for(lambda: "worker-1" in pool._draining_slots)  # signalled: 'offline' now means drained
     pool.note_offline("worker-1")
     await shutdown
     took = time.monotonic() - t0

@@ -148,7 +148,9 @@ async def _scenario(broker: BrokerProcess, tmp_path: Path) -> Result:
                 shrunk_at = time.monotonic() - low_started
                 break
         low_task.cancel()
-        await asyncio.sleep(2.0)
+        settle = time.monotonic() + 30.0  # the requests still in flight answered before the count
+        while gen.outstanding() and time.monotonic() < settle:  # noqa: ASYNC110 - polling a counter
+            await asyncio.sleep(0.1)
         return Result(capacity, base, step, peak, over, recovered, step_s, shrunk_at, timeline,
                       dict(gen.statuses), gen.timed_out())
     finally:

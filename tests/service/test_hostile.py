@@ -73,7 +73,7 @@ async def hostile_run(broker, model_files, image_folder, unique: str, *, hostile
         pace = max(hostile / rate_hz, 1.0) / honest  # the honest requests spread over the flood
         for rid, _image, payload in requests[4:]:
             await ask(rid, payload)
-            await asyncio.sleep(pace)
+            await asyncio.sleep(pace)  # not a wait: spreading the honest requests over the flood
         acked = await flood
         async with asyncio.timeout(120):  # every message handled: counted, answered
             while (sum(worker.stats.errors_by_code.values()) < len(messages)

@@ -71,7 +71,7 @@ class Load:
             if due - start >= duration_s:
                 break
             if (wait := due - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
+                await asyncio.sleep(wait)  # not a wait: pacing the load at rate_hz
             task = asyncio.create_task(self._one())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -115,7 +115,7 @@ async def overload(broker, model_files, image_folder, unique: str, *, overload_s
         nonlocal depth_max
         while True:
             depth_max = max(depth_max, worker.batcher.depth)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # not a wait: the sampling period of the depth watcher
 
     async with asyncio.TaskGroup() as tg:
         device_task = tg.create_task(load.transport.run())
@@ -134,7 +134,7 @@ async def overload(broker, model_files, image_folder, unique: str, *, overload_s
         async with asyncio.timeout(10):
             while load.sent and min(t for t, _ in load.sent.values()) > time.monotonic() - DEADLINE_S - 0.5:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # what can still be answered is answered
-        await asyncio.sleep(DEADLINE_S)
+        await asyncio.sleep(DEADLINE_S)  # not a wait: time for any answer past its deadline to show up
         assert not worker_task.done()
         worker.stop()
         await worker_task

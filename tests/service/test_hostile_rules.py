@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from service_helpers import IMG, PATCH, async_test, service_config
+from waiting import wait_until_async
 
 from inference_worker.batcher import Batcher, ServiceEstimate
 from inference_worker.service import InferenceWorker, OutboxEntry
@@ -114,7 +115,7 @@ def slow_batcher(run_s: float, capacity: int = 100) -> tuple[Batcher[int, int], 
 
     def run(items: Sequence[int]) -> list[int | PatchCastError]:
         ran.append(list(items))
-        time.sleep(run_s)
+        time.sleep(run_s)  # not a wait: a model that takes run_s per batch
         return list(items)
 
     limits = BatchingConfig(max_batch=2, max_tokens=10_000, max_delay_ms=0.0)
@@ -145,7 +146,7 @@ async def test_a_request_whose_deadline_passes_while_queued_is_never_run() -> No
     batcher.admission = False
     task = asyncio.create_task(batcher.run())
     first = [batcher.submit_nowait(i, 10) for i in range(2)]  # one batch of 200 ms
-    await asyncio.sleep(0.02)
+    await wait_until_async(lambda: ran, 5, 0.005, message="the first batch running")
     doomed = batcher.submit_nowait(7, 10, deadline=time.monotonic() + 0.05)
     with pytest.raises(PatchCastError) as info:
         await asyncio.wait_for(doomed, 5)

@@ -60,7 +60,7 @@ async def test_closes_at_max_delay_after_the_first_request() -> None:
     task = asyncio.create_task(batcher.run())
     start = time.monotonic()
     first = batcher.submit_nowait(1, 5)
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # not a wait: the second request comes 20 ms after the first
     second = batcher.submit_nowait(2, 5)  # joins: within the first request's delay
     await asyncio.wait_for(asyncio.gather(first, second), 5)
     elapsed = time.monotonic() - start

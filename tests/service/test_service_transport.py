@@ -132,9 +132,8 @@ async def test_resubscribes_after_broker_restart_and_publish_times_out_while_dow
                 await pub.publish(f"{unique}/t", b"lost")
             assert info.value.code == "timeout"
             second = BrokerProcess(port=port, template=LOCAL_CONF).start()
-            await sub.wait_connected(10)
+            await sub.wait_connected(10)  # set only once its subscriptions are renewed on the new broker
             await pub.wait_connected(10)
-            await asyncio.sleep(0.1)
             await pub.publish(f"{unique}/t", b"2")  # the new broker knows nothing: sub re-subscribed itself
             await wait_for(lambda: len(got) == 2)
             assert [m.payload for m in got] == [b"1", b"2"]
