@@ -112,9 +112,13 @@ def test_costs_follow_the_exchange(result: RegionEvalResult) -> None:
                 assert always[0].pixel_frac == pytest.approx(1 / s**2 + k * k / n)
                 assert always[0].bytes_frac == pytest.approx(
                     (sizes.glance[s].sum() + sizes.region[s][f].sum()) / ref)
+                both = float(np.mean(glance_correct & fused_correct))
+                either = float(np.mean(glance_correct | fused_correct))
                 for p in curve:  # every point: the cost is the glance's plus the asked images' windows
                     assert p.pixel_frac == pytest.approx(1 / s**2 + p.asked_frac * k * k / n)
-                    assert 0.0 <= p.accuracy <= 1.0
+                    # Each image keeps its glance answer or takes the fused one: only the asked ones change.
+                    assert both - 1e-9 <= p.accuracy <= either + 1e-9
+                    assert abs(p.accuracy - glance.accuracy) <= p.asked_frac + 1e-9
                 asked = sorted(p.asked_frac for p in curve)
                 assert asked[0] == 0.0 and asked[-1] == 1.0 and len(set(asked)) > 5, "η spans the asked fraction"
     summary = result.summary

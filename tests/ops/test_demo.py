@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from ops_helpers import REPO, alive, child_env, cifar_subset, patchcast_cmd, tar_subset, zoo_or_tiny
+from waiting import wait_until
 
 
 @pytest.mark.slow
@@ -38,10 +39,13 @@ def test_demo_headless_report(tmp_path: Path):
     # The figures the README promises.
     acc = r["accuracy"]
     assert acc["labelled"] == r["images"]
-    for key in ("edge_only", "collaborative", "server_only"):
-        assert acc[key] is not None and 0.0 <= acc[key] <= 1.0, key
+    assert acc["edge_only"] is not None and acc["collaborative"] is not None and acc["server_only"] is not None
+    # Only the offloaded images can take another label than the edge's own.
+    assert abs(acc["collaborative"] - acc["edge_only"]) <= r["offloaded"] / acc["labelled"] + 1e-4
     assert acc["server_only_images"] > 0
-    assert 0.0 <= r["offload_rate"] <= 1.0
+    server_correct = acc["server_only"] * acc["server_only_images"]  # a count of full images
+    assert server_correct == pytest.approx(round(server_correct), abs=1e-6)
+    assert r["offload_rate"] == pytest.approx(r["offloaded"] / r["images"], abs=1e-4)
     if r["offloaded"]:
         assert 0.0 < r["patch_fraction"] <= 1.0 and r["bytes_sent"] > 0 and r["bytes_full_jpeg"] > 0
         lat = r["latency_ms"]
@@ -49,10 +53,10 @@ def test_demo_headless_report(tmp_path: Path):
         assert sum(r["workers"]["served_by"].values()) == r["replies"]
     assert 1 <= r["workers"]["peak"] <= 2
 
-    # Clean shutdown: no child outlives the demo.
-    time.sleep(0.5)
+    # Clean shutdown: no child outlives the demo (one that is ending is given a few seconds).
     pids = [p for group in r["pids"].values() for p in group]
-    assert pids and not [p for p in pids if alive(p)]
+    assert pids
+    wait_until(lambda: not [p for p in pids if alive(p)], 5, message=f"the demo's processes {pids} to end")
     print(f"demo took {took:.0f} s; images {r['images']}, p95 {r['latency_ms'] and r['latency_ms']['p95']} ms")
 
 
