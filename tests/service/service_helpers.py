@@ -91,3 +91,15 @@ def async_test(timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
             return asyncio.run(bounded())
         return runner
     return wrap
+
+
+def dynsec_plugin_missing() -> bool:
+    """True where Mosquitto's dynamic-security plugin (the production profile's) is not installed."""
+    from patchcast.broker import find_dynsec_plugin
+    from shared.errors import BrokerProcessError
+
+    try:
+        find_dynsec_plugin()
+    except BrokerProcessError:
+        return True
+    return False

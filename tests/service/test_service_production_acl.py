@@ -10,24 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from service_helpers import async_test
+from service_helpers import async_test, dynsec_plugin_missing
 
-from patchcast.broker import PRODUCTION_CONF, BrokerProcess, SecurityFile, find_dynsec_plugin
+from patchcast.broker import PRODUCTION_CONF, BrokerProcess, SecurityFile
 from shared.config import BrokerConfig
-from shared.errors import BrokerProcessError, RefusedError
+from shared.errors import RefusedError
 from shared.topics import Topics
 from shared.transport import Incoming, Transport
 
-
-def _plugin_missing() -> bool:
-    try:
-        find_dynsec_plugin()
-    except BrokerProcessError:
-        return True
-    return False
-
-
-pytestmark = pytest.mark.skipif(_plugin_missing(), reason="Mosquitto's dynamic-security plugin is not installed")
+pytestmark = pytest.mark.skipif(dynsec_plugin_missing(), reason="Mosquitto's dynamic-security plugin is not installed")
 T = Topics()
 MODEL = "deit"
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from service_helpers import async_test, service_config
+from service_helpers import async_test, dynsec_plugin_missing, service_config
 
 from patchcast.broker import (
     LOCAL_CONF,
@@ -18,12 +18,11 @@ from patchcast.broker import (
     BrokerProcess,
     CertSet,
     SecurityFile,
-    find_dynsec_plugin,
     make_test_certs,
     write_credentials,
 )
 from shared.config import BrokerConfig
-from shared.errors import BrokerProcessError, ConfigError, TLSError
+from shared.errors import ConfigError, TLSError
 from shared.transport import Incoming, Transport
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
@@ -109,15 +108,7 @@ async def test_tls_listener_verifies_and_refuses_clearly(certs: tuple[CertSet, C
         BrokerConfig(tls_ca_file=str(good.ca))
 
 
-def _plugin_missing() -> bool:
-    try:
-        find_dynsec_plugin()
-    except BrokerProcessError:
-        return True
-    return False
-
-
-@pytest.mark.skipif(_plugin_missing(), reason="Mosquitto's dynamic-security plugin is not installed")
+@pytest.mark.skipif(dynsec_plugin_missing(), reason="Mosquitto's dynamic-security plugin is not installed")
 @async_test(120)
 async def test_fleet_worker_and_monitor_end_to_end_over_mutual_tls(
         certs: tuple[CertSet, CertSet], model_files, image_folder, unique, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
