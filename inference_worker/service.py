@@ -266,11 +266,12 @@ class InferenceWorker:
             if region_topic is not None and region_topic[0] != self.worker_id:
                 raise BadTopicError(f"region topic {msg.topic[:200]!r} is not this worker's")
             _level, device = self.topics.parse_request(msg.topic) if region_topic is None else region_topic
+            own_reply = self.topics.reply(device)
             if msg.response_topic is not None:  # no response topic: the device asked for no answer
-                reply_to = self.topics.reply(device)
+                reply_to = own_reply
             check_properties(msg.correlation_data, msg.user_properties, self.limits)
             correlation = msg.correlation_data
-            check_response_topic(msg.response_topic, self.topics.reply(device))
+            check_response_topic(msg.response_topic, own_reply)
             request = decode_request(msg.payload, limits=self.limits)
             request_id = request.request_id
             check_request_owner(request, device)
