@@ -15,7 +15,7 @@ from shared import __version__
 from shared.errors import PatchCastError
 
 # Order here is the order in --help.
-COMMAND_MODULES = ["info", "config", "codecs", "train", "broker", "eval", "region", "monitor", "health", "worker",
+COMMAND_MODULES = ["info", "config", "codecs", "train", "broker", "eval", "eval_region", "monitor", "health", "worker",
                    "edge", "workers", "demo"]
 
 
