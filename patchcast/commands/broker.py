@@ -13,37 +13,6 @@ from typing import Any
 
 from shared.errors import ConfigError
 
-# ---- client-side TLS flags, shared by every command that connects to the broker ----------------
-
-def add_tls_args(p: argparse.ArgumentParser) -> None:
-    """``--tls``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--tls-no-verify-hostname``
-    (the ``broker.tls*`` config fields; PATCHCAST_BROKER__TLS_CA_FILE … in the environment)."""
-    g = p.add_argument_group("broker TLS (broker.tls* in the config)")
-    g.add_argument("--tls", action="store_true", default=None,
-                   help="connect over TLS (implied by --tls-ca/--tls-cert); the broker's certificate is verified")
-    g.add_argument("--tls-ca", metavar="PEM", help="CA certificate(s) that signed the broker's certificate "
-                   "(default: the system's trusted CAs)")
-    g.add_argument("--tls-cert", metavar="PEM", help="mutual TLS: this client's certificate")
-    g.add_argument("--tls-key", metavar="PEM", help="mutual TLS: the key of --tls-cert (if not inside it)")
-    g.add_argument("--tls-no-verify-hostname", action="store_true", default=None,
-                   help="do not check that the certificate names the broker's host (the chain is still verified)")
-
-
-def tls_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """``broker`` section overrides from the TLS flags (empty when none was given)."""
-    out: dict[str, Any] = {}
-    for flag, key in (("tls_ca", "tls_ca_file"), ("tls_cert", "tls_cert_file"), ("tls_key", "tls_key_file")):
-        value = getattr(args, flag, None)
-        if value:
-            out[key] = str(Path(value).expanduser().resolve())
-    if out or getattr(args, "tls", None):
-        out["tls"] = True
-    if getattr(args, "tls_no_verify_hostname", None):
-        out["tls_verify_hostname"] = False
-    return out
-
-
-# ---- the command --------------------------------------------------------------------------------
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(

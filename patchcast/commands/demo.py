@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from patchcast.commands.health import add_broker_args, load
+from patchcast.commands.common import add_broker_args, load
 
 
 def register(sub: argparse._SubParsersAction) -> None:

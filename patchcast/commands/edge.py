@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from patchcast.commands.worker import add_broker_args, broker_overrides
+from patchcast.commands.common import add_broker_args, add_log_args, load
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(images, sent fraction, patch fraction, bytes, accuracy edge-only/collaborative when labels are "
         "known, latency percentiles, timeouts, errors).")
     add_broker_args(p)
+    add_log_args(p)
     p.add_argument("--devices", type=int, help="simulated devices (edge.devices)")
     p.add_argument("--credentials", metavar="FILE", help="per-device logins, 'ID PASSWORD' lines from 'patchcast "
                    "broker add-device --credentials-out' (edge.credentials_file)")
@@ -63,22 +64,20 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from edge_node.fleet import run_fleet
-    from shared.config import load_config
     from shared.logs import configure
 
-    overrides = broker_overrides(args)
-    overrides["edge"] = {"devices": args.devices, "rate_hz": args.rate, "source": args.source,
-                         "duration_s": args.duration, "limit": args.limit, "max_in_flight": args.max_in_flight,
-                         "reply_timeout_s": args.reply_timeout, "retries": args.retries, "deadline_s": args.deadline,
-                         "publish_outcomes": False if args.no_outcomes else None, "offload": args.offload,
-                         "credentials_file": args.credentials}
-    overrides["region"] = {"downscale": args.downscale}
-    overrides["models"] = {"edge": args.edge_model, "server": args.server_model, "model_id": args.model_id}
-    overrides["gate"] = {"threshold": args.threshold}
-    overrides["selection"] = {"rule": args.rule, "value": args.value}
-    overrides["codec"] = {"name": args.codec, "quality": args.quality}
-    overrides["routing"] = {"experts": args.experts}
-    cfg = load_config(args.config, overrides=overrides)
+    cfg = load(args,
+               edge={"devices": args.devices, "rate_hz": args.rate, "source": args.source,
+                     "duration_s": args.duration, "limit": args.limit, "max_in_flight": args.max_in_flight,
+                     "reply_timeout_s": args.reply_timeout, "retries": args.retries, "deadline_s": args.deadline,
+                     "publish_outcomes": False if args.no_outcomes else None, "offload": args.offload,
+                     "credentials_file": args.credentials},
+               region={"downscale": args.downscale},
+               models={"edge": args.edge_model, "server": args.server_model, "model_id": args.model_id},
+               gate={"threshold": args.threshold},
+               selection={"rule": args.rule, "value": args.value},
+               codec={"name": args.codec, "quality": args.quality},
+               routing={"experts": args.experts})
     configure(cfg.logging.format, cfg.logging.level)
     result = asyncio.run(run_fleet(cfg, handle_signals=True))
     text = json.dumps(result.summary, indent=2)

@@ -1,42 +1,11 @@
 """``patchcast health``: exit 0 when a service's retained availability says online (container
-healthchecks, scripts). Also home of the small ``--config``/``--broker`` helpers the operations
-commands (monitor, workers, demo, health) share."""
+healthchecks, scripts)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from patchcast.commands.broker import add_tls_args, tls_overrides
-from shared.errors import ConfigError
-
-
-def add_broker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="config file (TOML/YAML); PATCHCAST_<SECTION>__<FIELD> env vars apply")
-    p.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker address (overrides broker.host/port)")
-    add_tls_args(p)
-
-
-def broker_overrides(address: str | None) -> dict[str, Any]:
-    if not address:
-        return {}
-    from patchcast.broker import parse_address
-
-    host, port = parse_address(address)
-    if not host:
-        raise ConfigError(f"--broker {address!r}: expected HOST:PORT")
-    return {"host": host} if port is None else {"host": host, "port": port}
-
-
-def load(args: argparse.Namespace, **sections: dict[str, Any]) -> Any:
-    """The effective config: file → environment → ``--broker`` → per-command overrides."""
-    from shared.config import load_config
-
-    overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in sections.items()}
-    broker = {**broker_overrides(getattr(args, "broker", None)), **tls_overrides(args)}
-    if broker:
-        overrides.setdefault("broker", {}).update(broker)
-    return load_config(getattr(args, "config", None), overrides=overrides)
+from patchcast.commands.common import add_broker_args, load
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -3,31 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from patchcast.commands.broker import add_tls_args, tls_overrides
-
-
-def add_broker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="PatchCast config file (TOML/YAML); flags below override it")
-    p.add_argument("--broker", metavar="HOST:PORT",
-                   help="MQTT broker (default: broker.host/port from the config, 127.0.0.1:1883)")
-    p.add_argument("--log-format", choices=["auto", "json", "console"], default=None,
-                   help="log rendering (default: logging.format; JSON lines when not on a terminal)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
-    add_tls_args(p)
-
-
-def broker_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    from patchcast.broker import parse_address
-    out: dict[str, dict[str, Any]] = {"logging": {"format": args.log_format, "level": args.log_level}}
-    if args.broker:
-        host, port = parse_address(args.broker)
-        out["broker"] = {"host": host, "port": port}
-    tls = tls_overrides(args)
-    if tls:
-        out.setdefault("broker", {}).update(tls)
-    return out
+from patchcast.commands.common import add_broker_args, add_log_args, load
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,6 +20,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "message every worker.metrics_interval_s. SIGTERM/SIGINT: stop taking work, answer what is queued "
         "within worker.shutdown_grace_s, publish offline, exit 0.")
     add_broker_args(p)
+    add_log_args(p)
     p.add_argument("--server-model", help="server model: zoo:NAME, timm:NAME or file:PATH.safetensors "
                    "(default: models.server)")
     p.add_argument("--model-id", help="model id in request topics (default: derived from the server model; "
@@ -77,19 +56,17 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from inference_worker.service import run_worker
-    from shared.config import load_config
     from shared.logs import configure
 
-    overrides = broker_overrides(args)
-    overrides["models"] = {"server": args.server_model, "model_id": args.model_id}
-    overrides["worker"] = {"group": args.group, "worker_id": args.worker_id, "queue_capacity": args.queue_capacity,
-                           "threads": args.threads, "precision": args.precision, "metrics_port": args.metrics_port,
-                           "device": args.device, "engine_process": args.engine_process,
-                           "decode_processes": args.decode_processes, "frontends": args.frontends}
-    overrides["batching"] = {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
-                             "max_delay_ms": args.max_delay_ms, "policy": args.policy}
-    overrides["region"] = {"threshold": args.region_threshold, "fusion": args.region_fusion}
-    cfg = load_config(args.config, overrides=overrides)
+    cfg = load(args,
+               models={"server": args.server_model, "model_id": args.model_id},
+               worker={"group": args.group, "worker_id": args.worker_id, "queue_capacity": args.queue_capacity,
+                       "threads": args.threads, "precision": args.precision, "metrics_port": args.metrics_port,
+                       "device": args.device, "engine_process": args.engine_process,
+                       "decode_processes": args.decode_processes, "frontends": args.frontends},
+               batching={"max_batch": args.max_batch, "max_tokens": args.max_tokens,
+                         "max_delay_ms": args.max_delay_ms, "policy": args.policy},
+               region={"threshold": args.region_threshold, "fusion": args.region_fusion})
     configure(cfg.logging.format, cfg.logging.level)
     if cfg.worker.frontends > 1:
         from inference_worker.frontends import run_frontends

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from patchcast.commands.health import add_broker_args, load
+from patchcast.commands.common import add_broker_args, load
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -173,7 +173,7 @@ def test_tls_settings_reach_supervised_workers_and_every_command(tmp_path: Path)
     """`patchcast workers --tls-ca …` hands the TLS settings to the workers it starts (environment),
     and every command that connects takes the --tls* flags."""
     from patchcast.cli import build_parser
-    from patchcast.commands.broker import tls_overrides
+    from patchcast.commands.common import tls_overrides
     from patchcast.scaling.backends import worker_env
     from shared.config import load_config
 
