@@ -5,8 +5,9 @@ Flow of one request::
     shared subscription ─▶ _on_message (event loop, cheap): decode + validate the msgpack request,
         check topic/geometry, start pixel decoding on the decoder (threads, or child processes with
         worker.decode_processes), submit to the batcher (bounded: full → 'busy' error reply)
-    batcher ─▶ inference thread: wait for the batch's pixels, embed, forward (packed/padded), top-k;
-        with worker.engine_process (on for CUDA) the embed and forward run in a child process
+    batcher ─▶ inference thread (inference_worker.inference.BatchInference): wait for the batch's
+        pixels, embed, forward (packed/padded), top-k; with worker.engine_process (on for CUDA) the
+        embed and forward run in a child process
     ─▶ outbox ─▶ sender: Reply/ErrorReply to the request's response topic with its correlation data
 
 Nothing a message holds can stop the worker: every failure stays that message's, becomes an
@@ -29,16 +30,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import math
 import os
 import secrets
 import signal
 import time
-from collections.abc import Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool as BrokenExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,11 +44,13 @@ import torch
 from inference_worker.batcher import Batcher
 from inference_worker.decoders import new_decoder
 from inference_worker.dedupe import RecentRequests, Seen, dedupe_key
-from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
+from inference_worker.engine import ServerEngine, configure_threads, resolve_precision
 from inference_worker.engine_process import EngineClient, EngineProcess
 from inference_worker.exchanges import Exchange, ExchangeTable
+from inference_worker.inference import BatchInference, inference_pool
 from inference_worker.prometheus import worker_families
 from inference_worker.stats import WorkerStats
+from inference_worker.work import OutboxEntry, Prediction, WorkItem
 from shared.bitmask import pack_mask
 from shared.config import Config
 from shared.errors import (
@@ -59,7 +59,6 @@ from shared.errors import (
     BusyError,
     InferenceError,
     PatchCastError,
-    ProtocolError,
 )
 from shared.heap import retain_freed_memory
 from shared.logs import get_logger
@@ -71,7 +70,6 @@ from shared.protocol import (
     DEFAULT_LIMITS,
     Availability,
     ErrorReply,
-    Message,
     PatchRequest,
     ProtocolLimits,
     RegionRequest,
@@ -84,61 +82,15 @@ from shared.protocol import (
     decode_request,
     encode,
 )
-from shared.region import centre_window, choose_window, decode_global, fuse, hybrid_patches, window_side
+from shared.region import decode_global
 from shared.topics import V1, Topics
 from shared.transport import Incoming, Outgoing, Transport
 
-TOPK = 5
 _DECODER_RESTART_S = 5.0  # a broken decoder process pool is replaced at most this often
-DECODE_TIMEOUT_S = 30.0  # a batch waits at most this long for one request's pixels
 _REFUSAL_LOG_EVERY_S = 5.0  # refusals are logged at most this often per code (with the count since)
 # A reply published later than this before its request's deadline would reach the device after it:
 # it is not published (the broker hop and the device's own loop take a few ms on a LAN).
 DELIVERY_MARGIN_S = 0.02
-
-
-@dataclass(eq=False)
-class WorkItem:
-    """A validated request waiting for inference; its pixels decode on the decode thread meanwhile."""
-
-    request: PatchRequest
-    pixels: Future[np.ndarray]
-    indices: np.ndarray
-    response_topic: str  # the sending device's own reply topic (from the request topic)
-    correlation: bytes | None
-    arrived: float = field(default_factory=time.monotonic)
-    deadline: float | None = None  # monotonic; past it no answer is published
-    # Region retransmission: a global request whose device offers a region (the batch then reads the
-    # server's attention), or the region of an open exchange (fused with its glance).
-    offers_region: bool = False
-    exchange: Exchange | None = None
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: int
-    topk_ids: tuple[int, ...]
-    topk_probs: tuple[float, ...]
-    batch_started: float  # monotonic
-    infer_ms: float
-    batch_size: int
-    # A glance too uncertain to answer: the window to ask for, and what the exchange keeps.
-    window: np.ndarray | None = None
-    uncertainty: float = 0.0
-    probs: np.ndarray | None = None
-    global_patches: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    topic: str
-    correlation: bytes | None
-    message: Message | None  # None: a Reply built from ``prediction`` at publish time
-    arrived: float | None = None  # for service time; None for refusals of unreadable requests
-    item: WorkItem | None = None
-    prediction: Prediction | None = None
-    response_topic: str | None = None  # MQTT response topic of the message (a RegionRequest's)
-    deadline: float | None = None  # monotonic; a message not published by then is dropped
 
 
 class InferenceWorker:
@@ -199,7 +151,7 @@ class InferenceWorker:
         self._decoder_replaced_at = -math.inf
         self.decoder_replacements = 0  # decoder process pools replaced after one broke
         self.batcher: Batcher[WorkItem, Prediction] = Batcher(
-            self._run_batch, config.batching, capacity=config.worker.queue_capacity,
+            BatchInference(self.engine, config.region), config.batching, capacity=config.worker.queue_capacity,
             executor=self._infer_pool, on_batch=self.stats.on_batch, admission=config.worker.admission)
         # Replies plus refusals: bounded by the queue capacity and the broker's inflight window in
         # normal operation; the cap only matters under a flood of unreadable messages.
@@ -424,74 +376,6 @@ class InferenceWorker:
             await asyncio.gather(*(asyncio.wrap_future(self._decode_pool.submit(os.getpid))
                                    for _ in range(self.config.worker.decode_processes)))
 
-    # ---- inference thread --------------------------------------------------------------------
-    def _run_batch(self, items: Sequence[WorkItem]) -> list[Prediction | PatchCastError]:
-        started = time.monotonic()
-        results: list[Prediction | PatchCastError | None] = [None] * len(items)
-        sets: list[PatchSet] = []
-        positions: list[int] = []
-        for i, item in enumerate(items):
-            try:
-                sets.append(self._patch_set(item, item.pixels.result(timeout=DECODE_TIMEOUT_S)))
-                positions.append(i)
-            except ProtocolError as exc:  # one bad payload fails its request only
-                results[i] = exc
-            except (BrokenExecutor, TimeoutError, CancelledError) as exc:  # so does a decoder that died or hung
-                results[i] = InferenceError(f"pixel decoding failed: {type(exc).__name__}: {exc}")
-        if sets:
-            glances = [row for row, i in enumerate(positions) if items[i].offers_region]
-            # the server's attention, for the windows it places
-            maps: list[np.ndarray] | None = [] if glances and self.region.placement == "attention" else None
-            t0 = time.perf_counter()
-            logits = self.engine.logits_checked(sets, maps)  # InferenceError fails the whole batch
-            infer_ms = (time.perf_counter() - t0) * 1000.0
-            probs = torch.softmax(logits, dim=-1)
-            for row, i in enumerate(positions):
-                exchange = items[i].exchange
-                if exchange is not None:  # a region: its answer is the fusion with its glance
-                    fused = fuse(exchange.global_probs, probs[row].numpy(), self.region.fusion)
-                    probs[row] = torch.from_numpy(fused.astype(np.float32))
-            k = min(TOPK, probs.shape[-1])
-            top_p, top_i = probs.topk(k, dim=-1)
-            to_global = self.engine.loaded.global_class  # an expert's outputs → global class ids
-            # Python lists once per batch: indexing tensors element by element costs ~5 µs a value.
-            for i, row_ids, row_probs in zip(positions, top_i.tolist(), top_p.tolist(), strict=True):
-                ids = tuple(to_global(v) for v in row_ids)
-                results[i] = Prediction(label=ids[0], topk_ids=ids, topk_probs=tuple(row_probs),
-                                        batch_started=started, infer_ms=infer_ms, batch_size=len(sets))
-            if glances:
-                self._windows(items, positions, glances, probs, maps, results)
-        return [r if r is not None else PatchCastError("no result", code="internal") for r in results]
-
-    def _patch_set(self, item: WorkItem, pixels: np.ndarray) -> PatchSet:
-        """What the model sees for one request: its patches, or for a region under ``image`` fusion the
-        glance's upsampled patches with the window's full-resolution ones in place."""
-        exchange = item.exchange
-        if exchange is None or self.region.fusion == "probs" or exchange.global_patches is None:
-            return PatchSet(pixels, item.indices)
-        fused = hybrid_patches(exchange.global_patches, pixels, item.indices)
-        return PatchSet(fused, np.arange(self.engine.num_patches, dtype=np.int64))
-
-    def _windows(self, items: Sequence[WorkItem], positions: list[int], glances: list[int], probs: torch.Tensor,
-                 maps: list[np.ndarray] | None, results: list[Prediction | PatchCastError | None]) -> None:
-        """For each glance too uncertain to answer (min-entropy ≥ region.threshold): the window to ask the
-        device for (where the server's attention sums highest, or the centre) and what the exchange keeps."""
-        grid = self.engine.input_size // self.engine.patch_size
-        side = window_side(grid, self.region.side)
-        centre = centre_window((grid, grid), side)
-        for row in glances:
-            i = positions[row]
-            uncertainty = float(-torch.log2(probs[row].max().clamp_min(1e-12)))
-            prediction = results[i]
-            if uncertainty < self.region.threshold or not isinstance(prediction, Prediction):
-                continue
-            keep_pixels = self.region.fusion != "probs"
-            results[i] = dataclasses.replace(
-                prediction, window=centre if maps is None else choose_window(maps[row], (grid, grid), side),
-                uncertainty=uncertainty,
-                probs=probs[row].numpy().copy(),
-                global_patches=items[i].pixels.result() if keep_pixels else None)
-
     # ---- background loops --------------------------------------------------------------------
     async def _send(self, entry: OutboxEntry) -> None:
         """Publish one outbox entry. Never raises (but for cancellation): a reply that cannot be published
@@ -640,19 +524,6 @@ class InferenceWorker:
         await self.transport.close([Outgoing(self.topics.availability("worker", self.worker_id),
                                              self._availability("offline"), qos=1, retain=True)])
         self.log.info("worker_stopped", replies=self.stats.replies, errors=dict(self.stats.errors_by_code))
-
-
-def inference_pool() -> ThreadPoolExecutor:
-    """The worker's single inference thread.
-
-    Every torch kernel of the worker (loading, the precision probe, the bf16 weight copy, every
-    batch) runs on this one thread. Why: each thread that runs a parallel torch op keeps its own
-    OpenMP team for as long as it lives, and once a process holds more OpenMP threads than cores,
-    libgomp makes its threads sleep at every barrier instead of spinning briefly. A packed DeiT-Base
-    forward on a 2-core AMX Xeon ran ~1.2× slower on a thread when another thread had built the
-    model (docs/benchmarks.md).
-    """
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
 
 
 def load_server(config: Config) -> LoadedModel:

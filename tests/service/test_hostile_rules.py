@@ -14,7 +14,8 @@ from service_helpers import IMG, PATCH, async_test, service_config
 from waiting import wait_until_async
 
 from inference_worker.batcher import Batcher, ServiceEstimate
-from inference_worker.service import InferenceWorker, OutboxEntry
+from inference_worker.service import InferenceWorker
+from inference_worker.work import OutboxEntry
 from shared.config import BatchingConfig
 from shared.errors import BadPropertyError, BadTopicError, BusyError, ForeignIdError, PatchCastError
 from shared.models import build_model
