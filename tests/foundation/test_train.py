@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from patchcast.train import CodecRoundTrip, TrainConfig, augment, glances, lr_at, pick_tokens, train
+from patchcast.augment import CodecRoundTrip, augment, glances, pick_tokens
+from patchcast.train import TrainConfig, lr_at, train
 from shared.errors import ConfigError
 from shared.models import VitArch, build_model
 
@@ -141,15 +142,13 @@ def test_fine_tuned_card_names_its_starting_point(toy_data: Path, tmp_path: Path
 
 
 def test_training_precision_auto_follows_the_measured_cpu_choice() -> None:
-    from patchcast.train import use_bf16
-    from shared.precision import resolve
+    from shared.precision import cpu_has_native_bf16, decide, probe_once, resolve
 
-    cpu = torch.device("cpu")
-    assert use_bf16("bf16", cpu) is True and use_bf16("fp32", cpu) is False
-    assert use_bf16("auto", torch.device("cuda")) is True  # no device needed: nothing runs on it
-    assert use_bf16("auto", cpu) == (resolve("auto") == "bf16")
+    assert resolve("bf16", "cpu") == "bf16" and resolve("fp32", "cpu") == "fp32"
+    assert resolve("auto", "cuda") == "bf16"  # no device needed: nothing runs on it
+    assert resolve("auto", "cpu") == decide(cpu_has_native_bf16(), probe_once())
     with pytest.raises(ConfigError, match="unknown precision"):
-        use_bf16("fp16", cpu)
+        resolve("fp16", "cpu")
 
 
 def test_train_command_records_the_precision_it_trained_in(toy_data: Path, tmp_path: Path) -> None:
@@ -291,7 +290,7 @@ def test_cnn_teacher_trains_saves_and_distils_into_a_vit(toy_data: Path, tmp_pat
     assert not isinstance(teacher.model, VisionTransformer) and teacher.preprocess.input_size == 32
     for role in ("edge", "server"):
         with pytest.raises(ModelError, match="VisionTransformer"):
-            build_model(ref, role=role)  # type: ignore[arg-type]
+            build_model(ref, role=role)
     with pytest.raises(ModelError, match="VisionTransformer"):
         load_checkpoint(tmp_path / "cnn" / "model.safetensors")
     student = train(_cfg(toy_data, tmp_path / "student", epochs=3, teacher=ref, cutmix=1.0, mixup=0.2))
@@ -303,7 +302,7 @@ def test_cnn_teacher_trains_saves_and_distils_into_a_vit(toy_data: Path, tmp_pat
 
 
 def test_resized_crop_and_mixing_are_batched_and_seeded() -> None:
-    from patchcast.train import mix_batch, resized_crop
+    from patchcast.augment import mix_batch, resized_crop
 
     pixels = torch.randint(0, 256, (6, 48, 48, 3), dtype=torch.uint8)
     a = resized_crop(pixels, 32, torch.Generator().manual_seed(3), 0.35)

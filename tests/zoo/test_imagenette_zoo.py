@@ -7,7 +7,7 @@ import pytest
 import torch
 from zoo_helpers import card as _card
 
-from patchcast.train import evaluate, subset_indices
+from patchcast.model_card import evaluate, subset_indices
 from shared import datasets
 from shared.models import ZOO_DIR, build_model
 
