@@ -120,6 +120,7 @@ class Device:
             birth=[Outgoing(availability, self._availability("online"), retain=True)],
             log_context={"device_id": device_id})
         self._closing = False
+        self._prepared = False
 
     def _availability(self, state: str) -> bytes:
         return encode(Availability("edge", self.device_id, state, time.time()))  # type: ignore[arg-type]
@@ -426,10 +427,16 @@ class Device:
             self.on_outcome(record)
         await self._publish_outcome(record)
 
+    async def prepare(self) -> None:
+        """Register the reply subscription, so that it goes out with the connection (once)."""
+        if not self._prepared:
+            await self.transport.subscribe(self.reply_topic, qos=1)
+            self._prepared = True
+
     async def run(self, samples: Iterable[Sample], *, stop_at: float | None = None) -> None:
         """Send ``samples`` at ``edge.rate_hz`` (0: as fast as the in-flight window allows), then wait
         for the last answers. ``stop_at`` (monotonic) ends sending early."""
-        await self.transport.subscribe(self.reply_topic, qos=1)
+        await self.prepare()
         await self.transport.wait_connected()
         interval = 1.0 / self.edge.rate_hz if self.edge.rate_hz > 0 else 0.0
         async with asyncio.TaskGroup() as outer:
@@ -453,7 +460,8 @@ class Device:
     async def _metrics_loop(self) -> None:
         while True:
             await asyncio.sleep(self.edge.metrics_interval_s)
-            await self._publish_metrics()
+            if self._window:  # an idle device stays quiet: ten thousand of them would flood the broker
+                await self._publish_metrics()
 
     async def _publish_metrics(self) -> None:
         now = time.monotonic()

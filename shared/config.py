@@ -136,6 +136,16 @@ class EdgeConfig:
         "patches", "what a device sends when its gate says so: patches, the attention-chosen patches (the paper's "
                    "method); region, the whole image downsampled, then the full-resolution region the worker asks "
                    "for (see [region])")
+    connect_concurrency: int = _f(64, "devices of a fleet connecting at once; each waits broker.connect_timeout_s "
+                                      "from its own start, and one that never connects is counted, not waited for")
+    processes: int = _f(0, "fleet processes that split edge.devices (0: as few as the file-descriptor limit allows, "
+                           "one socket per device)")
+    device_offset: int = _f(0, "index of this process's first device id (a multi-process fleet sets it per child)")
+    random_phase: bool = _f(False, "each device sends its first image at a random point of its first interval "
+                                   "(1 / rate_hz), so a large fleet with a low per-device rate spreads its load")
+    shutdown_timeout_s: float = _f(5.0, "seconds a stopping fleet spends ending its run: half for the images in "
+                                        "flight to settle (the rest are counted as abandoned), half for the devices' "
+                                        "farewells; SIGTERM to exit stays within a few seconds")
 
     def __post_init__(self) -> None:
         _check(self.devices >= 1, "edge.devices must be ≥ 1")
@@ -150,6 +160,9 @@ class EdgeConfig:
         _check(self.busy_retry_delay_s >= 0, "edge.busy_retry_delay_s must be ≥ 0")
         _check(self.deadline_s >= 0 and self.retry_backoff_s >= 0,
                "edge.deadline_s and edge.retry_backoff_s must be ≥ 0")
+        _check(self.connect_concurrency >= 1, "edge.connect_concurrency must be ≥ 1")
+        _check(self.processes >= 0 and self.device_offset >= 0, "edge.processes and edge.device_offset must be ≥ 0")
+        _check(self.shutdown_timeout_s > 0, "edge.shutdown_timeout_s must be positive")
         _check(self.deadline_s == 0 or self.retries == 0 or self.deadline_s > self.reply_timeout_s,
                "edge.deadline_s must exceed edge.reply_timeout_s when edge.retries > 0: a re-send must have time "
                "to be answered before the deadline")

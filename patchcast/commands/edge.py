@@ -13,12 +13,16 @@ from patchcast.commands.common import add_broker_args, add_log_args, load
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "edge", help="simulate N edge devices: edge ViT, gate, patch selection, requests over MQTT",
-        description="Run N simulated devices in one process. Each has its own MQTT client id and reply topic "
+        description="Run N simulated devices. Each has its own MQTT client id and reply topic "
         "and walks its own slice of the image source; they share one edge model, batched across devices in "
         "one thread. Per image: edge ViT → gate (send when uncertainty ≥ η) → select patches → encode → "
         "publish → await the reply (timeout → keep the edge label). Prints a JSON summary at the end "
         "(images, sent fraction, patch fraction, bytes, accuracy edge-only/collaborative when labels are "
-        "known, latency percentiles, timeouts, errors).")
+        "known, latency percentiles, timeouts, errors) and a 'fleet' section: devices connected and not, "
+        "connect time, images abandoned at a stop, memory per device. Devices connect staggered "
+        "(--connect-concurrency at once, each under its own connect timeout); a device that never connects is "
+        "counted, not waited for. SIGTERM/SIGINT: stop sending and print the summary within seconds. "
+        "--processes N splits the devices over N child fleets and merges their summaries.")
     add_broker_args(p)
     add_log_args(p)
     p.add_argument("--devices", type=int, help="simulated devices (edge.devices)")
@@ -54,6 +58,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--codec", help="patch codec (codec.name)")
     p.add_argument("--quality", type=int, help="codec quality (codec.quality)")
     p.add_argument("--no-outcomes", action="store_true", help="do not publish a per-image Outcome message")
+    p.add_argument("--processes", type=int, help="fleet processes that split the devices, each with its own event "
+                   "loop and sockets (edge.processes; 0, the default: as few as the file-descriptor limit allows)")
+    p.add_argument("--connect-concurrency", type=int, help="devices connecting at once; each gets "
+                   "broker.connect_timeout_s from its own start (edge.connect_concurrency)")
+    p.add_argument("--random-phase", action="store_true", default=None,
+                   help="each device sends its first image at a random point of its first 1/rate interval "
+                   "(edge.random_phase): a large fleet at a low per-device rate spreads its load")
+    p.add_argument("--device-offset", type=int, help=argparse.SUPPRESS)  # set per child by --processes
     p.add_argument("--summary", type=Path, help="also write the JSON summary to this file")
     p.add_argument("--outcomes-jsonl", type=Path, help="write every outcome record as JSON lines")
     p.set_defaults(handler=run)
@@ -63,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import asdict
 
-    from edge_node.fleet import run_fleet
+    from edge_node.fleet import devices_per_process, run_fleet
+    from edge_node.processes import run_processes
     from shared.logs import configure
 
     cfg = load(args,
@@ -71,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
                      "duration_s": args.duration, "limit": args.limit, "max_in_flight": args.max_in_flight,
                      "reply_timeout_s": args.reply_timeout, "retries": args.retries, "deadline_s": args.deadline,
                      "publish_outcomes": False if args.no_outcomes else None, "offload": args.offload,
-                     "credentials_file": args.credentials},
+                     "credentials_file": args.credentials, "processes": args.processes,
+                     "connect_concurrency": args.connect_concurrency, "random_phase": args.random_phase,
+                     "device_offset": args.device_offset},
                region={"downscale": args.downscale},
                models={"edge": args.edge_model, "server": args.server_model, "model_id": args.model_id},
                gate={"threshold": args.threshold},
@@ -79,8 +94,13 @@ def run(args: argparse.Namespace) -> int:
                codec={"name": args.codec, "quality": args.quality},
                routing={"experts": args.experts})
     configure(cfg.logging.format, cfg.logging.level)
-    result = asyncio.run(run_fleet(cfg, handle_signals=True))
-    text = json.dumps(result.summary, indent=2)
+    processes = cfg.edge.processes or -(-cfg.edge.devices // devices_per_process())
+    if processes > 1:
+        summary, outcomes = asyncio.run(run_processes(cfg, processes, handle_signals=True))
+    else:
+        result = asyncio.run(run_fleet(cfg, handle_signals=True))
+        summary, outcomes = result.summary, result.outcomes
+    text = json.dumps(summary, indent=2)
     print(text)
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if args.outcomes_jsonl:
         args.outcomes_jsonl.parent.mkdir(parents=True, exist_ok=True)
         with open(args.outcomes_jsonl, "w") as f:
-            for record in result.outcomes:
+            for record in outcomes:
                 f.write(json.dumps(asdict(record)) + "\n")
-    if result.summary["images"] == 0:
+    if summary["images"] == 0:
         print("patchcast edge: no image was processed", file=sys.stderr)
         return 1
     return 0
