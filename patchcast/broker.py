@@ -3,7 +3,8 @@
 The project's ``broker/mosquitto.conf`` is the template: :func:`render_config` replaces its
 ``listener`` and ``max_packet_size`` lines, :class:`BrokerProcess` writes the result to a
 temporary folder, starts ``mosquitto -c`` on it and waits until the broker answers an MQTT
-CONNECT. Used by ``patchcast broker``, the service tests and the demo.
+CONNECT (:func:`shared.transport.mqtt_ping`: the transport is the project's only MQTT code).
+Used by ``patchcast broker``, the service tests and the demo.
 
 The production profile (``broker/production/mosquitto.conf``) authenticates every client and
 checks every subscription and publish through Mosquitto's dynamic-security plugin:
@@ -17,7 +18,6 @@ CA and certificates for its TLS listener (openssl), and :class:`BrokerProcess` r
 from __future__ import annotations
 
 import base64
-import contextlib
 import getpass
 import glob
 import hashlib
@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from shared.errors import BrokerProcessError
 from shared.topics import PROTOCOL_PREFIX, validate_id
+from shared.transport import mqtt_ping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONF = REPO_ROOT / "broker" / "mosquitto.conf"
@@ -143,26 +144,6 @@ def tcp_ping(host: str, port: int, timeout: float = 1.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
-    except OSError:
-        return False
-
-
-def mqtt_ping(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True when an MQTT v5 CONNECT gets a CONNACK (the broker is up; it may still refuse this
-    anonymous probe, as the production profile does)."""
-    client_id = b"patchcast-probe"
-    # CONNECT: protocol name "MQTT", level 5, flags clean start, keep-alive 5 s, no properties.
-    variable = b"\x00\x04MQTT\x05\x02\x00\x05\x00" + len(client_id).to_bytes(2, "big") + client_id
-    packet = bytes([0x10, len(variable)]) + variable
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            s.sendall(packet)
-            head = s.recv(4)
-            ok = len(head) >= 2 and head[0] == 0x20
-            with contextlib.suppress(OSError):
-                s.sendall(b"\xe0\x00")  # DISCONNECT, so the broker does not log a lost client
-            return ok
     except OSError:
         return False
 

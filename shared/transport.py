@@ -1,4 +1,5 @@
-"""MQTT v5 transport: the only module that imports aiomqtt.
+"""MQTT v5 transport: the only module that imports aiomqtt or paho, and the only one that speaks MQTT
+(:func:`mqtt_ping`, a broker's readiness probe, included).
 
 One :class:`Transport` per MQTT client identity (one per worker process, one per simulated
 device). Its :meth:`Transport.run` coroutine owns the connection: connect under a timeout,
@@ -583,3 +584,24 @@ class Transport:
                 except TransportError as exc:
                     self._log.warning("mqtt_farewell_failed", topic=msg.topic, error=exc.message)
         self._closing = True
+
+
+def mqtt_ping(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when an MQTT v5 CONNECT gets a CONNACK (the broker is up; it may still refuse this
+    anonymous probe, as the production profile does). Synchronous and without a client library: a
+    readiness probe for whoever starts a broker (``patchcast.broker``), safe outside an event loop."""
+    client_id = b"patchcast-probe"
+    # CONNECT: protocol name "MQTT", level 5, flags clean start, keep-alive 5 s, no properties.
+    variable = b"\x00\x04MQTT\x05\x02\x00\x05\x00" + len(client_id).to_bytes(2, "big") + client_id
+    packet = bytes([0x10, len(variable)]) + variable
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(packet)
+            head = s.recv(4)
+            ok = len(head) >= 2 and head[0] == 0x20
+            with contextlib.suppress(OSError):
+                s.sendall(b"\xe0\x00")  # DISCONNECT, so the broker does not log a lost client
+            return ok
+    except OSError:
+        return False
