@@ -48,7 +48,7 @@ from inference_worker.engine import ServerEngine, configure_threads, resolve_pre
 from inference_worker.engine_process import EngineClient, EngineProcess
 from inference_worker.exchanges import Exchange, ExchangeTable
 from inference_worker.inference import BatchInference, inference_pool
-from inference_worker.prometheus import worker_families
+from inference_worker.prometheus import WorkerSnapshot, worker_families
 from inference_worker.stats import WorkerStats
 from inference_worker.work import OutboxEntry, Prediction, WorkItem
 from shared.bitmask import pack_mask
@@ -62,10 +62,10 @@ from shared.errors import (
 )
 from shared.heap import retain_freed_memory
 from shared.logs import get_logger
+from shared.metrics_http import MetricsServer
 from shared.models import LoadedModel, build_model
 from shared.naming import default_worker_id, model_id
 from shared.precision import probe_once
-from shared.prometheus import MetricsServer
 from shared.protocol import (
     DEFAULT_LIMITS,
     Availability,
@@ -433,6 +433,17 @@ class InferenceWorker:
             busy_fraction=f.busy_fraction, service_ms_p50=f.service_p50_ms, service_ms_p95=f.service_p95_ms,
             service_ms_p99=f.service_p99_ms, errors_by_code=f.errors_by_code, arrival_ms_p95=f.arrival_p95_ms)
 
+    def prometheus_snapshot(self) -> WorkerSnapshot:
+        """This worker's counters and queue now, for one ``/metrics`` scrape (on the event loop)."""
+        stats, recent = self.stats, self.recent.stats
+        return WorkerSnapshot(
+            worker_id=self.worker_id, model_id=self.model_id, requests=stats.requests, replies=stats.replies,
+            batches=stats.batches, queue_depth=self.batcher.depth,
+            queue_capacity=self.config.worker.queue_capacity, oldest_queued_s=self.batcher.oldest_age_s(),
+            engine_restarts=self.engine.restarts, decoder_replacements=self.decoder_replacements,
+            resends_replayed=recent.replayed, resends_dropped=recent.dropped, regions=stats.regions,
+            errors_by_code=stats.errors_by_code, last_metrics=self.last_metrics)
+
     async def _metrics_loop(self) -> None:
         topic = self.topics.metrics("worker", self.worker_id)
         while True:
@@ -487,7 +498,7 @@ class InferenceWorker:
                          tg.create_task(self._metrics_loop(), name="metrics"),
                          tg.create_task(self._expiry_loop(), name="exchanges")]
                 if self.config.worker.metrics_port:
-                    endpoint = MetricsServer(lambda: worker_families(self), "0.0.0.0",
+                    endpoint = MetricsServer(lambda: worker_families(self.prometheus_snapshot()), "0.0.0.0",
                                              self.config.worker.metrics_port)
                     loops.append(tg.create_task(endpoint.run(), name="prometheus"))
                 await self._stop.wait()

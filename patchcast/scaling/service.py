@@ -25,7 +25,8 @@ from shared import protocol
 from shared.config import Config
 from shared.errors import PatchCastError, ProtocolError
 from shared.logs import get_logger
-from shared.prometheus import Family, MetricsServer, MetricType
+from shared.metrics_http import MetricsServer
+from shared.prometheus import Family, MetricType
 from shared.topics import V1, Topics
 from shared.transport import Incoming, Transport
 

@@ -10,7 +10,8 @@ from patchcast.scaling.backends import PoolMember
 from patchcast.scaling.service import ScalerService
 from shared import protocol
 from shared.config import Config, ScalerConfig
-from shared.prometheus import Family, MetricsServer, render
+from shared.metrics_http import MetricsServer
+from shared.prometheus import Family, render
 from shared.topics import V1
 from shared.transport import Incoming
 

@@ -5,33 +5,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from types import SimpleNamespace
 
-from inference_worker.dedupe import DedupeStats
-from inference_worker.prometheus import worker_families
-from inference_worker.stats import WorkerStats
-from shared.prometheus import MetricsServer, render
+import pytest
+
+from inference_worker.prometheus import WorkerSnapshot, worker_families
+from shared.errors import BadFieldError
+from shared.metrics_http import MetricsServer
+from shared.prometheus import render
+from shared.protocol import WorkerMetrics
 
 LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? [-+0-9.eEInfNa]+$')
 
 
-def _worker(with_window: bool) -> SimpleNamespace:
-    stats = WorkerStats()
-    stats.requests, stats.replies, stats.batches = 12, 11, 3
-    stats.errors_by_code["busy"] = 2
-    stats.regions.update({"asked": 5, "answered": 4})
-    metrics = SimpleNamespace(busy_fraction=0.5, requests_per_s=4.0, batch_size_mean=3.5, service_ms_p50=20.0,
-                              arrival_ms_p95=120.0,
-                              service_ms_p95=40.0, service_ms_p99=80.0) if with_window else None
-    return SimpleNamespace(worker_id="w1", model_id="cifar10-server", stats=stats, last_metrics=metrics,
-                           batcher=SimpleNamespace(depth=4, oldest_age_s=lambda: 0.25),
-                           engine=SimpleNamespace(restarts=1), decoder_replacements=0,
-                           recent=SimpleNamespace(stats=DedupeStats(replayed=3, dropped=1)),
-                           config=SimpleNamespace(worker=SimpleNamespace(queue_capacity=256)))
+def _snapshot(with_window: bool) -> WorkerSnapshot:
+    metrics = WorkerMetrics(
+        worker_id="w1", model="cifar10-server", at=1.0, window_s=5.0, queue_depth=4, queue_capacity=256,
+        oldest_queued_ms=250.0, requests=20, requests_per_s=4.0, batches=6, batch_size_mean=3.5, batch_size_max=8,
+        tokens_per_batch_mean=100.0, busy_fraction=0.5, service_ms_p50=20.0, service_ms_p95=40.0,
+        service_ms_p99=80.0, arrival_ms_p95=120.0) if with_window else None
+    return WorkerSnapshot(worker_id="w1", model_id="cifar10-server", requests=12, replies=11, batches=3,
+                          queue_depth=4, queue_capacity=256, oldest_queued_s=0.25, engine_restarts=1,
+                          decoder_replacements=0, resends_replayed=3, resends_dropped=1,
+                          regions={"asked": 5, "answered": 4}, errors_by_code={"busy": 2}, last_metrics=metrics)
 
 
 def test_worker_families_render_in_exposition_format() -> None:
-    text = render(worker_families(_worker(True)))  # type: ignore[arg-type]
+    text = render(worker_families(_snapshot(True)))
     for line in text.splitlines():
         assert line.startswith("#") or LINE.match(line), line
     assert 'patchcast_worker_requests_total{model="cifar10-server",worker="w1"} 12' in text
@@ -51,12 +50,12 @@ def test_worker_families_render_in_exposition_format() -> None:
     cpu = re.search(r"^process_cpu_seconds_total ([0-9.]+)$", text, re.MULTILINE)
     assert cpu is not None and float(cpu.group(1)) > 0
     # before the first metrics window only the counters and queue gauges exist
-    early = render(worker_families(_worker(False)))  # type: ignore[arg-type]
+    early = render(worker_families(_snapshot(False)))
     assert "patchcast_worker_busy_fraction" not in early and "patchcast_worker_replies_total" in early
 
 
 async def _scrape() -> str:
-    server = MetricsServer(lambda: worker_families(_worker(True)), "127.0.0.1", 0)  # type: ignore[arg-type]
+    server = MetricsServer(lambda: worker_families(_snapshot(True)), "127.0.0.1", 0)
     task = asyncio.create_task(server.run(), name="prometheus")
     for _ in range(100):
         if server._server is not None:
@@ -78,3 +77,20 @@ def test_worker_endpoint_serves_the_families_until_cancelled() -> None:
     response = asyncio.run(_scrape())
     assert response.startswith("HTTP/1.0 200")
     assert 'patchcast_worker_batches_total{model="cifar10-server",worker="w1"} 3' in response
+
+
+def test_a_snapshot_holds_counts_only_and_copies_them() -> None:
+    errors = {"busy": 2}
+    snap = WorkerSnapshot(worker_id="w1", model_id="m", requests=1, replies=1, batches=1, queue_depth=0,
+                          queue_capacity=8, oldest_queued_s=0.0, engine_restarts=0, decoder_replacements=0,
+                          resends_replayed=0, resends_dropped=0, errors_by_code=errors)
+    errors["busy"] = 5  # the worker's counter moves on; the scrape's view does not
+    assert snap.errors_by_code == {"busy": 2}
+    with pytest.raises(BadFieldError, match="queue_depth"):
+        WorkerSnapshot(worker_id="w1", model_id="m", requests=1, replies=1, batches=1, queue_depth=-1,
+                       queue_capacity=8, oldest_queued_s=0.0, engine_restarts=0, decoder_replacements=0,
+                       resends_replayed=0, resends_dropped=0)
+    with pytest.raises(BadFieldError, match="oldest_queued_s"):
+        WorkerSnapshot(worker_id="w1", model_id="m", requests=1, replies=1, batches=1, queue_depth=0,
+                       queue_capacity=8, oldest_queued_s=float("nan"), engine_restarts=0, decoder_replacements=0,
+                       resends_replayed=0, resends_dropped=0)
