@@ -1,7 +1,7 @@
 # The two commands a newcomer runs (see README):
 #   make demo   set up everything and run the live demo
 #   make test   set up what the tests need (quick when already done), then run the default test suite
-.PHONY: setup demo test test-slow test-reliability lint typecheck bench
+.PHONY: setup demo test test-slow test-reliability lint typecheck imports bench
 
 # Set-up runs again only when what it installs from changes; the stamp lives inside .venv, so a
 # removed .venv is set up afresh.
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	.venv/bin/mypy
+
+# The import contracts of pyproject.toml (docs/architecture.md, "Layers").
+imports: $(STAMP)
+	.venv/bin/lint-imports
 
 bench: $(STAMP)
 	.venv/bin/python bench/worker_throughput.py --quick

@@ -1,7 +1,23 @@
-"""PatchCast shared core: pure, synchronous building blocks (no MQTT, no asyncio).
+"""PatchCast shared layer: what the edge node, the inference worker and the ``patchcast`` tools all use.
 
-Everything here is importable and testable without a broker. `shared.transport` is the only
-module that imports aiomqtt.
+It is the bottom layer: it imports none of ``edge_node``, ``inference_worker`` or ``patchcast``.
+It has two parts.
+
+* The core: synchronous building blocks, importable and testable without a broker or an event loop
+  (protocol, messages, codecs, topics, config, models, selection, gates, region, Prometheus
+  rendering, …). No core module imports asyncio or one of the runtime modules below. Some core
+  modules use threads or torch's thread pools internally (``shared.attention`` is thread-safe).
+* Three runtime modules, each the one place for its kind of effect:
+
+  - ``shared.transport``: the asyncio MQTT client, the only module that imports aiomqtt or paho
+    (and the broker readiness probe);
+  - ``shared.metrics_http``: the asyncio HTTP server for ``/metrics``;
+  - ``shared.heap``: process-wide glibc malloc settings, applied once at the start of a process
+    that runs models (the worker's ``run_worker``, ``patchcast eval``).
+
+  ``shared.logs.configure`` is process-wide too; only a program's entry point calls it.
+
+``lint-imports`` checks these rules (pyproject.toml ``[tool.importlinter]``; docs/architecture.md).
 """
 
 __version__ = "0.1.0"

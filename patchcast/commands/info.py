@@ -33,12 +33,12 @@ def zoo_summary() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import aiomqtt  # noqa: F401
     import msgpack
     import timm
     import torch
     import torchvision
 
+    import shared.transport  # noqa: F401  (the MQTT client: aiomqtt and paho, imported only there)
     from shared import __version__
     from shared.heap import describe_support
     from shared.packing import varlen_available
