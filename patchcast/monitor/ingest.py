@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from patchcast.monitor.state import Aggregator, OutcomeRecord, WorkerSample
+from patchcast.monitor.state import Aggregator, WorkerSample
 from shared import protocol
 from shared.errors import ProtocolError
 from shared.topics import Topics
@@ -44,17 +44,6 @@ def worker_sample(m: protocol.WorkerMetrics) -> WorkerSample:
         errors_by_code=dict(m.errors_by_code), errors_cumulative=True, arrival_p95_ms=m.arrival_ms_p95)
 
 
-def outcome_record(o: protocol.Outcome, *, jpeg_bytes_estimate: int = 0) -> OutcomeRecord:
-    sent = o.offloaded
-    full = o.full_bytes  # the device's full-image cost, when it measures it
-    return OutcomeRecord(
-        device=o.device_id, sent=sent, patches_sent=o.patches, patches_total=o.num_patches if sent else 0,
-        bytes_sent=o.bytes, full_jpeg_bytes=(int(full) if full else jpeg_bytes_estimate) if sent else 0,
-        latency_ms=o.latency_ms if o.status == "server" else None,
-        edge_label=o.edge_label, final_label=o.final_label, truth=o.ground_truth,
-        timed_out=o.status == "timeout", error=o.error_code if o.status == "error" else None)
-
-
 @dataclass
 class Ingest:
     """The transport's message handler for a monitor-like client."""
@@ -80,8 +69,7 @@ class Ingest:
             if kind in ("outcome", "metrics"):
                 message = protocol.decode(msg.payload)
                 if isinstance(message, protocol.Outcome):
-                    record = outcome_record(message, jpeg_bytes_estimate=self.jpeg_bytes_estimate)
-                    self.aggregator.add_outcome(record, now)
+                    self.aggregator.add_outcome(message, now, jpeg_bytes_estimate=self.jpeg_bytes_estimate)
                     if self.on_outcome is not None:
                         self.on_outcome(message)
                 elif isinstance(message, protocol.WorkerMetrics):

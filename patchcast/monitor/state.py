@@ -2,9 +2,9 @@
 immutable :class:`Snapshot` it produces once per refresh. Pure and synchronous: no MQTT, no clock
 (callers pass ``now``), so tests feed records and compare snapshots.
 
-Inputs are small normalised records (:class:`OutcomeRecord`, :class:`WorkerSample`) so the
-aggregator does not depend on wire details; :mod:`patchcast.monitor.ingest` converts decoded protocol
-messages into them.
+Outcomes are the protocol's own :class:`~shared.protocol.Outcome` (the one outcome record of the
+project: devices publish it, the fleet summary and the monitor read it); worker metrics arrive as a
+:class:`WorkerSample`, which :mod:`patchcast.monitor.ingest` builds from the wire message.
 """
 
 from __future__ import annotations
@@ -19,28 +19,19 @@ from typing import Any
 
 from patchcast.monitor.stats import percentile
 from shared.config import MonitorConfig
+from shared.protocol import Outcome
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
 
 @dataclass(frozen=True)
-class OutcomeRecord:
-    """What happened to one image on a device."""
+class _Seen:
+    """An outcome in the sliding window, with what its full image would have cost (0: not sent)."""
 
-    device: str
-    sent: bool  # offloaded to the server
-    patches_sent: int = 0
-    patches_total: int = 0
-    bytes_sent: int = 0  # request payload bytes actually published
-    full_jpeg_bytes: int = 0  # what sending the whole image as JPEG would have cost
-    latency_ms: float | None = None  # end-to-end, for images that were sent and answered
-    edge_label: int | None = None
-    final_label: int | None = None
-    server_label: int | None = None  # the server model on the full image, when a run measures it
-    truth: int | None = None
-    timed_out: bool = False  # sent but no reply in time (the edge label was kept)
-    error: str | None = None  # error code of an error reply, if any
+    at: float
+    outcome: Outcome
+    full_bytes: int
 
 
 @dataclass(frozen=True)
@@ -98,7 +89,7 @@ class Accuracy:
     collaborative: float | None
     server: float | None
     labelled: int  # images with a known ground truth
-    server_labelled: int
+    server_labelled: int  # images the server-only reference accuracy was measured on (set_server_reference)
 
 
 @dataclass(frozen=True)
@@ -157,8 +148,6 @@ class _Totals:
     labelled: int = 0
     edge_correct: int = 0
     final_correct: int = 0
-    server_labelled: int = 0
-    server_correct: int = 0
 
 
 class _RateOf:
@@ -200,7 +189,7 @@ class Aggregator:
         self.workers: dict[str, _Worker] = {}
         self.devices: dict[str, bool] = {}  # availability of edge devices
         self.device_seen: dict[str, float] = {}  # last outcome time per device
-        self._window: deque[tuple[float, OutcomeRecord]] = deque()
+        self._window: deque[_Seen] = deque()
         self._latency_history: deque[float | None] = deque(maxlen=cfg.sparkline_points)
         self._sys: dict[str, str] = {}
         self._server_reference: tuple[float, int] | None = None
@@ -209,27 +198,27 @@ class Aggregator:
         self._sys_rates = {name: _RateOf() for name in _SYS_RATES.values()}
 
     # ---- folding ------------------------------------------------------------------------------
-    def add_outcome(self, rec: OutcomeRecord, now: float) -> None:
+    def add_outcome(self, outcome: Outcome, now: float, *, jpeg_bytes_estimate: int = 0) -> None:
+        """Fold one device outcome in. ``jpeg_bytes_estimate``: the full-image cost of an offloaded image
+        whose outcome does not carry ``full_bytes``."""
         if self.first_outcome_at is None:
             self.first_outcome_at = now
         self.last_outcome_at = now
+        full = (outcome.full_bytes or jpeg_bytes_estimate) if outcome.offloaded else 0
         t = self.totals
         t.images += 1
-        if rec.sent:
+        if outcome.offloaded:
             t.sent += 1
-            t.bytes += rec.bytes_sent
-            t.jpeg_bytes += rec.full_jpeg_bytes
-        t.timeouts += rec.timed_out
-        t.errors += rec.error is not None
-        if rec.truth is not None:
+            t.bytes += outcome.bytes
+            t.jpeg_bytes += full
+        t.timeouts += outcome.status == "timeout"
+        t.errors += outcome.status == "error"
+        if outcome.ground_truth is not None:
             t.labelled += 1
-            t.edge_correct += rec.edge_label == rec.truth
-            t.final_correct += rec.final_label == rec.truth
-            if rec.server_label is not None:
-                t.server_labelled += 1
-                t.server_correct += rec.server_label == rec.truth
-        self.device_seen[rec.device] = now
-        self._window.append((now, rec))
+            t.edge_correct += outcome.edge_label == outcome.ground_truth
+            t.final_correct += outcome.final_label == outcome.ground_truth
+        self.device_seen[outcome.device_id] = now
+        self._window.append(_Seen(now, outcome, full))
 
     def add_worker_metrics(self, worker_id: str, sample: WorkerSample, now: float) -> None:
         w = self.workers.setdefault(worker_id, _Worker())
@@ -263,7 +252,7 @@ class Aggregator:
     # ---- freezing -----------------------------------------------------------------------------
     def _prune(self, now: float) -> None:
         horizon = now - self.cfg.window_s
-        while self._window and self._window[0][0] < horizon:
+        while self._window and self._window[0].at < horizon:
             self._window.popleft()
 
     def _worker_rows(self, now: float) -> tuple[WorkerRow, ...]:
@@ -320,18 +309,16 @@ class Aggregator:
         self._prune(now)
         elapsed = max(0.0, now - self.started_at)
         span = max(1.0, min(self.cfg.window_s, elapsed))
-        recs = [r for _, r in self._window]
-        sent = [r for r in recs if r.sent]
-        patches_total = sum(r.patches_total for r in sent)
-        latencies = sorted(r.latency_ms for r in sent if r.latency_ms is not None)
+        recs = list(self._window)
+        sent = [r for r in recs if r.outcome.offloaded]
+        patches_total = sum(r.outcome.num_patches for r in sent)
+        latencies = sorted(r.outcome.latency_ms for r in sent
+                           if r.outcome.status == "server" and r.outcome.latency_ms is not None)
         p95 = percentile(latencies, 95)
         self._latency_history.append(p95)
         t = self.totals
         rows = self._worker_rows(now)
-        server_acc = t.server_correct / t.server_labelled if t.server_labelled else None
-        server_n = t.server_labelled
-        if server_acc is None and self._server_reference is not None:
-            server_acc, server_n = self._server_reference
+        server_acc, server_n = self._server_reference if self._server_reference is not None else (None, 0)
         devices_online = sum(self.devices.values()) if self.devices else sum(
             1 for seen in self.device_seen.values() if now - seen <= self.cfg.window_s)
         return Snapshot(
@@ -341,10 +328,10 @@ class Aggregator:
             images_total=t.images, sent_total=t.sent, timeouts_total=t.timeouts, errors_total=t.errors,
             requests_per_s=len(recs) / span,
             offload_rate=len(sent) / len(recs) if recs else None,
-            patch_fraction=sum(r.patches_sent for r in sent) / patches_total if patches_total else None,
-            bytes_per_s=sum(r.bytes_sent for r in sent) / span,
-            jpeg_bytes_per_s=(sum(r.full_jpeg_bytes for r in sent) / span
-                              if any(r.full_jpeg_bytes for r in sent) else None),
+            patch_fraction=sum(r.outcome.patches for r in sent) / patches_total if patches_total else None,
+            bytes_per_s=sum(r.outcome.bytes for r in sent) / span,
+            jpeg_bytes_per_s=(sum(r.full_bytes for r in sent) / span
+                              if any(r.full_bytes for r in sent) else None),
             bytes_total=t.bytes, jpeg_bytes_total=t.jpeg_bytes,
             accuracy=Accuracy(
                 edge=t.edge_correct / t.labelled if t.labelled else None,

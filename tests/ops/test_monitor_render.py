@@ -9,9 +9,10 @@ import pytest
 from rich.console import Console
 
 from patchcast.monitor.render import render, render_text, short_id
-from patchcast.monitor.state import Aggregator, OutcomeRecord, Snapshot, WorkerSample
+from patchcast.monitor.state import Aggregator, Snapshot, WorkerSample
 from patchcast.monitor.stats import percentile, sparkline
 from shared.config import MonitorConfig
+from shared.protocol import Outcome, OutcomeStatus
 
 
 def capture(snapshot: Snapshot, width: int = 80) -> str:
@@ -21,13 +22,14 @@ def capture(snapshot: Snapshot, width: int = 80) -> str:
 
 
 def outcome(i: int, *, sent: bool, latency: float | None = None, correct_edge: bool = True,
-            correct_final: bool = True, server: int | None = None) -> OutcomeRecord:
+            correct_final: bool = True, sent_bytes: int = 1000, full_bytes: int = 4000) -> Outcome:
     truth = i % 10
-    return OutcomeRecord(
-        device=f"cam-{i % 4:04d}", sent=sent, patches_sent=16 if sent else 0, patches_total=64 if sent else 0,
-        bytes_sent=1000 if sent else 0, full_jpeg_bytes=4000 if sent else 0,
+    return Outcome(
+        device_id=f"cam-{i % 4:04d}", request_id=f"cam-{i % 4:04d}.{i:06d}", at=1.0,
+        status="server" if sent else "edge", patches=16 if sent else 0, num_patches=64,
+        bytes=sent_bytes if sent else 0, full_bytes=full_bytes if sent else None,
         latency_ms=latency if sent else None, edge_label=truth if correct_edge else (truth + 1) % 10,
-        final_label=truth if correct_final else (truth + 1) % 10, server_label=server, truth=truth)
+        final_label=truth if correct_final else (truth + 1) % 10, ground_truth=truth)
 
 
 @pytest.fixture
@@ -112,11 +114,12 @@ def test_worker_states_and_server_accuracy():
     agg.add_worker_metrics("silent", WorkerSample(), now=1.0)
     agg.set_availability("worker", "gone", False, 9.0)
     agg.set_availability("worker", "booting", True, 9.0)
-    agg.add_outcome(outcome(3, sent=True, latency=5.0, server=3), now=9.0)
+    agg.add_outcome(outcome(3, sent=True, latency=5.0), now=9.0)
+    agg.set_server_reference(1.0, 500)  # the server-only accuracy, measured elsewhere (the demo's reference run)
     s = agg.snapshot(10.0)
     assert {w.worker_id: w.state for w in s.workers} == {
         "booting": "starting", "fresh": "online", "gone": "offline", "silent": "stale"}
-    assert s.accuracy.server == 1.0 and s.accuracy.server_labelled == 1
+    assert s.accuracy.server == 1.0 and s.accuracy.server_labelled == 500
     text = render_text(s, width=80)
     assert "\x1b[" not in text and "gone" in text
 
@@ -132,8 +135,7 @@ def test_helpers():
 
 def test_render_more_bytes_than_full_jpeg_is_a_plus():
     agg = Aggregator(MonitorConfig(), started_at=0.0)
-    rec = dataclasses.replace(outcome(1, sent=True, latency=5.0), bytes_sent=1500, full_jpeg_bytes=1000)
-    agg.add_outcome(rec, now=0.5)
+    agg.add_outcome(outcome(1, sent=True, latency=5.0, sent_bytes=1500, full_bytes=1000), now=0.5)
     text = capture(agg.snapshot(1.0))
     assert "(+50 %)" in text and "−-" not in text
 
@@ -149,3 +151,14 @@ def test_expert_pools_get_a_column_only_when_there_are_several():
     assert "pool" in header and "oldest" not in header and "…" not in header  # still fits 80 columns
     lines = {ln.split()[1]: ln for ln in text.splitlines() if ln.strip().startswith("●") and len(ln.split()) > 2}
     assert "vehicles" in lines["w-vehicles"] and "animals" in lines["w-animals"] and "tiny" in lines["w-general"]
+
+
+def test_timeouts_and_errors_come_from_the_outcome_status():
+    agg = Aggregator(MonitorConfig(), started_at=0.0)
+    statuses: tuple[OutcomeStatus, ...] = ("timeout", "error", "server")
+    for i, status in enumerate(statuses):
+        agg.add_outcome(dataclasses.replace(outcome(i, sent=True, latency=7.0), status=status,
+                                            error_code="busy" if status == "error" else None), now=0.5)
+    s = agg.snapshot(1.0)
+    assert (s.sent_total, s.timeouts_total, s.errors_total) == (3, 1, 1)
+    assert s.latency_p50_ms == 7.0  # only the answered image's latency counts
