@@ -39,6 +39,7 @@ from shared.logs import get_logger
 from shared.protocol import (
     Availability,
     ErrorReply,
+    OutcomeStatus,
     PatchRequest,
     RegionRequest,
     Reply,
@@ -307,7 +308,7 @@ class Device:
             return self._record(rid, decision, sample, "server", reply.label, nbytes=total_bytes,
                                 latency_ms=latency_ms, attempts=attempts, worker_id=reply.worker_id,
                                 sent_at=first_sent)
-        status = "timeout" if code == "timeout" else "error"
+        status: OutcomeStatus = "timeout" if code == "timeout" else "error"
         return self._record(base_id, decision, sample, status, decision.edge_label, nbytes=total_bytes,
                             attempts=attempts, error_code=code, sent_at=first_sent)
 
@@ -383,27 +384,25 @@ class Device:
             uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label,
             deadline=sent_at + min(self.edge.image_deadline_s, asked.ttl_s), exchange=asked.exchange), None
 
-    def _record(self, rid: str, decision: EdgeDecision, sample: Sample, status: str, final_label: int, *,
+    def _record(self, rid: str, decision: EdgeDecision, sample: Sample, status: OutcomeStatus, final_label: int, *,
                 nbytes: int = 0, latency_ms: float | None = None, attempts: int = 0, worker_id: str | None = None,
                 error_code: str | None = None, patches: int | None = None,
                 full_bytes: int | None = None, region: bool = False, sent_at: float | None = None) -> OutcomeRecord:
-        record = OutcomeRecord(
-            device_id=self.device_id, request_id=rid, status=status,
-            patches=0 if status == "edge" else decision.kept if patches is None else patches,
-            num_patches=decision.num_patches,
-            bytes=nbytes, latency_ms=latency_ms, edge_label=decision.edge_label, final_label=final_label,
-            ground_truth=sample.label, uncertainty=decision.uncertainty, error_code=error_code,
-            attempts=attempts, worker_id=worker_id, edge_ms=decision.edge_ms, region=region,
-            sent_at=sent_at, done_at=time.monotonic())
-        if full_bytes is not None:
-            record = OutcomeRecord(**{**record.__dict__, "full_bytes": full_bytes})
-        elif attempts and decision.full_payload_bytes is not None and decision.payload is not None:
+        kept = 0 if status == "edge" else decision.kept if patches is None else patches
+        if status != "edge" and nbytes == 0 and kept == 0:
+            kept = 1  # keep the Outcome invariant: only an image kept at the edge sent nothing
+        if status == "edge":
+            full_bytes = None  # nothing was sent, so there is no full-image cost
+        elif full_bytes is None and attempts and decision.full_payload_bytes is not None \
+                and decision.payload is not None:
             # the same attempts, each with the full image as the payload instead of the kept patches
-            full = nbytes + attempts * (decision.full_payload_bytes - len(decision.payload))
-            record = OutcomeRecord(**{**record.__dict__, "full_bytes": full})
-        if status != "edge" and nbytes == 0 and record.patches == 0:
-            record = OutcomeRecord(**{**record.__dict__, "patches": 1})  # keep the Outcome invariant
-        return record
+            full_bytes = nbytes + attempts * (decision.full_payload_bytes - len(decision.payload))
+        return OutcomeRecord(
+            device_id=self.device_id, request_id=rid, at=time.time(), status=status, patches=kept,
+            num_patches=decision.num_patches, bytes=nbytes, latency_ms=latency_ms, edge_label=decision.edge_label,
+            final_label=final_label, ground_truth=sample.label, uncertainty=decision.uncertainty,
+            error_code=error_code, full_bytes=full_bytes, attempts=attempts, worker_id=worker_id,
+            edge_ms=decision.edge_ms, region=region, sent_at=sent_at, done_at=time.monotonic())
 
     # ---- the device loop ---------------------------------------------------------------------
     async def _publish_outcome(self, record: OutcomeRecord) -> None:

@@ -1,41 +1,38 @@
-"""One image's fate on a device: the protocol's Outcome plus what the fleet summary needs."""
+"""One image's fate on a device: the protocol's :class:`~shared.protocol.Outcome`, plus what only the
+device knows (attempts, timings, the answering worker) for its fleet summary.
+
+There is one outcome record in the project: the protocol's. :class:`OutcomeRecord` *is* an
+``Outcome`` (same fields, same names, same checks in ``__post_init__``), so what a device publishes,
+what the monitor folds and what the fleet summary counts are one value.
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
+from shared.errors import BadFieldError
 from shared.protocol import Outcome
 
 
 @dataclass(frozen=True)
-class OutcomeRecord:
-    """One image's fate on a device (the protocol's Outcome plus what the summary needs)."""
+class OutcomeRecord(Outcome):
+    """An :class:`Outcome` with the device-local facts the fleet summary needs (never on the wire)."""
 
-    device_id: str
-    request_id: str
-    status: str  # edge | server | timeout | error (see shared.protocol.Outcome)
-    patches: int
-    num_patches: int
-    bytes: int
-    latency_ms: float | None
-    edge_label: int
-    final_label: int
-    ground_truth: int | None
-    uncertainty: float
-    error_code: str | None = None
     attempts: int = 0  # requests published for this image (0: kept at the edge)
     worker_id: str | None = None
     edge_ms: float = 0.0
-    full_bytes: int | None = None  # the same requests with the full image as a JPEG (when measured)
     region: bool = False  # region offload: the worker asked for a region and the device sent it
     sent_at: float | None = None  # monotonic time of the image's first publish (None: never published)
     done_at: float = 0.0  # monotonic time the device settled the image's answer
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if type(self.attempts) is not int or self.attempts < 0:
+            raise BadFieldError(f"attempts must be an int ≥ 0, got {self.attempts!r}")
+        if not math.isfinite(self.edge_ms) or self.edge_ms < 0:
+            raise BadFieldError(f"edge_ms must be finite and ≥ 0, got {self.edge_ms!r}")
+
     def to_message(self) -> Outcome:
-        return Outcome(device_id=self.device_id, request_id=self.request_id, at=time.time(),
-                       status=self.status, patches=self.patches, num_patches=self.num_patches,  # type: ignore[arg-type]
-                       bytes=self.bytes, latency_ms=self.latency_ms, edge_label=self.edge_label,
-                       final_label=self.final_label, ground_truth=self.ground_truth,
-                       uncertainty=self.uncertainty, error_code=self.error_code,
-                       full_bytes=self.full_bytes if self.status != "edge" else None)
+        """The published part: the protocol's Outcome, without the device-local fields."""
+        return Outcome(**{f.name: getattr(self, f.name) for f in fields(Outcome)})

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+
 from edge_node.outcome import OutcomeRecord
 from edge_node.summary import SUMMARY_SCHEMA, edge_metrics, summarize
+from shared.errors import BadFieldError
+from shared.protocol import Outcome, OutcomeStatus
 
 
-def record(i: int, status: str, *, edge: int, final: int, truth: int | None, patches: int = 0, nbytes: int = 0,
-           latency: float | None = None, attempts: int = 0, code: str | None = None) -> OutcomeRecord:
-    return OutcomeRecord(device_id=f"cam-000{i % 2}", request_id=f"cam-000{i % 2}.{i:06d}", status=status,
+def record(i: int, status: OutcomeStatus, *, edge: int, final: int, truth: int | None, patches: int = 0,
+           nbytes: int = 0, latency: float | None = None, attempts: int = 0, code: str | None = None) -> OutcomeRecord:
+    return OutcomeRecord(device_id=f"cam-000{i % 2}", request_id=f"cam-000{i % 2}.{i:06d}", at=1.0,
+                         status=status,
                          patches=patches, num_patches=64, bytes=nbytes, latency_ms=latency, edge_label=edge,
                          final_label=final, ground_truth=truth, uncertainty=1.0, error_code=code,
                          attempts=attempts, worker_id="w1" if status == "server" else None)
@@ -46,3 +51,15 @@ def test_edge_metrics_message_is_valid() -> None:
     m = edge_metrics("cam-0000", records, 5.0)
     assert (m.images, m.offloaded, m.replies, m.labelled, m.correct) == (2, 1, 1, 2, 2)
     assert m.latency_ms_p50 == 10.0
+
+
+def test_a_device_record_is_the_protocol_outcome_and_publishes_as_one() -> None:
+    rec = record(2, "server", edge=4, final=5, truth=5, patches=32, nbytes=1000, latency=10.0, attempts=1)
+    assert isinstance(rec, Outcome)
+    message = rec.to_message()
+    assert type(message) is Outcome and (message.request_id, message.patches, message.final_label) == (
+        "cam-0000.000002", 32, 5)
+    with pytest.raises(BadFieldError, match="status 'edge'"):  # the protocol's own check
+        record(5, "server", edge=1, final=1, truth=None)  # offloaded, yet nothing sent
+    with pytest.raises(BadFieldError, match="attempts"):
+        record(6, "edge", edge=1, final=1, truth=None, attempts=-1)
