@@ -10,23 +10,24 @@ from typing import Any
 import numpy as np
 
 from edge_node.outcome import OutcomeRecord
+from shared.percentiles import percentiles
 from shared.protocol import EdgeMetrics
 
 SUMMARY_SCHEMA = "patchcast.edge_summary/1"
 
 
-def _percentiles(values: Sequence[float]) -> dict[str, float] | None:
-    if not values:
+def _latency_figures(values: Sequence[float]) -> dict[str, float] | None:
+    pct = percentiles(values, (50, 95, 99))
+    if pct is None:
         return None
-    arr = np.asarray(values, dtype=np.float64)
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
-            "mean": round(float(arr.mean()), 3), "max": round(float(arr.max()), 3)}
+    p50, p95, p99 = pct
+    return {"p50": round(p50, 3), "p95": round(p95, 3), "p99": round(p99, 3),
+            "mean": round(float(np.mean(values)), 3), "max": round(float(max(values)), 3)}
 
 
 def edge_metrics(device_id: str, records: Sequence[OutcomeRecord], window_s: float) -> EdgeMetrics:
     latencies = [r.latency_ms for r in records if r.latency_ms is not None]
-    pct = _percentiles(latencies)
+    pct = _latency_figures(latencies)
     labelled = [r for r in records if r.ground_truth is not None]
     return EdgeMetrics(
         device_id=device_id, at=time.time(), window_s=max(window_s, 0.0), images=len(records),
@@ -76,7 +77,7 @@ def summarize(records: Sequence[OutcomeRecord], *, devices: int, wall_s: float, 
         # region offload: images whose worker asked for, and got, a full-resolution region
         "regions_sent": sum(r.region for r in records),
         "accuracy": None,
-        "latency_ms": _percentiles([r.latency_ms for r in records if r.latency_ms is not None]),
+        "latency_ms": _latency_figures([r.latency_ms for r in records if r.latency_ms is not None]),
         "edge_ms_per_image": round(float(np.mean([r.edge_ms for r in records])), 3) if records else None,
         "workers": dict(sorted(collections.Counter(r.worker_id for r in records if r.worker_id).items())),
     }

@@ -12,13 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inference_worker.batcher import BatchReport
-
-
-def percentiles(values: list[float], qs: tuple[float, ...]) -> list[float]:
-    if not values:
-        return [0.0 for _ in qs]
-    arr = np.fromiter(values, dtype=np.float64)
-    return [float(v) for v in np.percentile(arr, [q * 100 for q in qs])]
+from shared.percentiles import percentile, percentiles
 
 
 @dataclass
@@ -80,8 +74,8 @@ class WorkerStats:
         now = time.monotonic() if now is None else now
         w = self.window
         elapsed = max(now - w.started, 1e-9)
-        p50, p95, p99 = percentiles(w.service_s, (0.5, 0.95, 0.99))  # this window's replies only
-        (arrival_p95,) = percentiles(w.arrival_s, (0.95,))
+        p50, p95, p99 = percentiles(w.service_s, (50, 95, 99)) or (0.0, 0.0, 0.0)  # this window's replies only
+        arrival_p95 = percentile(w.arrival_s, 95) or 0.0
         sizes = w.batch_sizes
         self.window = WindowStats(started=now)
         return WindowFigures(

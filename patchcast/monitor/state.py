@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from patchcast.monitor.stats import percentile
 from shared.config import MonitorConfig
+from shared.percentiles import percentiles
 from shared.protocol import Outcome
 
 # ---------------------------------------------------------------------------------------------
@@ -312,9 +312,9 @@ class Aggregator:
         recs = list(self._window)
         sent = [r for r in recs if r.outcome.offloaded]
         patches_total = sum(r.outcome.num_patches for r in sent)
-        latencies = sorted(r.outcome.latency_ms for r in sent
-                           if r.outcome.status == "server" and r.outcome.latency_ms is not None)
-        p95 = percentile(latencies, 95)
+        latencies = [r.outcome.latency_ms for r in sent
+                     if r.outcome.status == "server" and r.outcome.latency_ms is not None]
+        p50, p95, p99 = percentiles(latencies, (50, 95, 99)) or (None, None, None)
         self._latency_history.append(p95)
         t = self.totals
         rows = self._worker_rows(now)
@@ -337,8 +337,7 @@ class Aggregator:
                 edge=t.edge_correct / t.labelled if t.labelled else None,
                 collaborative=t.final_correct / t.labelled if t.labelled else None,
                 server=server_acc, labelled=t.labelled, server_labelled=server_n),
-            latency_p50_ms=percentile(latencies, 50), latency_p95_ms=p95,
-            latency_p99_ms=percentile(latencies, 99),
+            latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99,
             latency_history=tuple(self._latency_history),
             workers=rows, broker=self._broker_row(), title=self.title)
 

@@ -1,25 +1,11 @@
-"""Small pure helpers for the dashboard: percentiles, sparklines, human-readable numbers."""
+"""Small pure helpers for the dashboard: sparklines, human-readable numbers (percentiles:
+:mod:`shared.percentiles`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (``q`` in 0..100) of an already sorted sequence; None if empty."""
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    if n == 1:
-        return float(sorted_values[0])
-    pos = (n - 1) * min(100.0, max(0.0, q)) / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    return float(sorted_values[lo]) * (1 - frac) + float(sorted_values[hi]) * frac
 
 
 def sparkline(values: Sequence[float | None], width: int) -> str:

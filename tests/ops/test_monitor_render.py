@@ -10,8 +10,9 @@ from rich.console import Console
 
 from patchcast.monitor.render import render, render_text, short_id
 from patchcast.monitor.state import Aggregator, Snapshot, WorkerSample
-from patchcast.monitor.stats import percentile, sparkline
+from patchcast.monitor.stats import sparkline
 from shared.config import MonitorConfig
+from shared.percentiles import percentile
 from shared.protocol import Outcome, OutcomeStatus
 
 
