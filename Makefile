@@ -37,4 +37,4 @@ imports: $(STAMP)
 	.venv/bin/lint-imports
 
 bench: $(STAMP)
-	.venv/bin/python bench/worker_throughput.py --quick
+	.venv/bin/python bench/model_throughput.py --quick

@@ -42,7 +42,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -61,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from shared import codecs, datasets
 from shared import protocol as P
+from shared.machine import machine_info
 from shared.models import ZOO_DIR, Preprocess
 
 
@@ -489,13 +489,7 @@ def summarise(dataset: str, samples: list[Sample], patch: int, rec: Records, bas
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {**machine_info(torch=False),
             "pillow": Image.__version__ if hasattr(Image, "__version__") else "?",
             "libjpeg_turbo": features.version("libjpeg_turbo") or features.version("jpg"),
             "libwebp": features.version("webp"), "loadavg_at_start": os.getloadavg()[0]}

@@ -1,5 +1,5 @@
-"""What the benchmarks share: token-length workloads, the variant record and its timed loop, model FLOPs,
-machine information and synthetic photo-like images.
+"""What the benchmarks share: token-length workloads, the variant record and its timed loop, model FLOPs
+and synthetic photo-like images (machine information: :mod:`shared.machine`).
 
 torch is imported where it is used, so that a bench's parent process (and the test helpers that take
 :func:`natural_image`) do not pay for it.
@@ -8,10 +8,7 @@ torch is imported where it is used, so that a bench's parent process (and the te
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -214,32 +211,3 @@ def write_json(path: Path | None, result: dict[str, Any]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1, default=str))
-
-
-# ---- machine --------------------------------------------------------------------------------------
-
-def cpu_name() -> str:
-    """The CPU's model name (lscpu, else /proc/cpuinfo, else what :mod:`platform` knows)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """The CPU's model name, its cores, the torch and Python versions."""
-    import torch
-
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version()}

@@ -2,7 +2,7 @@
 
     python bench/gpu_worker.py --json reports/gpu_worker.json           # needs a CUDA GPU; ~3 min on an H100
 
-The CPU benchmark (``bench/worker_throughput.py``) asks how close packing gets to a CPU's limit. On
+The CPU benchmark (``bench/model_throughput.py``) asks how close packing gets to a CPU's limit. On
 a GPU the question changes: one image of ~150 tokens is far too little work for the device, so the
 one-at-a-time loop is bound by kernel launches, and the batcher's caps decide how much of the GPU a
 batch can use. Same model (timm ``deit_base_patch16_224``, random init: compute does not depend on
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -54,6 +53,7 @@ from bench import common
 from bench.common import NUM_PATCHES, Batch, Variant, fifo, planned
 from inference_worker.engine import PatchSet, ServerEngine
 from shared.config import BatchingConfig
+from shared.machine import machine_info
 from shared.models import LoadedModel, Preprocess
 from shared.packing import (
     AttentionImpl,
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{how} → {args.save_zoo_fractions}")
         return 0
     if not torch.cuda.is_available():
-        print("error: this benchmark needs a CUDA GPU (bench/worker_throughput.py measures the CPU)", file=sys.stderr)
+        print("error: this benchmark needs a CUDA GPU (bench/model_throughput.py measures the CPU)", file=sys.stderr)
         return 1
     rng = np.random.default_rng(args.seed)
     r = args.requests
@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     mixes["full"] = [NUM_PATCHES] * r
     import timm
 
-    info = {**common.machine_info(), "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
-            "platform": platform.platform(), "varlen": varlen_available(),
+    info = {**machine_info(), "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
+            "varlen": varlen_available(),
             "command": " ".join(["python", "bench/gpu_worker.py", *(argv or sys.argv[1:])])}
     for name, lengths in mixes.items():
         common.log(f"mix {name}: {len(lengths)} requests, patch tokens mean {np.mean(lengths):.1f}")

@@ -19,7 +19,7 @@ one precision and one policy all its life). The parent alternates the kinds, ``-
 and prints images/s and each child's peak resident memory (medians over rounds) and per-round
 ratios (median over rounds).
 
-Workloads, as in ``bench/worker_throughput.py`` (same seed, same ``paper`` mix: ~147 of 196 patches
+Workloads, as in ``bench/model_throughput.py`` (same seed, same ``paper`` mix: ~147 of 196 patches
 kept, 32 requests): ``packed``, the worker's packed bf16 forward under its default caps
 (``plan_batches(32, 2048)``, matrix weights stored in bf16, autocast); ``one-by-one``, one request
 at a time with the same weights; ``packed-fp32``. Each child warms up once, times its workload
@@ -45,7 +45,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from bench.common import beta_lengths, cpu_name, make_sets, planned
+from bench.common import beta_lengths, make_sets, planned
+from shared.machine import cpu_name
 
 KINDS = ("default", "retained", "retained-2threads")
 WORKLOADS = ("packed", "one-by-one", "packed-fp32")

@@ -7,7 +7,7 @@ oneDNN builds (JIT-compiles) a kernel for every new matrix shape and keeps it in
 cache of 1,024 kernels (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``), each holding buffers that grow with
 the shape's row count. A worker's packed batches hold a different number of tokens almost every
 time, so without care every batch builds new kernels (slower than running them) and the cache
-fills with large ones. ``bench/worker_throughput.py`` cannot show this: it repeats its workloads,
+fills with large ones. ``bench/model_throughput.py`` cannot show this: it repeats its workloads,
 so after the first round every shape is cached.
 
 Here every child process serves a stream of **fresh** requests (the ``paper`` mix: ~147 of 196
@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from bench.common import cpu_name
+from shared.machine import cpu_name
 
 SETTINGS: dict[str, tuple[bool, bool]] = {  # name: (prepack_weights, shape_buckets)
     "worker": (True, True), "no-buckets": (True, False), "no-prepack": (False, True), "before": (False, False)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import shared.transport  # noqa: F401  (the MQTT client: aiomqtt and paho, imported only there)
     from shared import __version__
     from shared.heap import describe_support
+    from shared.machine import machine_info
     from shared.packing import varlen_available
     from shared.precision import MIN_BF16_SPEEDUP, bf16_flags, probe_once, resolve
     from shared.prepack import prepack_available
@@ -49,10 +49,13 @@ def run(args: argparse.Namespace) -> int:
     probe = probe_once()
     measured = ("not measured (bf16 emulated here)" if probe is None else
                 f"{probe.speedup:.2f}× fp32 (fp32 {probe.fp32_s * 1e3:.1f} ms, bf16 {probe.bf16_s * 1e3:.1f} ms)")
+    machine = machine_info()
     rows = [
         ("patchcast", __version__),
-        ("python", platform.python_version()),
-        ("torch", torch.__version__),
+        ("cpu", f"{machine['cpu']} ({machine['cores']} cores)"),
+        ("platform", machine["platform"]),
+        ("python", machine["python"]),
+        ("torch", machine["torch"]),
         ("torchvision", torchvision.__version__),
         ("timm", timm.__version__),
         ("msgpack", ".".join(map(str, msgpack.version))),
