@@ -125,7 +125,7 @@ def test_mounted_files_exist(compose: dict[str, Any]):
 
 
 def _directives(text: str) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:

@@ -96,8 +96,8 @@ def test_health_from_retained_availability(broker: BrokerProcess):
     asyncio.run(publish_fleet(broker.port, worker="box1-4242"))
     cfg = BrokerConfig(port=broker.port)
 
-    def online(**kw: str | None) -> set[str]:
-        return asyncio.run(check_availability(cfg, role="worker", timeout_s=1.5, **kw))[0]
+    def online(ident: str | None = None, prefix: str | None = None) -> set[str]:
+        return asyncio.run(check_availability(cfg, role="worker", ident=ident, prefix=prefix, timeout_s=1.5))[0]
 
     assert online(prefix="box1") == {"box1-4242"}
     assert online(ident="box1-4242") == {"box1-4242"}

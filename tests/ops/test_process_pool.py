@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from patchcast.scaling.backends import ComposeBackend, ProcessPool
 from shared.config import ScalerConfig
@@ -43,7 +44,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def pool_for(mode: str, tmp_path: Path, **cfg: float) -> ProcessPool:
+def pool_for(mode: str, tmp_path: Path, **cfg: Any) -> ProcessPool:
     script = tmp_path / "fake_worker.py"
     script.write_text(WORKER)
     return ProcessPool(ScalerConfig(**cfg), argv=[sys.executable, str(script), mode, str(tmp_path)],

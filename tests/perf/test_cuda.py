@@ -30,7 +30,9 @@ def _loaded(heads: int = 4) -> LoadedModel:
     torch.manual_seed(0)
     model = VitArch(32, 4, 128, 3, heads).build().eval()
     with torch.no_grad():
-        model.head.weight.mul_(20.0)  # spread the logits so that labels are not near-ties
+        head = model.head
+        assert isinstance(head, torch.nn.Linear)
+        head.weight.mul_(20.0)  # spread the logits so that labels are not near-ties
     pre = Preprocess(input_size=32, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), crop_pct=1.0)
     return LoadedModel(model=model, name="server", preprocess=pre, class_names=[f"c{i}" for i in range(10)])
 

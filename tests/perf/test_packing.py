@@ -27,6 +27,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 from shared.models import VitArch
 from shared.packing import (
+    AttentionImpl,
     UnsupportedModelError,
     autocast_ready_copy,
     bucket_rows,
@@ -49,7 +50,9 @@ def _tiny_arch() -> VisionTransformer:
 
 
 def _deit_tiny() -> VisionTransformer:
-    return timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    assert isinstance(model, VisionTransformer)
+    return model
 
 
 def _layerscale_qknorm() -> VisionTransformer:
@@ -97,9 +100,9 @@ def _close_bf16(a: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("attention", ["sdpa", "padded"])
 @pytest.mark.parametrize("cls_only_last", [True, False])
-def test_fp32_packed_equals_one_by_one(case: Case, attention: str, cls_only_last: bool) -> None:
+def test_fp32_packed_equals_one_by_one(case: Case, attention: AttentionImpl, cls_only_last: bool) -> None:
     with torch.inference_mode():
-        packed = forward_packed(case.model, case.sets, attention=attention,  # type: ignore[arg-type]
+        packed = forward_packed(case.model, case.sets, attention=attention,
                                 cls_only_last=cls_only_last)
     assert packed.shape == (len(case.sets), case.model.num_classes)
     _close_fp32(packed, case.one_by_one)
@@ -107,17 +110,17 @@ def test_fp32_packed_equals_one_by_one(case: Case, attention: str, cls_only_last
 
 @pytest.mark.parametrize("attention", ["sdpa", "padded"])
 @pytest.mark.parametrize("cls_only_last", [True, False])
-def test_shape_buckets_change_no_result(case: Case, attention: str, cls_only_last: bool) -> None:
+def test_shape_buckets_change_no_result(case: Case, attention: AttentionImpl, cls_only_last: bool) -> None:
     """Dummy rows up to the bucket size are in no set: same logits as without them (fp32 bound),
     for the whole batch and for single sets (CLS only; all patches)."""
     total = sum(int(t.shape[0]) + 1 for t in case.sets)
     assert bucket_rows(total) > total  # the case exercises dummy rows
     with torch.inference_mode():
         for sets in (case.sets, case.sets[:1], case.sets[2:3]):
-            kw = {"attention": attention, "cls_only_last": cls_only_last}
-            plain = forward_packed(case.model, sets, **kw)  # type: ignore[arg-type]
-            _close_fp32(forward_packed(case.model, sets, shape_buckets=True, **kw), plain)  # type: ignore[arg-type]
-        _close_fp32(forward_token_sets(case.model, case.sets, "packed", attention=attention,  # type: ignore[arg-type]
+            plain = forward_packed(case.model, sets, attention=attention, cls_only_last=cls_only_last)
+            _close_fp32(forward_packed(case.model, sets, attention=attention, cls_only_last=cls_only_last,
+                                       shape_buckets=True), plain)
+        _close_fp32(forward_token_sets(case.model, case.sets, "packed", attention=attention,
                                        cls_only_last=cls_only_last, shape_buckets=True), case.one_by_one)
 
 
@@ -172,7 +175,7 @@ def test_bf16_autocast_packed_matches_references(case: Case) -> None:
 @pytest.mark.skipif(not prepack_available(), reason="this torch cannot prepack oneDNN Linear weights")
 @pytest.mark.parametrize("attention", ["sdpa", "padded"])
 @pytest.mark.parametrize("cls_only_last", [True, False])
-def test_prepacked_weights_match_bf16_stored_weights(case: Case, attention: str, cls_only_last: bool) -> None:
+def test_prepacked_weights_match_bf16_stored_weights(case: Case, attention: AttentionImpl, cls_only_last: bool) -> None:
     """The worker's bf16 mode with ``worker.prepack_weights``: every forward path on the prepacked
     copy against the same path on the bf16-stored weights it was packed from, and the fp32 reference."""
     ready = autocast_ready_copy(case.model)

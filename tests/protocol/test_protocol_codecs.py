@@ -94,7 +94,7 @@ def test_encode_validates_its_inputs() -> None:
     with pytest.raises(BadMaskError):
         raw.encode(pixels, [], 4)
     with pytest.raises(ProtocolError):
-        raw.encode(pixels.astype(np.float32), [0], 4)  # type: ignore[arg-type]
+        raw.encode(pixels.astype(np.float32), [0], 4)
     with pytest.raises(ProtocolError):
         raw.encode(pixels, [0], 5)
     with pytest.raises(BadFieldError):

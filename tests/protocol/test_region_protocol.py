@@ -30,14 +30,14 @@ def global_request(**overrides: object) -> P.PatchRequest:
     """The glance: a 64×64 image in 16-px patches (standing for a 128×128 one downsampled by 2), every patch."""
     kw: dict[str, object] = {"downscale": 2}
     kw.update(overrides)
-    return make_request("raw", size=64, patch=16, keep_every=1, **kw)  # type: ignore[arg-type]
+    return make_request("raw", size=64, patch=16, keep_every=1, **kw)
 
 
 def region_request(**overrides: object) -> P.PatchRequest:
     """The region: the window [5, 6, 9, 10] of a 4×4 grid, at full resolution, under an exchange id."""
     kw: dict[str, object] = {"indices": np.array([5, 6, 9, 10]), "scores": None, "exchange": "xa1b2c3.7"}
     kw.update(overrides)
-    return make_request("raw", size=64, patch=16, **kw)  # type: ignore[arg-type]
+    return make_request("raw", size=64, patch=16, **kw)
 
 
 WINDOW = pack_mask([5, 6, 9, 10], 16)

@@ -6,12 +6,15 @@ import io
 from dataclasses import replace
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import torch
 from PIL import Image
 
+from inference_worker.engine import PatchSet
 from shared.config import Config, load_config
 from shared.models import LoadedModel, Preprocess, VitArch, save_checkpoint
+from shared.protocol import build_request, encode
 
 IMG = 32
 PATCH = 4
@@ -20,12 +23,40 @@ SERVER_ARCH = VitArch(img_size=IMG, patch_size=PATCH, embed_dim=48, depth=2, num
 PREPROCESS = Preprocess(input_size=IMG, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), crop_pct=1.0)
 
 
+
+def patch_sets(count: int, seed: int = 0) -> list[PatchSet]:
+    """``count`` random patch sets for the SERVER_ARCH models, from one patch to all of them."""
+    rng = np.random.default_rng(seed)
+    n, p = (SERVER_ARCH.img_size // SERVER_ARCH.patch_size) ** 2, SERVER_ARCH.patch_size
+    sets = []
+    for _ in range(count):
+        k = int(rng.integers(1, n + 1))  # from a single patch to all of them
+        idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+        sets.append(PatchSet(rng.integers(0, 256, size=(k, p, p, 3), dtype=np.uint8), idx))
+    return sets
+
+
+def valid_request(device: str, request_id: str, **overrides: object) -> bytes:
+    """A valid request of ``device`` (its id ``<device>.<request_id>``: a device names only its own ids),
+    with wire fields replaced by ``overrides``."""
+    rng = np.random.default_rng(0)
+    n = (IMG // PATCH) ** 2
+    req = build_request(device_id=device, request_id=f"{device}.{request_id}",
+                        pixels=rng.integers(0, 256, (IMG, IMG, 3), dtype=np.uint8),
+                        indices=np.arange(0, n, 3), patch_size=PATCH, codec="jpeg-mosaic",
+                        topk_ids=[3, 1], topk_probs=[0.5, 0.2], uncertainty=1.0, sent_at=1.0)
+    body = msgpack.unpackb(encode(req))
+    body.update(overrides)
+    return msgpack.packb(body, use_bin_type=True)
+
 def random_model(arch: VitArch, seed: int, name: str) -> LoadedModel:
     torch.manual_seed(seed)
     model = arch.build().eval()
     # timm's init gives near-uniform logits; a larger head spreads them so labels are not near-ties.
     with torch.no_grad():
-        model.head.weight.mul_(40.0)
+        head = model.head
+        assert isinstance(head, torch.nn.Linear)
+        head.weight.mul_(40.0)
     return LoadedModel(model=model, name=name, preprocess=PREPROCESS, class_names=[f"c{i}" for i in range(10)])
 
 
@@ -77,15 +108,15 @@ def with_section(cfg: Config, section: str, **values: object) -> Config:
     return replace(cfg, **{section: replace(getattr(cfg, section), **values)})
 
 
-def async_test(timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
+def async_test(timeout_s: float = 60.0):
     """Run an ``async def`` test in a fresh event loop (no pytest plugin needed), under a timeout."""
     import asyncio
     import functools
 
-    def wrap(fn):  # type: ignore[no-untyped-def]
+    def wrap(fn):
         @functools.wraps(fn)
-        def runner(*args, **kwargs):  # type: ignore[no-untyped-def]
-            async def bounded():  # type: ignore[no-untyped-def]
+        def runner(*args, **kwargs):
+            async def bounded():
                 async with asyncio.timeout(timeout_s):
                     return await fn(*args, **kwargs)
             return asyncio.run(bounded())

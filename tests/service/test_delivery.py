@@ -21,7 +21,7 @@ from shared.topics import V1
 from shared.transport import Incoming, Transport
 
 
-async def wait_until(predicate, limit_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_until(predicate, limit_s: float = 10.0) -> None:
     async with asyncio.timeout(limit_s):
         while not predicate():  # noqa: ASYNC110 - polling what another task records
             await asyncio.sleep(0.02)
@@ -56,7 +56,7 @@ def test_recent_requests_bounded_with_ttl() -> None:
 
 @async_test(90)
 async def test_resend_after_a_dropped_reply_is_answered_from_memory_and_computed_once(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     edge_path, server_path = model_files
     model = f"tiny-{unique}"
     # A 300 ms batching delay keeps the first request in progress while its re-send arrives.
@@ -103,7 +103,7 @@ async def test_resend_after_a_dropped_reply_is_answered_from_memory_and_computed
 
 @async_test(90)
 async def test_device_resends_under_the_same_id_and_hands_one_answer_per_image(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     """A stand-in worker ignores each request's first copy and answers its re-send twice: every image
     gets one server answer after two attempts; the extra replies are counted, never handed on."""
     edge_path, server_path = model_files
@@ -152,7 +152,7 @@ async def test_device_resends_under_the_same_id_and_hands_one_answer_per_image(
 
 @async_test(90)
 async def test_a_request_that_reached_no_worker_is_resent_without_waiting_out_the_reply_timeout(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     """The pool subscribes only after the devices have started sending (as after a broker restart):
     the broker's PUBACK says 'no matching subscribers', and the devices re-send after a short backoff,
     well before their 5-s reply timeout, without spending a re-send."""

@@ -35,7 +35,7 @@ DEVICES = 200
 
 @async_test(180)
 async def test_two_hundred_devices_connect_staggered_and_every_image_is_answered(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     edge_path, server_path = model_files
     cfg = service_config(broker.port, edge_path, server_path, image_folder,
                          models={"model_id": f"tiny-{unique}"}, worker={"group": f"pool-{unique}"},
@@ -61,7 +61,7 @@ async def test_two_hundred_devices_connect_staggered_and_every_image_is_answered
 
 @async_test(120)
 async def test_devices_the_broker_will_not_take_are_counted_and_named_not_waited_for(
-        model_files, image_folder, unique, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        model_files, image_folder, unique, tmp_path: Path) -> None:
     """A broker that holds 30 connections: the other devices of a 40-device fleet are given up within
     their own connect timeout, counted and named, and the 30 that connected do their work."""
     template = tmp_path / "small.conf"
@@ -88,7 +88,7 @@ async def test_devices_the_broker_will_not_take_are_counted_and_named_not_waited
 
 
 @async_test(60)
-async def test_a_fleet_with_no_broker_fails_with_a_clear_error(model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+async def test_a_fleet_with_no_broker_fails_with_a_clear_error(model_files, image_folder, unique) -> None:
     from patchcast.broker import free_port
 
     edge_path, server_path = model_files
@@ -101,7 +101,7 @@ async def test_a_fleet_with_no_broker_fails_with_a_clear_error(model_files, imag
 
 
 def test_a_fleet_larger_than_the_descriptor_limit_is_refused_before_it_starts(
-        broker, model_files, image_folder) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder) -> None:
     edge_path, server_path = model_files
     too_many = devices_per_process() + 1
     cfg = service_config(broker.port, edge_path, server_path, image_folder, edge={"devices": too_many})
@@ -109,7 +109,7 @@ def test_a_fleet_larger_than_the_descriptor_limit_is_refused_before_it_starts(
         asyncio.run(run_fleet(cfg))
 
 
-def test_device_samples_walk_their_own_slice_without_copying_the_dataset(image_folder) -> None:  # type: ignore[no-untyped-def]
+def test_device_samples_walk_their_own_slice_without_copying_the_dataset(image_folder) -> None:
     ds = datasets.load(str(image_folder))
     n = len(ds)
     first = list(device_samples(ds, 0, 4, 3))
@@ -147,7 +147,7 @@ class _Spy:
 @pytest.mark.parametrize("processes", [1, 2])
 @async_test(240)
 async def test_sigterm_ends_a_running_fleet_within_seconds_with_its_summary(
-        broker, model_files, image_folder, unique, tmp_path: Path, processes: int) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique, tmp_path: Path, processes: int) -> None:
     """A `patchcast edge` process that would run for ten minutes: SIGTERM once every device is online;
     it prints the summary of what was done and exits within 10 s (one process, or two that split the fleet)."""
     edge_path, server_path = model_files

@@ -40,7 +40,7 @@ def honest_requests(device: str, images: int, count: int) -> list[tuple[str, int
     return out
 
 
-async def hostile_run(broker, model_files, image_folder, unique: str, *, hostile: int, honest: int,  # type: ignore[no-untyped-def]
+async def hostile_run(broker, model_files, image_folder, unique: str, *, hostile: int, honest: int,
                       rate_hz: float) -> None:
     edge_path, server_path = model_files
     model = f"tiny-{unique}"
@@ -99,11 +99,11 @@ async def hostile_run(broker, model_files, image_folder, unique: str, *, hostile
 
 
 @async_test(180)
-async def test_hostile_corpus_while_real_requests_flow(broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+async def test_hostile_corpus_while_real_requests_flow(broker, model_files, image_folder, unique) -> None:
     await hostile_run(broker, model_files, image_folder, unique, hostile=600, honest=40, rate_hz=1000.0)
 
 
 @pytest.mark.slow
 @async_test(600)
-async def test_hostile_corpus_of_ten_thousand_messages(broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+async def test_hostile_corpus_of_ten_thousand_messages(broker, model_files, image_folder, unique) -> None:
     await hostile_run(broker, model_files, image_folder, unique, hostile=10_000, honest=200, rate_hz=800.0)

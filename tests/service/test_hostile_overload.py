@@ -85,7 +85,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-async def overload(broker, model_files, image_folder, unique: str, *, overload_s: float,  # type: ignore[no-untyped-def]
+async def overload(broker, model_files, image_folder, unique: str, *, overload_s: float,
                    baseline_s: float, recover_s: float, after_s: float) -> None:
     """``baseline_s`` at 0.4× capacity, ``overload_s`` at 3×, then 0.4× for ``after_s``; the p95 of
     requests sent ``recover_s`` or more after the drop must be back near the baseline's."""
@@ -97,7 +97,7 @@ async def overload(broker, model_files, image_folder, unique: str, *, overload_s
     worker = InferenceWorker(cfg, build_model(cfg.models.server, role="server"), worker_id=f"{unique}-w")
     model_logits = worker.engine.logits_checked
 
-    def slow_logits(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def slow_logits(*args, **kwargs):
         time.sleep(BATCH_S)  # a model that takes BATCH_S per batch: a known capacity
         return model_logits(*args, **kwargs)
 
@@ -166,14 +166,14 @@ async def overload(broker, model_files, image_folder, unique: str, *, overload_s
 
 
 @async_test(120)
-async def test_overload_briefly(broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+async def test_overload_briefly(broker, model_files, image_folder, unique) -> None:
     await overload(broker, model_files, image_folder, unique, overload_s=3.0, baseline_s=1.5, recover_s=1.5,
                    after_s=4.0)
 
 
 @pytest.mark.slow
 @async_test(180)
-async def test_overload_three_times_capacity_for_thirty_seconds(  # type: ignore[no-untyped-def]
+async def test_overload_three_times_capacity_for_thirty_seconds(
         broker, model_files, image_folder, unique) -> None:
     await overload(broker, model_files, image_folder, unique, overload_s=30.0, baseline_s=3.0, recover_s=10.0,
                    after_s=15.0)

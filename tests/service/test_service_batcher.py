@@ -15,7 +15,7 @@ from shared.config import BatchingConfig
 from shared.errors import BusyError, InferenceError, PatchCastError
 
 
-def make(limits: BatchingConfig, capacity: int = 100, fn=None):  # type: ignore[no-untyped-def]
+def make(limits: BatchingConfig, capacity: int = 100, fn=None):
     batches: list[list[int]] = []
     reports: list[BatchReport] = []
 

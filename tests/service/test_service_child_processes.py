@@ -23,9 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from service_helpers import SERVER_ARCH, async_test, random_model, service_config
-from test_service_engine import patch_sets
-from test_service_malformed import valid_request
+from service_helpers import SERVER_ARCH, async_test, patch_sets, random_model, service_config, valid_request
 from waiting import wait_until, wait_until_async
 
 from edge_node.fleet import run_fleet
@@ -45,12 +43,12 @@ BATCHING = BatchingConfig(max_batch=32, max_tokens=1024)
 
 
 @pytest.fixture(scope="module")
-def server():  # type: ignore[no-untyped-def]
+def server():
     return random_model(SERVER_ARCH, 2, "server")
 
 
 @pytest.fixture(scope="module")
-def engine(server):  # type: ignore[no-untyped-def]
+def engine(server):
     remote = EngineProcess(server, BATCHING, "fp32", threads=1)
     yield remote
     remote.close()
@@ -60,7 +58,7 @@ def block_exists(remote: EngineProcess) -> bool:
     return Path("/dev/shm", remote.block_name.lstrip("/")).exists()
 
 
-def test_logits_equal_the_in_process_engine(server, engine) -> None:  # type: ignore[no-untyped-def]
+def test_logits_equal_the_in_process_engine(server, engine) -> None:
     local = ServerEngine(server, BATCHING, "fp32")
     empty = PatchSet(np.zeros((0, SERVER_ARCH.patch_size, SERVER_ARCH.patch_size, 3), np.uint8),
                      np.zeros(0, np.int64))  # CLS alone
@@ -72,7 +70,7 @@ def test_logits_equal_the_in_process_engine(server, engine) -> None:  # type: ig
     assert (engine.patch_size, engine.input_size) == (local.patch_size, local.input_size)
 
 
-def test_a_failing_batch_fails_alone_and_the_child_keeps_serving(engine) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_batch_fails_alone_and_the_child_keeps_serving(engine) -> None:
     sets = patch_sets(4, seed=5)
     bad = PatchSet(sets[0].patches, sets[0].indices + 10_000)  # grid positions the model does not have
     pid = engine.pid
@@ -82,7 +80,7 @@ def test_a_failing_batch_fails_alone_and_the_child_keeps_serving(engine) -> None
     assert engine.logits_checked(sets).shape == (4, 10)
 
 
-def test_a_malformed_layout_is_that_batchs_error_not_the_childs_end(engine) -> None:  # type: ignore[no-untyped-def]
+def test_a_malformed_layout_is_that_batchs_error_not_the_childs_end(engine) -> None:
     pid = engine.pid
     engine._conn.send(("batch", np.array([5], dtype=np.int64), np.arange(3, dtype=np.int64)))  # 3 indices, 5 patches
     assert engine._conn.poll(30)
@@ -91,7 +89,7 @@ def test_a_malformed_layout_is_that_batchs_error_not_the_childs_end(engine) -> N
     assert engine.pid == pid and engine.logits_checked(patch_sets(2, seed=9)).shape == (2, 10)
 
 
-def test_a_batch_over_the_block_is_refused_before_it_is_sent(server) -> None:  # type: ignore[no-untyped-def]
+def test_a_batch_over_the_block_is_refused_before_it_is_sent(server) -> None:
     small = EngineProcess(server, BatchingConfig(max_batch=4, max_tokens=64), "fp32", threads=1)
     try:
         assert small.capacity == 64
@@ -109,7 +107,7 @@ def _full_set(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, size=(n, p, p, 3), dtype=np.uint8), np.arange(n, dtype=np.int64)
 
 
-def test_a_killed_child_fails_its_batch_and_the_next_batch_restarts_it(server) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_child_fails_its_batch_and_the_next_batch_restarts_it(server) -> None:
     remote = EngineProcess(server, BATCHING, "fp32", threads=1)
     try:
         sets = patch_sets(6, seed=7)
@@ -123,6 +121,7 @@ def test_a_killed_child_fails_its_batch_and_the_next_batch_restarts_it(server) -
         assert remote.pid != first and remote.restarts == 1
         # Restarts are rate-limited: past MAX_RESTARTS in the window, batches fail without a new child.
         for _ in range(MAX_RESTARTS):
+            assert remote.pid is not None
             os.kill(remote.pid, signal.SIGKILL)
             remote._proc.join(10)
             try:
@@ -138,7 +137,7 @@ def test_a_killed_child_fails_its_batch_and_the_next_batch_restarts_it(server) -
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_a_child_that_cannot_build_the_engine_fails_the_start_with_its_reason(server) -> None:  # type: ignore[no-untyped-def]
+def test_a_child_that_cannot_build_the_engine_fails_the_start_with_its_reason(server) -> None:
     with pytest.raises(ModelError, match="no CUDA GPU"):
         EngineProcess(server, BATCHING, "auto", device="cuda", threads=1)
 
@@ -154,7 +153,7 @@ def test_auto_means_a_child_process_for_cuda_only() -> None:
 
 @async_test(120)
 async def test_a_dead_decoder_process_is_replaced_and_the_worker_keeps_serving(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     edge_path, server_path = model_files
     model, dev = f"tiny-{unique}", f"{unique}dev"
     cfg = service_config(broker.port, edge_path, server_path, image_folder, models={"model_id": model},
@@ -197,7 +196,7 @@ async def test_a_dead_decoder_process_is_replaced_and_the_worker_keeps_serving(
 
 @async_test(180)
 async def test_a_worker_with_engine_and_decoder_processes_serves_a_fleet_over_mosquitto(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     edge_path, server_path = model_files
     cfg = service_config(broker.port, edge_path, server_path, image_folder,
                          models={"model_id": f"tiny-{unique}"},
@@ -312,7 +311,7 @@ def in_own_group(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-def test_a_killed_worker_leaves_no_child_process_behind(broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_worker_leaves_no_child_process_behind(broker, model_files, unique) -> None:
     _, server_path = model_files
     cmd = [sys.executable, "-m", "patchcast.cli", "worker", "--broker", f"127.0.0.1:{broker.port}",
            "--server-model", f"file:{server_path}", "--threads", "1", "--precision", "fp32",
@@ -331,7 +330,7 @@ def test_a_killed_worker_leaves_no_child_process_behind(broker, model_files, uni
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 @async_test(150)
 async def test_sigterm_to_the_whole_process_group_drains_through_the_children(
-        broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, unique) -> None:
     """A service manager (or Ctrl-C in a terminal) signals every process of the group; the children
     ignore it and the worker answers what it holds through them before stopping them."""
     _, server_path = model_files
@@ -399,7 +398,7 @@ class _SendSpy:
         return getattr(self._conn, name)
 
 
-def test_a_shared_engine_runs_waiting_batches_as_one_forward(server) -> None:  # type: ignore[no-untyped-def]
+def test_a_shared_engine_runs_waiting_batches_as_one_forward(server) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from inference_worker.engine_process import EngineClient, SharedEngine
@@ -412,6 +411,7 @@ def test_a_shared_engine_runs_waiting_batches_as_one_forward(server) -> None:  #
         spies = [_SendSpy(c._conn) for c in clients]
         for c, spy in zip(clients, spies, strict=True):
             c._conn = spy  # type: ignore[assignment]
+        assert shared.pid is not None
         os.kill(shared.pid, signal.SIGSTOP)  # both batches wait: the engine must take them together
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(c.logits_checked, b) for c, b in zip(clients, batches, strict=True)]
@@ -452,7 +452,7 @@ def _frontends_cmd(port: int, server_path: object, model: str, group: str, worke
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 @async_test(150)
 async def test_two_frontends_share_an_engine_serve_over_mosquitto_and_stop_together(
-        broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, unique) -> None:
     _, server_path = model_files
     model, dev = f"tiny-{unique}", f"{unique}dev"
     received: list[Incoming] = []
@@ -479,13 +479,13 @@ async def test_two_frontends_share_an_engine_serve_over_mosquitto_and_stop_toget
         assert code == 0 and "Traceback" not in output, output[-3000:]
         replies = [decode_reply(m.payload) for m in received if m.topic == V1.reply(dev)]
         assert len(replies) == 20 and all(isinstance(r, Reply) for r in replies), replies
-        assert {r.worker_id for r in replies} == ids  # type: ignore[union-attr]
+        assert {r.worker_id for r in replies} == ids
         left = await asyncio.to_thread(still_alive_after, children, 15)
         assert not left, f"children left after the worker stopped: {left}"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-def test_when_one_frontend_dies_the_group_stops_and_says_so(broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
+def test_when_one_frontend_dies_the_group_stops_and_says_so(broker, model_files, unique) -> None:
     _, server_path = model_files
     with in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
                                      f"{unique}-w")) as worker:
@@ -504,7 +504,7 @@ def test_when_one_frontend_dies_the_group_stops_and_says_so(broker, model_files,
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-def test_a_killed_frontend_supervisor_leaves_no_process_behind(broker, model_files, unique) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_frontend_supervisor_leaves_no_process_behind(broker, model_files, unique) -> None:
     _, server_path = model_files
     with in_own_group(_frontends_cmd(broker.port, server_path, f"tiny-{unique}", f"pool-{unique}",
                                      f"{unique}-w")) as worker:

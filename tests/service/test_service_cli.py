@@ -60,7 +60,7 @@ def test_parse_address_rejects_bad_ports() -> None:
         parse_address("h:99999")
 
 
-def test_worker_on_a_missing_gpu_fails_clearly(model_files) -> None:  # type: ignore[no-untyped-def]
+def test_worker_on_a_missing_gpu_fails_clearly(model_files) -> None:
     """A real process (its logging set up as in production), with no GPU visible to it."""
     import os
     import subprocess

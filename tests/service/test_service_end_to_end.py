@@ -35,7 +35,7 @@ DEVICES, PER_DEVICE = 8, 25
 
 @async_test(180)
 async def test_two_workers_eight_devices_every_request_answered_once_on_its_own_topic(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     edge_path, server_path = model_files
     cfg = service_config(broker.port, edge_path, server_path, image_folder,
                          models={"model_id": f"tiny-{unique}"}, worker={"group": f"pool-{unique}"},

@@ -7,14 +7,14 @@ label wherever the fp32 top-2 gap exceeds that bound.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from service_helpers import SERVER_ARCH, random_model
+from service_helpers import SERVER_ARCH, patch_sets, random_model
 
-from inference_worker.engine import PatchSet, ServerEngine
+from inference_worker.engine import ServerEngine
 from shared.config import BatchingConfig
-from shared.precision import cpu_has_native_bf16
+from shared.packing import Policy
+from shared.precision import cpu_has_native_bf16, resolve
 from shared.prepack import PrepackedLinear, prepack_available
 from shared.subset import forward_patch_sets
 
@@ -22,19 +22,8 @@ FP32_ATOL = 1e-4
 BF16_ATOL = 0.1
 
 
-def patch_sets(count: int, seed: int = 0) -> list[PatchSet]:
-    rng = np.random.default_rng(seed)
-    n, p = (SERVER_ARCH.img_size // SERVER_ARCH.patch_size) ** 2, SERVER_ARCH.patch_size
-    sets = []
-    for _ in range(count):
-        k = int(rng.integers(1, n + 1))  # from a single patch to all of them
-        idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
-        sets.append(PatchSet(rng.integers(0, 256, size=(k, p, p, 3), dtype=np.uint8), idx))
-    return sets
-
-
 @pytest.fixture(scope="module")
-def server():  # type: ignore[no-untyped-def]
+def server():
     return random_model(SERVER_ARCH, 2, "server")
 
 
@@ -42,7 +31,7 @@ def server():  # type: ignore[no-untyped-def]
                          [("packed", "sdpa", True, True), ("packed", "padded", False, True),
                           ("packed", "padded", True, True), ("packed", "sdpa", False, True),
                           ("packed", "sdpa", True, False), ("padded", "sdpa", True, True)])
-def test_batched_equals_one_by_one_fp32(server, policy: str, attention: str,  # type: ignore[no-untyped-def]
+def test_batched_equals_one_by_one_fp32(server, policy: str, attention: str,
                                         cls_only_last: bool, shape_buckets: bool) -> None:
     sets = patch_sets(24)
     batching = BatchingConfig(max_batch=32, max_tokens=4096, policy=policy, attention=attention,  # type: ignore[arg-type]
@@ -56,14 +45,14 @@ def test_batched_equals_one_by_one_fp32(server, policy: str, attention: str,  # 
     assert torch.equal(together.argmax(-1), alone.argmax(-1))
 
 
-def test_padded_groups_respect_the_token_budget_and_keep_order(server) -> None:  # type: ignore[no-untyped-def]
+def test_padded_groups_respect_the_token_budget_and_keep_order(server) -> None:
     sets = patch_sets(12, seed=3)
     small_budget = ServerEngine(server, BatchingConfig(max_batch=4, max_tokens=200, policy="padded"), "fp32")
     reference = ServerEngine(server, BatchingConfig(policy="sequential"), "fp32")
     torch.testing.assert_close(small_budget.logits(sets), reference.logits(sets), atol=FP32_ATOL, rtol=0)
 
 
-def test_engine_matches_the_reference_subset_forward(server) -> None:  # type: ignore[no-untyped-def]
+def test_engine_matches_the_reference_subset_forward(server) -> None:
     sets = patch_sets(8, seed=5)
     engine = ServerEngine(server, BatchingConfig(policy="packed"), "fp32")
     from shared.datasets import normalize
@@ -75,7 +64,7 @@ def test_engine_matches_the_reference_subset_forward(server) -> None:  # type: i
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is emulated on this CPU")
-def test_batched_bf16_stays_close_to_fp32(server) -> None:  # type: ignore[no-untyped-def]
+def test_batched_bf16_stays_close_to_fp32(server) -> None:
     sets = patch_sets(16, seed=7)
     fp32 = ServerEngine(server, BatchingConfig(policy="sequential"), "fp32").logits(sets)
     bf16 = ServerEngine(server, BatchingConfig(policy="packed"), "bf16").logits(sets)
@@ -85,7 +74,7 @@ def test_batched_bf16_stays_close_to_fp32(server) -> None:  # type: ignore[no-un
     assert torch.equal(bf16.argmax(-1)[clear], fp32.argmax(-1)[clear])
 
 
-def test_bf16_engine_equals_autocast_over_the_fp32_model(server) -> None:  # type: ignore[no-untyped-def]
+def test_bf16_engine_equals_autocast_over_the_fp32_model(server) -> None:
     """The engine stores matrix weights in bf16 once; that must be exactly what autocast computes
     from the fp32 weights (same rounding, done once instead of per call), and leave the model alone."""
     sets = patch_sets(10, seed=11)
@@ -101,7 +90,7 @@ def test_bf16_engine_equals_autocast_over_the_fp32_model(server) -> None:  # typ
 
 @pytest.mark.skipif(not prepack_available(), reason="this torch cannot prepack oneDNN Linear weights")
 @pytest.mark.parametrize("policy", ["packed", "padded", "sequential"])
-def test_prepacked_bf16_engine_matches_the_bf16_engine(server, policy: str) -> None:  # type: ignore[no-untyped-def]
+def test_prepacked_bf16_engine_matches_the_bf16_engine(server, policy: Policy) -> None:
     """``worker.prepack_weights``: the same bf16 products in oneDNN's blocked layout (tolerance as
     tests/perf/test_packing.py: 0.5 % of the largest logit), fp32 and the loaded model untouched."""
     sets = patch_sets(12, seed=5)
@@ -118,7 +107,7 @@ def test_prepacked_bf16_engine_matches_the_bf16_engine(server, policy: str) -> N
     assert clear.any() and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
-def test_prepack_falls_back_where_torch_lacks_onednn(server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_prepack_falls_back_where_torch_lacks_onednn(server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without oneDNN (another torch build or CPU) the bf16 engine keeps plain bf16 weights and still serves."""
     prepack_available.cache_clear()
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
@@ -136,7 +125,7 @@ def test_prepack_falls_back_where_torch_lacks_onednn(server, monkeypatch: pytest
 def test_device_and_attention_resolve_per_device() -> None:
     """``worker.device`` / ``batching.attention = auto``: the CPU keeps per-set SDPA and its probe;
     CUDA means bf16 and one flash-attention call per block where torch has it."""
-    from inference_worker.engine import resolve_attention, resolve_device, resolve_precision
+    from inference_worker.engine import resolve_attention, resolve_device
     from shared.errors import ModelError
     from shared.packing import varlen_available
 
@@ -146,7 +135,7 @@ def test_device_and_attention_resolve_per_device() -> None:
     assert resolve_attention("padded", cpu, "fp32") == "padded"
     assert resolve_attention("auto", cuda, "fp32") == "padded"  # flash attention has no fp32 kernel
     assert resolve_attention("auto", cuda, "bf16") == ("varlen" if varlen_available() else "sdpa")
-    assert resolve_precision("auto", "cuda:0") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"
+    assert resolve("auto", "cuda:0") == "bf16" and resolve("fp32", "cuda") == "fp32"
     with pytest.raises(ModelError, match="needs a CUDA device"):
         resolve_attention("varlen", cpu, "bf16")
     with pytest.raises(ModelError, match="cpu or cuda"):
@@ -156,7 +145,7 @@ def test_device_and_attention_resolve_per_device() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
-def test_a_cuda_worker_without_a_gpu_is_refused_at_start_up(server) -> None:  # type: ignore[no-untyped-def]
+def test_a_cuda_worker_without_a_gpu_is_refused_at_start_up(server) -> None:
     from shared.errors import ModelError
 
     with pytest.raises(ModelError, match="sees no CUDA GPU"):

@@ -44,7 +44,7 @@ def _specialist(folder: Path, name: str, classes: tuple[int, ...], seed: int) ->
 
 @async_test(180)
 async def test_devices_route_each_image_to_the_expert_with_the_most_top_k_mass(
-        broker, model_files, image_folder, unique, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique, tmp_path) -> None:
     edge_path, server_path = model_files
     table = "; ".join(f"{unique}-{name}={','.join(map(str, classes))}" for name, classes in EXPERTS.items())
     cfg = service_config(broker.port, edge_path, server_path, image_folder,
@@ -135,7 +135,7 @@ async def test_devices_route_each_image_to_the_expert_with_the_most_top_k_mass(
 
 @async_test(120)
 async def test_a_missing_expert_pool_costs_one_timeout_then_the_general_pool_answers(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     edge_path, server_path = model_files
     # Every class belongs to an expert nobody serves; the general pool is the only worker.
     cfg = service_config(broker.port, edge_path, server_path, image_folder,

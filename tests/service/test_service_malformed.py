@@ -10,31 +10,16 @@ import subprocess
 from pathlib import Path
 
 import msgpack
-import numpy as np
 import pytest
-from service_helpers import IMG, PATCH, async_test, service_config
+from service_helpers import async_test, service_config, valid_request
 
 from inference_worker.service import InferenceWorker
 from shared.models import build_model
-from shared.protocol import ErrorReply, Reply, build_request, decode_reply, encode
+from shared.protocol import ErrorReply, Reply, decode_reply
 from shared.topics import V1
 from shared.transport import Incoming, Transport
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto_pub not installed")
-
-
-def valid_request(device: str, request_id: str, **overrides: object) -> bytes:
-    """A valid request of ``device`` (its id ``<device>.<request_id>``: a device names only its own ids),
-    with wire fields replaced by ``overrides``."""
-    rng = np.random.default_rng(0)
-    n = (IMG // PATCH) ** 2
-    req = build_request(device_id=device, request_id=f"{device}.{request_id}",
-                        pixels=rng.integers(0, 256, (IMG, IMG, 3), dtype=np.uint8),
-                        indices=np.arange(0, n, 3), patch_size=PATCH, codec="jpeg-mosaic",
-                        topk_ids=[3, 1], topk_probs=[0.5, 0.2], uncertainty=1.0, sent_at=1.0)
-    body = msgpack.unpackb(encode(req))
-    body.update(overrides)
-    return msgpack.packb(body, use_bin_type=True)
 
 
 def mosquitto_pub(port: int, topic: str, payload: bytes, tmp: Path, *, response_topic: str | None,
@@ -56,7 +41,7 @@ CHILDREN = [{}, {"decode_processes": 2, "engine_process": "on"}]
 @pytest.mark.parametrize("children", CHILDREN, ids=["threads", "child-processes"])
 @async_test(120)
 async def test_malformed_requests_get_error_replies_and_never_stop_the_worker(
-        broker, model_files, image_folder, unique, tmp_path, children) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique, tmp_path, children) -> None:
     edge_path, server_path = model_files
     model = f"tiny-{unique}"
     cfg = service_config(broker.port, edge_path, server_path, image_folder, models={"model_id": model},
@@ -126,7 +111,7 @@ async def test_malformed_requests_get_error_replies_and_never_stop_the_worker(
 
 
 @async_test(120)
-async def test_overflow_answers_busy_and_counts_it(broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+async def test_overflow_answers_busy_and_counts_it(broker, model_files, image_folder, unique) -> None:
     edge_path, server_path = model_files
     model = f"tiny-{unique}"
     cfg = service_config(broker.port, edge_path, server_path, image_folder, models={"model_id": model},

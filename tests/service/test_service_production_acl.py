@@ -124,8 +124,8 @@ async def test_production_acl_matrix(tmp_path: Path) -> None:
             assert b"forged" not in {m.payload for m in mon_got}
             assert a.stats.refusals["not_authorized"] == 9 + 6
             assert worker.stats.disconnects == b.stats.disconnects == a.stats.disconnects == 0
-            for t in tasks:
-                t.cancel()
+            for task in tasks:
+                task.cancel()
 
 
 @async_test(60)
@@ -155,8 +155,8 @@ async def test_device_cannot_swallow_requests_through_the_shared_subscription(tm
             assert await wait_for(lambda: len(worker_got) >= 41)
             assert sorted(m.payload for m in worker_got) == sorted(f"r{i}".encode() for i in range(41))
             assert rogue_got == []
-            for t in tasks:
-                t.cancel()
+            for task in tasks:
+                task.cancel()
 
 
 @async_test(60)

@@ -41,7 +41,7 @@ DEVICES, PER_DEVICE = 2, 8
 GRID = 8  # the test models: 32×32 images in 4-px patches
 
 
-def region_config(broker_port: int, model_files, image_folder, unique: str, **region: object) -> Config:  # type: ignore[no-untyped-def]
+def region_config(broker_port: int, model_files, image_folder, unique: str, **region: object) -> Config:
     edge_path, server_path = model_files
     return service_config(broker_port, edge_path, server_path, image_folder,
                           models={"model_id": f"tiny-{unique}"}, worker={"group": f"pool-{unique}"},
@@ -116,7 +116,7 @@ async def run_with_spy(cfg: Config, server: LoadedModel, unique: str, edge: Load
                          [("off", "image", "attention"), ("on", "probs", "attention"), ("off", "image", "centre")])
 @async_test(120)
 async def test_every_uncertain_glance_gets_its_attention_window_and_a_fused_answer(
-        broker, model_files, image_folder, unique, engine_process, fusion, placement) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique, engine_process, fusion, placement) -> None:
     cfg = region_config(broker.port, model_files, image_folder, unique, threshold=0.0, fusion=fusion,
                         placement=placement)
     cfg = with_section(cfg, "worker", engine_process=engine_process)
@@ -137,7 +137,8 @@ async def test_every_uncertain_glance_gets_its_attention_window_and_a_fused_answ
     # What went over the wire, against the computation done here by hand.
     asks = {m.request_id: m for m in (decode_device_message(i.payload) for i in seen
                                       if i.topic.startswith("patchcast/v1/reply/")) if isinstance(m, RegionRequest)}
-    regions = {r.request_id: r for r in (decode(i.payload) for i in seen if "/region/" in i.topic)}
+    regions = {r.request_id: r for r in (decode(i.payload) for i in seen if "/region/" in i.topic)
+               if isinstance(r, PatchRequest)}
     assert set(asks) == set(regions) and len(asks) == s["offloaded"]
     engine = EdgeEngine(edge, cfg.gate, cfg.selection, cfg.codec)
     checked = 0
@@ -159,7 +160,7 @@ async def test_every_uncertain_glance_gets_its_attention_window_and_a_fused_answ
 
 
 @async_test(120)
-async def test_a_confident_glance_is_answered_alone(broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+async def test_a_confident_glance_is_answered_alone(broker, model_files, image_folder, unique) -> None:
     cfg = region_config(broker.port, model_files, image_folder, unique, threshold=100.0)
     edge, server = build_model(cfg.models.edge, role="edge"), build_model(cfg.models.server, role="server")
     dataset = datasets.load(image_folder)
@@ -176,7 +177,7 @@ async def test_a_confident_glance_is_answered_alone(broker, model_files, image_f
 
 @async_test(120)
 async def test_regions_that_were_not_asked_for_are_refused_and_unclaimed_exchanges_expire(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     cfg = region_config(broker.port, model_files, image_folder, unique, threshold=0.0, timeout_s=0.6)
     server = build_model(cfg.models.server, role="server")
     device = f"{unique}cam-0000"
@@ -186,14 +187,16 @@ async def test_regions_that_were_not_asked_for_are_refused_and_unclaimed_exchang
     worker = InferenceWorker(cfg, server, worker_id=f"{unique}-w0")
     pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
-    def request(rid: str, **extra: object) -> PatchRequest:
-        if extra.get("downscale"):
-            return build_request(device_id=device, request_id=rid, pixels=downsample(pixels, 2),
+    def request(rid: str, *, downscale: int | None = None, exchange: str | None = None,
+                window: np.ndarray | list[int] | None = None) -> PatchRequest:
+        if downscale:
+            return build_request(device_id=device, request_id=rid, pixels=downsample(pixels, downscale),
                                  indices=np.arange(64), patch_size=2, codec="raw", sent_at=time.time(),
-                                 downscale=2)
-        window = extra.get("window", np.arange(16))
-        return build_request(device_id=device, request_id=rid, pixels=pixels, indices=window, patch_size=4,
-                             codec="raw", sent_at=time.time(), exchange=str(extra["exchange"]))
+                                 downscale=downscale)
+        assert exchange is not None, "a region request answers an exchange"
+        return build_request(device_id=device, request_id=rid, pixels=pixels,
+                             indices=np.arange(16) if window is None else window, patch_size=4,
+                             codec="raw", sent_at=time.time(), exchange=exchange)
 
     async def send(message: PatchRequest, topic: str) -> RegionRequest | Reply | ErrorReply:
         await client.publish(topic, encode(message), response_topic=reply_topic,

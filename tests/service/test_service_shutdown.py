@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service_helpers import async_test, service_config
-from test_service_malformed import valid_request
+from service_helpers import async_test, service_config, valid_request
 from waiting import wait_until_async
 
 from inference_worker.service import InferenceWorker
@@ -16,7 +15,7 @@ from shared.transport import Incoming, Transport
 
 
 @async_test(90)
-async def test_stop_answers_what_is_queued_then_goes_offline(broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+async def test_stop_answers_what_is_queued_then_goes_offline(broker, model_files, image_folder, unique) -> None:
     edge_path, server_path = model_files
     model = f"tiny-{unique}"
     # Requests wait up to 2 s for batch-mates: they are still queued when the stop comes.

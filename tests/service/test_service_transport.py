@@ -21,7 +21,7 @@ def broker_config(port: int, **kw: object) -> BrokerConfig:
     return BrokerConfig(**values)
 
 
-async def wait_for(predicate, limit_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate, limit_s: float = 10.0) -> None:
     """Poll a condition on what handlers collected (the handlers themselves stay trivial)."""
     async with asyncio.timeout(limit_s):
         while not predicate():  # noqa: ASYNC110
@@ -33,7 +33,7 @@ def test_packet_size_is_exact_for_what_paho_sends() -> None:
     from paho.mqtt.properties import Properties
 
     props = publish_properties(response_topic="a/b", correlation_data=b"xyz", expiry_s=2.2)
-    assert isinstance(props, Properties) and props.MessageExpiryInterval == 3  # rounded up, never 0
+    assert isinstance(props, Properties) and props.json()["MessageExpiryInterval"] == 3  # rounded up, never 0
     # PUBLISH QoS 1: 1 type byte + remaining-length varint + topic + packet id + properties + payload
     payload = b"p" * 200
     remaining = 2 + 3 + 2 + len(props.pack()) + 200
@@ -43,7 +43,7 @@ def test_packet_size_is_exact_for_what_paho_sends() -> None:
 
 
 @async_test(60)
-async def test_properties_roundtrip_and_oversize_is_refused_before_sending(broker, unique) -> None:  # type: ignore[no-untyped-def]
+async def test_properties_roundtrip_and_oversize_is_refused_before_sending(broker, unique) -> None:
     cfg = broker_config(broker.port, max_packet_bytes=64 * 1024)
     got: list[Incoming] = []
     sub = Transport(cfg, client_id=f"{unique}-sub", handler=got.append)
@@ -70,13 +70,14 @@ async def test_properties_roundtrip_and_oversize_is_refused_before_sending(broke
         client = pub._client
         assert client is not None
         sock = client._client.socket()
+        assert isinstance(sock, socket.socket)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         for t in tasks:
             t.cancel()
 
 
 @async_test(60)
-async def test_last_will_on_connection_loss_then_reconnect_and_birth(broker, unique) -> None:  # type: ignore[no-untyped-def]
+async def test_last_will_on_connection_loss_then_reconnect_and_birth(broker, unique) -> None:
     cfg = broker_config(broker.port)
     topic = f"{unique}/availability"
     seen: list[bytes] = []
@@ -92,7 +93,9 @@ async def test_last_will_on_connection_loss_then_reconnect_and_birth(broker, uni
         # An abrupt loss (no DISCONNECT): the broker publishes the will, the transport reconnects and
         # announces itself again.
         assert service._client is not None
-        service._client._client.socket().shutdown(socket.SHUT_RDWR)
+        sock = service._client._client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)
         await wait_for(lambda: seen[-2:] == [b"offline", b"online"])
         assert service.stats.connects == 2
         await service.close([Outgoing(topic, b"offline", retain=True)])
@@ -110,7 +113,7 @@ async def test_last_will_on_connection_loss_then_reconnect_and_birth(broker, uni
 
 
 @async_test(90)
-async def test_resubscribes_after_broker_restart_and_publish_times_out_while_down(unique) -> None:  # type: ignore[no-untyped-def]
+async def test_resubscribes_after_broker_restart_and_publish_times_out_while_down(unique) -> None:
     first = BrokerProcess(port=0, template=LOCAL_CONF).start()
     port = first.port
     cfg = broker_config(port, publish_timeout_s=0.5)

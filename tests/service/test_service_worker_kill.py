@@ -45,7 +45,7 @@ def start_worker(port: int, server_path: object, model: str, group: str, worker_
 @pytest.mark.slow
 @async_test(240)
 async def test_sigkill_one_worker_loses_nothing_silently_and_sigterm_drains(
-        broker, model_files, image_folder, unique) -> None:  # type: ignore[no-untyped-def]
+        broker, model_files, image_folder, unique) -> None:
     edge_path, server_path = model_files
     model, group = f"tiny-{unique}", f"pool-{unique}"
     cfg = service_config(broker.port, edge_path, server_path, image_folder, models={"model_id": model},
@@ -122,7 +122,7 @@ async def test_sigkill_one_worker_loses_nothing_silently_and_sigterm_drains(
     assert s["replies_foreign"] == 0
 
 
-def fault_options(model_files, image_folder, **values: object):  # type: ignore[no-untyped-def]
+def fault_options(model_files, image_folder, **values: object):
     import faults
 
     edge_path, server_path = model_files
@@ -130,10 +130,10 @@ def fault_options(model_files, image_folder, **values: object):  # type: ignore[
                  "edge": {"source": str(image_folder)},
                  "broker": {"connect_timeout_s": 5.0, "publish_timeout_s": 5.0}}
     return faults.Options(workers=3, devices=4, load=0.6, worker_args=("--threads", "1", "--precision", "fp32"),
-                          overrides=overrides, **values)  # type: ignore[arg-type]
+                          overrides=overrides, **values)
 
 
-def check_row(row) -> None:  # type: ignore[no-untyped-def]
+def check_row(row) -> None:
     assert row.images > 0 and row.lost == 0 and row.duplicates_to_app == 0, row
     # every image answered by a server, unless its deadline passed
     assert row.answered + row.deadline == row.images and row.refused == 0, row
@@ -142,7 +142,7 @@ def check_row(row) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 @async_test(420)
-async def test_ten_worker_kills_at_60_percent_of_capacity_lose_nothing(model_files, image_folder) -> None:  # type: ignore[no-untyped-def]
+async def test_ten_worker_kills_at_60_percent_of_capacity_lose_nothing(model_files, image_folder) -> None:
     import faults
 
     options = fault_options(model_files, image_folder, kills=10, kill_every_s=3.0)
@@ -156,7 +156,7 @@ async def test_ten_worker_kills_at_60_percent_of_capacity_lose_nothing(model_fil
 
 @pytest.mark.slow
 @async_test(420)
-async def test_broker_restarts_of_3_s_and_an_outage_of_30_s_lose_nothing(model_files, image_folder) -> None:  # type: ignore[no-untyped-def]
+async def test_broker_restarts_of_3_s_and_an_outage_of_30_s_lose_nothing(model_files, image_folder) -> None:
     import faults
 
     options = fault_options(model_files, image_folder, restarts=(3.0, 3.0, 3.0), outage_s=30.0)

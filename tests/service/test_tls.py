@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from service_helpers import async_test, dynsec_plugin_missing, service_config
@@ -37,6 +38,11 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[CertSet, CertSet]:
     return good, wrong
 
 
+def broker_cfg(port: int, **kw: Any) -> BrokerConfig:
+    """A client config for the broker on ``port`` that gives up quickly (5 s to connect, 5 s to publish)."""
+    return BrokerConfig(port=port, connect_timeout_s=5.0, publish_timeout_s=5.0, **kw)
+
+
 async def connect_error(cfg: BrokerConfig) -> TLSError:
     t = Transport(cfg, client_id="tls-probe")
     started = time.monotonic()
@@ -54,11 +60,10 @@ async def test_tls_listener_verifies_and_refuses_clearly(certs: tuple[CertSet, C
     good, wrong = certs
     fleet_cert, fleet_key = good.clients["fleet"]
     with BrokerProcess(port=0, template=LOCAL_CONF, tls=good.listener()) as broker:
-        base = {"port": broker.port, "connect_timeout_s": 5.0, "publish_timeout_s": 5.0}
-        ok = BrokerConfig(**base, tls=True, tls_ca_file=str(good.ca))
+        ok = broker_cfg(broker.port, tls=True, tls_ca_file=str(good.ca))
         got: list[Incoming] = []
         sub = Transport(ok, client_id="tls-sub", handler=got.append)
-        pub = Transport(BrokerConfig(**{**base, "host": "localhost"}, tls=True, tls_ca_file=str(good.ca)),
+        pub = Transport(broker_cfg(broker.port, host="localhost", tls=True, tls_ca_file=str(good.ca)),
                         client_id="tls-pub")
         await sub.subscribe("tls/check")
         async with asyncio.TaskGroup() as tg:
@@ -73,27 +78,25 @@ async def test_tls_listener_verifies_and_refuses_clearly(certs: tuple[CertSet, C
                 t.cancel()
 
         # A client with the wrong CA: the broker's certificate does not verify.
-        exc = await connect_error(BrokerConfig(**base, tls=True, tls_ca_file=str(wrong.ca)))
+        exc = await connect_error(broker_cfg(broker.port, tls=True, tls_ca_file=str(wrong.ca)))
         assert exc.code == "tls" and "CERTIFICATE_VERIFY_FAILED" in exc.message and "tls_ca_file" in exc.message
         # A plain client at a TLS listener (the issue's TimeoutError loop): named as such.
-        exc = await connect_error(BrokerConfig(**base))
+        exc = await connect_error(broker_cfg(broker.port))
         assert "TLS listener" in exc.message
     # A certificate that does not name the host: refused, unless host checking is turned off.
     with BrokerProcess(port=0, template=LOCAL_CONF, tls=wrong.listener()) as broker:
-        base = {"port": broker.port, "connect_timeout_s": 5.0, "publish_timeout_s": 5.0}
-        exc = await connect_error(BrokerConfig(**base, tls=True, tls_ca_file=str(wrong.ca)))
+        exc = await connect_error(broker_cfg(broker.port, tls=True, tls_ca_file=str(wrong.ca)))
         assert "CERTIFICATE_VERIFY_FAILED" in exc.message and "127.0.0.1" in exc.message
-        lax = Transport(BrokerConfig(**base, tls=True, tls_ca_file=str(wrong.ca), tls_verify_hostname=False),
+        lax = Transport(broker_cfg(broker.port, tls=True, tls_ca_file=str(wrong.ca), tls_verify_hostname=False),
                         client_id="tls-lax")
         task = asyncio.create_task(lax.run())
         await lax.wait_connected()
         task.cancel()
     # Mutual TLS: no client certificate, refused in the handshake; with one, connected.
     with BrokerProcess(port=0, template=LOCAL_CONF, tls=good.listener(require_certificate=True)) as broker:
-        base = {"port": broker.port, "connect_timeout_s": 5.0, "publish_timeout_s": 5.0}
-        exc = await connect_error(BrokerConfig(**base, tls=True, tls_ca_file=str(good.ca)))
+        exc = await connect_error(broker_cfg(broker.port, tls=True, tls_ca_file=str(good.ca)))
         assert "certificate required" in exc.message.lower() or "alert" in exc.message.lower()
-        mutual = Transport(BrokerConfig(**base, tls=True, tls_ca_file=str(good.ca), tls_cert_file=str(fleet_cert),
+        mutual = Transport(broker_cfg(broker.port, tls=True, tls_ca_file=str(good.ca), tls_cert_file=str(fleet_cert),
                                         tls_key_file=str(fleet_key)), client_id="tls-mutual")
         task = asyncio.create_task(mutual.run())
         await mutual.wait_connected()
@@ -111,7 +114,7 @@ async def test_tls_listener_verifies_and_refuses_clearly(certs: tuple[CertSet, C
 @pytest.mark.skipif(dynsec_plugin_missing(), reason="Mosquitto's dynamic-security plugin is not installed")
 @async_test(120)
 async def test_fleet_worker_and_monitor_end_to_end_over_mutual_tls(
-        certs: tuple[CertSet, CertSet], model_files, image_folder, unique, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        certs: tuple[CertSet, CertSet], model_files, image_folder, unique, tmp_path: Path) -> None:
     from edge_node.fleet import run_fleet
     from inference_worker.service import InferenceWorker
     from patchcast.monitor.app import MonitorSession
