@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 
-PhaseFn = Callable[[str, int, int, str], None]
+ProgressFn = Callable[[str, int, int, str], None]
+"""``(phase, done, total, info)``: a long job reports how far one of its phases is."""
 
 
 @contextlib.contextmanager
-def phase_bars(labels: Mapping[str, str]) -> Iterator[PhaseFn]:
+def phase_bars(labels: Mapping[str, str]) -> Iterator[ProgressFn]:
     """Rich progress bars on stderr: the yielded ``(phase, done, total, info)`` callback adds a bar for a
     phase the first time it reports (titled ``labels[phase]``, else the phase name) and moves it on."""
     from rich.console import Console

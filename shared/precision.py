@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 Precision = Literal["bf16", "fp32"]
+"""The arithmetic models run in."""
+PrecisionSetting = Literal["auto", "bf16", "fp32"]
+"""What a configuration asks for: a precision, or ``auto`` (decided by :func:`resolve`)."""
+PRECISION_SETTINGS: tuple[PrecisionSetting, ...] = ("auto", "bf16", "fp32")
 
 # bf16 must be at least this much faster than fp32 for ``auto`` to take it.
 MIN_BF16_SPEEDUP = 1.25
@@ -100,10 +104,18 @@ def probe_once() -> Bf16Probe | None:
     return measure_bf16_speedup() if cpu_has_native_bf16() else None
 
 
-def resolve(setting: str) -> Precision:
-    """``bf16`` / ``fp32`` as given; ``auto`` by :func:`decide` over a once-per-process probe."""
+def resolve(setting: str, device: str = "cpu") -> Precision:
+    """The one resolver of a precision setting, for every model runner (worker, eval, training).
+
+    ``bf16`` / ``fp32`` as given. ``auto`` on a CPU by :func:`decide` over a once-per-process probe;
+    on any other device (CUDA) bf16: tensor cores, and flash attention needs it. An unknown setting is
+    a :class:`~shared.errors.ConfigError`."""
+    from shared.errors import ConfigError
+
     if setting == "auto":
+        if device.split(":", 1)[0] != "cpu":
+            return "bf16"
         return decide(cpu_has_native_bf16(), probe_once())
     if setting in ("bf16", "fp32"):
         return setting  # type: ignore[return-value]
-    raise ValueError(f"unknown precision {setting!r}; expected auto, bf16 or fp32")
+    raise ConfigError(f"unknown precision {setting!r}; expected one of {', '.join(PRECISION_SETTINGS)}")

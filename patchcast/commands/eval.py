@@ -1,4 +1,4 @@
-"""``patchcast eval``: accuracy / communication trade-off curves offline (see :mod:`patchcast.eval`)."""
+"""``patchcast eval``: accuracy / communication trade-off curves offline (see :mod:`patchcast.eval.run`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from shared.errors import ConfigError
+from shared.precision import PRECISION_SETTINGS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-rollout", action="store_true", help="skip attention rollout scores")
     p.add_argument("--no-server-encoder", action="store_true",
                    help="skip the server-attention selections (Fig. 14)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+    p.add_argument("--precision", choices=PRECISION_SETTINGS, default="fp32",
                    help="model arithmetic; auto = bf16 autocast where a short probe measures it "
                    "≥ 1.25× faster than fp32 on this CPU")
     p.add_argument("--batch-size", type=int, default=64, help="images per full-image forward")

@@ -1,4 +1,4 @@
-"""``patchcast eval-region``: the region-retransmission mode evaluated offline (see :mod:`patchcast.region_eval`)."""
+"""``patchcast eval-region``: the region-retransmission mode evaluated offline (see :mod:`patchcast.eval.region`)."""
 
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def _numbers(values: list[str], kind: type, what: str) -> tuple:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from patchcast.eval import RegionEvalConfig, run_region_eval
     from patchcast.progress import phase_bars
-    from patchcast.region_eval import RegionEvalConfig, run_region_eval
 
     cfg = RegionEvalConfig(
         data=args.data, server=args.server, pretrained=args.pretrained, limit=args.limit, out=args.out,

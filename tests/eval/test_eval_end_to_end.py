@@ -14,7 +14,10 @@ import torch
 from PIL import Image
 
 from patchcast.cli import main
-from patchcast.eval import BOOTSTRAP_COSTS, PUBLISH_BEGIN, frontier_at, publish_markers, read_csv
+from patchcast.eval.csvio import read_points
+from patchcast.eval.frontier import BOOTSTRAP_COSTS, frontier_at
+from patchcast.eval.points import Point
+from patchcast.eval.report import PUBLISH_BEGIN, publish_markers
 from shared import datasets
 from shared.models import LoadedModel, Preprocess, VitArch, build_model, save_checkpoint
 
@@ -67,7 +70,7 @@ def test_eval_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     for fig in FIGURES:
         assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    points = read_csv(out / "points.csv")
+    points = read_points(out / "points.csv", Point)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 40
 
@@ -173,7 +176,7 @@ def test_cached_selection_matches_a_per_image_forward(setup: dict[str, Path], tm
             idx = torch.from_numpy(kept.copy())[None]
             logit = forward_subset(server.model, patches[i:i + 1, idx[0]], idx)
             assert int(logit.argmax()) == int(preds[i])
-    points = read_csv(out / "points.csv")
+    points = read_points(out / "points.csv", Point)
     row = next(p for p in points if p.score == "attention" and p.rule == "sum_threshold" and p.value == 0.8
                and p.gate == "none")
     assert row.accuracy == pytest.approx(float(np.mean(preds == labels.numpy())), abs=1e-9)
@@ -185,7 +188,7 @@ def test_expert_routing_answers_each_image_with_its_routed_specialist(setup: dic
     """``--expert``: recomputed by hand, image by image: the routing rule on the edge's top-5 and the
     routed specialist's own forward on the kept patches, mapped to global class ids. (With 4 classes
     every image's top-5 touches both experts, so the general-server fallback is unit-tested instead.)"""
-    from patchcast.eval import route_images, routed_predictions
+    from patchcast.eval.experts import route_images, routed_predictions
     from shared.routing import Expert, ExpertRouter
     from shared.subset import forward_subset, patchify
 
@@ -202,7 +205,9 @@ def test_expert_routing_answers_each_image_with_its_routed_specialist(setup: dic
     edge_arch = VitArch(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=4)
     edge_model = edge_arch.build().eval()
     with torch.no_grad():
-        edge_model.head.weight.mul_(5.0)
+        head = edge_model.head
+        assert isinstance(head, torch.nn.Linear)
+        head.weight.mul_(5.0)
     edge_path = tmp_path / "edge.safetensors"
     save_checkpoint(edge_path, LoadedModel(edge_model, "edge", pre, []), arch=edge_arch)
     out = tmp_path / "out"
@@ -232,8 +237,8 @@ def test_expert_routing_answers_each_image_with_its_routed_specialist(setup: dic
     checked = 0
     with torch.inference_mode():
         for i in range(40):
-            p, ids = probs[i].topk(4)
-            assert f"e{route[i]}" == router.route(ids.tolist(), p.tolist())
+            top_p, top_i = probs[i].topk(4)
+            assert f"e{route[i]}" == router.route(top_i.tolist(), top_p.tolist())
             idx = torch.from_numpy(np.flatnonzero(masks[i]))
             for e, expert in enumerate(experts):  # every expert answers every image (routing picks later)
                 logit = forward_subset(expert.model, patches[i:i + 1, idx], idx[None])[0]
@@ -251,7 +256,7 @@ def test_expert_routing_answers_each_image_with_its_routed_specialist(setup: dic
     strict = next(st for st in x["settings"] if st["min_share"] == 0.99)
     assert strict["general_share"] >= share0["general_share"]
     assert "Expert routing" in (out / "report.md").read_text()
-    points = read_csv(out / "points.csv")
+    points = read_points(out / "points.csv", Point)
     row = next(q for q in points if q.score == "experts" and q.value == 0.8 and q.gate == "none")
     assert row.accuracy == pytest.approx(float(np.mean(routed == np.array([s.label for s in ds.samples]))))
 
@@ -276,7 +281,7 @@ def test_random_baseline_averages_its_draws(setup: dict[str, Path], tmp_path: Pa
     one, three = tmp_path / "one", tmp_path / "three"
     assert main(_args(setup, one, "--no-plots")) == 0
     assert main(_args(setup, three, "--no-plots", "--random-draws", "3")) == 0
-    p1, p3 = read_csv(one / "points.csv"), read_csv(three / "points.csv")
+    p1, p3 = read_points(one / "points.csv", Point), read_points(three / "points.csv", Point)
     assert [p for p in p1 if p.score != "random"] == [p for p in p3 if p.score != "random"]
     caches = {f.name: f for f in (three / "cache").rglob("sel-*.npz")}
     labels = datasets.load(str(setup["data"])).spread(40, seed=0)
@@ -328,7 +333,7 @@ def test_limit_500_with_the_zoo_on_cifar10(tmp_path: Path) -> None:
         pixels, labels = datasets.to_tensor_batch(subset.samples, loaded.preprocess)
         accuracy = evaluate(loaded.model, pixels, labels, loaded.preprocess, bf16=False)
         assert summary[role]["accuracy"] == pytest.approx(accuracy, abs=2.5e-3), role  # ≤ 1 image of 500
-    points = read_csv(out / "points.csv")
+    points = read_points(out / "points.csv", Point)
     assert len(points) > 1000 and all(0.0 <= p.comm_cost <= 1.0 for p in points)
 
 

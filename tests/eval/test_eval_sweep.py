@@ -8,25 +8,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchcast.eval import (
-    FULL_GRID,
-    QUICK_GRID,
-    SelectionSpec,
+from patchcast.eval.bytes import bytes_fraction
+from patchcast.eval.frontier import (
     bootstrap_acceptance,
-    build_specs,
-    bytes_fraction,
     compare_frontiers,
     exact_gate_curve,
     frontier_at,
-    gate_thresholds,
-    padded_groups,
     pareto_frontier,
     random_matched_selection,
-    selection_geometry,
     send_masks,
     sweep_gate,
     thin_frontier,
 )
+from patchcast.eval.grid import FULL_GRID, QUICK_GRID, SelectionSpec, build_specs, gate_thresholds
+from patchcast.eval.passes import padded_groups
+from patchcast.eval.summary import selection_geometry
 from shared.costs import communication_cost
 from shared.gates import should_send, uncertainty
 

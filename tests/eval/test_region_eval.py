@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from patchcast.cli import build_parser, main
-from patchcast.region_eval import RegionEvalConfig, RegionEvalResult, read_csv, run_region_eval
+from patchcast.eval.csvio import read_points
+from patchcast.eval.region import RegionEvalConfig, RegionEvalResult, RegionPoint, run_region_eval
 from shared import datasets
 from shared.region import FUSIONS, choose_window, downsample, from_patches, hybrid_patches, to_patches, upsample
 
@@ -67,7 +69,7 @@ def test_outputs_are_written_and_read_back(result: RegionEvalResult) -> None:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for name in PNGS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    back = read_csv(out / "points.csv")
+    back = read_points(out / "points.csv", RegionPoint)
     assert len(back) == len(result.points)
     for a, b in zip(back, result.points, strict=True):
         assert (a.kind, a.downscale, a.fusion, a.window_side) == (b.kind, b.downscale, b.fusion, b.window_side)
@@ -243,8 +245,8 @@ def test_through_the_codec_the_server_sees_what_the_codec_delivers(
     from shared.models import build_model
 
     few = 16
-    common = {"data": str(data_path), "limit": IMAGES, "downscales": (2,), "sides": (0.5,), "threads": 1,
-              "bytes_sample": 4, "eta_quantiles": 4, "plots": False}
+    common: dict[str, Any] = {"data": str(data_path), "limit": IMAGES, "downscales": (2,), "sides": (0.5,),
+                              "threads": 1, "bytes_sample": 4, "eta_quantiles": 4, "plots": False}
     lossless = run_region_eval(RegionEvalConfig(out=str(tmp_path / "png"), codec="png", through_codec=True,
                                                 **common)).passes
     np.testing.assert_allclose(lossless.scales[2].glance_probs, result.passes.scales[2].glance_probs, atol=1e-6)
