@@ -44,23 +44,11 @@ from shared.packing import (
     plan_batches,
     varlen_available,
 )
-from shared.precision import Precision, resolve
+from shared.precision import Precision
 from shared.prepack import prepack_available, prepack_linears
 from shared.subset import embed_patches
 
-__all__ = ["PatchSet", "Precision", "ServerEngine", "configure_threads", "resolve_attention", "resolve_device",
-           "resolve_precision"]
-
-
-def resolve_precision(setting: str, device: str = "cpu") -> Precision:
-    """``auto`` measures on a CPU (see :mod:`shared.precision`): bf16 only where it is clearly faster
-    there; on CUDA it is bf16 (tensor cores, and flash attention needs it)."""
-    if setting == "auto" and device != "cpu":
-        return "bf16"
-    try:
-        return resolve(setting)
-    except ValueError as exc:
-        raise ModelError(str(exc)) from exc
+__all__ = ["PatchSet", "Precision", "ServerEngine", "configure_threads", "resolve_attention", "resolve_device"]
 
 
 def resolve_device(setting: str) -> torch.device:

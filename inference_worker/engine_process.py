@@ -44,11 +44,12 @@ import numpy as np
 import torch
 
 from inference_worker.decoders import ignore_stop_signals
-from inference_worker.engine import PatchSet, ServerEngine, configure_threads, resolve_precision
+from inference_worker.engine import PatchSet, ServerEngine, configure_threads
 from shared.config import BatchingConfig
 from shared.errors import InferenceError, ModelError, PatchCastError
 from shared.logs import get_logger
 from shared.models import LoadedModel
+from shared.precision import resolve
 
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
@@ -64,7 +65,7 @@ def _child_main(conns: list[multiprocessing.connection.Connection], loaded: Load
     ignore_stop_signals()  # the worker stops this process once it has drained (close)
     configure_threads(threads)
     try:
-        engine = ServerEngine(loaded, batching, resolve_precision(precision_setting, device), prepack=prepack,
+        engine = ServerEngine(loaded, batching, resolve(precision_setting, device), prepack=prepack,
                               device=device)
     except PatchCastError as exc:
         for conn in conns:

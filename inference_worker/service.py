@@ -44,7 +44,7 @@ import torch
 from inference_worker.batcher import Batcher
 from inference_worker.decoders import new_decoder
 from inference_worker.dedupe import RecentRequests, Seen, dedupe_key
-from inference_worker.engine import ServerEngine, configure_threads, resolve_precision
+from inference_worker.engine import ServerEngine, configure_threads
 from inference_worker.engine_process import EngineClient, EngineProcess
 from inference_worker.exchanges import Exchange, ExchangeTable
 from inference_worker.inference import BatchInference, inference_pool
@@ -65,7 +65,7 @@ from shared.logs import get_logger
 from shared.metrics_http import MetricsServer
 from shared.models import LoadedModel, build_model
 from shared.naming import default_worker_id, model_id
-from shared.precision import probe_once
+from shared.precision import probe_once, resolve
 from shared.protocol import (
     DEFAULT_LIMITS,
     Availability,
@@ -124,7 +124,7 @@ class InferenceWorker:
                 self.precision = self.engine.precision
             else:
                 # The precision probe and the bf16 weight copy run torch kernels: on the inference thread too.
-                self.precision = self._infer_pool.submit(resolve_precision, config.worker.precision,
+                self.precision = self._infer_pool.submit(resolve, config.worker.precision,
                                                          config.worker.device).result()
                 self.engine = self._infer_pool.submit(ServerEngine, server, config.batching, self.precision,
                                                       prepack=config.worker.prepack_weights,

@@ -1,7 +1,7 @@
 """``patchcast train``: train a small ViT (CLS + patch tokens) on an ImageFolder tree or a tar of one.
 
 CPU-first: the whole split is decoded once into a uint8 tensor, augmentation runs batched in
-torch, the model runs under bf16 autocast where it pays (AMX through oneDNN; see :func:`use_bf16`)
+torch, the model runs under bf16 autocast where it pays (AMX through oneDNN; see :func:`shared.precision.resolve`)
 with timm's fused attention *off*
 (the fused SDPA backward is slow on CPU). AdamW, linear warm-up + cosine, label smoothing,
 optional soft distillation from a teacher, and — for server models — token dropout: a subset of

@@ -6,6 +6,7 @@ import argparse
 from typing import NoReturn
 
 from patchcast.commands.common import add_broker_args, add_log_args, load
+from shared.precision import PRECISION_SETTINGS
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--policy", choices=["packed", "padded", "sequential"], help="batched forward (batching.policy)")
     p.add_argument("--queue-capacity", type=int, help="bounded queue; beyond it 'busy' replies (worker.queue_capacity)")
     p.add_argument("--threads", type=int, help="torch threads for inference, 0 = all cores (worker.threads)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="worker.precision")
+    p.add_argument("--precision", choices=PRECISION_SETTINGS, help="worker.precision")
     p.add_argument("--device", help="cpu, cuda or cuda:N: where the server model runs (worker.device)")
     p.add_argument("--engine-process", choices=["auto", "on", "off"],
                    help="run the server model in a child process, away from the event loop's GIL; auto: on for "

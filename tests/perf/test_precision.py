@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from inference_worker.engine import resolve_precision
-from shared.errors import ModelError
+from shared.errors import ConfigError
 from shared.precision import (
     MIN_BF16_SPEEDUP,
     Bf16Probe,
@@ -54,10 +53,11 @@ def test_explicit_settings_pass_through_and_unknown_ones_are_refused() -> None:
     assert resolve("auto") == decide(native, probe_once()), "auto: this CPU's flags and its (cached) measurement"
     if not native:
         assert resolve("auto") == "fp32", "emulated bf16 is never chosen"
-    with pytest.raises(ValueError, match="unknown precision"):
+    assert resolve("auto", "cuda:0") == "bf16" and resolve("fp32", "cuda") == "fp32", "auto is bf16 on a GPU"
+    with pytest.raises(ConfigError, match="unknown precision"):
         resolve("fp16")
-    with pytest.raises(ModelError, match="unknown precision"):
-        resolve_precision("fp16")
+    with pytest.raises(ConfigError, match="unknown precision"):
+        resolve("fp16", "cuda")
 
 
 def test_info_prints_the_measured_bf16_speed_and_the_auto_choice(capsys: pytest.CaptureFixture[str]) -> None:
