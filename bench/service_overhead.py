@@ -191,15 +191,18 @@ def main() -> int:
                + mqtt["client_us_per_request"])
     result = {"model": args.model, "requests": args.requests, "payload_bytes": len(encode(requests[0])),
               **stages, **mqtt, "outside_model_us_per_request": outside,
-              "ratio_to_mosquitto": outside / mqtt["mosquitto_us_per_message"], **machine_info()}
+              # /proc counts in clock ticks (10 ms): a short run may see none of Mosquitto's CPU
+              "ratio_to_mosquitto": outside / mqtt["mosquitto_us_per_message"] if mqtt["mosquitto_us_per_message"]
+              else None, **machine_info()}
     print(f"model {args.model}, {args.requests} requests of {result['payload_bytes']} bytes "
           f"({args.keep:.0%} of the patches, jpeg-mosaic q90); CPU µs per request (thread/process time):")
     for key in ("decode_validate_us", "pixel_decode_us", "reply_encode_us", "client_us_per_request",
                 "outside_model_us_per_request", "model_forward_us", "mosquitto_us_per_message"):
         print(f"  {key:<32}{result[key]:>10.1f}")
     print(f"  MQTT round: {mqtt['messages_per_s']:.0f} messages/s through Mosquitto")
-    print(f"ratio (PatchCast per request outside the model ÷ Mosquitto per message): "
-          f"{result['ratio_to_mosquitto']:.1f}")
+    ratio = result["ratio_to_mosquitto"]
+    print("ratio (PatchCast per request outside the model ÷ Mosquitto per message): "
+          + (f"{ratio:.1f}" if ratio is not None else "n/a (Mosquitto used under one clock tick: use more requests)"))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
