@@ -3,6 +3,8 @@
 # ViT (also the token selector), then the server ViT distilled from the teacher with token dropout on
 # edge-attention and random subsets. 112 px inputs: a 7×7 grid of the paper's 16-pixel patches.
 # Each step resumes exactly from its last finished epoch when run again, and is skipped once done.
+# To go on from the shipped zoo instead of from scratch, copy shared/zoo/imagenette-{edge,server}.safetensors
+# to RUNS_DIR/nette-{edge,server}/model.safetensors first.
 # Usage: scripts/train_imagenette.sh [RUNS_DIR] (default runs/); THREADS=N sets torch threads.
 set -euo pipefail
 runs=${1:-runs}
@@ -22,6 +24,14 @@ step "$runs/nette-edge" --name imagenette-edge --dim 96 --depth 6 --heads 3 --re
     --batch-size 128 --lr 2e-3 --warmup-epochs 2 --teacher "file:$runs/nette-r18/model.safetensors" --distill-weight 0.5
 step "$runs/nette-server" --name imagenette-server --dim 192 --depth 6 --heads 3 --epochs 32 --batch-size 128 \
     --lr 1e-3 --warmup-epochs 3 --mixup 0.8 --cutmix 1.0 --mix-prob 0.3 \
+    --teacher "file:$runs/nette-r18/model.safetensors" --distill-weight 0.5 --distill-temperature 2 \
+    --token-dropout 0.5 --token-keep-min 0.25 --token-selector "file:$runs/nette-edge/model.safetensors" \
+    --token-attention-share 0.75
+# A second stage: the server above, trained on with a fresh one-cycle schedule and the same distillation
+# and token dropout (its curve was still rising at epoch 32). The zoo's server is this stage's output.
+step "$runs/nette-server-2" --name imagenette-server --dim 192 --depth 6 --heads 3 --epochs 30 --batch-size 128 \
+    --lr 5e-4 --warmup-epochs 1 --mixup 0.8 --cutmix 1.0 --mix-prob 0.3 \
+    --init "file:$runs/nette-server/model.safetensors" \
     --teacher "file:$runs/nette-r18/model.safetensors" --distill-weight 0.5 --distill-temperature 2 \
     --token-dropout 0.5 --token-keep-min 0.25 --token-selector "file:$runs/nette-edge/model.safetensors" \
     --token-attention-share 0.75
