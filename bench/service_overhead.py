@@ -17,12 +17,28 @@ run, one process, CPU time (``time.thread_time``) per request for:
 
 The ratio printed last, PatchCast's CPU per request outside the model ÷ Mosquitto's CPU per message,
 is the figure to shrink.
+
+``--edge MODEL`` (repeatable) measures the **edge side** instead: CPU µs per image, batch size 1 as a
+device runs it, for each stage of the path a simulated device takes (the real functions:
+:class:`edge_node.engine.EdgeEngine`'s stages and :class:`edge_node.device.Device`'s request, reply and
+outcome code), with the gate held open so that every image is offloaded (the costlier path; the share
+the configured gate would send is printed):
+
+    .venv/bin/python bench/service_overhead.py --edge zoo:cifar10-edge --edge zoo:imagenette-edge
+
+decode + center crop, normalise, the edge ViT forward with attention (reported, left out of the total),
+scores, gate + top-5, patch selection, codec encode (``jpeg-mosaic`` q90), the full-image JPEG that
+``edge.measure_full_bytes`` adds, request build + msgpack encode, the MQTT client's request publish
+(QoS 1, PUBACK) + reply receive through Mosquitto, the reply's decode, the outcome record + its
+encode, and the outcome's QoS 0 publish. Printed: the total outside the forward and its ratio to the
+1 ms target of docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -58,6 +74,13 @@ from shared.topics import V1
 from shared.transport import Incoming, Transport, publish_properties
 
 DEVICE = "bench-device"
+EDGE_LIMIT_US = 1000.0  # target: edge CPU per image outside the edge ViT forward (docs/benchmarks.md)
+EDGE_SOURCES = {"cifar10": "cifar10/test.tar", "imagenette": "imagenette2/val.tar"}
+# The edge stages, in the order a device runs them; all but the forward add up to the total outside it.
+EDGE_STAGES = ("decode_crop_us", "normalize_us", "edge_forward_us", "scores_us", "gate_topk_us", "select_us",
+               "codec_encode_us", "full_image_bytes_us", "request_encode_us", "mqtt_request_reply_us",
+               "reply_decode_us", "outcome_encode_us", "outcome_publish_us")
+EDGE_OUTSIDE = tuple(s for s in EDGE_STAGES if s != "edge_forward_us")
 
 
 def cpu_us(fn: Callable[[], Any], count: int) -> float:
@@ -166,6 +189,180 @@ async def mqtt_round(port: int, broker_pid: int, payload_bytes: int, count: int,
             "messages_per_s": count / wall}
 
 
+# ---- the edge side ------------------------------------------------------------------------------
+
+def edge_samples(model: str, input_size: int, count: int, source: str | None) -> tuple[list[Any], str]:
+    """``count`` encoded images as a device reads them: the model's dataset when it is in the data root
+    (``source`` overrides it; ``synthetic``: photo-like PNGs at the model's input size), else synthetic."""
+    import io
+
+    from PIL import Image
+
+    from shared import datasets
+
+    name = source or next((path for key, path in EDGE_SOURCES.items() if key in model), "synthetic")
+    if name != "synthetic":
+        try:
+            return list(datasets.load(name).spread(count).samples), name
+        except Exception as exc:  # no data root here: synthetic images, said so in the output
+            print(f"  {name} not loadable ({exc}); synthetic images instead", file=sys.stderr)
+    out = []
+    for i in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(natural_image(input_size, input_size, i)).save(buf, "PNG")
+        out.append(datasets.Sample(f"synthetic-{i}", buf.getvalue(), i % 10))
+    return out, "synthetic"
+
+
+def edge_stages(model: str, images: int, source: str | None) -> dict[str, Any]:
+    """CPU µs per image of every edge stage but the MQTT ones, batch size 1, the gate held open."""
+    from dataclasses import replace
+
+    from edge_node.device import Device
+    from edge_node.engine import EdgeDecision, EdgeEngine
+    from edge_node.runner import EdgeRunner
+    from shared.bitmask import pack_mask
+    from shared.topics import Topics
+
+    cfg = load_config(environ={})
+    cfg = replace(cfg, edge=replace(cfg.edge, measure_full_bytes=True))  # the default, stated
+    loaded = build_model(model, role="edge")
+    open_gate = replace(cfg.gate, threshold=0.0)  # min-entropy ≥ 0 always: every image is offloaded
+    engine = EdgeEngine(loaded, open_gate, cfg.selection, cfg.codec, measure_full_bytes=True)
+    device = Device(DEVICE, cfg, EdgeRunner(engine, batch_size=1, batch_delay_ms=0.0), Topics(), "bench")
+    samples, used = edge_samples(model, loaded.preprocess.input_size, images, source)
+    times = dict.fromkeys(EDGE_STAGES, 0.0)
+    sent_by_gate = kept = 0
+    request_bytes = outcome_bytes = 0
+    reply = encode(Reply(request_id=f"{DEVICE}.000000", label=3, topk_ids=(3, 1, 2, 4, 5),
+                         topk_probs=(0.5, 0.2, 0.1, 0.1, 0.05), queue_ms=1.0, infer_ms=2.0, total_ms=3.0,
+                         worker_id="bench-worker", batch_size=8))
+    clock = time.thread_time
+
+    def one(seq: int, sample: Any, timed: bool) -> None:
+        nonlocal sent_by_gate, kept, request_bytes, outcome_bytes
+        t = [clock()]
+        px = engine.pixels(sample)
+        t.append(clock())
+        batch = engine.images([px])
+        t.append(clock())
+        out = engine.forward(batch)
+        t.append(clock())
+        scores = engine.scores(out)
+        t.append(clock())
+        gate = engine.gate_topk(out)
+        t.append(clock())
+        selection = engine.select(scores, gate.send)[0]
+        t.append(clock())
+        indices = np.asarray(selection.indices, dtype=np.int64)
+        payload = engine.payload(px, indices, scores[0])
+        t.append(clock())
+        full = engine.full_bytes(px)
+        t.append(clock())
+        # what engine.run hands the device (edge_ms aside)
+        decision = EdgeDecision(edge_label=gate.topk_ids[0][0], topk_ids=gate.topk_ids[0],
+                                topk_probs=gate.topk_probs[0], uncertainty=gate.uncertainty[0], send=True,
+                                height=px.shape[0], width=px.shape[1], patch_size=engine.patch_size,
+                                num_patches=engine.num_patches, indices=indices, payload=payload,
+                                full_payload_bytes=full)
+        rid = f"{DEVICE}.{seq:06d}"
+        t.append(clock())
+        now = time.time()
+        message = encode(device.patch_request(rid, decision, sample, pack_mask(indices, decision.num_patches),
+                                              now, now + 6.0))
+        t.append(clock())
+        device._on_message(Incoming(device.reply_topic, reply, correlation_data=rid.encode()))
+        t.append(clock())
+        record = device._record(rid, decision, sample, "server", 3, nbytes=len(message), latency_ms=5.0,
+                                attempts=1, worker_id="bench-worker", sent_at=time.monotonic())
+        outcome = encode(record.to_message())
+        t.append(clock())
+        if not timed:
+            return
+        # (decision built between the full-image bytes and the request: part of the request stage)
+        marks = ("decode_crop_us", "normalize_us", "edge_forward_us", "scores_us", "gate_topk_us", "select_us",
+                 "codec_encode_us", "full_image_bytes_us", None, "request_encode_us", "reply_decode_us",
+                 "outcome_encode_us")
+        for key, a, b in zip(marks, t[:-1], t[1:], strict=True):
+            times[key or "request_encode_us"] += (b - a) * 1e6
+        sent_by_gate += gate.uncertainty[0] >= cfg.gate.threshold
+        kept += selection.num_kept
+        request_bytes += len(message)
+        outcome_bytes += len(outcome)
+
+    for i, sample in enumerate(samples[: min(20, len(samples))]):  # warm up
+        one(i, sample, timed=False)
+    whole = 0.0
+    for i, sample in enumerate(samples):
+        one(i, sample, timed=True)
+        t0 = clock()
+        engine.run([sample])  # the same image through engine.run in one call: the stages' cross-check
+        whole += clock() - t0
+    n = len(samples)
+    result: dict[str, Any] = {k: v / n for k, v in times.items()}
+    result.update(model=model, images=n, source=used, input_size=loaded.preprocess.input_size,
+                  patch_size=loaded.patch_size, num_patches=loaded.num_patches, kept_mean=kept / n,
+                  gate_send_share=sent_by_gate / n, gate=f"{cfg.gate.kind} η={cfg.gate.threshold}",
+                  selection=f"{cfg.selection.rule} {cfg.selection.value}",
+                  codec=f"{cfg.codec.name} q{cfg.codec.quality}", request_bytes=request_bytes / n,
+                  outcome_bytes=outcome_bytes / n, engine_run_us=whole * 1e6 / n)
+    return result
+
+
+async def publish_round(port: int, payload_bytes: int, count: int) -> float:
+    """Client CPU µs per QoS 0 publish of ``payload_bytes`` (a device's outcome message), nobody subscribed."""
+    cfg = load_config(environ={}, overrides={"broker": {"port": port}}).broker
+    pub = Transport(cfg, client_id="bench-outcomes", handler=None)
+    payload = os.urandom(payload_bytes)
+    topic = V1.metrics("edge", DEVICE)
+    task = asyncio.create_task(pub.run(), name="pub")
+    await pub.wait_connected()
+    for _ in range(min(50, count)):
+        await pub.publish(topic, payload, qos=0)
+    t0 = time.process_time()
+    for _ in range(count):
+        await pub.publish(topic, payload, qos=0)
+    used = time.process_time() - t0
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return used * 1e6 / count
+
+
+def edge_main(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # a device's edge model on one core
+    results = []
+    for model in args.edge:
+        result = edge_stages(model, args.images, args.edge_source)
+        with BrokerProcess(port=0) as broker:
+            mqtt = asyncio.run(mqtt_round(broker.port, broker.pid or 0, round(result["request_bytes"]),
+                                          args.requests, args.window))
+            result["mqtt_request_reply_us"] = mqtt["client_us_per_request"]
+            result["outcome_publish_us"] = asyncio.run(publish_round(broker.port, round(result["outcome_bytes"]),
+                                                                     args.requests))
+        outside = sum(result[s] for s in EDGE_OUTSIDE)
+        result.update(outside_forward_us=outside, ratio_to_limit=outside / EDGE_LIMIT_US,
+                      limit_us=EDGE_LIMIT_US, mqtt_messages=args.requests)
+        results.append(result)
+        print(f"edge {model}: {result['images']} images from {result['source']} "
+              f"({result['input_size']} px, {result['num_patches']} patches of {result['patch_size']} px), "
+              f"batch 1, every image offloaded ({result['kept_mean']:.1f} patches kept on average, "
+              f"{result['codec']}, request {result['request_bytes']:.0f} bytes); the gate "
+              f"({result['gate']}) would send {result['gate_send_share']:.0%}. CPU µs per image:")
+        for key in EDGE_STAGES:
+            note = "   (left out of the total)" if key == "edge_forward_us" else ""
+            print(f"  {key:<32}{result[key]:>10.1f}{note}")
+        print(f"  {'outside_forward_us':<32}{outside:>10.1f}   ratio to the {EDGE_LIMIT_US:.0f} µs target: "
+              f"{outside / EDGE_LIMIT_US:.2f}")
+        print(f"  {'engine_run_us (cross-check)':<32}{result['engine_run_us']:>10.1f}   "
+              "(engine.run on the same image: the engine's stages, forward included, in one call)")
+    if args.json:
+        args.json.write_text(json.dumps({"edge": results, **machine_info()}, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="zoo:cifar10-server")
@@ -174,8 +371,16 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--window", type=int, default=10, help="QoS 1 publishes outstanding in the MQTT round")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--edge", action="append", metavar="MODEL",
+                    help="measure the edge side for this edge model instead (repeatable): zoo:cifar10-edge, "
+                         "zoo:imagenette-edge; --requests is then the MQTT round's message count")
+    ap.add_argument("--images", type=int, default=500, help="images per edge model (--edge)")
+    ap.add_argument("--edge-source", help="images for --edge: a dataset path, or 'synthetic' (default: the "
+                                          "model's dataset when the data root has it)")
     args = ap.parse_args()
     configure("console", "warning")
+    if args.edge:
+        return edge_main(args)
     import torch
 
     torch.set_num_threads(1)

@@ -213,6 +213,19 @@ class Device:
             return self._record(base_id, decision, sample, "edge", decision.edge_label)
         return await self._offload(base_id, decision, sample)
 
+    def patch_request(self, rid: str, decision: EdgeDecision, sample: Sample, mask: bytes, sent_at: float,
+                      deadline: float) -> PatchRequest:
+        """One attempt's request for the kept patches of ``decision`` (``mask``: its packed indices)."""
+        assert decision.payload is not None
+        engine = self.runner.engine
+        return PatchRequest(
+            device_id=self.device_id, request_id=rid, height=decision.height, width=decision.width,
+            patch_size=decision.patch_size, grid=(decision.height // decision.patch_size,
+                                                  decision.width // decision.patch_size),
+            mask=mask, codec=engine.codec_name, codec_params=engine.codec_params, payload=decision.payload,
+            topk_ids=decision.topk_ids, topk_probs=decision.topk_probs, uncertainty=decision.uncertainty,
+            uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label, deadline=deadline)
+
     async def _offload(self, base_id: str, decision: EdgeDecision, sample: Sample) -> OutcomeRecord:
         assert decision.indices is not None and decision.payload is not None
         if decision.downscale is not None:
@@ -254,15 +267,7 @@ class Device:
                     topic = self.request_topic  # an expert pool that timed out or was busy: the general pool retries
                 tries += 1
                 sent_at = time.time()
-                request = PatchRequest(
-                    device_id=self.device_id, request_id=rid, height=decision.height, width=decision.width,
-                    patch_size=decision.patch_size, grid=(decision.height // decision.patch_size,
-                                                          decision.width // decision.patch_size),
-                    mask=mask, codec=self.runner.engine.codec_name, codec_params=self.runner.engine.codec_params,
-                    payload=decision.payload, topk_ids=decision.topk_ids, topk_probs=decision.topk_probs,
-                    uncertainty=decision.uncertainty, uncertainty_kind=self.config.gate.kind, sent_at=sent_at,
-                    label=sample.label, deadline=wall_deadline)
-                payload = encode(request)
+                payload = encode(self.patch_request(rid, decision, sample, mask, sent_at, wall_deadline))
                 if first_sent is None:
                     first_sent = time.monotonic()
                 try:

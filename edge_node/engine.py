@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.attention import edge_forward
+from shared.attention import EdgeOutput, edge_forward
 from shared.codecs import full_image_payload_bytes, get_codec, quality_params
 from shared.config import CodecConfig, GateConfig, RegionConfig, SelectionConfig
 from shared.datasets import Sample, crop_uint8, decode_rgb, normalize
@@ -24,7 +24,7 @@ from shared.gates import Gate
 from shared.models import LoadedModel
 from shared.region import downsample, global_patch_size
 from shared.scores import scores_from_output
-from shared.selection import SelectionRule, select_batch
+from shared.selection import Selection, SelectionRule, select_batch
 
 TOPK = 5
 
@@ -57,6 +57,16 @@ class EdgeDecision:
     @property
     def kept(self) -> int:
         return 0 if self.indices is None else int(self.indices.size)
+
+
+@dataclass(frozen=True)
+class EdgeGate:
+    """The gate's verdict on one batch: which images go to a worker, with each image's top-k."""
+
+    send: list[int]  # batch positions of the images the gate sends
+    uncertainty: list[float]
+    topk_ids: list[tuple[int, ...]]
+    topk_probs: list[tuple[float, ...]]
 
 
 def codec_params(config: CodecConfig) -> dict[str, int]:
@@ -95,53 +105,86 @@ class EdgeEngine:
         """(H, W, 3) uint8: the cropped image as the device holds it."""
         return crop_uint8(decode_rgb(sample.data), self.loaded.preprocess)
 
-    def run(self, samples: Sequence[Sample]) -> list[EdgeDecision]:
-        started = time.perf_counter()
-        pixels = [self.pixels(s) for s in samples]
-        images = normalize(torch.from_numpy(np.stack(pixels)), self.loaded.preprocess)
+    # One image's (or one batch's) path, stage by stage; :meth:`run` chains them, and
+    # bench/service_overhead.py (``--edge``) times each one.
+
+    def images(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """The model input: the uint8 images stacked and normalised, (B, 3, H, W) float."""
+        return normalize(torch.from_numpy(np.stack(pixels)), self.loaded.preprocess)
+
+    def forward(self, images: torch.Tensor) -> EdgeOutput:
+        """The edge ViT forward with the attention its score kind needs."""
         with torch.inference_mode():
-            out = edge_forward(self.model, images, all_layers=self.score_kind == "rollout")
+            return edge_forward(self.model, images, all_layers=self.score_kind == "rollout")
+
+    def scores(self, out: EdgeOutput) -> torch.Tensor:
+        """(B, N) patch scores, float32, each row summing to 1."""
+        with torch.inference_mode():
+            return scores_from_output(out, self.score_kind)
+
+    def gate_topk(self, out: EdgeOutput) -> EdgeGate:
+        """The gate's decision and uncertainty, and the top-k of the softmax, for every image."""
+        with torch.inference_mode():
             logits = out.logits.float()
-            scores = scores_from_output(out, self.score_kind)
             send = self.gate.should_send(logits)
             unc = self.gate.uncertainty(logits)
             probs = torch.softmax(logits, dim=-1)
             top_p, top_i = probs.topk(min(TOPK, probs.shape[-1]), dim=-1)
-        chosen = send.nonzero().flatten().tolist()
-        selections = dict(zip(chosen, select_batch(scores[chosen], self.rule), strict=True)) if chosen else {}
+        return EdgeGate(send=send.nonzero().flatten().tolist(), uncertainty=unc.tolist(),
+                        topk_ids=[tuple(int(v) for v in row) for row in top_i],
+                        topk_probs=[tuple(float(v) for v in row) for row in top_p])
+
+    def select(self, scores: torch.Tensor, chosen: Sequence[int]) -> dict[int, Selection]:
+        """The selection rule applied to the images in ``chosen`` (those the gate sends)."""
+        return dict(zip(chosen, select_batch(scores[list(chosen)], self.rule), strict=True)) if chosen else {}
+
+    def payload(self, px: np.ndarray, indices: np.ndarray, scores: torch.Tensor) -> bytes:
+        """The kept patches of one image as the codec's payload (``scores``: that image's (N,) scores)."""
+        kept_scores = scores.numpy().astype(np.float64)[indices]
+        return self.codec.encode(px, indices, self.patch_size, self.codec_params, scores=kept_scores)
+
+    def full_bytes(self, px: np.ndarray) -> int | None:
+        """Bytes of the whole image as a payload, when ``measure_full_bytes`` (else None)."""
+        return full_image_payload_bytes(px, self.patch_size, self.quality) if self.measure_full_bytes else None
+
+    def run(self, samples: Sequence[Sample]) -> list[EdgeDecision]:
+        started = time.perf_counter()
+        pixels = [self.pixels(s) for s in samples]
+        out = self.forward(self.images(pixels))
+        scores = self.scores(out)
+        gate = self.gate_topk(out)
+        selections = self.select(scores, gate.send)
         h, w = pixels[0].shape[:2]
         decisions = []
         for i, px in enumerate(pixels):
-            ids = tuple(int(v) for v in top_i[i])
+            ids, probs, unc = gate.topk_ids[i], gate.topk_probs[i], gate.uncertainty[i]
             indices = payload = None
             full_bytes = None
             if i in selections and self.downscale is not None:
-                decisions.append(self._glance(ids, top_p[i], float(unc[i]), px))
+                decisions.append(self._glance(ids, probs, unc, px))
                 continue
             if i in selections:
                 indices = np.asarray(selections[i].indices, dtype=np.int64)
-                kept_scores = scores[i].numpy().astype(np.float64)[indices]
-                payload = self.codec.encode(px, indices, self.patch_size, self.codec_params, scores=kept_scores)
-                if self.measure_full_bytes:
-                    full_bytes = full_image_payload_bytes(px, self.patch_size, self.quality)
+                payload = self.payload(px, indices, scores[i])
+                full_bytes = self.full_bytes(px)
             decisions.append(EdgeDecision(
-                edge_label=ids[0], topk_ids=ids, topk_probs=tuple(float(v) for v in top_p[i]),
-                uncertainty=float(unc[i]), send=i in selections, height=h, width=w, patch_size=self.patch_size,
-                num_patches=self.num_patches, indices=indices, payload=payload, full_payload_bytes=full_bytes))
+                edge_label=ids[0], topk_ids=ids, topk_probs=probs, uncertainty=unc, send=i in selections,
+                height=h, width=w, patch_size=self.patch_size, num_patches=self.num_patches, indices=indices,
+                payload=payload, full_payload_bytes=full_bytes))
         share = (time.perf_counter() - started) * 1000.0 / max(len(samples), 1)
         return [_with_ms(d, share) for d in decisions]
 
-
-    def _glance(self, ids: tuple[int, ...], probs: torch.Tensor, uncertainty: float, px: np.ndarray) -> EdgeDecision:
+    def _glance(self, ids: tuple[int, ...], probs: tuple[float, ...], uncertainty: float,
+                px: np.ndarray) -> EdgeDecision:
         """A region exchange's first message: the whole image, box-downsampled, every patch kept."""
         assert self.downscale is not None
         small = downsample(px, self.downscale)
         p = global_patch_size(self.patch_size, self.downscale)
         indices = np.arange(self.num_patches, dtype=np.int64)  # the downsampled grid is the model's grid
         payload = self.codec.encode(small, indices, p, self.codec_params)
-        full_bytes = full_image_payload_bytes(px, self.patch_size, self.quality) if self.measure_full_bytes else None
+        full_bytes = self.full_bytes(px)
         return EdgeDecision(
-            edge_label=ids[0], topk_ids=ids, topk_probs=tuple(float(v) for v in probs), uncertainty=uncertainty,
+            edge_label=ids[0], topk_ids=ids, topk_probs=probs, uncertainty=uncertainty,
             send=True, height=small.shape[0], width=small.shape[1], patch_size=p, num_patches=self.num_patches,
             indices=indices, payload=payload, full_payload_bytes=full_bytes, downscale=self.downscale, pixels=px)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.service_overhead import EDGE_OUTSIDE, EDGE_STAGES
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "service_overhead.py"
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto not installed")
@@ -29,3 +31,24 @@ def test_stages_add_up_and_mosquitto_is_measured(tmp_path: Path) -> None:
     assert figures["model_forward_us"] > 0 and figures["messages_per_s"] > 0
     assert figures["mosquitto_us_per_message"] >= 0
     assert figures["payload_bytes"] > 0 and figures["requests"] == 64
+
+
+def test_edge_stages_add_up_for_both_zoo_edges(tmp_path: Path) -> None:
+    """``--edge`` on the zoo's two edge models (synthetic images, small counts): every stage of the device's
+    path was measured, the total outside the forward is their sum, and its ratio is to the 1 ms target."""
+    out = tmp_path / "edge.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--edge", "zoo:cifar10-edge", "--edge", "zoo:imagenette-edge",
+                           "--edge-source", "synthetic", "--images", "12", "--requests", "40", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())["edge"]
+    assert [f["model"] for f in figures] == ["zoo:cifar10-edge", "zoo:imagenette-edge"]
+    for f in figures:
+        assert all(f[s] > 0 for s in EDGE_STAGES), {s: f[s] for s in EDGE_STAGES}
+        assert "edge_forward_us" not in EDGE_OUTSIDE and len(EDGE_OUTSIDE) == len(EDGE_STAGES) - 1
+        assert f["outside_forward_us"] == pytest.approx(sum(f[s] for s in EDGE_OUTSIDE))
+        assert f["ratio_to_limit"] == pytest.approx(f["outside_forward_us"] / 1000.0)
+        assert f["images"] == 12 and f["source"] == "synthetic" and f["engine_run_us"] > 0
+        assert 1 <= f["kept_mean"] <= f["num_patches"] and f["request_bytes"] > 0
+        assert 0.0 <= f["gate_send_share"] <= 1.0
+    assert figures[1]["input_size"] == 112 and figures[1]["patch_size"] == 16
