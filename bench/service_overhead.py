@@ -343,7 +343,8 @@ def edge_main(args: argparse.Namespace) -> int:
             result["outcome_publish_us"] = asyncio.run(publish_round(broker.port, round(result["outcome_bytes"]),
                                                                      args.requests))
         outside = sum(result[s] for s in EDGE_OUTSIDE)
-        result.update(outside_forward_us=outside, ratio_to_limit=outside / EDGE_LIMIT_US,
+        result.update(stages=list(EDGE_STAGES), outside_stages=list(EDGE_OUTSIDE), outside_forward_us=outside,
+                      ratio_to_limit=outside / EDGE_LIMIT_US,
                       limit_us=EDGE_LIMIT_US, mqtt_messages=args.requests)
         results.append(result)
         print(f"edge {model}: {result['images']} images from {result['source']} "
