@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,31 +118,29 @@ class EdgeEngine:
         with torch.inference_mode():
             return edge_forward(self.model, images, all_layers=self.score_kind == "rollout")
 
-    def scores(self, out: EdgeOutput) -> torch.Tensor:
-        """(B, N) patch scores, float32, each row summing to 1."""
+    def scores(self, out: EdgeOutput) -> np.ndarray:
+        """(B, N) patch scores (computed in float32, each row summing to 1) as float64, as selection takes them."""
         with torch.inference_mode():
-            return scores_from_output(out, self.score_kind)
+            return scores_from_output(out, self.score_kind).numpy().astype(np.float64)
 
     def gate_topk(self, out: EdgeOutput) -> EdgeGate:
         """The gate's decision and uncertainty, and the top-k of the softmax, for every image."""
         with torch.inference_mode():
             logits = out.logits.float()
-            send = self.gate.should_send(logits)
-            unc = self.gate.uncertainty(logits)
+            send, unc = self.gate.decide(logits)
             probs = torch.softmax(logits, dim=-1)
             top_p, top_i = probs.topk(min(TOPK, probs.shape[-1]), dim=-1)
         return EdgeGate(send=send.nonzero().flatten().tolist(), uncertainty=unc.tolist(),
-                        topk_ids=[tuple(int(v) for v in row) for row in top_i],
-                        topk_probs=[tuple(float(v) for v in row) for row in top_p])
+                        topk_ids=[tuple(row) for row in top_i.tolist()],
+                        topk_probs=[tuple(row) for row in top_p.tolist()])
 
-    def select(self, scores: torch.Tensor, chosen: Sequence[int]) -> dict[int, Selection]:
+    def select(self, scores: np.ndarray, chosen: Sequence[int]) -> dict[int, Selection]:
         """The selection rule applied to the images in ``chosen`` (those the gate sends)."""
         return dict(zip(chosen, select_batch(scores[list(chosen)], self.rule), strict=True)) if chosen else {}
 
-    def payload(self, px: np.ndarray, indices: np.ndarray, scores: torch.Tensor) -> bytes:
+    def payload(self, px: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> bytes:
         """The kept patches of one image as the codec's payload (``scores``: that image's (N,) scores)."""
-        kept_scores = scores.numpy().astype(np.float64)[indices]
-        return self.codec.encode(px, indices, self.patch_size, self.codec_params, scores=kept_scores)
+        return self.codec.encode(px, indices, self.patch_size, self.codec_params, scores=scores[indices])
 
     def full_bytes(self, px: np.ndarray) -> int | None:
         """Bytes of the whole image as a payload, when ``measure_full_bytes`` (else None)."""
@@ -155,7 +154,7 @@ class EdgeEngine:
         gate = self.gate_topk(out)
         selections = self.select(scores, gate.send)
         h, w = pixels[0].shape[:2]
-        decisions = []
+        decisions: list[EdgeDecision | dict[str, Any]] = []  # an image's decision, or the fields of one
         for i, px in enumerate(pixels):
             ids, probs, unc = gate.topk_ids[i], gate.topk_probs[i], gate.uncertainty[i]
             indices = payload = None
@@ -167,12 +166,13 @@ class EdgeEngine:
                 indices = np.asarray(selections[i].indices, dtype=np.int64)
                 payload = self.payload(px, indices, scores[i])
                 full_bytes = self.full_bytes(px)
-            decisions.append(EdgeDecision(
+            decisions.append(dict(
                 edge_label=ids[0], topk_ids=ids, topk_probs=probs, uncertainty=unc, send=i in selections,
                 height=h, width=w, patch_size=self.patch_size, num_patches=self.num_patches, indices=indices,
                 payload=payload, full_payload_bytes=full_bytes))
         share = (time.perf_counter() - started) * 1000.0 / max(len(samples), 1)
-        return [_with_ms(d, share) for d in decisions]
+        return [_with_ms(d, share) if isinstance(d, EdgeDecision) else EdgeDecision(**d, edge_ms=share)
+                for d in decisions]
 
     def _glance(self, ids: tuple[int, ...], probs: tuple[float, ...], uncertainty: float,
                 px: np.ndarray) -> EdgeDecision:

@@ -230,12 +230,18 @@ def _split_at_sos(data: bytes) -> tuple[bytes, bytes]:
     raise BadPayloadError("local JPEG encoder wrote an unexpected stream")
 
 
+@lru_cache(maxsize=128)
+def _encoder_qtables(quality: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """:func:`quant_tables` for the encoder, computed once per quality (Pillow copies what it is given)."""
+    luma, chroma = quant_tables(quality)
+    return tuple(luma), tuple(chroma)
+
+
 def jpeg_encode_stripped(image: np.ndarray, quality: int, subsampling: int) -> bytes:
     """Baseline JPEG of ``image`` with the header removed; refuses if the tables differ from the contract."""
-    luma, chroma = quant_tables(quality)
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "JPEG", qtables=[luma, chroma], optimize=False, progressive=False,
-                                subsampling=0 if subsampling == 444 else 2)
+    Image.fromarray(image).save(buf, "JPEG", qtables=list(_encoder_qtables(quality)), optimize=False,
+                                progressive=False, subsampling=0 if subsampling == 444 else 2)
     header, payload = _split_at_sos(buf.getvalue())
     h, w, _ = image.shape
     if header != jpeg_header(h, w, quality, subsampling):
@@ -511,9 +517,16 @@ def quality_params(codec: Codec, quality: int) -> dict[str, int]:
 def full_image_payload_bytes(pixels: np.ndarray, patch_size: int, quality: int = 90) -> int:
     """Bytes of the whole image as a payload: the ``jpeg`` codec with every patch kept. The reference
     that patch selection is compared with (table-less, like every payload on the wire)."""
-    n = (pixels.shape[0] // patch_size) * (pixels.shape[1] // patch_size)
     codec = get_codec("jpeg")
-    return len(codec.encode(pixels, np.arange(n), patch_size, codec.resolve_params({"q": quality})))
+    params = codec.resolve_params({"q": quality})  # the same checks as the codec's encode …
+    if (not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3
+            or pixels.shape[2] != 3):
+        raise BadFieldError("pixels must be an (H, W, 3) uint8 array")
+    h, w = int(pixels.shape[0]), int(pixels.shape[1])
+    check_indices(np.arange(1), (h, w), patch_size)
+    # … and the same bytes: the canvas of every patch is the image itself, so it is encoded as it is.
+    return len(jpeg_encode_stripped(np.ascontiguousarray(pixels), params["q"],
+                                    chroma_subsampling(params["ss"], patch_size)))
 
 
 for _codec in (

@@ -14,6 +14,7 @@ import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,7 @@ def decode_rgb(data: bytes) -> Image.Image:
         img.load()
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"not a decodable image ({exc})") from exc
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() to its own mode is a copy
 
 
 _PIL_INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -188,8 +189,9 @@ def crop_uint8(img: Image.Image, pre: Preprocess) -> np.ndarray:
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), _PIL_INTERP.get(pre.interpolation, Image.Resampling.BICUBIC))
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+        if (nw, nh) != (size, size):  # a crop to the whole image would only copy it
+            left, top = (nw - size) // 2, (nh - size) // 2
+            img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -197,9 +199,18 @@ def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 (..., H, W, 3) or (..., 3, H, W) float in [0,1] → normalised float (…, 3, H, W)."""
     if pixels.dtype == torch.uint8:
         pixels = pixels.movedim(-1, -3).float().div_(255.0)
-    mean = torch.tensor(pre.mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(pre.std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    mean, std = _mean_std(tuple(pre.mean), tuple(pre.std), pixels.dtype, pixels.device)
     return (pixels - mean) / std
+
+
+@lru_cache(maxsize=64)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (3, 1, 1) normalisation constants, built once per preprocess, dtype and device (never written to);
+    normal tensors even when first asked for under ``torch.inference_mode``, so that autograd may use them."""
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, dtype=dtype, device=device).view(3, 1, 1),
+                torch.tensor(std, dtype=dtype, device=device).view(3, 1, 1))
 
 
 def to_tensor_batch(samples: Sequence[Sample], pre: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,10 @@ def uncertainty(logits: torch.Tensor, kind: UncertaintyKind) -> torch.Tensor:
 
 def should_send(logits: torch.Tensor, kind: UncertaintyKind, threshold: float) -> torch.Tensor:
     """Bool (B,): True where the image goes to the server."""
-    u = uncertainty(logits, kind)
+    return _sends(uncertainty(logits, kind), kind, threshold)
+
+
+def _sends(u: torch.Tensor, kind: UncertaintyKind, threshold: float) -> torch.Tensor:
     return u <= threshold if kind == "margin" else u >= threshold
 
 
@@ -84,3 +87,8 @@ class Gate:
 
     def should_send(self, logits: torch.Tensor) -> torch.Tensor:
         return should_send(logits, self.kind, self.threshold)
+
+    def decide(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(:meth:`should_send`, :meth:`uncertainty`) from one uncertainty computation."""
+        u = uncertainty(logits, self.kind)
+        return _sends(u, self.kind, self.threshold), u

@@ -101,6 +101,16 @@ class Selection:
         object.__setattr__(self, "indices", idx)
 
     @classmethod
+    def _checked_by_caller(cls, indices: np.ndarray, num_patches: int) -> Selection:
+        """A Selection of ``indices`` that the caller made sorted, unique, in range and its own (a fresh int64
+        array): :func:`select_batch`'s, without checking them again."""
+        selection = object.__new__(cls)
+        indices.setflags(write=False)
+        object.__setattr__(selection, "indices", indices)
+        object.__setattr__(selection, "num_patches", num_patches)
+        return selection
+
+    @classmethod
     def from_mask(cls, data: bytes, num_patches: int) -> Selection:
         return cls(unpack_mask(data, num_patches), num_patches)
 
@@ -170,7 +180,9 @@ def select_batch(scores: np.ndarray | torch.Tensor, rule: SelectionRule, *,
     order = np.argsort(-arr, axis=1, kind="stable")  # descending; ties → lower index first
     ordered = np.take_along_axis(arr, order, axis=1)
     counts = np.maximum(_kept_counts(ordered, rule), min(rule.min_patches, n))
-    return [Selection(np.sort(order[i, : counts[i]]), n) for i in range(b)]
+    # each row: a prefix of a permutation of 0..n-1 (unique, in range), sorted into a fresh int64 array
+    return [Selection._checked_by_caller(np.sort(order[i, : counts[i]]).astype(np.int64, copy=False), n)
+            for i in range(b)]
 
 
 def select(scores: np.ndarray | torch.Tensor, rule: SelectionRule, *,
