@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from waiting import wait_until_async
+
 from patchcast.scaling.backends import ComposeBackend, ProcessPool
 from shared.config import ScalerConfig
 
@@ -51,19 +53,12 @@ def pool_for(mode: str, tmp_path: Path, **cfg: Any) -> ProcessPool:
                        log_dir=tmp_path / "logs", poll_s=0.05)
 
 
-async def _wait_for(pred, limit_s: float = 10.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
-
-
 async def _scale_up_down_drains_with_sigterm(tmp_path: Path) -> None:
     pool = pool_for("graceful", tmp_path, drain_timeout_s=5.0)
     await pool.scale_to(3)
     pids = pool.pids()
     assert len(pids) == 3 and [m.worker_id for m in pool.members()] == ["worker-1", "worker-2", "worker-3"]
-    await _wait_for(lambda: len(list(tmp_path.glob("worker-*.*"))) == 3)
+    await wait_until_async(lambda: len(list(tmp_path.glob("worker-*.*"))) == 3, 10, message="three workers started")
     t0 = time.monotonic()
     await pool.scale_to(1)
     await pool.shutdown()
@@ -77,7 +72,7 @@ async def _stubborn_worker_killed_after_bound(tmp_path: Path) -> None:
     pool = pool_for("stubborn", tmp_path, drain_timeout_s=0.5)
     await pool.scale_to(1)
     pid = pool.pids()[0]
-    await _wait_for(lambda: any(tmp_path.glob("worker-1.*")))
+    await wait_until_async(lambda: any(tmp_path.glob("worker-1.*")), 10, message="worker-1 started")
     t0 = time.monotonic()
     await pool.shutdown()
     took = time.monotonic() - t0
@@ -90,7 +85,7 @@ async def _crashes_restart_with_rate_limit(tmp_path: Path) -> None:
     await pool.scale_to(1)
     runner = asyncio.create_task(pool.run(), name="pool-run")
     try:
-        await _wait_for(lambda: pool.crashes_total == 3)
+        await wait_until_async(lambda: pool.crashes_total == 3, 10, message="three crashes")
         await asyncio.sleep(0.5)  # not a wait: time for a 4th start (0.1 s backoff) if the rate limit failed
     finally:
         runner.cancel()
@@ -107,7 +102,7 @@ async def _shutdown_while_running_leaves_no_orphans(tmp_path: Path) -> None:
     await pool.scale_to(2)
     runner = asyncio.create_task(pool.run(), name="pool-run")
     pids = pool.pids()
-    await _wait_for(lambda: len(list(tmp_path.glob("worker-*.*"))) == 2)  # both running
+    await wait_until_async(lambda: len(list(tmp_path.glob("worker-*.*"))) == 2, 10, message="both workers running")
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)
     await pool.shutdown()
@@ -145,10 +140,11 @@ async def _drained_worker_gets_short_exit_grace(tmp_path: Path) -> None:
     pool = pool_for("stubborn", tmp_path, drain_timeout_s=30.0)
     await pool.scale_to(1)
     pid = pool.pids()[0]
-    await _wait_for(lambda: any(tmp_path.glob("worker-1.*")))
+    await wait_until_async(lambda: any(tmp_path.glob("worker-1.*")), 10, message="worker-1 started")
     t0 = time.monotonic()
     shutdown = asyncio.create_task(pool.shutdown())
-    await _wait_for(lambda: "worker-1" in pool._draining_slots)  # signalled: 'offline' now means drained
+    await wait_until_async(lambda: "worker-1" in pool._draining_slots, 10,  # signalled: 'offline' now means drained
+                           message="worker-1 signalled to drain")
     pool.note_offline("worker-1")
     await shutdown
     took = time.monotonic() - t0

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from loadgen import LoadGen
 from ops_helpers import REPO, alive, child_env, patchcast_cmd, tiny_models
+from waiting import wait_until_async
 
 from patchcast.broker import BrokerProcess, free_port
 
@@ -86,17 +87,15 @@ async def _scenario(broker: BrokerProcess, tmp_path: Path) -> Result:
         return g
 
     try:
-        # 1. One worker up (metrics flowing).
-        deadline = time.monotonic() + 180
-        while True:
+        # 1. One worker up (metrics flowing), sampled once a second.
+        async def reporting() -> bool:
             assert scaler.returncode is None, (tmp_path / "scaler.log").read_text()[-2000:]
             try:
-                if (await sample("startup")).get("patchcast_pool_reporting_workers", 0) >= 1:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "no worker came up"
-            await asyncio.sleep(1.0)
+                return (await sample("startup")).get("patchcast_pool_reporting_workers", 0) >= 1
+            except OSError:  # the scaler's endpoint is not up yet
+                return False
+
+        await wait_until_async(reporting, 180, 1.0, message="a worker up and reporting metrics")
         # 2. Calibrate: one worker's saturation throughput from a burst short enough (< up_after_s) not
         #    to trigger a scale-up itself.
         #    The rate counts the replies after the first batch's, over the time from the first reply to the
@@ -105,8 +104,7 @@ async def _scenario(broker: BrokerProcess, tmp_path: Path) -> Result:
         t = time.monotonic()
         already = len(gen.done)
         await gen.burst(burst)
-        while gen.outstanding() and time.monotonic() - t < 120:  # noqa: ASYNC110 - polling a counter
-            await asyncio.sleep(0.1)
+        await wait_until_async(lambda: not gen.outstanding(), 120, 0.1, message="the calibration burst answered")
         arrivals = sorted(at for at, _, _ in gen.done[already:])
         first_batch = sum(1 for at in arrivals if at - arrivals[0] < 0.05)
         span = arrivals[-1] - arrivals[0]
@@ -117,14 +115,14 @@ async def _scenario(broker: BrokerProcess, tmp_path: Path) -> Result:
         base_task = asyncio.create_task(gen.send_at(base, 8.0))
         while not base_task.done():
             await sample("base")
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # not a wait: the sampling period of the metrics time series
         assert (await sample("base"))["patchcast_pool_desired_workers"] == 1
         # 4. Load step ×4: grow, drain, recover (bounded).
         step_task = asyncio.create_task(gen.send_at(step, 180.0))
         peak, over, recovered_at = 1.0, False, None
         step_started = time.monotonic()
         while time.monotonic() - step_started < 180:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # not a wait: the sampling period of the metrics time series
             g = await sample("step")
             peak = max(peak, g.get("patchcast_pool_desired_workers", 0))
             p95 = gen.p95(5.0)
@@ -142,15 +140,15 @@ async def _scenario(broker: BrokerProcess, tmp_path: Path) -> Result:
         shrunk_at = None
         low_started = time.monotonic()
         while time.monotonic() - low_started < 60:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # not a wait: the sampling period of the metrics time series
             g = await sample("drop")
             if g.get("patchcast_pool_desired_workers", peak) < peak:
                 shrunk_at = time.monotonic() - low_started
                 break
         low_task.cancel()
-        settle = time.monotonic() + 30.0  # the requests still in flight answered before the count
-        while gen.outstanding() and time.monotonic() < settle:  # noqa: ASYNC110 - polling a counter
-            await asyncio.sleep(0.1)
+        # the requests still in flight answered before the count (a grace period: what is not answered
+        # by then is counted as timed out, not a failure)
+        await wait_until_async(lambda: not gen.outstanding(), 30.0, 0.1, fail=False)
         return Result(capacity, base, step, peak, over, recovered, step_s, shrunk_at, timeline,
                       dict(gen.statuses), gen.timed_out())
     finally:

@@ -7,6 +7,7 @@ import contextlib
 import re
 
 import pytest
+from waiting import wait_until_async
 
 from inference_worker.prometheus import WorkerSnapshot, worker_families
 from shared.errors import BadFieldError
@@ -57,10 +58,7 @@ def test_worker_families_render_in_exposition_format() -> None:
 async def _scrape() -> str:
     server = MetricsServer(lambda: worker_families(_snapshot(True)), "127.0.0.1", 0)
     task = asyncio.create_task(server.run(), name="prometheus")
-    for _ in range(100):
-        if server._server is not None:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: server.port != 0, 1.0, 0.01, message="the endpoint listening (its port bound)")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()

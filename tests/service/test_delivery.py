@@ -7,24 +7,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from typing import Any
 
 import numpy as np
+import pytest
 from service_helpers import IMG, PATCH, async_test, service_config
+from waiting import wait_until_async
 
 from edge_node.fleet import run_fleet
 from inference_worker.dedupe import RecentRequests, Seen
 from inference_worker.service import InferenceWorker
 from shared import datasets
 from shared.models import build_model
+from shared.naming import device_id
 from shared.protocol import PatchRequest, Reply, build_request, decode, encode
 from shared.topics import V1
-from shared.transport import Incoming, Transport
-
-
-async def wait_until(predicate, limit_s: float = 10.0) -> None:
-    async with asyncio.timeout(limit_s):
-        while not predicate():  # noqa: ASYNC110 - polling what another task records
-            await asyncio.sleep(0.02)
+from shared.transport import NO_SUBSCRIBERS, Incoming, Transport
 
 
 def request(device: str, seq: int) -> PatchRequest:
@@ -79,16 +77,16 @@ async def test_resend_after_a_dropped_reply_is_answered_from_memory_and_computed
         first = request(device, 1)
         # 1. The device is not subscribed yet: the broker drops the worker's reply (a lost reply).
         await send(first)
-        await wait_until(lambda: worker.stats.replies == 1)
+        await wait_until_async(lambda: worker.stats.replies == 1, 10, 0.02, message="the worker's first reply")
         await client.subscribe(V1.reply(device))
         await send(first)  # the re-send: same request id
-        await wait_until(lambda: len(replies) == 1)
+        await wait_until_async(lambda: len(replies) == 1, 10, 0.02, message="the re-send answered")
         # 2. A re-send while the first is still in progress (held by the 300 ms batching delay).
         second = request(device, 2)
         await send(second)
         await send(second)
-        await wait_until(lambda: len(replies) == 2)
-        await asyncio.sleep(0.5)  # a second reply to either would be here by now
+        await wait_until_async(lambda: len(replies) == 2, 10, 0.02, message="the second request answered")
+        await asyncio.sleep(0.5)  # not a wait: a negative check, a second reply to either would be here by now
         worker.stop()
         await tasks[1]
         tasks[0].cancel()
@@ -152,7 +150,7 @@ async def test_device_resends_under_the_same_id_and_hands_one_answer_per_image(
 
 @async_test(90)
 async def test_a_request_that_reached_no_worker_is_resent_without_waiting_out_the_reply_timeout(
-        broker, model_files, image_folder, unique) -> None:
+        broker, model_files, image_folder, unique, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pool subscribes only after the devices have started sending (as after a broker restart):
     the broker's PUBACK says 'no matching subscribers', and the devices re-send after a short backoff,
     well before their 5-s reply timeout, without spending a re-send."""
@@ -164,9 +162,24 @@ async def test_a_request_that_reached_no_worker_is_resent_without_waiting_out_th
                                "retries": 0, "deadline_s": 0.0, "retry_backoff_s": 0.05})
     worker = InferenceWorker(cfg, build_model(cfg.models.server, role="server"), worker_id=f"{unique}-w")
     edge, dataset = build_model(cfg.models.edge, role="edge"), datasets.load(image_folder)
+    # The event to wait for: each device's request accepted by the broker and delivered to nobody (the
+    # PUBACK's "no matching subscribers"). A subscribing spy would itself be a matching subscriber, so
+    # the devices' own publishes are watched instead.
+    to_nobody: set[str] = set()
+    publish = Transport.publish
+
+    async def watched_publish(self: Transport, topic: str, payload: bytes, **kw: Any) -> int:
+        code = await publish(self, topic, payload, **kw)
+        if code == NO_SUBSCRIBERS:
+            to_nobody.add(topic)
+        return code
+
+    monkeypatch.setattr(Transport, "publish", watched_publish)
+    every_device = {V1.request(model, device_id(f"{unique}cam", i)) for i in range(2)}
     async with asyncio.TaskGroup() as tg:
         fleet = tg.create_task(run_fleet(cfg, edge=edge, dataset=dataset), name="fleet")
-        await asyncio.sleep(1.5)  # the devices publish into an empty pool meanwhile
+        await wait_until_async(lambda: every_device <= to_nobody, 60,
+                               message="every device's request delivered to nobody (an empty pool)")
         task = tg.create_task(worker.run(), name="worker")
         result = await fleet
         worker.stop()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from service_helpers import IMG, PATCH, async_test, service_config
+from waiting import wait_until_async
 
 from inference_worker.service import InferenceWorker
 from shared.errors import ProtocolError
@@ -98,7 +99,7 @@ async def overload(broker, model_files, image_folder, unique: str, *, overload_s
     model_logits = worker.engine.logits_checked
 
     def slow_logits(*args, **kwargs):
-        time.sleep(BATCH_S)  # a model that takes BATCH_S per batch: a known capacity
+        time.sleep(BATCH_S)  # not a wait: a model that takes BATCH_S per batch, a known capacity
         return model_logits(*args, **kwargs)
 
     worker.engine.logits_checked = slow_logits  # type: ignore[method-assign]
@@ -131,9 +132,9 @@ async def overload(broker, model_files, image_folder, unique: str, *, overload_s
         t_drop = time.monotonic()
         rss_after = rss_mb()
         await load.run(0.4 * CAPACITY, after_s)  # normal again
-        async with asyncio.timeout(10):
-            while load.sent and min(t for t, _ in load.sent.values()) > time.monotonic() - DEADLINE_S - 0.5:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)  # what can still be answered is answered
+        await wait_until_async(  # what can still be answered is answered
+            lambda: not load.sent or min(t for t, _ in load.sent.values()) <= time.monotonic() - DEADLINE_S - 0.5,
+            10, message="every request answered or past its deadline")
         await asyncio.sleep(DEADLINE_S)  # not a wait: time for any answer past its deadline to show up
         assert not worker_task.done()
         worker.stop()

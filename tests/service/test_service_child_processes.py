@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,11 +165,8 @@ async def test_a_dead_decoder_process_is_replaced_and_the_worker_keeps_serving(
         count = len(received)
         await client.publish(V1.request(model, dev), valid_request(dev, request_id), response_topic=V1.reply(dev),
                              correlation_data=request_id.encode())
-        for _ in range(200):
-            if len(received) > count:
-                return decode_reply(received[-1].payload)
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no answer to {request_id}")
+        await wait_until_async(lambda: len(received) > count, 10, message=f"an answer to {request_id}")
+        return decode_reply(received[-1].payload)
 
     async with asyncio.TaskGroup() as tg:
         client_task = tg.create_task(client.run())
@@ -245,19 +241,25 @@ def alive(pid: int) -> bool:
 
 def wait_for_children(proc: subprocess.Popen[bytes], count: int, timeout_s: float = 90.0) -> set[int]:
     """``proc``'s child processes, once it has at least ``count``."""
-    deadline = time.monotonic() + timeout_s
-    while len(children := children_of(proc.pid)) < count:
-        assert proc.poll() is None and time.monotonic() < deadline, f"{proc.args!r} did not start its children"
-        time.sleep(0.2)
+    children: set[int] = set()
+
+    def started() -> bool:
+        nonlocal children
+        assert proc.poll() is None, f"{proc.args!r} ended before starting its children"
+        children = children_of(proc.pid)
+        return len(children) >= count
+
+    wait_until(started, timeout_s, 0.2, message=f"{proc.args!r} to start {count} child processes")
     return children
 
 
 def still_alive_after(pids: set[int], timeout_s: float) -> set[int]:
     """Those of ``pids`` still running after up to ``timeout_s`` seconds (none, once all have ended)."""
-    deadline = time.monotonic() + timeout_s
-    while (left := {pid for pid in pids if alive(pid)}) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
+    def left() -> set[int]:
+        return {pid for pid in pids if alive(pid)}
+
+    wait_until(lambda: not left(), timeout_s, 0.2, fail=False)  # the caller names what is left
+    return left()
 
 
 def online(received: list[Incoming]) -> set[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from service_helpers import async_test, service_config, valid_request
+from waiting import wait_until_async
 
 from inference_worker.service import InferenceWorker
 from shared.models import build_model
@@ -86,10 +87,8 @@ async def test_malformed_requests_get_error_replies_and_never_stop_the_worker(
         # …and the worker still serves a good request afterwards.
         await asyncio.to_thread(mosquitto_pub, broker.port, req_topic, valid_request(dev, "r-good"), tmp_path,
                                 response_topic=reply_topic, correlation="c-good")
-        for _ in range(100):
-            if len(received) >= len(cases) + 2:
-                break
-            await asyncio.sleep(0.1)
+        await wait_until_async(lambda: len(received) >= len(cases) + 2, 10, 0.1,
+                               message=f"{len(cases) + 2} answers (every case, the orphan report, the good request)")
         worker.stop()
         await worker_task
         spy_task.cancel()
@@ -131,10 +130,8 @@ async def test_overflow_answers_busy_and_counts_it(broker, model_files, image_fo
         await asyncio.gather(*(client.publish(V1.request(model, dev), valid_request(dev, f"r{i}"),
                                               response_topic=V1.reply(dev), correlation_data=f"r{i}".encode())
                                for i in range(total)))
-        for _ in range(100):
-            if len(received) >= total:
-                break
-            await asyncio.sleep(0.1)
+        await wait_until_async(lambda: len(received) >= total, 10, 0.1,
+                               message=f"an answer to each of the {total} requests")
         worker.stop()
         await worker_task
         client_task.cancel()

@@ -6,11 +6,11 @@ error with its reason code at once (never a timeout)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from service_helpers import async_test, dynsec_plugin_missing
+from waiting import wait_until_async
 
 from patchcast.broker import PRODUCTION_CONF, BrokerProcess, SecurityFile
 from shared.config import BrokerConfig
@@ -29,16 +29,6 @@ def security_file(tmp: Path) -> tuple[Path, dict[str, str]]:
                  "worker-pool-deit": sec.add_client("worker-pool-deit", "worker"),
                  "monitor": sec.add_client("monitor", "observer")}
     return sec.save(), passwords
-
-
-async def wait_for(predicate: Callable[[], bool], limit_s: float = 5.0) -> bool:
-    try:
-        async with asyncio.timeout(limit_s):
-            while not predicate():  # noqa: ASYNC110 - polling what handlers collected
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        return False
-    return True
 
 
 async def refused_connect(cfg: BrokerConfig, client_id: str) -> RefusedError:
@@ -113,11 +103,13 @@ async def test_production_acl_matrix(tmp_path: Path) -> None:
             # ---- what is allowed still works, and nothing forged arrived anywhere ----------------
             await a.publish(T.request(MODEL, "cam-0001"), b"mine", response_topic=T.reply("cam-0001"))
             await a.publish(T.region("w1", "cam-0001"), b"region")
-            assert await wait_for(lambda: len(worker_got) >= 2)
+            await wait_until_async(lambda: len(worker_got) >= 2, 5.0, 0.02, message="the worker's two messages")
             await worker.publish(T.reply("cam-0001"), b"answer-a")
             await worker.publish(T.reply("cam-0002"), b"answer-b")
-            assert await wait_for(lambda: len(a_got) >= 1 and len(b_got) >= 1)
-            assert await wait_for(lambda: sum(m.topic.startswith(f"{T.prefix}/reply/") for m in mon_got) >= 2)
+            await wait_until_async(lambda: len(a_got) >= 1 and len(b_got) >= 1, 5.0, 0.02,
+                                   message="each device's answer")
+            await wait_until_async(lambda: sum(m.topic.startswith(f"{T.prefix}/reply/") for m in mon_got) >= 2, 5.0,
+                                   0.02, message="the monitor seeing both answers")
             assert sorted(m.payload for m in worker_got) == [b"mine", b"region"]
             assert [m.payload for m in a_got] == [b"answer-a"]
             assert [m.payload for m in b_got] == [b"answer-b"]
@@ -152,7 +144,7 @@ async def test_device_cannot_swallow_requests_through_the_shared_subscription(tm
                 await rogue.subscribe(T.worker_subscription("workers", MODEL))
             for i in range(41):
                 await victim.publish(T.request(MODEL, "cam-0002"), f"r{i}".encode())
-            assert await wait_for(lambda: len(worker_got) >= 41)
+            await wait_until_async(lambda: len(worker_got) >= 41, 5.0, 0.02, message="the victim's 41 requests")
             assert sorted(m.payload for m in worker_got) == sorted(f"r{i}".encode() for i in range(41))
             assert rogue_got == []
             for task in tasks:

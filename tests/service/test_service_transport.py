@@ -8,6 +8,7 @@ import socket
 
 import pytest
 from service_helpers import async_test
+from waiting import wait_until_async
 
 from patchcast.broker import LOCAL_CONF, BrokerProcess
 from shared.config import BrokerConfig
@@ -19,13 +20,6 @@ def broker_config(port: int, **kw: object) -> BrokerConfig:
     values: dict = {"port": port, "connect_timeout_s": 3.0, "publish_timeout_s": 2.0, "reconnect_min_s": 0.05,
                     "reconnect_max_s": 0.5, **kw}
     return BrokerConfig(**values)
-
-
-async def wait_for(predicate, limit_s: float = 10.0) -> None:
-    """Poll a condition on what handlers collected (the handlers themselves stay trivial)."""
-    async with asyncio.timeout(limit_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 def test_packet_size_is_exact_for_what_paho_sends() -> None:
@@ -60,7 +54,7 @@ async def test_properties_roundtrip_and_oversize_is_refused_before_sending(broke
         assert info.value.code == "too_large"
         # The connection survived: paho never sent the over-size packet.
         await pub.publish(f"{unique}/b", b"after")
-        await wait_for(lambda: len(got) == 2)
+        await wait_until_async(lambda: len(got) == 2, 10, 0.02, message="both messages")
         assert pub.stats.connects == 1 and pub.stats.disconnects == 0
         first = got[0]
         assert (first.topic, first.payload, first.response_topic, first.correlation_data) == (
@@ -89,17 +83,18 @@ async def test_last_will_on_connection_loss_then_reconnect_and_birth(broker, uni
         await watcher.subscribe(topic)
         await watcher.wait_connected()
         tasks.append(tg.create_task(service.run()))
-        await wait_for(lambda: seen == [b"online"])
+        await wait_until_async(lambda: seen == [b"online"], 10, 0.02, message="the birth message")
         # An abrupt loss (no DISCONNECT): the broker publishes the will, the transport reconnects and
         # announces itself again.
         assert service._client is not None
         sock = service._client._client.socket()
         assert isinstance(sock, socket.socket)
         sock.shutdown(socket.SHUT_RDWR)
-        await wait_for(lambda: seen[-2:] == [b"offline", b"online"])
+        await wait_until_async(lambda: seen[-2:] == [b"offline", b"online"], 10, 0.02,
+                               message="the last will, then a new birth")
         assert service.stats.connects == 2
         await service.close([Outgoing(topic, b"offline", retain=True)])
-        await wait_for(lambda: seen[-1] == b"offline")
+        await wait_until_async(lambda: seen[-1] == b"offline", 10, 0.02, message="the farewell")
         for t in tasks:
             t.cancel()
     # The retained state is what a late subscriber sees.
@@ -108,7 +103,7 @@ async def test_last_will_on_connection_loss_then_reconnect_and_birth(broker, uni
     async with asyncio.TaskGroup() as tg:
         t = tg.create_task(late.run())
         await late.subscribe(topic)
-        await wait_for(lambda: retained == [b"offline"])
+        await wait_until_async(lambda: retained == [b"offline"], 10, 0.02, message="the retained state")
         t.cancel()
 
 
@@ -128,9 +123,10 @@ async def test_resubscribes_after_broker_restart_and_publish_times_out_while_dow
             await sub.wait_connected()
             await pub.wait_connected()
             await pub.publish(f"{unique}/t", b"1")
-            await wait_for(lambda: len(got) == 1)
+            await wait_until_async(lambda: len(got) == 1, 10, 0.02, message="the first message")
             first.stop()
-            await wait_for(lambda: not pub.connected and not sub.connected)
+            await wait_until_async(lambda: not pub.connected and not sub.connected, 10, 0.02,
+                                   message="both clients disconnected")
             with pytest.raises(TransportError) as info:
                 await pub.publish(f"{unique}/t", b"lost")
             assert info.value.code == "timeout"
@@ -138,7 +134,7 @@ async def test_resubscribes_after_broker_restart_and_publish_times_out_while_dow
             await sub.wait_connected(10)  # set only once its subscriptions are renewed on the new broker
             await pub.wait_connected(10)
             await pub.publish(f"{unique}/t", b"2")  # the new broker knows nothing: sub re-subscribed itself
-            await wait_for(lambda: len(got) == 2)
+            await wait_until_async(lambda: len(got) == 2, 10, 0.02, message="the message after the restart")
             assert [m.payload for m in got] == [b"1", b"2"]
             assert sub.stats.connects == 2
             for t in tasks:

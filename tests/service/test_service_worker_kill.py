@@ -23,6 +23,7 @@ import sys
 
 import pytest
 from service_helpers import async_test, service_config
+from waiting import wait_until_async
 
 from edge_node.fleet import run_fleet
 from shared.protocol import Availability, PatchRequest, Reply, decode
@@ -68,10 +69,11 @@ async def test_sigkill_one_worker_loses_nothing_silently_and_sigterm_drains(
                         if isinstance(m, Availability)]
 
             async def wait_state(wid: str, state: str, limit_s: float) -> None:
-                async with asyncio.timeout(limit_s):
-                    while state not in states(wid):
-                        assert procs[wid].poll() is None or state == "offline", procs[wid].stdout.read()  # type: ignore[union-attr]
-                        await asyncio.sleep(0.1)
+                def reached() -> bool:
+                    assert procs[wid].poll() is None or state == "offline", procs[wid].stdout.read()  # type: ignore[union-attr]
+                    return state in states(wid)
+
+                await wait_until_async(reached, limit_s, 0.1, message=f"{wid} {state}")
 
             await asyncio.gather(wait_state(victim_id, "online", 120), wait_state(survivor_id, "online", 120))
             fleet = tg.create_task(run_fleet(cfg))
@@ -81,9 +83,7 @@ async def test_sigkill_one_worker_loses_nothing_silently_and_sigterm_drains(
 
             # Kill while requests are flowing (the victim then holds an open batch: max_delay 300 ms),
             # not on a clock: how long the fleet takes to start depends on the machine.
-            async with asyncio.timeout(60):
-                while requests_seen() < 10:  # noqa: ASYNC110 - polling what the spy recorded
-                    await asyncio.sleep(0.02)
+            await wait_until_async(lambda: requests_seen() >= 10, 60, 0.02, message="ten requests on the wire")
             procs[victim_id].send_signal(signal.SIGKILL)
             result = await fleet
             await wait_state(victim_id, "offline", 10)  # the broker published the victim's last will

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from service_helpers import async_test, dynsec_plugin_missing, service_config
+from waiting import wait_until_async
 
 from patchcast.broker import (
     LOCAL_CONF,
@@ -70,9 +71,7 @@ async def test_tls_listener_verifies_and_refuses_clearly(certs: tuple[CertSet, C
             tasks = [tg.create_task(t.run()) for t in (sub, pub)]
             await sub.wait_connected()
             await pub.publish("tls/check", b"over tls")
-            async with asyncio.timeout(5):
-                while not got:  # noqa: ASYNC110 - polling what the handler collected
-                    await asyncio.sleep(0.02)
+            await wait_until_async(lambda: got, 5, 0.02, message="the message over TLS")
             assert got[0].payload == b"over tls"
             for t in tasks:
                 t.cancel()
@@ -155,9 +154,8 @@ async def test_fleet_worker_and_monitor_end_to_end_over_mutual_tls(
             await monitor.wait_connected()
             await asyncio.wait_for(worker.ready.wait(), 30)
             result = await run_fleet(fleet_cfg)  # type: ignore[arg-type]
-            async with asyncio.timeout(10):  # the monitor saw the fleet's outcomes over TLS
-                while monitor.snapshot().images_total < devices * per_device:  # noqa: ASYNC110 - polling a snapshot
-                    await asyncio.sleep(0.1)
+            await wait_until_async(lambda: monitor.snapshot().images_total >= devices * per_device, 10, 0.1,
+                                   message="the monitor seeing the fleet's outcomes over TLS")
             worker.stop()
             await worker_task
             monitor_task.cancel()
