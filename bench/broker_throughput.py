@@ -55,7 +55,7 @@ from inference_worker.batcher import BatchReport
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads
 from inference_worker.service import InferenceWorker
 from patchcast.broker import BrokerProcess
-from patchcast.scaling.backends import start_child, stop_child
+from shared.children import start_child, stop_child
 from shared.config import BatchingConfig, BrokerConfig, Config, load_config
 from shared.heap import retain_freed_memory
 from shared.logs import configure

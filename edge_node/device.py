@@ -120,7 +120,7 @@ class Device:
             will=Outgoing(availability, self._availability("offline"), retain=True),
             birth=[Outgoing(availability, self._availability("online"), retain=True)],
             log_context={"device_id": device_id})
-        self._closing = False
+        self._stopping = False
         self._prepared = False
 
     def _availability(self, state: str) -> bytes:
@@ -451,7 +451,7 @@ class Device:
                     delay = next_at - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    if stop_at is not None and time.monotonic() >= stop_at:
+                    if self._stopping or (stop_at is not None and time.monotonic() >= stop_at):
                         break
                     await self._in_flight.acquire()  # backpressure: at most W images in progress
                     self.started += 1
@@ -461,8 +461,13 @@ class Device:
             metrics.cancel()
         await self._publish_metrics()
 
+    def stop_sending(self) -> None:
+        """Take no new image and end the metrics loop: a stop that holds even where a cancellation is
+        lost (see :func:`edge_node.fleet.cancel_until_done`)."""
+        self._stopping = True
+
     async def _metrics_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.edge.metrics_interval_s)
             if self._window:  # an idle device stays quiet: ten thousand of them would flood the broker
                 await self._publish_metrics()

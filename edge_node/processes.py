@@ -25,7 +25,7 @@ from typing import Any
 
 from edge_node.outcome import OutcomeRecord
 from edge_node.summary import summarize
-from patchcast.scaling.backends import start_child, stop_child
+from shared.children import start_child, stop_child
 from shared.config import Config, to_toml
 from shared.errors import ConfigError
 from shared.logs import get_logger
@@ -125,6 +125,7 @@ def merge(config: Config, children: list[_Child], wall_s: float) -> tuple[dict[s
         "images_started": sum(f.get("images_started", 0) for f in fleets),
         "images_abandoned": sum(f.get("images_abandoned", 0) for f in fleets),
         "shutdown_s": max((f.get("shutdown_s", 0.0) for f in fleets), default=0.0),
+        "connections_dropped": sum(f.get("connections_dropped", 0) for f in fleets),
         "rss_mb": round(sum(f.get("rss_mb", 0.0) for f in fleets), 1),
         "rss_per_device_kb": round(sum(kb * n for kb, n in weighted) / sum(n for _, n in weighted), 1)
         if weighted else None,

@@ -33,8 +33,9 @@ from patchcast.monitor.app import MonitorSession
 from patchcast.monitor.errors import first_error
 from patchcast.monitor.render import render
 from patchcast.monitor.state import Snapshot, snapshot_dict
-from patchcast.scaling.backends import ProcessPool, default_worker_argv, start_child, stop_child, worker_env
+from patchcast.scaling.backends import ProcessPool, default_worker_argv, worker_env
 from patchcast.scaling.service import ScalerService
+from shared.children import start_child, stop_child
 from shared.config import Config
 from shared.errors import PatchCastError
 from shared.logs import get_logger

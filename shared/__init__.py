@@ -7,11 +7,12 @@ It has two parts.
   (protocol, messages, codecs, topics, config, models, selection, gates, region, Prometheus
   rendering, …). No core module imports asyncio or one of the runtime modules below. Some core
   modules use threads or torch's thread pools internally (``shared.attention`` is thread-safe).
-* Three runtime modules, each the one place for its kind of effect:
+* Four runtime modules, each the one place for its kind of effect:
 
   - ``shared.transport``: the asyncio MQTT client, the only module that imports aiomqtt or paho
     (and the broker readiness probe);
   - ``shared.metrics_http``: the asyncio HTTP server for ``/metrics``;
+  - ``shared.children``: starting and stopping supervised child processes;
   - ``shared.heap``: process-wide glibc malloc settings, applied once at the start of a process
     that runs models (the worker's ``run_worker``, ``patchcast eval``).
 

@@ -109,6 +109,9 @@ def tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+_DISCONNECT_NORMAL = b"\xe0\x00"  # MQTT DISCONNECT, remaining length 0: reason 0x00, normal disconnection
+
+
 class _Client(aiomqtt.Client):
     """aiomqtt's client plus what it drops: the PUBACK reason code, and a connection the broker
     closes before its CONNACK (aiomqtt would wait out its timeout)."""
@@ -142,6 +145,21 @@ class _Client(aiomqtt.Client):
                 f"the broker closed the connection before its CONNACK ({reason_code}{detail})"))
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+    def drop(self, *, disconnect: bool = False) -> None:
+        """Close the socket now and mark the client disconnected, so that leaving it does not wait.
+        ``disconnect``: write a DISCONNECT first (a clean end: the broker discards the will); without
+        it the broker publishes the will, as for a device that lost power."""
+        paho_client = self._client
+        with contextlib.suppress(OSError, AttributeError):
+            sock = paho_client._sock
+            # Written straight to the socket: paho's own disconnect() would schedule a write on the loop
+            # for a socket closed by then. Only between packets (nothing of paho's left to write).
+            if disconnect and sock is not None and not paho_client._out_packet:
+                sock.send(_DISCONNECT_NORMAL)
+            paho_client._sock_close()  # unregisters the socket from aiomqtt's loop, then closes it
+        if not self._disconnected.done():
+            self._disconnected.set_result(None)
 
     def pending_failure(self) -> BaseException | None:
         """What ended the connection attempt, when the socket reader saw it (e.g. a TLS alert)."""
@@ -584,6 +602,17 @@ class Transport:
                 except TransportError as exc:
                     self._log.warning("mqtt_farewell_failed", topic=msg.topic, error=exc.message)
         self._closing = True
+
+    def abort(self, *, disconnect: bool = False) -> None:
+        """End the connection at once and stop reconnecting, without waiting for the broker: for stopping
+        thousands of connections within seconds (a graceful disconnect costs each one a round trip).
+        ``disconnect``: a DISCONNECT goes out first and the broker discards the will (after a farewell);
+        without it the broker publishes the will. Cancel the :meth:`run` task afterwards, which then
+        returns without waiting."""
+        self._closing = True
+        client = self._client
+        if client is not None:
+            client.drop(disconnect=disconnect)
 
 
 def mqtt_ping(host: str, port: int, timeout: float = 1.0) -> bool:
