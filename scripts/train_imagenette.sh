@@ -29,7 +29,7 @@ step "$runs/nette-server" --name imagenette-server --dim 192 --depth 6 --heads 3
     --token-attention-share 0.75
 # A second stage: the server above, trained on with a fresh one-cycle schedule and the same distillation
 # and token dropout (its curve was still rising at epoch 32). The zoo's server is this stage's output.
-step "$runs/nette-server-2" --name imagenette-server --dim 192 --depth 6 --heads 3 --epochs 30 --batch-size 128 \
+step "$runs/nette-server-2" --name imagenette-server --dim 192 --depth 6 --heads 3 --epochs 20 --batch-size 128 \
     --lr 5e-4 --warmup-epochs 1 --mixup 0.8 --cutmix 1.0 --mix-prob 0.3 \
     --init "file:$runs/nette-server/model.safetensors" \
     --teacher "file:$runs/nette-r18/model.safetensors" --distill-weight 0.5 --distill-temperature 2 \
