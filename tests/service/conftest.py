@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from other_brokers import Rumqttd, rumqttd_installed
 from service_helpers import write_images, write_models
 
 from patchcast.broker import LOCAL_CONF, BrokerProcess
@@ -15,10 +16,26 @@ from patchcast.broker import LOCAL_CONF, BrokerProcess
 _ids = itertools.count()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``any_broker`` runs over Mosquitto and over rumqttd (tests/service/other_brokers.py)."""
+    if metafunc.definition.get_closest_marker("any_broker") and "broker" in metafunc.fixturenames:
+        metafunc.parametrize("broker", ["mosquitto", "rumqttd"], indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def broker() -> Iterator[BrokerProcess]:
-    with BrokerProcess(port=0, template=LOCAL_CONF) as b:
-        yield b
+def broker(request: pytest.FixtureRequest) -> Iterator[BrokerProcess | Rumqttd]:
+    """A broker on a free loopback port: Mosquitto, or rumqttd for the ``rumqttd`` run of an ``any_broker`` test."""
+    if getattr(request, "param", "mosquitto") == "rumqttd":
+        if not rumqttd_installed():
+            pytest.skip("rumqttd is not installed (pip install iotcore: rumqttd compiled into a wheel)")
+        b = Rumqttd().start()
+        try:
+            yield b
+        finally:
+            b.stop()
+        return
+    with BrokerProcess(port=0, template=LOCAL_CONF) as mosquitto:
+        yield mosquitto
 
 
 @pytest.fixture(scope="session")

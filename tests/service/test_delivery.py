@@ -52,6 +52,7 @@ def test_recent_requests_bounded_with_ttl() -> None:
     assert (recent.stats.replayed, recent.stats.dropped) == (1, 1)
 
 
+@pytest.mark.any_broker  # also over rumqttd (other_brokers.py)
 @async_test(90)
 async def test_resend_after_a_dropped_reply_is_answered_from_memory_and_computed_once(
         broker, model_files, image_folder, unique) -> None:
@@ -99,6 +100,7 @@ async def test_resend_after_a_dropped_reply_is_answered_from_memory_and_computed
     assert (worker.recent.stats.replayed, worker.recent.stats.dropped) == (1, 1)
 
 
+@pytest.mark.any_broker  # also over rumqttd (other_brokers.py)
 @async_test(90)
 async def test_device_resends_under_the_same_id_and_hands_one_answer_per_image(
         broker, model_files, image_folder, unique) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import collections
 
 import numpy as np
+import pytest
 import torch
 from service_helpers import async_test, service_config, with_section
 from waiting import wait_until_async
@@ -33,6 +34,7 @@ from shared.transport import Incoming, Transport
 DEVICES, PER_DEVICE = 8, 25
 
 
+@pytest.mark.any_broker  # also over rumqttd (other_brokers.py)
 @async_test(180)
 async def test_two_workers_eight_devices_every_request_answered_once_on_its_own_topic(
         broker, model_files, image_folder, unique) -> None:

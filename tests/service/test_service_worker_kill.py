@@ -43,6 +43,7 @@ def start_worker(port: int, server_path: object, model: str, group: str, worker_
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.any_broker  # also over rumqttd (other_brokers.py)
 @pytest.mark.slow
 @async_test(240)
 async def test_sigkill_one_worker_loses_nothing_silently_and_sigterm_drains(
