@@ -410,8 +410,10 @@ class Transport:
                             f"the certificate's host names, and the client certificate if the listener "
                             f"requires one)")
         if not self._tls and "before its CONNACK" in text:
-            return TLSError(f"{self._where} closed the connection before answering CONNECT: a TLS listener? "
-                            f"(set broker.tls = true and broker.tls_ca_file)")
+            # Either a TLS listener (set broker.tls) or a broker out of connections: the bytes do not tell.
+            return TransportError(f"{self._where} closed the connection before answering CONNECT: a TLS listener "
+                                  f"(set broker.tls = true and broker.tls_ca_file), or a broker at its connection "
+                                  f"limit (its file descriptors, max_connections)?", code="closed_before_connack")
         return None
 
     # ---- connection loop ---------------------------------------------------------------------
