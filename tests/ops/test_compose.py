@@ -54,6 +54,8 @@ def test_services_present(compose: dict[str, Any]):
     services = compose["services"]
     assert {"mosquitto", "worker", "edge", "monitor"} <= set(services)
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
+    # one descriptor per connection: the broker's fd limit is its real connection cap (Fleet scale)
+    assert services["mosquitto"]["ulimits"]["nofile"]["hard"] >= 20_000
     assert services["worker"]["deploy"]["replicas"] >= 1
     assert set(patchcast_services(compose)) == {"worker", "edge", "monitor", "worker-vehicles", "worker-animals"}
     # the specialist pools start only on request, and serve the zoo's specialists on their own topics
