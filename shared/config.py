@@ -144,10 +144,10 @@ class EdgeConfig:
     random_phase: bool = _f(False, "each device sends its first image at a random point of its first interval "
                                    "(1 / rate_hz), so a large fleet with a low per-device rate spreads its load")
     shutdown_timeout_s: float = _f(5.0, "seconds a stopping fleet spends ending its run: half for the images in "
-                                        "flight to settle (the rest are counted as abandoned), a quarter for the devices' "
-                                        "farewells (offline availability); then every connection closes at once (without "
-                                        "a farewell the broker publishes the device's will); SIGTERM to exit stays "
-                                        "within a few seconds")
+                                        "flight to settle (the rest are counted as abandoned), a quarter for the "
+                                        "devices' farewells (offline availability); then every connection closes at "
+                                        "once (without a farewell the broker publishes the device's will); SIGTERM to "
+                                        "exit stays within a few seconds")
 
     def __post_init__(self) -> None:
         _check(self.devices >= 1, "edge.devices must be ≥ 1")
