@@ -50,7 +50,8 @@ def test_accuracy_matches_model_card(name: str, val_subset: tuple[torch.Tensor, 
 
 
 def test_imagenette_zoo_keeps_its_measured_accuracies() -> None:
-    """What the shipped pair does hold: a useful edge, a server clearly above it."""
+    """What the shipped pair does hold: a useful edge (≥ 50 %), a server ≥ 10 points above it (the issue's
+    targets), the server at 71.75 % (its ≥ 72 % target is missed by 0.25 points: docs/results.md)."""
     edge, server = _card(EDGE), _card(SERVER)
     assert edge["test_accuracy"] >= 0.50
-    assert server["test_accuracy"] >= 0.67 and server["test_accuracy"] - edge["test_accuracy"] >= 0.08
+    assert server["test_accuracy"] >= 0.715 and server["test_accuracy"] - edge["test_accuracy"] >= 0.10
