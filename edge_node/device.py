@@ -481,6 +481,7 @@ class Device:
         except PatchCastError as exc:
             self.log.debug("metrics_publish_failed", code=exc.code)
 
-    async def close(self) -> None:
-        await self.transport.close([Outgoing(self.topics.availability("edge", self.device_id),
+    async def close(self) -> bool:
+        """Say goodbye (retained offline availability) and stop reconnecting; True when the broker has it."""
+        return await self.transport.close([Outgoing(self.topics.availability("edge", self.device_id),
                                              self._availability("offline"), retain=True)])

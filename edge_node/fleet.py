@@ -261,8 +261,8 @@ class _Fleet:
 
         async def farewell(index: int, device: Device) -> None:
             try:
-                await device.close()
-                said.add(index)
+                if await device.close():
+                    said.add(index)
             except (PatchCastError, OSError) as exc:
                 self.log.debug("farewell_failed", device_id=device.device_id, error=str(exc))
             finally:

@@ -594,16 +594,21 @@ class Transport:
     async def publish_message(self, msg: Outgoing) -> None:
         await self.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
 
-    async def close(self, farewell: Sequence[Outgoing] = ()) -> None:
+    async def close(self, farewell: Sequence[Outgoing] = ()) -> bool:
         """Publish ``farewell`` (e.g. offline availability: a clean disconnect suppresses the will)
-        and stop reconnecting. Cancel the :meth:`run` task afterwards to disconnect."""
-        if self.connected:
+        and stop reconnecting. Cancel the :meth:`run` task afterwards to disconnect. True when every
+        farewell message reached the broker (only then may the connection end with a DISCONNECT,
+        which discards the will)."""
+        said = self.connected
+        if said:
             for msg in farewell:
                 try:
                     await self.publish_message(msg)
                 except TransportError as exc:
+                    said = False
                     self._log.warning("mqtt_farewell_failed", topic=msg.topic, error=exc.message)
         self._closing = True
+        return said
 
     def abort(self, *, disconnect: bool = False) -> None:
         """End the connection at once and stop reconnecting, without waiting for the broker: for stopping

@@ -51,3 +51,18 @@ async def test_abort_ends_the_connection_at_once_and_the_will_follows_the_discon
         # Aborted means closed for good: nothing reconnects under this client id.
         assert device.stats.connects == 1
         spy_task.cancel()
+
+
+@async_test(30)
+async def test_close_says_whether_the_farewell_reached_the_broker(broker, unique) -> None:
+    """Only a farewell that reached the broker may be followed by a DISCONNECT (which discards the will)."""
+    cfg = broker_config(broker.port)
+    never = Transport(cfg, client_id=f"{unique}-never")
+    assert await never.close([Outgoing(f"{unique}/bye", b"offline")]) is False  # never connected: nothing said
+    device = Transport(cfg, client_id=f"{unique}-device")
+    async with asyncio.TaskGroup() as tg:
+        link = tg.create_task(device.run())
+        await device.wait_connected()
+        assert await device.close([Outgoing(f"{unique}/bye", b"offline")]) is True
+        device.abort(disconnect=True)
+        link.cancel()
