@@ -254,7 +254,11 @@ def jpeg_decode_stripped(payload: bytes, height: int, width: int, quality: int,
     if not payload.startswith(_SOS):
         raise BadPayloadError("JPEG payload must start with an SOS marker")
     data = jpeg_header(height, width, quality, subsampling) + payload + _EOI
-    return _pil_decode(data, "JPEG", (height, width))
+    # Pillow's JPEG decoder straight on the stream: its header is ours, so the size and the mode (RGB,
+    # three components) are known without parsing it again as Image.open would (in Python); a stream
+    # that ends early or does not decode raises ValueError, which Codec.decode turns into bad_payload.
+    image = Image.frombytes("RGB", (width, height), data, "jpeg", "RGB", "")
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width, 3)
 
 
 def _pil_decode(data: bytes, fmt: str, shape: tuple[int, int]) -> np.ndarray:
@@ -346,8 +350,8 @@ def check_indices(indices: np.ndarray, geometry: tuple[int, int], patch_size: in
     n = (h // patch_size) * (w // patch_size)
     if indices.ndim != 1 or indices.size == 0 or not np.issubdtype(indices.dtype, np.integer):
         raise BadMaskError("indices must be a non-empty 1-D integer array")
-    idx = indices.astype(np.int64)
-    if idx[0] < 0 or idx[-1] >= n or (idx.size > 1 and not bool(np.all(np.diff(idx) > 0))):
+    idx = indices.astype(np.int64, copy=False)  # only read from here on
+    if idx[0] < 0 or idx[-1] >= n or (idx.size > 1 and not bool((idx[1:] > idx[:-1]).all())):
         raise BadMaskError(f"indices must be sorted, unique and in 0..{n - 1}")
     return idx
 
@@ -474,13 +478,15 @@ class ImageCodec(Codec):
             _, _, rows, cols = box_of(indices, geometry, patch_size)
             shape, where = (rows * patch_size, cols * patch_size), box_local(indices, geometry, patch_size)
         else:
-            shape, where = mosaic_shape(indices.size, geometry, patch_size), np.arange(indices.size)
+            shape, where = mosaic_shape(indices.size, geometry, patch_size), None  # the first K, in order
         if self.fmt == "JPEG":
             ss = chroma_subsampling(params["ss"], patch_size)
             image = jpeg_decode_stripped(payload, shape[0], shape[1], params["q"], ss)
         else:
             image = _pil_decode(payload, "PNG" if self.fmt == "PNG" else "WEBP", shape)
-        return np.ascontiguousarray(split_image(image, patch_size)[where])
+        patches = split_image(image, patch_size)
+        kept = patches[:indices.size] if where is None else patches[where]
+        return kept if kept.flags.writeable else kept.copy()  # never a view of the decoder's read-only buffer
 
 
 # ---------------------------------------------------------------------------------------------
