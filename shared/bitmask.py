@@ -28,4 +28,4 @@ def unpack_mask(data: bytes, num_patches: int) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="big")
     if bits[num_patches:].any():
         raise ValueError("mask has bits set past the last patch")
-    return np.flatnonzero(bits[:num_patches]).astype(np.int64)
+    return np.flatnonzero(bits[:num_patches]).astype(np.int64, copy=False)  # a fresh array either way

@@ -73,10 +73,20 @@ SCHEMA_VERSION = 1
 _BY_KIND: dict[str, type[Message]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
 
 
+# Field value types that are no Mapping: encode skips the (slow) ABC check for them.
+_PLAIN = frozenset({str, int, float, bool, bytes, tuple, list, type(None)})
+
+
+_REQUIRED: dict[type[Message], frozenset[str]] = {}
+
+
 def _required(cls: type[Message]) -> frozenset[str]:
-    """Fields without a default: always on the wire (as nil where the type allows None)."""
-    return frozenset(f.name for f in fields(cls)  # type: ignore[arg-type]
-                     if f.default is MISSING and f.default_factory is MISSING)
+    """Fields without a default: always on the wire (as nil where the type allows None); once per class."""
+    required = _REQUIRED.get(cls)
+    if required is None:
+        required = _REQUIRED[cls] = frozenset(f.name for f in fields(cls)  # type: ignore[arg-type]
+                                              if f.default is MISSING and f.default_factory is MISSING)
+    return required
 
 
 def encode(message: Message, *, limits: ProtocolLimits | None = DEFAULT_LIMITS) -> bytes:
@@ -87,7 +97,7 @@ def encode(message: Message, *, limits: ProtocolLimits | None = DEFAULT_LIMITS) 
     for name, key in message.WIRE.items():
         value = getattr(message, name)
         if value is not None or name in required:
-            body[key] = dict(value) if isinstance(value, Mapping) else value
+            body[key] = dict(value) if type(value) not in _PLAIN and isinstance(value, Mapping) else value
     data: bytes = msgpack.packb(body, use_bin_type=True)
     if limits is not None and len(data) > limits.max_message_bytes:
         raise TooLargeError(f"{message.KIND} message is {len(data)} bytes, limit {limits.max_message_bytes}")

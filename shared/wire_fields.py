@@ -95,6 +95,10 @@ def seq_field(obj: object, name: str, item: type, max_len: int) -> tuple[Any, ..
         raise BadFieldError(f"{name} must be an array, got {type(value).__name__}")
     if len(value) > max_len:
         raise BadFieldError(f"{name} has {len(value)} items, at most {max_len}")
+    if item is int and all(type(v) is int for v in value):  # the common case, at once
+        ints = tuple(value)
+        set_field(obj, name, ints)
+        return ints
     out = []
     for v in value:
         if item is float and type(v) in (float, int) and math.isfinite(v):
