@@ -19,12 +19,12 @@ import torch
 from shared.attention import EdgeOutput, edge_forward
 from shared.codecs import full_image_payload_bytes, get_codec, quality_params
 from shared.config import CodecConfig, GateConfig, RegionConfig, SelectionConfig
-from shared.datasets import Sample, crop_uint8, decode_rgb, normalize
+from shared.datasets import Sample, crop_uint8, decode_rgb, normalize_lut, normalize_uint8
 from shared.errors import ConfigError
 from shared.gates import Gate
 from shared.models import LoadedModel
 from shared.region import downsample, global_patch_size
-from shared.scores import scores_from_output
+from shared.scores import scores_float64
 from shared.selection import Selection, SelectionRule, select_batch
 
 TOPK = 5
@@ -94,6 +94,7 @@ class EdgeEngine:
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches
         self.measure_full_bytes = measure_full_bytes
+        self._lut = normalize_lut(loaded.preprocess)  # what normalize maps each uint8 value to
         self.quality = codec.quality
         self.downscale = None if region is None else region.downscale
         if self.downscale is not None:
@@ -111,7 +112,7 @@ class EdgeEngine:
 
     def images(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
         """The model input: the uint8 images stacked and normalised, (B, 3, H, W) float."""
-        return normalize(torch.from_numpy(np.stack(pixels)), self.loaded.preprocess)
+        return normalize_uint8(np.stack(pixels), self._lut)
 
     def forward(self, images: torch.Tensor) -> EdgeOutput:
         """The edge ViT forward with the attention its score kind needs."""
@@ -121,7 +122,7 @@ class EdgeEngine:
     def scores(self, out: EdgeOutput) -> np.ndarray:
         """(B, N) patch scores (computed in float32, each row summing to 1) as float64, as selection takes them."""
         with torch.inference_mode():
-            return scores_from_output(out, self.score_kind).numpy().astype(np.float64)
+            return scores_float64(out, self.score_kind)
 
     def gate_topk(self, out: EdgeOutput) -> EdgeGate:
         """The gate's decision and uncertainty, and the top-k of the softmax, for every image."""
@@ -130,13 +131,16 @@ class EdgeEngine:
             send, unc = self.gate.decide(logits)
             probs = torch.softmax(logits, dim=-1)
             top_p, top_i = probs.topk(min(TOPK, probs.shape[-1]), dim=-1)
-        return EdgeGate(send=send.nonzero().flatten().tolist(), uncertainty=unc.tolist(),
+        return EdgeGate(send=[i for i, sent in enumerate(send.tolist()) if sent], uncertainty=unc.tolist(),
                         topk_ids=[tuple(row) for row in top_i.tolist()],
                         topk_probs=[tuple(row) for row in top_p.tolist()])
 
     def select(self, scores: np.ndarray, chosen: Sequence[int]) -> dict[int, Selection]:
         """The selection rule applied to the images in ``chosen`` (those the gate sends)."""
-        return dict(zip(chosen, select_batch(scores[list(chosen)], self.rule), strict=True)) if chosen else {}
+        if not chosen:
+            return {}
+        rows = scores if len(chosen) == len(scores) else scores[list(chosen)]  # chosen: sorted, unique
+        return dict(zip(chosen, select_batch(rows, self.rule), strict=True))
 
     def payload(self, px: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> bytes:
         """The kept patches of one image as the codec's payload (``scores``: that image's (N,) scores)."""

@@ -213,6 +213,21 @@ def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtyp
                 torch.tensor(std, dtype=dtype, device=device).view(3, 1, 1))
 
 
+def normalize_lut(pre: Preprocess) -> np.ndarray:
+    """(3, 256) float32: :func:`normalize` of every uint8 value in each channel (what it maps them to)."""
+    every = torch.arange(256, dtype=torch.uint8).view(256, 1, 1).expand(256, 1, 3)  # (H=256, W=1, 3)
+    return normalize(every, pre)[:, :, 0].numpy().copy()
+
+
+def normalize_uint8(pixels: np.ndarray, lut: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → (B, 3, H, W) float32: :func:`normalize`'s values (and strides) by lookup in its
+    :func:`normalize_lut`, without float arithmetic on every pixel."""
+    out = np.empty(pixels.shape, dtype=np.float32)
+    for c in range(3):
+        np.take(lut[c], pixels[..., c], out=out[..., c], mode="clip")  # uint8 indices: all in range
+    return torch.from_numpy(out).movedim(-1, -3)
+
+
 def to_tensor_batch(samples: Sequence[Sample], pre: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode + crop a list of samples: uint8 (B, H, W, 3) and labels (B,) (-1 where unknown)."""
     arrays = [crop_uint8(decode_rgb(s.data), pre) for s in samples]

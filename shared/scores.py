@@ -16,10 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 from shared.attention import EdgeOutput
 from shared.errors import ConfigError
+
+_TINY32 = np.float32(np.finfo(np.float32).tiny)
 
 ScoreKind = Literal["attention", "rollout"]
 SCORE_KINDS: tuple[ScoreKind, ...] = ("attention", "rollout")
@@ -70,6 +73,22 @@ def rollout_scores(attentions: Sequence[torch.Tensor], *, residual: bool = True,
     if per_head:
         cls_row = cls_row.mean(dim=1)
     return _renormalise(cls_row)
+
+
+def scores_float64(out: EdgeOutput, kind: ScoreKind) -> np.ndarray:
+    """:func:`scores_from_output` as a float64 array (B, N), as selection takes them.
+
+    For ``attention`` on the CPU the renormalisation runs in numpy when every row has mass (≥ the
+    smallest normal float32, where :func:`_renormalise` divides by the total as it is): the same float32
+    mean and sum from torch, the same correctly rounded float32 division, without torch's per-op overhead
+    on a (B, N) tensor. Any other case is :func:`scores_from_output`'s result converted.
+    """
+    if kind == "attention" and out.cls_attention.device.type == "cpu":
+        mean = out.cls_attention.float().mean(dim=1)
+        x, total = mean.numpy(), mean.sum(dim=-1, keepdim=True).numpy()
+        if bool((total >= _TINY32).all()):
+            return (x / total).astype(np.float64)
+    return scores_from_output(out, kind).cpu().numpy().astype(np.float64)
 
 
 def scores_from_output(out: EdgeOutput, kind: ScoreKind) -> torch.Tensor:

@@ -148,7 +148,7 @@ def _as_scores(scores: np.ndarray | torch.Tensor) -> np.ndarray:
     arr = np.asarray(scores, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] == 0:
         raise ValueError(f"scores must be (B, N) with N ≥ 1, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+    if not bool(((arr >= 0) & (arr < np.inf)).all()):  # NaN fails both
         raise ValueError("scores must be finite and non-negative")
     return arr
 
@@ -161,10 +161,11 @@ def _kept_counts(ordered: np.ndarray, rule: SelectionRule) -> np.ndarray:
     if rule.kind == "threshold":
         return np.count_nonzero(ordered >= float(rule.value), axis=1).astype(np.int64)
     total = ordered.sum(axis=1, keepdims=True)
-    share = np.cumsum(ordered, axis=1) / np.where(total > 0, total, 1.0)
-    counts = np.count_nonzero(share <= float(rule.value) + SUM_TOLERANCE, axis=1).astype(np.int64)
+    has_mass = total > 0
+    share = np.cumsum(ordered, axis=1) / (total if has_mass.all() else np.where(has_mass, total, 1.0))
+    counts = np.count_nonzero(share <= float(rule.value) + SUM_TOLERANCE, axis=1)
     # All-zero rows have no mass to share out: treat them as degenerate.
-    return np.where(total[:, 0] > 0, counts, 0)
+    return counts * has_mass[:, 0]
 
 
 def select_batch(scores: np.ndarray | torch.Tensor, rule: SelectionRule, *,
@@ -178,8 +179,8 @@ def select_batch(scores: np.ndarray | torch.Tensor, rule: SelectionRule, *,
         k = min(rule.k, n)
         return [Selection(np.sort(gen.choice(n, size=k, replace=False)), n) for _ in range(b)]
     order = np.argsort(-arr, axis=1, kind="stable")  # descending; ties → lower index first
-    ordered = np.take_along_axis(arr, order, axis=1)
-    counts = np.maximum(_kept_counts(ordered, rule), min(rule.min_patches, n))
+    ordered = arr[np.arange(b)[:, None], order]
+    counts = np.maximum(_kept_counts(ordered, rule), min(rule.min_patches, n)).tolist()
     # each row: a prefix of a permutation of 0..n-1 (unique, in range), sorted into a fresh int64 array
     return [Selection._checked_by_caller(np.sort(order[i, : counts[i]]).astype(np.int64, copy=False), n)
             for i in range(b)]

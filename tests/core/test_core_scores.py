@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from shared.attention import EdgeOutput
 from shared.errors import ConfigError
-from shared.scores import cls_attention_scores, rollout_scores, scores_from_output
+from shared.scores import cls_attention_scores, rollout_scores, scores_float64, scores_from_output
 
 
 def test_cls_attention_scores_hand_worked() -> None:
@@ -94,3 +95,22 @@ def test_scores_from_output() -> None:
         scores_from_output(out, "gradcam")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         EdgeOutput(logits=torch.zeros(2, 5), cls_attention=torch.zeros(1, 1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_float64_is_scores_from_output_exactly(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    cls = torch.rand(64, 3, 49, generator=gen).softmax(dim=-1).to(dtype)
+    cls[1] = 0.0  # no mass: uniform scores
+    cls[2] = 0.0
+    cls[2, :, 5] = 1e-39  # a subnormal mass (< float32 tiny): the clamped division
+    for rows in (cls[:1], cls[3:], cls):  # every row with mass (numpy), then the fallback (torch)
+        out = EdgeOutput(logits=torch.zeros(rows.shape[0], 10), cls_attention=rows)
+        want = scores_from_output(out, "attention").numpy().astype(np.float64)
+        got = scores_float64(out, "attention")
+        assert got.dtype == np.float64 and np.array_equal(got, want)
+    assert np.array_equal(got[1], np.full(49, 1 / 49, dtype=np.float32).astype(np.float64))
+    rollout = EdgeOutput(logits=torch.zeros(1, 5), cls_attention=A2[None, None, 0, 1:],
+                         attentions=(A1[None, None], A2[None, None]))
+    assert np.array_equal(scores_float64(rollout, "rollout"),
+                          scores_from_output(rollout, "rollout").numpy().astype(np.float64))
