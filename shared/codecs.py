@@ -237,15 +237,30 @@ def _encoder_qtables(quality: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(luma), tuple(chroma)
 
 
+# What the local encoder writes before the SOS marker, per (height, width, quality, subsampling), once
+# checked against the contract's header: a stream that starts with it needs no parse.
+_ENCODER_PREFIX: dict[tuple[int, int, int, int], bytes] = {}
+_MAX_PREFIXES = 1024
+
+
 def jpeg_encode_stripped(image: np.ndarray, quality: int, subsampling: int) -> bytes:
     """Baseline JPEG of ``image`` with the header removed; refuses if the tables differ from the contract."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "JPEG", qtables=list(_encoder_qtables(quality)), optimize=False,
-                                progressive=False, subsampling=0 if subsampling == 444 else 2)
-    header, payload = _split_at_sos(buf.getvalue())
     h, w, _ = image.shape
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (w, h), np.ascontiguousarray(image)).save(
+        buf, "JPEG", qtables=list(_encoder_qtables(quality)), optimize=False, progressive=False,
+        subsampling=0 if subsampling == 444 else 2)
+    data = buf.getvalue()
+    key = (h, w, quality, subsampling)
+    prefix = _ENCODER_PREFIX.get(key)
+    if prefix is not None and data.startswith(prefix) and data.endswith(_EOI):
+        return data[len(prefix):-2]
+    header, payload = _split_at_sos(data)
     if header != jpeg_header(h, w, quality, subsampling):
         raise BadPayloadError("local JPEG encoder's tables differ from protocol v1's; it would not decode")
+    if len(_ENCODER_PREFIX) >= _MAX_PREFIXES:
+        _ENCODER_PREFIX.clear()
+    _ENCODER_PREFIX[key] = data[:len(data) - len(payload) - 2]
     return payload
 
 

@@ -67,6 +67,12 @@ def test_lossy_quality_follows_q() -> None:
         jpeg.decode(high, (64, 64), indices, 16, {"q": 95}), ref)
 
 
+def _pil_jpeg(pixels: np.ndarray, quality: int, subsampling: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality, subsampling=0 if subsampling == 444 else 2)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("quality", [1, 25, 50, 75, 90, 100])
 @pytest.mark.parametrize("subsampling", [420, 444])
 def test_jpeg_header_contract_matches_the_encoder(quality: int, subsampling: int) -> None:
@@ -77,6 +83,10 @@ def test_jpeg_header_contract_matches_the_encoder(quality: int, subsampling: int
     header, payload = C._split_at_sos(buf.getvalue())
     assert header == C.jpeg_header(48, 80, quality, subsampling)
     assert payload == C.jpeg_encode_stripped(pixels, quality, subsampling)
+    other = natural_image(48, 80, seed=quality + 1)  # the same geometry again: the checked prefix is reused
+    header, other_payload = C._split_at_sos(_pil_jpeg(other, quality, subsampling))
+    assert other_payload == C.jpeg_encode_stripped(other, quality, subsampling) != payload
+    assert header == C.jpeg_header(48, 80, quality, subsampling)
     luma, chroma = C.quant_tables(quality)
     assert list(Image.open(buf).quantization[0]) == luma  # type: ignore[attr-defined]
     assert list(Image.open(buf).quantization[1]) == chroma  # type: ignore[attr-defined]
