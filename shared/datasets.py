@@ -163,7 +163,44 @@ def _load_labels_csv(root: Path) -> Dataset:
     return Dataset(tuple(samples), tuple(names), str(root))
 
 
+_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2))  # baseline, extended, progressive Huffman
+
+
+def _jpeg_rgb_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a three-component JPEG with no Adobe marker, read from its frame header; None
+    for anything else (grayscale, CMYK, an Adobe colour transform, not a JPEG, a header it cannot read)."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i, end = 2, len(data)
+    while i + 9 < end and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker in _SOF_MARKERS:
+            if data[i + 9] != 3:
+                return None
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker in (0xDA, 0xEE) or not 0xC0 <= marker <= 0xFE:  # scan data, Adobe APP14, no marker
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _decode_rgb_jpeg(data: bytes) -> Image.Image | None:
+    """A three-component JPEG through Pillow's JPEG decoder straight, with the arguments Image.open would
+    give it (the same pixels), without its header parse in Python; None where the general path is needed."""
+    size = _jpeg_rgb_size(data)
+    limit = Image.MAX_IMAGE_PIXELS
+    if size is None or min(size) <= 0 or (limit is not None and size[0] * size[1] > limit):
+        return None
+    try:
+        return Image.frombytes("RGB", size, data, "jpeg", "RGB", "")
+    except (OSError, ValueError):
+        return None  # the general path says what is wrong with it
+
+
 def decode_rgb(data: bytes) -> Image.Image:
+    fast = _decode_rgb_jpeg(data)
+    if fast is not None:
+        return fast
     try:
         img = Image.open(io.BytesIO(data))
         img.load()

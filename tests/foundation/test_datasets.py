@@ -114,3 +114,25 @@ def test_normalize_uint8_is_normalize_for_every_value(mean: tuple[float, ...], s
     got = datasets.normalize_uint8(batch, datasets.normalize_lut(pre))
     assert got.dtype == torch.float32 and got.shape == (3, 3, 16, 16) and got.stride() == want.stride()
     assert torch.equal(got, want)
+
+
+def _jpeg_of(image: Image.Image, **options: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def test_decode_rgb_jpegs_are_what_image_open_decodes() -> None:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    files = {"baseline": _jpeg_of(rgb, quality=90), "444": _jpeg_of(rgb, subsampling=0),
+             "progressive": _jpeg_of(rgb, progressive=True), "exif": _jpeg_of(rgb, exif=Image.Exif().tobytes()),
+             "grey": _jpeg_of(rgb.convert("L")), "cmyk": _jpeg_of(rgb.convert("CMYK"))}
+    fast = {name for name, data in files.items() if datasets._decode_rgb_jpeg(data) is not None}
+    assert fast == {"baseline", "444", "progressive", "exif"}  # the others take Image.open's path
+    for data in files.values():
+        with Image.open(io.BytesIO(data)) as want:
+            assert np.array_equal(np.asarray(datasets.decode_rgb(data)), np.asarray(want.convert("RGB")))
+    for broken in (files["baseline"][:200], files["baseline"][:2] + b"\xff\xc0\x00\x11\x08" + bytes(40)):
+        with pytest.raises(DatasetError):
+            datasets.decode_rgb(broken)
