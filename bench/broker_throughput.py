@@ -226,6 +226,7 @@ def worker_child_main(folder: Path) -> int:
 
     cpu_at_ready: list[float] = []
     engine_s = [0.0]
+    engine_cpu_s = [0.0]  # the calling thread's CPU in the engine call: all of the model with --threads 1
 
     async def serve() -> tuple[InferenceWorker, float]:
         worker = InferenceWorker(cfg, loaded, worker_id=spec["worker_id"])
@@ -233,11 +234,12 @@ def worker_child_main(folder: Path) -> int:
         forward = worker.engine.logits_checked
 
         def timed_forward(sets: Any, *rest: Any) -> Any:  # the engine's share of the batch time (the rest: pixel
-            t0 = time.monotonic()                            # waits, top-k)
+            t0, c0 = time.monotonic(), time.thread_time()   # waits, top-k)
             try:
                 return forward(sets, *rest)
             finally:
                 engine_s[0] += time.monotonic() - t0
+                engine_cpu_s[0] += time.thread_time() - c0
 
         worker.engine.logits_checked = timed_forward  # type: ignore[assignment]  # timed, for this bench only
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.stop)
@@ -254,7 +256,8 @@ def worker_child_main(folder: Path) -> int:
     in_this_process = isinstance(worker.engine, ServerEngine) and worker.engine.device.type == "cuda"
     gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if in_this_process else 0.0  # not seen: engine process
     (folder / "result.json").write_text(json.dumps({
-        "batch_sizes": sizes, "busy_s": worker.batcher.busy_s, "engine_s": engine_s[0], "replies": worker.stats.replies,
+        "batch_sizes": sizes, "busy_s": worker.batcher.busy_s, "engine_s": engine_s[0],
+        "engine_cpu_s": engine_cpu_s[0], "replies": worker.stats.replies,
         "loop_cpu_s": loop_cpu_s, "cpu_s": process_cpu_s() - cpu_at_ready[1], "gpu_peak_mib": gpu_mib}))
     return 0
 
@@ -508,6 +511,10 @@ def run_pool(args: argparse.Namespace, overrides: dict[str, Any], cfg: Config, e
         "broker_cpu_ms_per_request": 1000 * sum(r["broker_cpu_s"] for r in rounds) / served,
         "worker_loop_cpu_ms_per_request": 1000 * sum(w["loop_cpu_s"] for w in workers) / served,
         "worker_cpu_ms_per_request": 1000 * sum(w["cpu_s"] for w in workers) / served,
+        # Exact with --threads 1 (torch computes in the calling thread); more torch threads leave
+        # their CPU in this figure.
+        "worker_outside_engine_cpu_ms_per_request":
+            1000 * sum(w["cpu_s"] - w.get("engine_cpu_s", 0.0) for w in workers) / served,
         "load_cpu_ms_per_request": 1000 * sum(r["load_cpu_s"] for r in rounds) / served,
         "gpu_peak_mib_per_worker": max(w["gpu_peak_mib"] for w in workers),
         **ratio_summary([r["ratio"] for r in rounds]),
@@ -687,7 +694,8 @@ def report_pool(args: argparse.Namespace, pool: dict[str, Any], engine: ServerEn
           f"(the engine call {pool['worker_engine_fraction_of_busy']:.0%} of it); "
           f"CPU ms per request: broker {pool['broker_cpu_ms_per_request']:.2f}, "
           f"worker event loop {pool['worker_loop_cpu_ms_per_request']:.2f}, whole worker "
-          f"{pool['worker_cpu_ms_per_request']:.2f}, load generators {pool['load_cpu_ms_per_request']:.2f}; "
+          f"{pool['worker_cpu_ms_per_request']:.2f} (outside the engine call "
+          f"{pool['worker_outside_engine_cpu_ms_per_request']:.3f}), load generators {pool['load_cpu_ms_per_request']:.2f}; "
           f"GPU peak per worker {pool['gpu_peak_mib_per_worker']:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -48,7 +48,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import logging
 import math
 import os
 import random
@@ -455,8 +454,6 @@ async def run_all(names: Sequence[str], options: Options, *, logdir: Path | None
 
     cfg = build_config(options)
     configure(cfg.logging.format, cfg.logging.level)
-    # paho's own error lines for every client's broken socket while the broker is away: expected here
-    logging.getLogger("patchcast.mqtt").addFilter(lambda record: False)
     edge = await asyncio.to_thread(load_edge, cfg)
     dataset = await asyncio.to_thread(datasets.load, cfg.edge.source)
     rows = []

@@ -139,7 +139,8 @@ def worker_stages(requests: list[PatchRequest], engine: ServerEngine, batch: int
                         topk_probs=(0.5, 0.2, 0.1, 0.1, 0.05), queue_ms=1.0, infer_ms=2.0, total_ms=3.0,
                         worker_id="bench-worker", batch_size=batch)
         encode(message, limits=DEFAULT_LIMITS)
-        publish_properties(correlation_data=b"corr-0001").pack()  # type: ignore[union-attr]
+        props = publish_properties(correlation_data=b"corr-0001")
+        assert props is not None and props.packed
 
     stages["reply_encode_us"] = cpu_us(reply, count)
     return stages

@@ -121,8 +121,9 @@ def rss_bytes() -> int:
 async def cancel_until_done(tasks: Sequence[asyncio.Task[None]], every_s: float = 0.5) -> None:
     """Cancel ``tasks`` and wait until each has ended, cancelling again every ``every_s`` what still runs.
 
-    Python 3.11's :func:`asyncio.wait_for` (used by aiomqtt) loses a cancellation that arrives as the
-    awaited result does (fixed in 3.12). Among ten thousand devices one of them hits that race, and a
+    Python 3.11's :func:`asyncio.wait_for` loses a cancellation that arrives as the awaited result does
+    (fixed in 3.12); it was met inside the MQTT client library the fleet used before, and any library a
+    device's code awaits may use it. Among ten thousand devices one of them hits that race, and a
     single cancel would leave that device running, and the fleet waiting for it, forever."""
     remaining = [t for t in tasks if not t.done()]
     while remaining:

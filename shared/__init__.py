@@ -9,8 +9,9 @@ It has two parts.
   modules use threads or torch's thread pools internally (``shared.attention`` is thread-safe).
 * Four runtime modules, each the one place for its kind of effect:
 
-  - ``shared.transport``: the asyncio MQTT client, the only module that imports aiomqtt or paho
-    (and the broker readiness probe);
+  - ``shared.transport``: the reconnecting MQTT v5 client identity, over ``shared.mqtt_client`` (one
+    asyncio connection, also a runtime module) and the pure ``shared.mqtt_packets`` (the wire
+    format), and the broker readiness probe;
   - ``shared.metrics_http``: the asyncio HTTP server for ``/metrics``;
   - ``shared.children``: starting and stopping supervised child processes;
   - ``shared.heap``: process-wide glibc malloc settings, applied once at the start of a process

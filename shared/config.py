@@ -231,7 +231,8 @@ class WorkerConfig:
                                   "worker to ~650 requests/s (docs/service.md)")
     retain_heap: bool = _f(True, "keep freed tensor memory in the process (glibc mallopt) instead of page-faulting "
                                  "every batch's activations in again: 1.4× packed bf16 DeiT-Base on an AMX Xeon")
-    max_publish_in_flight: int = _f(10, "replies awaiting the broker's PUBACK at once (aiomqtt: ≤ 10)")
+    max_publish_in_flight: int = _f(10, "replies awaiting the broker's PUBACK at once (never more than the "
+                                    "broker's Receive Maximum)")
     dedupe_capacity: int = _f(4096, "recent (device, request id) pairs remembered, so a device's re-send of a request "
                                     "already answered gets the same reply again without a second inference, and one "
                                     "still in progress is not computed twice (0: off; docs/reliability.md)")

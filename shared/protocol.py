@@ -91,7 +91,7 @@ def _required(cls: type[Message]) -> frozenset[str]:
 
 def encode(message: Message, *, limits: ProtocolLimits | None = DEFAULT_LIMITS) -> bytes:
     """msgpack bytes of a message; optional fields that are ``None`` are left out. Refuses messages over
-    the size limit (the broker would drop the connection, and paho does not check)."""
+    the size limit (the broker would drop the connection, and MQTT clients do not check)."""
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "t": message.KIND}
     required = _required(type(message))
     for name, key in message.WIRE.items():

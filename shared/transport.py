@@ -1,5 +1,5 @@
-"""MQTT v5 transport: the only module that imports aiomqtt or paho, and the only one that speaks MQTT
-(:func:`mqtt_ping`, a broker's readiness probe, included).
+"""MQTT v5 transport: a reconnecting client identity over :mod:`shared.mqtt_client` (one connection)
+and :mod:`shared.mqtt_packets` (the wire format), and :func:`mqtt_ping`, a broker's readiness probe.
 
 One :class:`Transport` per MQTT client identity (one per worker process, one per simulated
 device). Its :meth:`Transport.run` coroutine owns the connection: connect under a timeout,
@@ -11,12 +11,12 @@ the same event loop.
 Rules it enforces (see the measurements notes):
 
 * TCP_NODELAY on the client socket (the broker sets it too): no 40 ms delayed-ACK stalls.
-* At most ``max_in_flight`` publishes awaiting their PUBACK (a semaphore), and aiomqtt's
-  "pending publish calls" warning silenced: it fires per publish and costs throughput.
+* At most ``max_in_flight`` publishes awaiting their PUBACK (a semaphore), and never more than the
+  broker's Receive Maximum.
 * Every publish/subscribe under ``asyncio.timeout(publish_timeout_s)``.
 * The broker's maximum packet size is checked *before* publishing: an over-size publish would
   make the broker drop the whole connection. It raises :class:`TransportError` code ``too_large``.
-* aiomqtt/paho errors never leak: they become :class:`TransportError` (``raise … from``).
+* Socket and protocol errors never leak: they become :class:`TransportError` (``raise … from``).
 * A broker's refusal is an error, never a timeout: a failure reason code in CONNACK, SUBACK or
   PUBACK raises :class:`RefusedError` (``not_authorized``, ``bad_credentials``, ``bad_client_id``,
   ``refused``), logged and counted in :class:`TransportStats`; a failed TLS handshake (wrong CA,
@@ -31,29 +31,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import random
 import socket
 import ssl
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-import aiomqtt
-import paho.mqtt.client as paho
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
+from shared import mqtt_packets as mp
 from shared.config import BrokerConfig
 from shared.errors import ConfigError, RefusedError, TLSError, TransportError
 from shared.logs import get_logger
+from shared.mqtt_client import Connection, ConnectionLost
+from shared.mqtt_packets import Incoming, PublishProperties
 
-DEFAULT_MAX_IN_FLIGHT = 10  # aiomqtt warns (and slows down) beyond 10 pending calls
+__all__ = ["NO_SUBSCRIBERS", "Incoming", "MessageHandler", "Outgoing", "PublishProperties", "Transport",
+           "TransportStats", "login_as", "mqtt_ping", "publish_packet_size", "publish_properties",
+           "read_credentials", "refusal", "tls_context"]
+
+DEFAULT_MAX_IN_FLIGHT = 10  # publishes awaiting their PUBACK at once, per client
 _FAILURE = 0x80  # MQTT v5 reason codes ≥ 0x80 are failures (e.g. 0x87 not authorised)
 NO_SUBSCRIBERS = 0x10  # PUBACK "no matching subscribers": accepted, and delivered to nobody
 # Reason codes → RefusedError codes (MQTT v5 §2.4); any other failure code is "refused".
@@ -66,18 +64,9 @@ _TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "ALERT", "
 
 def refusal(reason_code: int, what: str) -> RefusedError:
     """The :class:`RefusedError` for a failure reason code (``what``: the refused call, for the message)."""
-    try:
-        name = str(paho.ReasonCode(PacketTypes.CONNACK, identifier=reason_code))
-    except Exception:  # a code paho does not name
-        name = "failure"
     code = _REFUSAL_CODES.get(reason_code, "refused")
-    return RefusedError(f"{what}: refused by the broker, reason code 0x{reason_code:02X} ({name})",
-                        reason_code=reason_code, code=code)
-
-
-def _reason_value(code: Any) -> int:
-    value = getattr(code, "value", code)
-    return int(value) if isinstance(value, int) else _FAILURE
+    return RefusedError(f"{what}: refused by the broker, reason code 0x{reason_code:02X} "
+                        f"({mp.reason_name(reason_code)})", reason_code=reason_code, code=code)
 
 
 def tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
@@ -107,81 +96,6 @@ def tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
             raise ConfigError(f"broker.tls_cert_file {cfg.tls_cert_file!r} / tls_key_file {cfg.tls_key_file!r}: "
                               f"not a matching PEM certificate and key: {exc}") from exc
     return ctx
-
-
-_DISCONNECT_NORMAL = b"\xe0\x00"  # MQTT DISCONNECT, remaining length 0: reason 0x00, normal disconnection
-
-
-class _Client(aiomqtt.Client):
-    """aiomqtt's client plus what it drops: the PUBACK reason code, and a connection the broker
-    closes before its CONNACK (aiomqtt would wait out its timeout)."""
-
-    _MAX_REMEMBERED = 1024  # PUBACK failures of publishes nobody waits for any more (timed out)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.puback_failures: dict[int, int] = {}
-        self.last_error = ""  # paho's last error-level log line, e.g. a TLS alert on the socket
-        self._client.on_log = self._on_log
-
-    def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
-        if level == paho.MQTT_LOG_ERR:
-            self.last_error = buf
-
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
-                    properties: Any) -> None:
-        value = _reason_value(reason_code)
-        if value:  # a refusal, or NO_SUBSCRIBERS
-            if len(self.puback_failures) >= self._MAX_REMEMBERED:
-                self.puback_failures.clear()
-            self.puback_failures[mid] = value
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
-                       properties: Any = None) -> None:
-        if not self._connected.done():  # closed before the CONNACK: fail the connect now
-            detail = f"; {self.last_error}" if self.last_error else ""
-            self._connected.set_exception(aiomqtt.MqttError(
-                f"the broker closed the connection before its CONNACK ({reason_code}{detail})"))
-            return
-        super()._on_disconnect(client, userdata, flags, reason_code, properties)
-
-    def drop(self, *, disconnect: bool = False) -> None:
-        """Close the socket now and mark the client disconnected, so that leaving it does not wait.
-        ``disconnect``: write a DISCONNECT first (a clean end: the broker discards the will); without
-        it the broker publishes the will, as for a device that lost power."""
-        paho_client = self._client
-        with contextlib.suppress(OSError, AttributeError):
-            sock = paho_client._sock
-            # Written straight to the socket: paho's own disconnect() would schedule a write on the loop
-            # for a socket closed by then. Only between packets (nothing of paho's left to write).
-            if disconnect and sock is not None and not paho_client._out_packet:
-                sock.send(_DISCONNECT_NORMAL)
-            paho_client._sock_close()  # unregisters the socket from aiomqtt's loop, then closes it
-        if not self._disconnected.done():
-            self._disconnected.set_result(None)
-
-    def pending_failure(self) -> BaseException | None:
-        """What ended the connection attempt, when the socket reader saw it (e.g. a TLS alert)."""
-        disconnected = self._disconnected
-        if disconnected.done() and not disconnected.cancelled():
-            return disconnected.exception()
-        return None
-
-    async def publish_checked(self, topic: str, payload: bytes, *, qos: int, retain: bool,
-                              properties: Properties | None, ack_timeout_s: float) -> int:
-        """Publish like :meth:`aiomqtt.Client.publish`; return the PUBACK reason code (0: accepted)."""
-        info = self._client.publish(topic, payload, qos, retain, properties)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-        try:
-            if not info.is_published():
-                confirmation = asyncio.Event()
-                with self._pending_call(info.mid, confirmation, self._pending_publishes):
-                    await self._wait_for(confirmation.wait(), timeout=ack_timeout_s)
-        finally:
-            code = self.puback_failures.pop(info.mid, 0)
-        return code
 
 
 def read_credentials(path: str | Path) -> dict[str, str]:
@@ -229,85 +143,25 @@ class Outgoing:
             raise ValueError(f"invalid publish topic {self.topic!r}")
 
 
-@dataclass(frozen=True)
-class Incoming:
-    """One received message with the MQTT v5 properties PatchCast uses."""
-
-    topic: str
-    payload: bytes
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    expiry_s: int | None = None  # remaining message-expiry interval as delivered by the broker
-    user_properties: tuple[tuple[str, str], ...] = ()
-    retain: bool = False
-    received_at: float = field(default_factory=time.monotonic)
-
-
 MessageHandler = Callable[[Incoming], None]
 
 
-class _DropPendingCallsWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pending publish calls" not in record.getMessage()
-
-
-def _quiet_mqtt_logger() -> logging.Logger:
-    logger = logging.getLogger("patchcast.mqtt")
-    if not any(isinstance(f, _DropPendingCallsWarning) for f in logger.filters):
-        logger.addFilter(_DropPendingCallsWarning())
-    logger.setLevel(logging.WARNING)
-    return logger
-
-
-def _varint_len(n: int) -> int:
-    size = 1
-    while n >= 128:
-        n //= 128
-        size += 1
-    return size
-
-
-def publish_packet_size(topic: str, payload: bytes, qos: int, properties: Properties | None) -> int:
-    """Exact size in bytes of the MQTT v5 PUBLISH packet paho would send."""
-    props = properties.pack() if properties is not None else b"\x00"
-    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + len(props) + len(payload)
-    return 1 + _varint_len(remaining) + remaining
+def publish_packet_size(topic: str, payload: bytes, qos: int, properties: PublishProperties | None) -> int:
+    """Exact size in bytes of the MQTT v5 PUBLISH packet this client sends."""
+    return mp.publish_size(topic, len(payload), qos, properties.packed if properties is not None else mp.NO_PROPERTIES)
 
 
 def publish_properties(*, response_topic: str | None = None, correlation_data: bytes | None = None,
                        expiry_s: float | None = None,
-                       user_properties: Sequence[tuple[str, str]] = ()) -> Properties | None:
+                       user_properties: Sequence[tuple[str, str]] = ()) -> PublishProperties | None:
     """PUBLISH properties for request/reply: response topic, correlation data, message expiry."""
     if response_topic is None and correlation_data is None and expiry_s is None and not user_properties:
         return None
-    props = Properties(PacketTypes.PUBLISH)
-    if response_topic is not None:
-        props.ResponseTopic = response_topic
-    if correlation_data is not None:
-        props.CorrelationData = correlation_data
-    if expiry_s is not None:
-        # The interval is whole seconds on the wire; round up so a short deadline never becomes 0
-        # (0 would not mean "expired", it is still a valid interval that expires at once).
-        props.MessageExpiryInterval = max(1, int(-(-expiry_s // 1)))
-    if user_properties:
-        props.UserProperty = list(user_properties)
-    return props
-
-
-def _incoming(message: aiomqtt.Message) -> Incoming:
-    props = message.properties
-    raw = message.payload
-    payload = raw if isinstance(raw, bytes | bytearray) else str(raw).encode()
-    user = tuple(getattr(props, "UserProperty", ()) or ()) if props is not None else ()
-    return Incoming(
-        topic=message.topic.value,
-        payload=bytes(payload),
-        response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
-        correlation_data=getattr(props, "CorrelationData", None) if props is not None else None,
-        expiry_s=getattr(props, "MessageExpiryInterval", None) if props is not None else None,
-        user_properties=tuple((str(k), str(v)) for k, v in user),
-        retain=bool(message.retain),
-    )
+    # The interval is whole seconds on the wire; round up so a short deadline never becomes 0
+    # (0 would not mean "expired", it is still a valid interval that expires at once).
+    expiry = None if expiry_s is None else max(1, int(-(-expiry_s // 1)))
+    return PublishProperties(response_topic=response_topic, correlation_data=correlation_data, expiry_s=expiry,
+                             user_properties=tuple(user_properties))
 
 
 @dataclass
@@ -341,7 +195,7 @@ class Transport:
         self.birth = tuple(birth)
         self.stats = TransportStats()
         self._subscriptions: dict[str, int] = {}
-        self._client: _Client | None = None
+        self._client: Connection | None = None
         self._tls = tls_context(config)  # ConfigError now for unreadable CA/certificate/key files
         self._failure: TransportError | None = None  # a refusal or TLS failure: final
         self._failed = asyncio.Event()
@@ -398,18 +252,18 @@ class Transport:
         self._log.error("mqtt_refused", broker=self._where, code=exc.code, error=exc.message)
         return exc
 
-    def _connect_failure(self, exc: BaseException, client: _Client) -> TransportError | None:
+    def _connect_failure(self, exc: BaseException) -> TransportError | None:
         """A final failure for this connect error (refused, TLS), or ``None`` when worth retrying."""
-        if isinstance(exc, MqttConnectError) and _reason_value(exc.rc) >= _FAILURE:
-            return refusal(_reason_value(exc.rc), f"connect as client {self.client_id!r}"
-                           f"{f' user {self.config.username!r}' if self.config.username else ' (anonymous)'}")
-        cause = client.pending_failure() if isinstance(exc, TimeoutError | aiomqtt.MqttError) else None
-        text = " ".join(str(e) for e in (exc, cause) if e is not None)
-        if self._tls and any(marker.lower() in text.lower() for marker in _TLS_FAILURES):
+        if isinstance(exc, RefusedError):
+            return exc
+        cause = exc.__cause__ if isinstance(exc, ConnectionLost) else None
+        text = " ".join(str(e) for e in (exc, cause) if e is not None and str(e)) or type(exc).__name__
+        tls_verdict = isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError)
+        if self._tls and (tls_verdict or any(marker.lower() in text.lower() for marker in _TLS_FAILURES)):
             return TLSError(f"TLS handshake with {self._where} failed: {text} (check broker.tls_ca_file, "
                             f"the certificate's host names, and the client certificate if the listener "
                             f"requires one)")
-        if not self._tls and "before its CONNACK" in text:
+        if not self._tls and isinstance(exc, ConnectionLost) and exc.before_connack:
             # Either a TLS listener (set broker.tls) or a broker out of connections: the bytes do not tell.
             return TransportError(f"{self._where} closed the connection before answering CONNECT: a TLS listener "
                                   f"(set broker.tls = true and broker.tls_ca_file), or a broker at its connection "
@@ -417,17 +271,39 @@ class Transport:
         return None
 
     # ---- connection loop ---------------------------------------------------------------------
-    def _new_client(self) -> _Client:
+    def _connect_packet(self) -> bytes:
+        cfg, will = self.config, self.will
+        return mp.connect_packet(
+            self.client_id, keepalive_s=cfg.keepalive_s, username=cfg.username or None,
+            password=cfg.password or None,
+            will=None if will is None else mp.Will(will.topic, will.payload, will.qos, will.retain))
+
+    async def _open(self) -> Connection:
+        """One connection, up to its CONNACK; :class:`RefusedError` for a failure reason code."""
         cfg = self.config
-        will = None
-        if self.will is not None:
-            will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
-        return _Client(
-            cfg.host, cfg.port, identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
-            username=cfg.username or None, password=cfg.password or None, will=will,
-            keepalive=cfg.keepalive_s, timeout=cfg.publish_timeout_s, logger=_quiet_mqtt_logger(),
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)], tls_context=self._tls,
-            tls_insecure=None if self._tls is None else not cfg.tls_verify_hostname)
+        conn = Connection(handler=self._on_message, max_packet_bytes=cfg.max_packet_bytes)
+        conn.on_handler_error = self._handler_failed
+        try:
+            async with asyncio.timeout(cfg.connect_timeout_s):
+                connack = await conn.open(cfg.host, cfg.port, self._connect_packet(), keepalive_s=cfg.keepalive_s,
+                                          tls=self._tls, tls_timeout_s=cfg.connect_timeout_s)
+        except BaseException:
+            conn.drop()
+            raise
+        if connack.reason_code >= _FAILURE:
+            conn.drop()
+            who = f" user {cfg.username!r}" if cfg.username else " (anonymous)"
+            raise refusal(connack.reason_code, f"connect as client {self.client_id!r}{who}")
+        return conn
+
+    def _on_message(self, message: Incoming) -> None:
+        self.stats.received += 1
+        if self.handler is not None:
+            self.handler(message)
+
+    def _handler_failed(self, message: Incoming, exc: BaseException) -> None:
+        self.stats.handler_errors += 1
+        self._log.error("mqtt_handler_failed", topic=message.topic, error=repr(exc), exc_info=exc)
 
     def backoff_delay(self, failures: int) -> float:
         """Jittered exponential backoff: ``min·2^failures`` capped at max, times U(0.5, 1)."""
@@ -442,12 +318,10 @@ class Transport:
         handshake fails: reconnecting cannot fix those. Anything else is retried with backoff."""
         failures = 0
         while not self._closing:
-            client = self._new_client()
             try:
-                async with asyncio.timeout(self.config.connect_timeout_s):
-                    await client.__aenter__()
-            except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
-                final = self._connect_failure(exc, client)
+                conn = await self._open()
+            except (TransportError, TimeoutError, OSError) as exc:
+                final = self._connect_failure(exc)
                 if final is not None:
                     raise self._fail(final) from exc
                 delay = self.backoff_delay(failures)
@@ -458,97 +332,81 @@ class Transport:
                 continue
             failures = 0
             try:
-                await self._serve(client)
-            except (aiomqtt.MqttError, TimeoutError) as exc:
-                self.stats.disconnects += 1
-                self._log.warning("mqtt_connection_lost", error=str(exc) or type(exc).__name__)
+                await self._serve(conn)
             except RefusedError as exc:
                 self._fail(exc)  # an ACL problem: reconnecting cannot fix it
                 raise
-            except TransportError as exc:
+            except (TransportError, TimeoutError) as exc:
                 self.stats.disconnects += 1
-                self._log.warning("mqtt_connection_lost", error=exc.message)
+                self._log.warning("mqtt_connection_lost", error=str(exc) or type(exc).__name__)
             finally:
                 self._connected.clear()
                 self._client = None
-                with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError, RuntimeError):
-                    async with asyncio.timeout(2.0):
-                        await client.__aexit__(None, None, None)
+                conn.drop(disconnect=True)
             if not self._closing:
                 delay = self.backoff_delay(0)
                 await asyncio.sleep(delay)
 
-    async def _serve(self, client: _Client) -> None:
+    async def _serve(self, conn: Connection) -> None:
         # Subscribe and announce before anyone may publish through this client.
         for topic_filter, qos in self._subscriptions.items():
-            await self._subscribe_on(client, topic_filter, qos)
+            await self._subscribe_on(conn, topic_filter, qos)
         for msg in self.birth:
             async with asyncio.timeout(self.config.publish_timeout_s):
-                code = await client.publish_checked(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain,
-                                                    properties=None, ack_timeout_s=self.config.publish_timeout_s)
+                code = await conn.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
             if code >= _FAILURE:
                 raise refusal(code, f"publish to {msg.topic}")
-        self._client = client
+        self._client = conn
         self._connected.set()
         self.stats.connects += 1
         self._log.info("mqtt_connected", broker=self._where,
                        subscriptions=list(self._subscriptions))
-        async for message in client.messages:
-            self.stats.received += 1
-            if self.handler is None:
-                continue
-            try:
-                self.handler(_incoming(message))
-            except Exception:  # a handler bug must not take the connection down
-                self.stats.handler_errors += 1
-                self._log.exception("mqtt_handler_failed", topic=message.topic.value)
+        await conn.closed  # raises the ConnectionLost that ended it
 
     # ---- calls -------------------------------------------------------------------------------
-    async def _subscribe_on(self, client: _Client, topic_filter: str, qos: int) -> None:
+    async def _subscribe_on(self, conn: Connection, topic_filter: str, qos: int) -> None:
         try:
             async with asyncio.timeout(self.config.publish_timeout_s):
-                codes = await client.subscribe(topic_filter, qos=qos)
+                codes = await conn.subscribe([(topic_filter, qos)])
         except TimeoutError as exc:
             raise TransportError(f"subscribe {topic_filter!r} timed out", code="timeout") from exc
-        for code in codes:
-            value = _reason_value(code)
+        for value in codes:
             if value >= _FAILURE:
                 raise refusal(value, f"subscribe {topic_filter!r}")
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected, and again after every reconnect."""
         self._subscriptions[topic_filter] = qos
-        client = self._client
-        if client is not None:
+        conn = self._client
+        if conn is not None:
             try:
-                await self._subscribe_on(client, topic_filter, qos)
+                await self._subscribe_on(conn, topic_filter, qos)
             except RefusedError as exc:
                 self._subscriptions.pop(topic_filter, None)  # never retried: it would fail again
                 self.stats.refusals[exc.code] += 1
                 self._log.error("mqtt_refused", broker=self._where, code=exc.code, error=exc.message)
                 raise
-            except aiomqtt.MqttError as exc:
-                raise TransportError(f"subscribe {topic_filter!r}: {exc}") from exc
 
     async def unsubscribe(self, topic_filter: str) -> None:
         """Stop receiving ``topic_filter`` (also after reconnects)."""
         self._subscriptions.pop(topic_filter, None)
-        client = self._client
-        if client is None:
+        conn = self._client
+        if conn is None:
             return
         try:
             async with asyncio.timeout(self.config.publish_timeout_s):
-                await client.unsubscribe(topic_filter)
+                await conn.unsubscribe([topic_filter])
         except TimeoutError as exc:
             raise TransportError(f"unsubscribe {topic_filter!r} timed out", code="timeout") from exc
-        except aiomqtt.MqttError as exc:
-            raise TransportError(f"unsubscribe {topic_filter!r}: {exc}") from exc
 
-    def check_size(self, topic: str, payload: bytes, qos: int, properties: Properties | None) -> int:
+    def check_size(self, topic: str, payload: bytes, qos: int, properties: PublishProperties | None) -> int:
         size = publish_packet_size(topic, payload, qos, properties)
-        if size > self.config.max_packet_bytes:
+        conn = self._client
+        limit = self.config.max_packet_bytes if conn is None else min(self.config.max_packet_bytes,
+                                                                       conn.broker_max_packet)
+        if size > limit:
             raise TransportError(f"message of {size} bytes exceeds the broker's maximum packet size "
-                                 f"{self.config.max_packet_bytes} (topic {topic})", code="too_large")
+                                 f"{limit} (topic {topic})", code="too_large")
         return size
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
@@ -570,11 +428,11 @@ class Transport:
             async with asyncio.timeout(self.config.publish_timeout_s):
                 async with self._in_flight:
                     await self._until_connected()
-                    client = self._client
-                    if client is None:
+                    conn = self._client
+                    if conn is None:
                         raise TransportError("connection lost before publishing", code="transport")
-                    code = await client.publish_checked(topic, payload, qos=qos, retain=retain, properties=props,
-                                                        ack_timeout_s=self.config.publish_timeout_s + 1.0)
+                    code = await conn.publish(topic, payload, qos=qos, retain=retain,
+                                              properties=mp.NO_PROPERTIES if props is None else props.packed)
             if code >= _FAILURE:
                 exc = refusal(code, f"publish to {topic}")
                 self.stats.publish_failures += 1
@@ -585,9 +443,9 @@ class Transport:
             self.stats.publish_failures += 1
             raise TransportError(f"publish to {topic} timed out after {self.config.publish_timeout_s} s",
                                  code="timeout") from exc
-        except aiomqtt.MqttError as exc:
+        except ConnectionLost as exc:
             self.stats.publish_failures += 1
-            raise TransportError(f"publish to {topic}: {exc}") from exc
+            raise TransportError(f"publish to {topic}: {exc.message}") from exc
         self.stats.published += 1
         return code if qos else 0
 
@@ -617,9 +475,9 @@ class Transport:
         without it the broker publishes the will. Cancel the :meth:`run` task afterwards, which then
         returns without waiting."""
         self._closing = True
-        client = self._client
-        if client is not None:
-            client.drop(disconnect=disconnect)
+        conn = self._client
+        if conn is not None:
+            conn.drop(disconnect=disconnect)
 
 
 def mqtt_ping(host: str, port: int, timeout: float = 1.0) -> bool:

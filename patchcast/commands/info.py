@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torchvision
 
-    import shared.transport  # noqa: F401  (the MQTT client: aiomqtt and paho, imported only there)
+    import shared.transport  # noqa: F401  (the MQTT client)
     from shared import __version__
     from shared.heap import describe_support
     from shared.machine import machine_info
