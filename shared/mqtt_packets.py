@@ -122,21 +122,30 @@ class PublishProperties:
     packed: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.expiry_s is not None and not 0 <= self.expiry_s <= 0xFFFFFFFF:
-            raise ValueError(f"message expiry must be 0..2^32-1 seconds, got {self.expiry_s}")
-        body = bytearray()
-        if self.expiry_s is not None:
-            body += struct.pack("!BI", MESSAGE_EXPIRY, self.expiry_s)
-        if self.response_topic is not None:
-            body += bytes((RESPONSE_TOPIC,)) + _str(self.response_topic)
-        if self.correlation_data is not None:
-            body += bytes((CORRELATION_DATA,)) + _bin(self.correlation_data)
-        for key, value in self.user_properties:
-            body += bytes((USER_PROPERTY,)) + _str(key) + _str(value)
-        object.__setattr__(self, "packed", varint(len(body)) + bytes(body))
+        object.__setattr__(self, "packed", pack_publish_properties(
+            self.response_topic, self.correlation_data, self.expiry_s, self.user_properties))
 
 
 NO_PROPERTIES = b"\x00"
+
+
+def pack_publish_properties(response_topic: str | None, correlation_data: bytes | None, expiry_s: int | None,
+                            user_properties: Sequence[tuple[str, str]] = ()) -> bytes:
+    """The wire form of :class:`PublishProperties`' fields (for the publish path, without the object)."""
+    if response_topic is None and correlation_data is None and expiry_s is None and not user_properties:
+        return NO_PROPERTIES
+    body = b""
+    if expiry_s is not None:
+        if not 0 <= expiry_s <= 0xFFFFFFFF:
+            raise ValueError(f"message expiry must be 0..2^32-1 seconds, got {expiry_s}")
+        body += struct.pack("!BI", MESSAGE_EXPIRY, expiry_s)
+    if response_topic is not None:
+        body += b"\x08" + _str(response_topic)
+    if correlation_data is not None:
+        body += b"\x09" + _bin(correlation_data)
+    for key, value in user_properties:
+        body += b"\x26" + _str(key) + _str(value)
+    return varint(len(body)) + body
 
 
 def read_properties(buf: bytes, pos: int, end: int) -> tuple[dict[int, Any], int]:

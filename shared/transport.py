@@ -157,11 +157,14 @@ def publish_properties(*, response_topic: str | None = None, correlation_data: b
     """PUBLISH properties for request/reply: response topic, correlation data, message expiry."""
     if response_topic is None and correlation_data is None and expiry_s is None and not user_properties:
         return None
+    return PublishProperties(response_topic=response_topic, correlation_data=correlation_data,
+                             expiry_s=_expiry_interval(expiry_s), user_properties=tuple(user_properties))
+
+
+def _expiry_interval(expiry_s: float | None) -> int | None:
     # The interval is whole seconds on the wire; round up so a short deadline never becomes 0
     # (0 would not mean "expired", it is still a valid interval that expires at once).
-    expiry = None if expiry_s is None else max(1, int(-(-expiry_s // 1)))
-    return PublishProperties(response_topic=response_topic, correlation_data=correlation_data, expiry_s=expiry,
-                             user_properties=tuple(user_properties))
+    return None if expiry_s is None else max(1, int(-(-expiry_s // 1)))
 
 
 @dataclass
@@ -400,7 +403,9 @@ class Transport:
             raise TransportError(f"unsubscribe {topic_filter!r} timed out", code="timeout") from exc
 
     def check_size(self, topic: str, payload: bytes, qos: int, properties: PublishProperties | None) -> int:
-        size = publish_packet_size(topic, payload, qos, properties)
+        return self._check_packet(topic, publish_packet_size(topic, payload, qos, properties))
+
+    def _check_packet(self, topic: str, size: int) -> int:
         conn = self._client
         limit = self.config.max_packet_bytes if conn is None else min(self.config.max_packet_bytes,
                                                                        conn.broker_max_packet)
@@ -421,18 +426,18 @@ class Transport:
         :class:`RefusedError` (e.g. ``not_authorized``) when the broker's PUBACK refuses it (QoS ≥ 1;
         a refused QoS 0 publish is dropped by the broker unseen), or when this client was refused.
         """
-        props = publish_properties(response_topic=response_topic, correlation_data=correlation_data,
-                                   expiry_s=expiry_s, user_properties=user_properties)
-        self.check_size(topic, payload, qos, props)
+        packed = mp.pack_publish_properties(response_topic, correlation_data, _expiry_interval(expiry_s),
+                                            user_properties)
+        self._check_packet(topic, mp.publish_size(topic, len(payload), qos, packed))
         try:
             async with asyncio.timeout(self.config.publish_timeout_s):
                 async with self._in_flight:
-                    await self._until_connected()
+                    if not self._connected.is_set() or self._failure is not None:
+                        await self._until_connected()
                     conn = self._client
                     if conn is None:
                         raise TransportError("connection lost before publishing", code="transport")
-                    code = await conn.publish(topic, payload, qos=qos, retain=retain,
-                                              properties=mp.NO_PROPERTIES if props is None else props.packed)
+                    code = await conn.publish(topic, payload, qos=qos, retain=retain, properties=packed)
             if code >= _FAILURE:
                 exc = refusal(code, f"publish to {topic}")
                 self.stats.publish_failures += 1
