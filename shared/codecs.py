@@ -355,14 +355,19 @@ class Codec(ABC):
                 params: dict[str, int]) -> np.ndarray: ...
 
 
-def check_indices(indices: np.ndarray, geometry: tuple[int, int], patch_size: int) -> np.ndarray:
-    """Validate geometry and kept indices (sorted, unique, in range, at least one) → int64 array."""
+def check_geometry(geometry: tuple[int, int], patch_size: int) -> int:
+    """Validate an image's geometry against its patch size → the number of patches."""
     h, w = geometry
     if type(patch_size) is not int or patch_size <= 0 or h <= 0 or w <= 0 or h % patch_size or w % patch_size:
         raise BadGeometryError(f"image {h}×{w} is not a positive multiple of patch size {patch_size}")
     if h * w > MAX_DECODE_PIXELS:
         raise BadGeometryError(f"image {h}×{w} exceeds {MAX_DECODE_PIXELS} pixels")
-    n = (h // patch_size) * (w // patch_size)
+    return (h // patch_size) * (w // patch_size)
+
+
+def check_indices(indices: np.ndarray, geometry: tuple[int, int], patch_size: int) -> np.ndarray:
+    """Validate geometry and kept indices (sorted, unique, in range, at least one) → int64 array."""
+    n = check_geometry(geometry, patch_size)
     if indices.ndim != 1 or indices.size == 0 or not np.issubdtype(indices.dtype, np.integer):
         raise BadMaskError("indices must be a non-empty 1-D integer array")
     idx = indices.astype(np.int64, copy=False)  # only read from here on
@@ -535,16 +540,19 @@ def quality_params(codec: Codec, quality: int) -> dict[str, int]:
     return codec.resolve_params({"q": quality} if "q" in keys else {})
 
 
+@lru_cache(maxsize=16)
+def _full_image_params(quality: int) -> dict[str, int]:
+    return get_codec("jpeg").resolve_params({"q": quality})
+
+
 def full_image_payload_bytes(pixels: np.ndarray, patch_size: int, quality: int = 90) -> int:
     """Bytes of the whole image as a payload: the ``jpeg`` codec with every patch kept. The reference
     that patch selection is compared with (table-less, like every payload on the wire)."""
-    codec = get_codec("jpeg")
-    params = codec.resolve_params({"q": quality})  # the same checks as the codec's encode …
+    params = _full_image_params(quality)  # the same checks as the codec's encode …
     if (not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3
             or pixels.shape[2] != 3):
         raise BadFieldError("pixels must be an (H, W, 3) uint8 array")
-    h, w = int(pixels.shape[0]), int(pixels.shape[1])
-    check_indices(np.arange(1), (h, w), patch_size)
+    check_geometry((int(pixels.shape[0]), int(pixels.shape[1])), patch_size)
     # … and the same bytes: the canvas of every patch is the image itself, so it is encoded as it is.
     return len(jpeg_encode_stripped(np.ascontiguousarray(pixels), params["q"],
                                     chroma_subsampling(params["ss"], patch_size)))
