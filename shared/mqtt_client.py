@@ -42,6 +42,11 @@ class ConnectionLost(TransportError):
         self.before_connack = before_connack
 
 
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class Connection(asyncio.Protocol):
     """An MQTT v5 client connection. :meth:`open` connects and returns the CONNACK; then :meth:`publish`,
     :meth:`subscribe`, :meth:`unsubscribe`; :attr:`closed` resolves (with :class:`ConnectionLost`)
@@ -271,34 +276,49 @@ class Connection(asyncio.Protocol):
         try:
             return await waiter
         finally:
-            if not waiter.done() and self._acks.get(packet_id) is waiter:
+            if (not waiter.done() or waiter.cancelled() or waiter.exception() is not None) \
+                    and self._acks.get(packet_id) is waiter:
                 del self._acks[packet_id]  # cancelled or timed out: a late ack finds nobody
                 if slot:
                     self._release_slot()
 
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool,
-                      properties: bytes = mp.NO_PROPERTIES) -> int:
+                      properties: bytes = mp.NO_PROPERTIES, timeout_s: float | None = None) -> int:
         """Publish; for QoS ≥ 1 wait for the broker's acknowledgement and return its reason code (QoS 0:
-        0 once written). The caller bounds the wait; a lost connection raises :class:`ConnectionLost`."""
+        0 once written). ``timeout_s``: :class:`TimeoutError` when the acknowledgement (or room under
+        the broker's Receive Maximum, or in the socket's buffer) takes longer: one timer, cheaper than
+        :func:`asyncio.timeout` on the hot path; without it the caller bounds the wait. A lost connection
+        raises :class:`ConnectionLost`."""
         self._check_open()
-        if self._paused:
-            await self._writable()
+        if self._paused or (qos and self._publishes_in_flight >= self.receive_maximum):
+            async with asyncio.timeout(timeout_s):
+                await self._room(qos)
         if not qos:
             self._write(mp.publish_packet(topic, payload, qos=0, retain=retain, packet_id=0, properties=properties))
             return 0
-        while self._publishes_in_flight >= self.receive_maximum:
-            slot: asyncio.Future[None] = self._loop.create_future()
-            self._slot_waiters.append(slot)
-            await slot
-            self._check_open()
         packet_id = self._packet_id()
         waiter: asyncio.Future[int] = self._loop.create_future()
         self._acks[packet_id] = waiter
         self._publishes_in_flight += 1
         self._write(mp.publish_packet(topic, payload, qos=qos, retain=retain, packet_id=packet_id,
                                       properties=properties))
-        code: int = await self._await_ack(packet_id, waiter, slot=True)
+        timer = None if timeout_s is None else self._loop.call_later(timeout_s, _expire, waiter)
+        try:
+            code: int = await self._await_ack(packet_id, waiter, slot=True)
+        finally:
+            if timer is not None:
+                timer.cancel()
         return code
+
+    async def _room(self, qos: int) -> None:
+        """Until the socket takes writes again and, for QoS ≥ 1, the broker's Receive Maximum has room."""
+        if self._paused:
+            await self._writable()
+        while qos and self._publishes_in_flight >= self.receive_maximum:
+            slot: asyncio.Future[None] = self._loop.create_future()
+            self._slot_waiters.append(slot)
+            await slot
+            self._check_open()
 
     async def subscribe(self, filters: Sequence[tuple[str, int]]) -> list[int]:
         """SUBSCRIBE and wait for the SUBACK: one reason code per filter (the granted QoS, or a failure)."""

@@ -429,11 +429,16 @@ class Transport:
         packed = mp.pack_publish_properties(response_topic, correlation_data, _expiry_interval(expiry_s),
                                             user_properties)
         self._check_packet(topic, mp.publish_size(topic, len(payload), qos, packed))
+        timeout_s = self.config.publish_timeout_s
         try:
-            async with asyncio.timeout(self.config.publish_timeout_s):
-                async with self._in_flight:
-                    if not self._connected.is_set() or self._failure is not None:
-                        await self._until_connected()
+            conn = self._client
+            if conn is not None and self._connected.is_set() and self._failure is None and not self._in_flight.locked():
+                async with self._in_flight:  # free: no wait, and the connection bounds the acknowledgement
+                    code = await conn.publish(topic, payload, qos=qos, retain=retain, properties=packed,
+                                              timeout_s=timeout_s)
+            else:
+                async with asyncio.timeout(timeout_s), self._in_flight:
+                    await self._until_connected()
                     conn = self._client
                     if conn is None:
                         raise TransportError("connection lost before publishing", code="transport")

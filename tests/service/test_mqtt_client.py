@@ -208,3 +208,26 @@ async def test_qos2_delivery_is_handed_over_once_and_a_failing_handler_does_not_
         assert replies == [0x50, 0x50, 0x70, 0x40, 0x40]
         assert conn.handler_errors == 1 and not conn.closed.done()
         conn.drop()
+
+
+@async_test(30)
+async def test_an_acknowledgement_that_never_comes_times_out_and_frees_its_slot() -> None:
+    held: list[int] = []
+
+    async def mute(peer: Peer) -> None:
+        await peer.accept(b"\x03\x21\x00\x01")  # Receive Maximum 1: a leaked slot would block the next publish
+        while True:
+            first, body = await peer.packet()
+            _, _, packet_id = mp.parse_publish(first, body)
+            held.append(packet_id)
+            if len(held) == 2:  # the first one's PUBACK, late: nobody waits for it any more
+                await peer.send(mp.ack_packet(mp.PUBACK, held[0]) + mp.ack_packet(mp.PUBACK, held[1], 0x10))
+
+    async with ScriptedBroker(mute) as broker:
+        conn = await open_connection(broker.port)
+        with pytest.raises(TimeoutError):
+            await conn.publish("t", b"1", qos=1, retain=False, timeout_s=0.2)
+        assert conn._publishes_in_flight == 0
+        assert await conn.publish("t", b"2", qos=1, retain=False, timeout_s=5) == 0x10
+        assert not conn.closed.done()
+        conn.drop()
