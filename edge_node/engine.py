@@ -112,7 +112,7 @@ class EdgeEngine:
 
     def images(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
         """The model input: the uint8 images stacked and normalised, (B, 3, H, W) float."""
-        return normalize_uint8(np.stack(pixels), self._lut)
+        return normalize_uint8(pixels[0][None] if len(pixels) == 1 else np.stack(pixels), self._lut)
 
     def forward(self, images: torch.Tensor) -> EdgeOutput:
         """The edge ViT forward with the attention its score kind needs."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from shared.errors import BadFieldError
 from shared.protocol import Outcome
 
+_OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome))
+
 
 @dataclass(frozen=True)
 class OutcomeRecord(Outcome):
@@ -35,4 +37,4 @@ class OutcomeRecord(Outcome):
 
     def to_message(self) -> Outcome:
         """The published part: the protocol's Outcome, without the device-local fields."""
-        return Outcome(**{f.name: getattr(self, f.name) for f in fields(Outcome)})
+        return Outcome(**{name: getattr(self, name) for name in _OUTCOME_FIELDS})
