@@ -227,6 +227,19 @@ def worker_child_main(folder: Path) -> int:
     cpu_at_ready: list[float] = []
     engine_s = [0.0]
     engine_cpu_s = [0.0]  # the calling thread's CPU in the engine call: all of the model with --threads 1
+    decode_cpu_s = [0.0]  # pixel decode's CPU, on the decode thread(s)
+    import inference_worker.service as service_module
+
+    plain_decode = service_module.decode_patches
+
+    def timed_decode(request: Any) -> Any:  # the worker submits this module attribute to its decode pool
+        c0 = time.thread_time()
+        try:
+            return plain_decode(request)
+        finally:
+            decode_cpu_s[0] += time.thread_time() - c0
+
+    service_module.decode_patches = timed_decode  # type: ignore[assignment]  # timed, for this bench only
 
     async def serve() -> tuple[InferenceWorker, float]:
         worker = InferenceWorker(cfg, loaded, worker_id=spec["worker_id"])
@@ -257,7 +270,7 @@ def worker_child_main(folder: Path) -> int:
     gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if in_this_process else 0.0  # not seen: engine process
     (folder / "result.json").write_text(json.dumps({
         "batch_sizes": sizes, "busy_s": worker.batcher.busy_s, "engine_s": engine_s[0],
-        "engine_cpu_s": engine_cpu_s[0], "replies": worker.stats.replies,
+        "engine_cpu_s": engine_cpu_s[0], "decode_cpu_s": decode_cpu_s[0], "replies": worker.stats.replies,
         "loop_cpu_s": loop_cpu_s, "cpu_s": process_cpu_s() - cpu_at_ready[1], "gpu_peak_mib": gpu_mib}))
     return 0
 
@@ -515,6 +528,7 @@ def run_pool(args: argparse.Namespace, overrides: dict[str, Any], cfg: Config, e
         # their CPU in this figure.
         "worker_outside_engine_cpu_ms_per_request":
             1000 * sum(w["cpu_s"] - w.get("engine_cpu_s", 0.0) for w in workers) / served,
+        "worker_decode_cpu_ms_per_request": 1000 * sum(w.get("decode_cpu_s", 0.0) for w in workers) / served,
         "load_cpu_ms_per_request": 1000 * sum(r["load_cpu_s"] for r in rounds) / served,
         "gpu_peak_mib_per_worker": max(w["gpu_peak_mib"] for w in workers),
         **ratio_summary([r["ratio"] for r in rounds]),
@@ -695,7 +709,9 @@ def report_pool(args: argparse.Namespace, pool: dict[str, Any], engine: ServerEn
           f"CPU ms per request: broker {pool['broker_cpu_ms_per_request']:.2f}, "
           f"worker event loop {pool['worker_loop_cpu_ms_per_request']:.2f}, whole worker "
           f"{pool['worker_cpu_ms_per_request']:.2f} (outside the engine call "
-          f"{pool['worker_outside_engine_cpu_ms_per_request']:.3f}), load generators {pool['load_cpu_ms_per_request']:.2f}; "
+          f"{pool['worker_outside_engine_cpu_ms_per_request']:.3f}: event loop, pixel decode "
+          f"{pool['worker_decode_cpu_ms_per_request']:.3f} and the rest), "
+          f"load generators {pool['load_cpu_ms_per_request']:.2f}; "
           f"GPU peak per worker {pool['gpu_peak_mib_per_worker']:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
