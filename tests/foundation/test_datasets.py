@@ -103,9 +103,13 @@ def test_restrict_keeps_and_relabels_a_class_subset() -> None:
             ds.restrict(bad)
 
 
+Triple = tuple[float, float, float]
+
+
 @pytest.mark.parametrize("mean, std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-                                       ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)), ((0.5,) * 3, (0.5,) * 3)])
-def test_normalize_uint8_is_normalize_for_every_value(mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+                                       ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)),
+                                       ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+def test_normalize_uint8_is_normalize_for_every_value(mean: Triple, std: Triple) -> None:
     pre = Preprocess(input_size=16, mean=mean, std=std)
     rng = np.random.default_rng(0)
     every = np.stack([rng.permutation(256) for _ in range(3)], axis=-1).astype(np.uint8).reshape(16, 16, 3)
