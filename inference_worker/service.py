@@ -60,7 +60,7 @@ from shared.errors import (
     InferenceError,
     PatchCastError,
 )
-from shared.heap import retain_freed_memory
+from shared.heap import retain_freed_memory, settle_gc
 from shared.logs import get_logger
 from shared.metrics_http import MetricsServer
 from shared.models import LoadedModel, build_model
@@ -70,6 +70,7 @@ from shared.protocol import (
     DEFAULT_LIMITS,
     Availability,
     ErrorReply,
+    Message,
     PatchRequest,
     ProtocolLimits,
     RegionRequest,
@@ -377,39 +378,78 @@ class InferenceWorker:
                                    for _ in range(self.config.worker.decode_processes)))
 
     # ---- background loops --------------------------------------------------------------------
-    async def _send(self, entry: OutboxEntry) -> None:
-        """Publish one outbox entry. Never raises (but for cancellation): a reply that cannot be published
-        is counted ``reply_failed`` and logged rate-limited, whatever the cause."""
+    def _send(self, entry: OutboxEntry, tg: asyncio.TaskGroup) -> None:
+        """Publish one outbox entry: started at once, its PUBACK handled by a callback (no task per reply),
+        or, when the transport cannot start it now, by a task that waits. Never raises: a reply that
+        cannot be published is counted ``reply_failed`` and logged rate-limited, whatever the cause."""
         try:
-            if entry.deadline is not None and time.monotonic() > entry.deadline - DELIVERY_MARGIN_S:
-                if entry.message is None or isinstance(entry.message, RegionRequest):  # a result, too late
-                    self._count_failure("late", PatchCastError("answer ready after the request's deadline",
-                                                               code="late"), entry.topic,
-                                        entry.item.request.request_id if entry.item else None)
-                return  # (an error reply's code was counted when it was posted)
-            message = entry.message
-            if message is None and entry.prediction is not None and entry.item is not None:
-                p, arrived = entry.prediction, entry.item.arrived
-                now = time.monotonic()
-                message = Reply(
-                    request_id=entry.item.request.request_id, label=p.label, topk_ids=p.topk_ids,
-                    topk_probs=p.topk_probs, queue_ms=max(0.0, (p.batch_started - arrived) * 1000.0),
-                    infer_ms=p.infer_ms, total_ms=max(0.0, (now - arrived) * 1000.0),
-                    worker_id=self.worker_id, batch_size=p.batch_size)
-                if (key := dedupe_key(entry.item.request)) is not None:
-                    self.recent.answer(key, message, now)
-            assert message is not None
-            await self.transport.publish(entry.topic, encode(message, limits=self.limits), qos=1,
-                                         correlation_data=entry.correlation, response_topic=entry.response_topic)
+            message = self._message(entry)
+            if message is None:
+                self._sent()
+                return
+            payload = encode(message, limits=self.limits)
+            ack = self.transport.publish_nowait(entry.topic, payload, qos=1, correlation_data=entry.correlation,
+                                                response_topic=entry.response_topic)
+        except Exception as exc:  # TransportError (too large), or a bug met by this entry: its own
+            self._count_failure("reply_failed", exc, entry.topic, None, event="reply_failed")
+            self._sent()
+            return
+        if ack is None:
+            tg.create_task(self._send_waiting(entry, message, payload), name="reply")
+        else:
+            ack.add_done_callback(lambda done: self._acknowledged(entry, message, done))
+
+    def _message(self, entry: OutboxEntry) -> Message | None:
+        """What to publish for ``entry`` (a Reply is built now, so that total_ms covers the wait in the
+        outbox); ``None`` when its deadline has passed (a result counted ``late``)."""
+        if entry.deadline is not None and time.monotonic() > entry.deadline - DELIVERY_MARGIN_S:
+            if entry.message is None or isinstance(entry.message, RegionRequest):  # a result, too late
+                self._count_failure("late", PatchCastError("answer ready after the request's deadline",
+                                                           code="late"), entry.topic,
+                                    entry.item.request.request_id if entry.item else None)
+            return None  # (an error reply's code was counted when it was posted)
+        message = entry.message
+        if message is None and entry.prediction is not None and entry.item is not None:
+            p, arrived = entry.prediction, entry.item.arrived
+            now = time.monotonic()
+            message = Reply(
+                request_id=entry.item.request.request_id, label=p.label, topk_ids=p.topk_ids,
+                topk_probs=p.topk_probs, queue_ms=max(0.0, (p.batch_started - arrived) * 1000.0),
+                infer_ms=p.infer_ms, total_ms=max(0.0, (now - arrived) * 1000.0),
+                worker_id=self.worker_id, batch_size=p.batch_size)
+            if (key := dedupe_key(entry.item.request)) is not None:
+                self.recent.answer(key, message, now)
+        if message is None:
+            raise PatchCastError("outbox entry without a message or a prediction", code="internal")
+        return message
+
+    def _acknowledged(self, entry: OutboxEntry, message: Message, ack: asyncio.Future[int]) -> None:
+        try:
+            self.transport.publish_result(entry.topic, ack)
             if isinstance(message, Reply) and entry.arrived is not None:
                 self.stats.on_reply(time.monotonic() - entry.arrived)
         except Exception as exc:  # TransportError, or anything the MQTT client raised: this reply's only
             self._count_failure("reply_failed", exc, entry.topic, None, event="reply_failed")
         finally:
-            self._publish_slots.release()
-            self._sending -= 1
-            if self._sending == 0:
-                self._sent_all.set()
+            self._sent()
+
+    async def _send_waiting(self, entry: OutboxEntry, message: Message, payload: bytes) -> None:
+        try:
+            await self.transport.publish(entry.topic, payload, qos=1, correlation_data=entry.correlation,
+                                         response_topic=entry.response_topic)
+            if isinstance(message, Reply) and entry.arrived is not None:
+                self.stats.on_reply(time.monotonic() - entry.arrived)
+        except Exception as exc:  # TransportError, or anything the MQTT client raised: this reply's only
+            self._count_failure("reply_failed", exc, entry.topic, None, event="reply_failed")
+        finally:
+            self._sent()
+
+    def _sent(self) -> None:
+        """One outbox entry is done with (published, failed or dropped): its slot is free."""
+        self._publish_slots.release()
+        self._sending -= 1
+        if self._sending == 0:
+            self._sent_all.set()
 
     async def _sender_loop(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -418,7 +458,7 @@ class InferenceWorker:
                 await self._publish_slots.acquire()
                 self._sending += 1
                 self._sent_all.clear()
-                tg.create_task(self._send(entry), name="reply")
+                self._send(entry, tg)
                 self._outbox.task_done()
 
     def metrics_message(self) -> WorkerMetrics:
@@ -467,6 +507,7 @@ class InferenceWorker:
         await self.transport.subscribe(self.region_subscription, qos=1)  # before any exchange can open
         await self.transport.subscribe(self.subscription, qos=1)
         await self.transport.wait_connected(math.inf)
+        settle_gc()  # start-up is over: the collector no longer walks the model and the imports
         self.ready.set()
         here = self.engine.device.type == "cpu" and isinstance(self.engine, ServerEngine)
         probe = probe_once() if self.config.worker.precision == "auto" and here else None  # cached: measured at start

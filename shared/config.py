@@ -231,7 +231,7 @@ class WorkerConfig:
                                   "worker to ~650 requests/s (docs/service.md)")
     retain_heap: bool = _f(True, "keep freed tensor memory in the process (glibc mallopt) instead of page-faulting "
                                  "every batch's activations in again: 1.4× packed bf16 DeiT-Base on an AMX Xeon")
-    max_publish_in_flight: int = _f(10, "replies awaiting the broker's PUBACK at once (never more than the "
+    max_publish_in_flight: int = _f(20, "replies awaiting the broker's PUBACK at once (never more than the "
                                     "broker's Receive Maximum)")
     dedupe_capacity: int = _f(4096, "recent (device, request id) pairs remembered, so a device's re-send of a request "
                                     "already answered gets the same reply again without a second inference, and one "
@@ -245,7 +245,7 @@ class WorkerConfig:
                "worker.threads and worker.decode_processes must be ≥ 0, worker.decode_threads ≥ 1")
         _check(self.shutdown_grace_s >= 0, "worker.shutdown_grace_s must be ≥ 0")
         _check(0 <= self.metrics_port < 65536, "worker.metrics_port must be in 0..65535")
-        _check(1 <= self.max_publish_in_flight <= 10, "worker.max_publish_in_flight must be in 1..10")
+        _check(1 <= self.max_publish_in_flight <= 65_535, "worker.max_publish_in_flight must be in 1..65535")
         _check(self.dedupe_capacity >= 0 and self.dedupe_ttl_s > 0,
                "worker.dedupe_capacity must be ≥ 0 and worker.dedupe_ttl_s positive")
         _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,

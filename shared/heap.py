@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import platform
 from dataclasses import dataclass
 
@@ -82,3 +83,20 @@ def retain_freed_memory() -> HeapSettings:
         return HeapSettings(False, "mallopt(M_ARENA_MAX) refused")
     return HeapSettings(True, f"glibc: blocks ≤ {MMAP_THRESHOLD_BYTES >> 20} MiB from the heap, "
                               f"trim above {TRIM_THRESHOLD_BYTES >> 30} GiB free, one arena")
+
+
+GC_GEN0_THRESHOLD = 20_000  # allocations between young-generation collections (CPython's default: 700)
+
+
+def settle_gc(gen0_threshold: int = GC_GEN0_THRESHOLD) -> tuple[int, int, int]:
+    """For a long-lived service, once its start-up is over: collect, then move every object alive now
+    (imports, the model, its modules) out of the cyclic collector's sight (:func:`gc.freeze`), and run
+    young-generation collections every ``gen0_threshold`` allocations instead of 700. A request's
+    objects are short-lived and freed by reference counting; the collector's passes over the long-lived
+    heap were ~5 % of a worker's event-loop CPU per request (docs/benchmarks.md). Returns the previous
+    thresholds."""
+    previous = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(gen0_threshold, previous[1], previous[2])
+    return previous

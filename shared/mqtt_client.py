@@ -42,11 +42,6 @@ class ConnectionLost(TransportError):
         self.before_connack = before_connack
 
 
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class Connection(asyncio.Protocol):
     """An MQTT v5 client connection. :meth:`open` connects and returns the CONNACK; then :meth:`publish`,
     :meth:`subscribe`, :meth:`unsubscribe`; :attr:`closed` resolves (with :class:`ConnectionLost`)
@@ -67,6 +62,7 @@ class Connection(asyncio.Protocol):
         self._connack: asyncio.Future[mp.Connack] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._acks: dict[int, asyncio.Future[Any]] = {}  # packet id → PUBACK/SUBACK/UNSUBACK waiter
+        self._timers: dict[int, asyncio.TimerHandle] = {}  # packet id → its publish's deadline
         self._qos2_in: set[int] = set()  # QoS 2 messages received, PUBREL not yet seen
         self._next_id = 0
         self._publishes_in_flight = 0
@@ -239,12 +235,26 @@ class Connection(asyncio.Protocol):
                 self.on_handler_error(message, exc)
 
     def _settle(self, packet_id: int, code: int) -> None:
+        """A publish's acknowledgement: its slot freed, its timer stopped, its waiter (if still waiting) told."""
         waiter = self._acks.pop(packet_id, None)
         if waiter is None:
             return  # a publish nobody waits for any more (timed out)
+        timer = self._timers.pop(packet_id, None)
+        if timer is not None:
+            timer.cancel()
         self._release_slot()
         if not waiter.done():
             waiter.set_result(code)
+
+    def _expire(self, packet_id: int) -> None:
+        """No acknowledgement in time: the slot is freed (a late one finds nobody) and the waiter fails."""
+        self._timers.pop(packet_id, None)
+        waiter = self._acks.pop(packet_id, None)
+        if waiter is None:
+            return
+        self._release_slot()
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
 
     # ---- outgoing --------------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -272,46 +282,48 @@ class Connection(asyncio.Protocol):
             self.closed.result()  # raises the ConnectionLost
             raise ConnectionLost("connection closed")
 
-    async def _await_ack(self, packet_id: int, waiter: asyncio.Future[Any], *, slot: bool) -> Any:
-        try:
-            return await waiter
-        finally:
-            if (not waiter.done() or waiter.cancelled() or waiter.exception() is not None) \
-                    and self._acks.get(packet_id) is waiter:
-                del self._acks[packet_id]  # cancelled or timed out: a late ack finds nobody
-                if slot:
-                    self._release_slot()
+    def can_start(self, qos: int) -> bool:
+        """Whether :meth:`start_publish` may be called now: open, the socket taking writes, and for QoS ≥ 1
+        room under the broker's Receive Maximum."""
+        return (not self.closed.done() and not self._paused
+                and (not qos or self._publishes_in_flight < self.receive_maximum))
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool,
-                      properties: bytes = mp.NO_PROPERTIES, timeout_s: float | None = None) -> int:
-        """Publish; for QoS ≥ 1 wait for the broker's acknowledgement and return its reason code (QoS 0:
-        0 once written). ``timeout_s``: :class:`TimeoutError` when the acknowledgement (or room under
-        the broker's Receive Maximum, or in the socket's buffer) takes longer: one timer, cheaper than
-        :func:`asyncio.timeout` on the hot path; without it the caller bounds the wait. A lost connection
-        raises :class:`ConnectionLost`."""
-        self._check_open()
-        if self._paused or (qos and self._publishes_in_flight >= self.receive_maximum):
-            async with asyncio.timeout(timeout_s):
-                await self._room(qos)
+    def start_publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, properties: bytes,
+                      timeout_s: float) -> asyncio.Future[int]:
+        """Write a PUBLISH now (only when :meth:`can_start`); a future of the broker's reason code (QoS 0:
+        done, 0). It fails with :class:`TimeoutError` when no acknowledgement comes within ``timeout_s``
+        (one timer, stopped by the acknowledgement), with :class:`ConnectionLost` when the connection
+        ends first. Cancelling it gives nothing back: the acknowledgement or the timer frees its slot."""
+        waiter: asyncio.Future[int] = self._loop.create_future()
         if not qos:
             self._write(mp.publish_packet(topic, payload, qos=0, retain=retain, packet_id=0, properties=properties))
-            return 0
+            waiter.set_result(0)
+            return waiter
         packet_id = self._packet_id()
-        waiter: asyncio.Future[int] = self._loop.create_future()
         self._acks[packet_id] = waiter
         self._publishes_in_flight += 1
         self._write(mp.publish_packet(topic, payload, qos=qos, retain=retain, packet_id=packet_id,
                                       properties=properties))
-        timer = None if timeout_s is None else self._loop.call_later(timeout_s, _expire, waiter)
-        try:
-            code: int = await self._await_ack(packet_id, waiter, slot=True)
-        finally:
-            if timer is not None:
-                timer.cancel()
+        self._timers[packet_id] = self._loop.call_later(timeout_s, self._expire, packet_id)
+        return waiter
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool,
+                      properties: bytes = mp.NO_PROPERTIES, timeout_s: float = 10.0) -> int:
+        """Publish and, for QoS ≥ 1, wait for the broker's acknowledgement: its reason code (QoS 0: 0 once
+        written). :class:`TimeoutError` when room to send, or the acknowledgement, takes longer than
+        ``timeout_s``; :class:`ConnectionLost` when the connection ends first."""
+        self._check_open()
+        if not self.can_start(qos):
+            async with asyncio.timeout(timeout_s):
+                await self.room(qos)
+        code: int = await self.start_publish(topic, payload, qos=qos, retain=retain, properties=properties,
+                                             timeout_s=timeout_s)
         return code
 
-    async def _room(self, qos: int) -> None:
-        """Until the socket takes writes again and, for QoS ≥ 1, the broker's Receive Maximum has room."""
+    async def room(self, qos: int) -> None:
+        """Until :meth:`can_start` (the socket takes writes again and, for QoS ≥ 1, the broker's Receive
+        Maximum has room); :class:`ConnectionLost` when the connection ends first."""
+        self._check_open()
         if self._paused:
             await self._writable()
         while qos and self._publishes_in_flight >= self.receive_maximum:
@@ -333,7 +345,11 @@ class Connection(asyncio.Protocol):
         waiter: asyncio.Future[list[int]] = self._loop.create_future()
         self._acks[packet_id] = waiter
         self._write(build(packet_id))
-        codes: list[int] = await self._await_ack(packet_id, waiter, slot=False)
+        try:
+            codes: list[int] = await waiter
+        finally:
+            if not waiter.done() and self._acks.get(packet_id) is waiter:
+                del self._acks[packet_id]  # cancelled or timed out by the caller: a late SUBACK finds nobody
         return codes
 
     async def _writable(self) -> None:
@@ -378,6 +394,9 @@ class Connection(asyncio.Protocol):
             exc.__cause__ = cause
         if self._keepalive is not None:
             self._keepalive.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         self.closed.set_exception(exc)
         self.closed.exception()  # retrieved: nobody has to await it
         for waiter in (*self._acks.values(), *self._slot_waiters):

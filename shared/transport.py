@@ -11,7 +11,7 @@ the same event loop.
 Rules it enforces (see the measurements notes):
 
 * TCP_NODELAY on the client socket (the broker sets it too): no 40 ms delayed-ACK stalls.
-* At most ``max_in_flight`` publishes awaiting their PUBACK (a semaphore), and never more than the
+* At most ``max_in_flight`` publishes awaiting their PUBACK (:class:`Slots`), and never more than the
   broker's Receive Maximum.
 * Every publish/subscribe under ``asyncio.timeout(publish_timeout_s)``.
 * The broker's maximum packet size is checked *before* publishing: an over-size publish would
@@ -30,6 +30,7 @@ Rules it enforces (see the measurements notes):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import random
@@ -167,6 +168,42 @@ def _expiry_interval(expiry_s: float | None) -> int | None:
     return None if expiry_s is None else max(1, int(-(-expiry_s // 1)))
 
 
+class Slots:
+    """A counting semaphore that can also be taken without awaiting (:meth:`try_take`), for
+    :meth:`Transport.publish_nowait`. A slot given back passes straight to the oldest waiter."""
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def try_take(self) -> bool:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a slot, then cancelled: pass it on
+                self.give()
+            raise
+
+    def give(self, _: object = None) -> None:
+        """Give one slot back (usable as a future's done callback)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
 @dataclass
 class TransportStats:
     connects: int = 0
@@ -203,7 +240,7 @@ class Transport:
         self._failure: TransportError | None = None  # a refusal or TLS failure: final
         self._failed = asyncio.Event()
         self._connected = asyncio.Event()
-        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._in_flight = Slots(max_in_flight)
         self._closing = False
         self._log = get_logger("patchcast.transport", client_id=client_id, **(log_context or {}))
 
@@ -426,38 +463,99 @@ class Transport:
         :class:`RefusedError` (e.g. ``not_authorized``) when the broker's PUBACK refuses it (QoS ≥ 1;
         a refused QoS 0 publish is dropped by the broker unseen), or when this client was refused.
         """
+        packed = self._packed(topic, payload, qos, response_topic, correlation_data, expiry_s, user_properties)
+        ack = self._start(topic, payload, qos, retain, packed)
+        if ack is None:  # not at once: wait (bounded) for a connection and room to send
+            try:
+                async with asyncio.timeout(self.config.publish_timeout_s):
+                    await self._in_flight.take()
+                    try:
+                        await self._until_connected()
+                        conn = self._client
+                        if conn is None:
+                            raise TransportError("connection lost before publishing", code="transport")
+                        await conn.room(qos)
+                    except BaseException:
+                        self._in_flight.give()
+                        raise
+            except TimeoutError as exc:
+                self.stats.publish_failures += 1
+                raise TransportError(f"publish to {topic} timed out after {self.config.publish_timeout_s} s",
+                                     code="timeout") from exc
+            except ConnectionLost as exc:
+                self.stats.publish_failures += 1
+                raise TransportError(f"publish to {topic}: {exc.message}") from exc
+            ack = self._started(conn, topic, payload, qos, retain, packed)
+        with contextlib.suppress(TimeoutError, ConnectionLost):
+            await ack  # its outcome is read below
+        return self.publish_result(topic, ack)
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                       response_topic: str | None = None,
+                       correlation_data: bytes | None = None) -> asyncio.Future[int] | None:
+        """:meth:`publish` without a coroutine, for a hot path (a worker's replies): the publish starts now
+        and the returned future resolves with the broker's acknowledgement; read it with
+        :meth:`publish_result`, which raises what :meth:`publish` would. ``None`` when it cannot start at
+        once (no connection, ``max_in_flight`` or the broker's Receive Maximum reached): await
+        :meth:`publish` instead. ``too_large`` is raised before anything is sent."""
+        packed = self._packed(topic, payload, qos, response_topic, correlation_data, None, ())
+        return self._start(topic, payload, qos, retain, packed)
+
+    def publish_result(self, topic: str, ack: asyncio.Future[int]) -> int:
+        """The reason code of a finished publish (:meth:`publish_nowait`), counted in :attr:`stats`;
+        :class:`TransportError` (``timeout``, ``transport``) or :class:`RefusedError` as :meth:`publish`."""
+        if ack.cancelled():
+            self.stats.publish_failures += 1
+            raise TransportError(f"publish to {topic} cancelled")
+        exc = ack.exception()
+        if isinstance(exc, TimeoutError):
+            self.stats.publish_failures += 1
+            raise TransportError(f"publish to {topic}: no acknowledgement within {self.config.publish_timeout_s} s",
+                                 code="timeout") from exc
+        if isinstance(exc, ConnectionLost):
+            self.stats.publish_failures += 1
+            raise TransportError(f"publish to {topic}: {exc.message}") from exc
+        if exc is not None:
+            self.stats.publish_failures += 1
+            raise TransportError(f"publish to {topic}: {exc!r}") from exc
+        code = ack.result()
+        if code >= _FAILURE:
+            refused = refusal(code, f"publish to {topic}")
+            self.stats.publish_failures += 1
+            self.stats.refusals[refused.code] += 1
+            self._log.warning("mqtt_publish_refused", topic=topic, code=refused.code, reason_code=code)
+            raise refused
+        self.stats.published += 1
+        return code
+
+    def _packed(self, topic: str, payload: bytes, qos: int, response_topic: str | None,
+                correlation_data: bytes | None, expiry_s: float | None,
+                user_properties: Sequence[tuple[str, str]]) -> bytes:
+        """The PUBLISH's packed properties, after the size check (``too_large``)."""
         packed = mp.pack_publish_properties(response_topic, correlation_data, _expiry_interval(expiry_s),
                                             user_properties)
         self._check_packet(topic, mp.publish_size(topic, len(payload), qos, packed))
-        timeout_s = self.config.publish_timeout_s
+        return packed
+
+    def _start(self, topic: str, payload: bytes, qos: int, retain: bool, packed: bytes) -> asyncio.Future[int] | None:
+        """The publish, started now when it can be (connected, a free slot, room at the broker); else ``None``."""
+        conn = self._client
+        if (conn is None or not self._connected.is_set() or self._failure is not None or not conn.can_start(qos)
+                or not self._in_flight.try_take()):
+            return None
+        return self._started(conn, topic, payload, qos, retain, packed)
+
+    def _started(self, conn: Connection, topic: str, payload: bytes, qos: int, retain: bool,
+                 packed: bytes) -> asyncio.Future[int]:
+        """Start a publish on ``conn`` holding one of this transport's slots, given back when it ends."""
         try:
-            conn = self._client
-            if conn is not None and self._connected.is_set() and self._failure is None and not self._in_flight.locked():
-                async with self._in_flight:  # free: no wait, and the connection bounds the acknowledgement
-                    code = await conn.publish(topic, payload, qos=qos, retain=retain, properties=packed,
-                                              timeout_s=timeout_s)
-            else:
-                async with asyncio.timeout(timeout_s), self._in_flight:
-                    await self._until_connected()
-                    conn = self._client
-                    if conn is None:
-                        raise TransportError("connection lost before publishing", code="transport")
-                    code = await conn.publish(topic, payload, qos=qos, retain=retain, properties=packed)
-            if code >= _FAILURE:
-                exc = refusal(code, f"publish to {topic}")
-                self.stats.publish_failures += 1
-                self.stats.refusals[exc.code] += 1
-                self._log.warning("mqtt_publish_refused", topic=topic, code=exc.code, reason_code=code)
-                raise exc
-        except TimeoutError as exc:
-            self.stats.publish_failures += 1
-            raise TransportError(f"publish to {topic} timed out after {self.config.publish_timeout_s} s",
-                                 code="timeout") from exc
-        except ConnectionLost as exc:
-            self.stats.publish_failures += 1
-            raise TransportError(f"publish to {topic}: {exc.message}") from exc
-        self.stats.published += 1
-        return code if qos else 0
+            ack = conn.start_publish(topic, payload, qos=qos, retain=retain, properties=packed,
+                                     timeout_s=self.config.publish_timeout_s)
+        except BaseException:
+            self._in_flight.give()
+            raise
+        ack.add_done_callback(self._in_flight.give)
+        return ack
 
     async def publish_message(self, msg: Outgoing) -> None:
         await self.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)

@@ -176,14 +176,24 @@ async def test_a_reply_that_cannot_be_published_is_counted_and_nothing_else(mode
     worker.transport.publish = publish  # type: ignore[assignment]  # a publish that fails, three ways
     reply = ErrorReply("cam-0001.000001", "busy", "queue full", "contain-w")
     try:
-        for _ in range(3):
-            await worker._publish_slots.acquire()
-            worker._sending += 1
-            await worker._send(OutboxEntry(OWN, b"c", reply))
+        # Not connected: publish_nowait cannot start them, so each waits in its own task and fails there.
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(3):
+                await worker._publish_slots.acquire()
+                worker._sending += 1
+                worker._send(OutboxEntry(OWN, b"c", reply), tg)
+        # Started at once, then no PUBACK in time: the callback counts it.
+        timed_out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        worker.transport.publish_nowait = lambda *a, **k: timed_out  # type: ignore[assignment]
+        await worker._publish_slots.acquire()
+        worker._sending += 1
+        worker._send(OutboxEntry(OWN, b"c", reply), tg)
+        timed_out.set_exception(TimeoutError())
+        await wait_until_async(lambda: worker._sending == 0, 5, 0.01, message="the failed acknowledgement handled")
     finally:
         worker._infer_pool.shutdown(wait=True)
         worker._decode_pool.shutdown(wait=True)
         worker.engine.close()
     assert raised == [ValueError, RuntimeError, KeyError]
-    assert worker.stats.errors_by_code == {"reply_failed": 3}
+    assert worker.stats.errors_by_code == {"reply_failed": 4}
     assert worker._sending == 0 and worker._sent_all.is_set()

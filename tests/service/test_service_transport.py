@@ -142,3 +142,62 @@ async def test_resubscribes_after_broker_restart_and_publish_times_out_while_dow
         first.stop()
         if second is not None:
             second.stop()
+
+
+@async_test(60)
+async def test_publish_nowait_starts_at_once_or_says_it_cannot(broker, unique) -> None:
+    cfg = broker_config(broker.port)
+    got: list[Incoming] = []
+    sub = Transport(cfg, client_id=f"{unique}-sub", handler=got.append)
+    pub = Transport(cfg, client_id=f"{unique}-pub", max_in_flight=2)
+    assert pub.publish_nowait(f"{unique}/t", b"early") is None  # no connection yet
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(sub.run()), tg.create_task(pub.run())]
+        await sub.subscribe(f"{unique}/t")
+        await sub.wait_connected()
+        await pub.wait_connected()
+        first = pub.publish_nowait(f"{unique}/t", b"1", correlation_data=b"c1", response_topic=f"{unique}/r")
+        second = pub.publish_nowait(f"{unique}/t", b"2")
+        assert first is not None and second is not None
+        assert pub.publish_nowait(f"{unique}/t", b"3") is None  # both slots taken until their PUBACKs
+        await asyncio.wait([first, second])
+        assert pub.publish_result(f"{unique}/t", first) == 0 and pub.publish_result(f"{unique}/t", second) == 0
+        nobody = pub.publish_nowait(f"{unique}/nobody", b"x")
+        assert nobody is not None
+        await asyncio.wait([nobody])
+        assert pub.publish_result(f"{unique}/nobody", nobody) == 0x10  # accepted, no subscriber
+        with pytest.raises(TransportError) as info:
+            pub.publish_nowait(f"{unique}/t", b"x" * (cfg.max_packet_bytes + 1))
+        assert info.value.code == "too_large"
+        await wait_until_async(lambda: len(got) == 2, 10, 0.02, message="both messages")
+        assert [m.payload for m in got] == [b"1", b"2"] and got[0].correlation_data == b"c1"
+        assert pub.stats.published == 3 and pub.stats.publish_failures == 0
+        for t in tasks:
+            t.cancel()
+
+
+def test_slots_pass_a_given_slot_to_the_oldest_waiter() -> None:
+    from shared.transport import Slots
+
+    async def scenario() -> list[str]:
+        slots = Slots(1)
+        order: list[str] = []
+        assert slots.try_take() and not slots.try_take()
+
+        async def waiter(name: str) -> None:
+            await slots.take()
+            order.append(name)
+
+        a, b = asyncio.create_task(waiter("a")), asyncio.create_task(waiter("b"))
+        c = asyncio.create_task(waiter("c"))
+        await asyncio.sleep(0)
+        b.cancel()  # a cancelled waiter is skipped, never handed a slot it cannot give back
+        slots.give()
+        await a
+        slots.give()
+        await c
+        slots.give()
+        assert slots.free == 1 and slots.try_take()
+        return order
+
+    assert asyncio.run(scenario()) == ["a", "c"]
