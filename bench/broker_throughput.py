@@ -239,7 +239,7 @@ def worker_child_main(folder: Path) -> int:
         finally:
             decode_cpu_s[0] += time.thread_time() - c0
 
-    service_module.decode_patches = timed_decode  # type: ignore[assignment]  # timed, for this bench only
+    service_module.decode_patches = timed_decode  # timed, for this bench only
 
     async def serve() -> tuple[InferenceWorker, float]:
         worker = InferenceWorker(cfg, loaded, worker_id=spec["worker_id"])

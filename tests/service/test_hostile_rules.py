@@ -184,7 +184,7 @@ async def test_a_reply_that_cannot_be_published_is_counted_and_nothing_else(mode
                 worker._send(OutboxEntry(OWN, b"c", reply), tg)
         # Started at once, then no PUBACK in time: the callback counts it.
         timed_out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        worker.transport.publish_nowait = lambda *a, **k: timed_out  # type: ignore[assignment]
+        worker.transport.publish_nowait = lambda *a, **k: timed_out  # type: ignore[method-assign]
         await worker._publish_slots.acquire()
         worker._sending += 1
         worker._send(OutboxEntry(OWN, b"c", reply), tg)
