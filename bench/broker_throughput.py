@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import inference_worker.service as service_module
 from bench.common import natural_image
 from inference_worker.batcher import BatchReport
 from inference_worker.engine import PatchSet, ServerEngine, configure_threads
@@ -228,8 +229,6 @@ def worker_child_main(folder: Path) -> int:
     engine_s = [0.0]
     engine_cpu_s = [0.0]  # the calling thread's CPU in the engine call: all of the model with --threads 1
     decode_cpu_s = [0.0]  # pixel decode's CPU, on the decode thread(s)
-    import inference_worker.service as service_module
-
     plain_decode = service_module.decode_patches
 
     def timed_decode(request: Any) -> Any:  # the worker submits this module attribute to its decode pool
@@ -239,7 +238,8 @@ def worker_child_main(folder: Path) -> int:
         finally:
             decode_cpu_s[0] += time.thread_time() - c0
 
-    service_module.decode_patches = timed_decode  # timed, for this bench only
+    if not cfg.worker.decode_processes:  # (a decoder process's CPU is its own: not timed here)
+        service_module.decode_patches = timed_decode  # timed, for this bench only
 
     async def serve() -> tuple[InferenceWorker, float]:
         worker = InferenceWorker(cfg, loaded, worker_id=spec["worker_id"])

@@ -18,6 +18,14 @@ run, one process, CPU time (``time.thread_time``) per request for:
 The ratio printed last, PatchCast's CPU per request outside the model ÷ Mosquitto's CPU per message,
 is the figure to shrink.
 
+``--end-to-end N`` adds the whole worker process, measured N times (the median printed) with
+``bench/broker_throughput.py --worker-processes 1 --threads 1 --precision fp32``: one worker process on
+one core serving a load generator in another process through Mosquitto, and its CPU per request outside
+the engine call (event loop, pixel decode thread, inference thread's own work, the collector: everything
+a stage table can miss), beside Mosquitto's CPU per message in the same runs:
+
+    .venv/bin/python bench/service_overhead.py --requests 3000 --end-to-end 3
+
 ``--edge MODEL`` (repeatable) measures the **edge side** instead: CPU µs per image, batch size 1 as a
 device runs it, for each stage of the path a simulated device takes (the real functions:
 :class:`edge_node.engine.EdgeEngine`'s stages and :class:`edge_node.device.Device`'s request, reply and
@@ -377,6 +385,8 @@ def main() -> int:
                     help="measure the edge side for this edge model instead (repeatable): zoo:cifar10-edge, "
                          "zoo:imagenette-edge; --requests is then the MQTT round's message count")
     ap.add_argument("--images", type=int, default=500, help="images per edge model (--edge)")
+    ap.add_argument("--end-to-end", type=int, default=0, metavar="N",
+                    help="also measure one whole worker process through Mosquitto N times (median; ~30 s each)")
     ap.add_argument("--edge-source", help="images for --edge: a dataset path, or 'synthetic' (default: the "
                                           "model's dataset when the data root has it)")
     args = ap.parse_args()
@@ -410,9 +420,46 @@ def main() -> int:
     ratio = result["ratio_to_mosquitto"]
     print("ratio (PatchCast per request outside the model ÷ Mosquitto per message): "
           + (f"{ratio:.1f}" if ratio is not None else "n/a (Mosquitto used under one clock tick: use more requests)"))
+    if args.end_to_end:
+        result["end_to_end"] = end_to_end(args.model, args.requests, args.end_to_end)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def end_to_end(model: str, requests: int, runs: int) -> dict[str, Any]:
+    """Median over ``runs`` of bench/broker_throughput.py's single-worker figures (one core, fp32)."""
+    import statistics
+    import subprocess
+    import tempfile
+
+    keys = ("worker_outside_engine_cpu_ms_per_request", "worker_loop_cpu_ms_per_request",
+            "worker_decode_cpu_ms_per_request", "broker_cpu_ms_per_request")
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    script = Path(__file__).resolve().parent / "broker_throughput.py"
+    for i in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "pool.json"
+            subprocess.run([sys.executable, str(script), "--model", model, "--codec", "jpeg-mosaic", "--keep", "0.83",
+                            "--requests", str(requests), "--rounds", "1", "--in-flight", "128",
+                            "--worker-processes", "1", "--threads", "1", "--precision", "fp32", "--json", str(out)],
+                           check=True, stdout=subprocess.DEVNULL)
+            figures = json.loads(out.read_text())
+        for k in keys:
+            samples[k].append(figures[k])
+        print(f"  end to end, run {i + 1}/{runs}: worker outside the engine call "
+              f"{figures[keys[0]] * 1000:.0f} µs per request", file=sys.stderr)
+    median = {k: statistics.median(v) * 1000 for k, v in samples.items()}
+    # Mosquitto routes two messages per request (the request, the reply), each with its PUBACKs.
+    per_message = median["broker_cpu_ms_per_request"] / 2
+    outside = median["worker_outside_engine_cpu_ms_per_request"]
+    print(f"end to end (one worker process on one core, fp32, median of {runs} runs): CPU µs per request outside "
+          f"the engine call {outside:.0f} (event loop {median['worker_loop_cpu_ms_per_request']:.0f}, pixel decode "
+          f"{median['worker_decode_cpu_ms_per_request']:.0f}, the rest "
+          f"{outside - median['worker_loop_cpu_ms_per_request'] - median['worker_decode_cpu_ms_per_request']:.0f}); "
+          f"Mosquitto {per_message:.1f} µs per message; ratio {outside / per_message:.1f}")
+    return {"runs": runs, "samples_ms": samples, "median_us": median, "mosquitto_us_per_message": per_message,
+            "ratio_to_mosquitto": outside / per_message}
 
 
 if __name__ == "__main__":
