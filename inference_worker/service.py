@@ -424,23 +424,32 @@ class InferenceWorker:
         return message
 
     def _acknowledged(self, entry: OutboxEntry, message: Message, ack: asyncio.Future[int]) -> None:
+        error: Exception | None = None
         try:
             self.transport.publish_result(entry.topic, ack)
-            if isinstance(message, Reply) and entry.arrived is not None:
-                self.stats.on_reply(time.monotonic() - entry.arrived)
-        except Exception as exc:  # TransportError, or anything the MQTT client raised: this reply's only
-            self._count_failure("reply_failed", exc, entry.topic, None, event="reply_failed")
-        finally:
-            self._sent()
+        except Exception as exc:  # TransportError, RefusedError: this reply's only
+            error = exc
+        self._published(entry, message, error)
 
     async def _send_waiting(self, entry: OutboxEntry, message: Message, payload: bytes) -> None:
+        error: Exception | None = None
         try:
             await self.transport.publish(entry.topic, payload, qos=1, correlation_data=entry.correlation,
                                          response_topic=entry.response_topic)
-            if isinstance(message, Reply) and entry.arrived is not None:
-                self.stats.on_reply(time.monotonic() - entry.arrived)
         except Exception as exc:  # TransportError, or anything the MQTT client raised: this reply's only
-            self._count_failure("reply_failed", exc, entry.topic, None, event="reply_failed")
+            error = exc
+        except BaseException:  # cancelled (shutdown): its slot is freed all the same
+            self._sent()
+            raise
+        self._published(entry, message, error)
+
+    def _published(self, entry: OutboxEntry, message: Message, error: Exception | None) -> None:
+        """The end of one entry's publish: a reply's latency counted, or the failure; its slot freed."""
+        try:
+            if error is not None:
+                self._count_failure("reply_failed", error, entry.topic, None, event="reply_failed")
+            elif isinstance(message, Reply) and entry.arrived is not None:
+                self.stats.on_reply(time.monotonic() - entry.arrived)
         finally:
             self._sent()
 

@@ -212,17 +212,24 @@ def read_properties(buf: bytes, pos: int, end: int) -> tuple[dict[int, Any], int
 
 # ---- client → broker --------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Will:
-    """The message the broker publishes when the connection ends without a DISCONNECT."""
+class Outgoing:
+    """A message to publish later: a will (published by the broker when the connection ends without a
+    DISCONNECT), birth messages (on every connect) or farewell messages."""
 
     topic: str
     payload: bytes
     qos: int = 1
     retain: bool = False
 
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {self.qos}")
+        if not self.topic or any(c in self.topic for c in "+#"):
+            raise ValueError(f"invalid publish topic {self.topic!r}")
+
 
 def connect_packet(client_id: str, *, keepalive_s: int, username: str | None = None, password: str | None = None,
-                   will: Will | None = None, clean_start: bool = True) -> bytes:
+                   will: Outgoing | None = None, clean_start: bool = True) -> bytes:
     """CONNECT (§3.1): protocol level 5, no properties (a session that ends with the connection)."""
     if not 0 <= keepalive_s <= 0xFFFF:
         raise ValueError(f"keep-alive must be 0..65535 s, got {keepalive_s}")

@@ -46,7 +46,7 @@ from shared.config import BrokerConfig
 from shared.errors import ConfigError, RefusedError, TLSError, TransportError
 from shared.logs import get_logger
 from shared.mqtt_client import Connection, ConnectionLost
-from shared.mqtt_packets import Incoming, PublishProperties
+from shared.mqtt_packets import Incoming, Outgoing, PublishProperties
 
 __all__ = ["NO_SUBSCRIBERS", "Incoming", "MessageHandler", "Outgoing", "PublishProperties", "Transport",
            "TransportStats", "login_as", "mqtt_ping", "publish_packet_size", "publish_properties",
@@ -126,22 +126,6 @@ def login_as(cfg: BrokerConfig, user: str, credentials: dict[str, str] | None) -
     if user not in credentials:
         raise ConfigError(f"no credentials for {user!r} in the credentials file (patchcast broker add-device)")
     return replace(cfg, username=user, password=credentials[user])
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message to publish later: birth (on every connect), will, or farewell messages."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-
-    def __post_init__(self) -> None:
-        if self.qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {self.qos}")
-        if not self.topic or any(c in self.topic for c in "+#"):
-            raise ValueError(f"invalid publish topic {self.topic!r}")
 
 
 MessageHandler = Callable[[Incoming], None]
@@ -312,11 +296,9 @@ class Transport:
 
     # ---- connection loop ---------------------------------------------------------------------
     def _connect_packet(self) -> bytes:
-        cfg, will = self.config, self.will
-        return mp.connect_packet(
-            self.client_id, keepalive_s=cfg.keepalive_s, username=cfg.username or None,
-            password=cfg.password or None,
-            will=None if will is None else mp.Will(will.topic, will.payload, will.qos, will.retain))
+        cfg = self.config
+        return mp.connect_packet(self.client_id, keepalive_s=cfg.keepalive_s, username=cfg.username or None,
+                                 password=cfg.password or None, will=self.will)
 
     async def _open(self) -> Connection:
         """One connection, up to its CONNACK; :class:`RefusedError` for a failure reason code."""

@@ -39,7 +39,7 @@ def test_varint_matches_the_standard_examples() -> None:
 
 def test_connect_packet_layout() -> None:
     packet = mp.connect_packet("dev-1", keepalive_s=30, username="u", password="pw",
-                               will=mp.Will("a/b", b"bye", qos=1, retain=True))
+                               will=mp.Outgoing("a/b", b"bye", qos=1, retain=True))
     first, body = frame(packet)
     assert first == 0x10
     assert body[:7] == b"\x00\x04MQTT\x05"
