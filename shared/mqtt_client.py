@@ -91,6 +91,9 @@ class Connection(asyncio.Protocol):
             except OSError as exc:
                 sock.close()
                 sock, error = None, exc
+            except BaseException:  # cancelled or timed out by the caller: no socket left behind
+                sock.close()
+                raise
         if sock is None:
             raise error or OSError(f"{host}:{port}: no address")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
