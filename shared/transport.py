@@ -421,9 +421,6 @@ class Transport:
         except TimeoutError as exc:
             raise TransportError(f"unsubscribe {topic_filter!r} timed out", code="timeout") from exc
 
-    def check_size(self, topic: str, payload: bytes, qos: int, properties: PublishProperties | None) -> int:
-        return self._check_packet(topic, publish_packet_size(topic, payload, qos, properties))
-
     def _check_packet(self, topic: str, size: int) -> int:
         conn = self._client
         limit = self.config.max_packet_bytes if conn is None else min(self.config.max_packet_bytes,
