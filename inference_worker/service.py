@@ -65,6 +65,7 @@ from shared.logs import get_logger
 from shared.metrics_http import MetricsServer
 from shared.models import LoadedModel, build_model
 from shared.naming import default_worker_id, model_id
+from shared.percentiles import percentiles
 from shared.precision import probe_once, resolve
 from shared.protocol import (
     DEFAULT_LIMITS,
@@ -516,6 +517,7 @@ class InferenceWorker:
         await self.transport.subscribe(self.region_subscription, qos=1)  # before any exchange can open
         await self.transport.subscribe(self.subscription, qos=1)
         await self.transport.wait_connected(math.inf)
+        percentiles((1.0,), (50.0,))  # numpy imports numpy.ma on the first percentile: now, not in the first window
         settle_gc()  # start-up is over: the collector no longer walks the model and the imports
         self.ready.set()
         here = self.engine.device.type == "cpu" and isinstance(self.engine, ServerEngine)

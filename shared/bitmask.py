@@ -6,6 +6,8 @@ monitor and ``patchcast health`` — starts without importing torch.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
@@ -22,10 +24,27 @@ def pack_mask(indices: np.ndarray | list[int], num_patches: int) -> bytes:
 
 
 def unpack_mask(data: bytes, num_patches: int) -> np.ndarray:
-    """Sorted kept indices from a bitmask. Padding bits past ``num_patches`` must be zero."""
+    """Sorted kept indices from a bitmask (int64, **read-only**: shared by every caller that unpacks the
+    same mask). Padding bits past ``num_patches`` must be zero.
+
+    A request's mask is unpacked when it is validated, when the worker queues it and when its pixels
+    are decoded: the last :data:`_CACHED` distinct masks are kept (a few MB at most, at the largest
+    masks the protocol limits allow).
+    """
+    return _unpacked(bytes(data), num_patches)
+
+
+_CACHED = 256
+
+
+@lru_cache(maxsize=_CACHED)
+def _unpacked(data: bytes, num_patches: int) -> np.ndarray:
     if len(data) != mask_nbytes(num_patches):
         raise ValueError(f"mask has {len(data)} bytes, expected {mask_nbytes(num_patches)}")
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="big")
-    if bits[num_patches:].any():
+    padding = 8 * len(data) - num_patches
+    if padding and data[-1] & ((1 << padding) - 1):
         raise ValueError("mask has bits set past the last patch")
-    return np.flatnonzero(bits[:num_patches]).astype(np.int64, copy=False)  # a fresh array either way
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="big", count=num_patches)
+    kept = np.flatnonzero(bits)
+    kept.flags.writeable = False
+    return kept

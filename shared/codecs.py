@@ -36,6 +36,7 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
+import simplejpeg
 import zstandard
 from PIL import Image
 
@@ -269,11 +270,15 @@ def jpeg_decode_stripped(payload: bytes, height: int, width: int, quality: int,
     if not payload.startswith(_SOS):
         raise BadPayloadError("JPEG payload must start with an SOS marker")
     data = jpeg_header(height, width, quality, subsampling) + payload + _EOI
-    # Pillow's JPEG decoder straight on the stream: its header is ours, so the size and the mode (RGB,
-    # three components) are known without parsing it again as Image.open would (in Python); a stream
-    # that ends early or does not decode raises ValueError, which Codec.decode turns into bad_payload.
-    image = Image.frombytes("RGB", (width, height), data, "jpeg", "RGB", "")
-    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width, 3)
+    # libjpeg-turbo straight into a numpy array (simplejpeg; Pillow's own decoder is the same library
+    # behind an Image object and twice the CPU). Accurate integer IDCT and fancy upsampling, as Pillow
+    # decodes: the pixels are identical (tests/protocol/test_codecs.py pins it). Strict: a stream that
+    # ends early, carries stray bytes or does not decode raises ValueError (Codec.decode: bad_payload)
+    # where Pillow would fill in grey; the header is ours, so the size is known before decoding.
+    image = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+    if image.shape != (height, width, 3):
+        raise BadPayloadError(f"JPEG payload decoded to {image.shape}, expected {(height, width, 3)}")
+    return image
 
 
 def _pil_decode(data: bytes, fmt: str, shape: tuple[int, int]) -> np.ndarray:
@@ -331,6 +336,14 @@ class Codec(ABC):
         """The kept patches, ``(K, p, p, 3)`` uint8 in index order. Raises only ProtocolError subclasses."""
         resolved = self.resolve_params(params)
         idx = check_indices(np.asarray(indices), geometry, patch_size)
+        return self.decode_checked(payload, geometry, idx, patch_size, resolved)
+
+    def decode_checked(self, payload: bytes, geometry: tuple[int, int], indices: np.ndarray, patch_size: int,
+                       params: dict[str, int]) -> np.ndarray:
+        """:meth:`decode` for arguments a validated request already vouches for: ``indices`` int64, sorted,
+        unique, in range and not empty (its mask's), ``params`` resolved (its ``codec_params``)."""
+        check_geometry(geometry, patch_size)
+        idx, resolved = indices, params
         if not isinstance(payload, bytes):
             raise BadPayloadError(f"payload must be bytes, got {type(payload).__name__}")
         try:

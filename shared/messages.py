@@ -17,6 +17,7 @@ from shared.bitmask import mask_nbytes, unpack_mask
 from shared.codecs import get_codec
 from shared.errors import BadFieldError, BadGeometryError, BadMaskError, BadTopicError
 from shared.topics import validate_role
+from shared.wire_fast import reply_fields, request_fields
 from shared.wire_fields import (
     KIND_RE,
     MAX_CLASS_ID,
@@ -81,6 +82,8 @@ class PatchRequest(Message):
     exchange: str | None = None
 
     def __post_init__(self) -> None:
+        if request_fields(self.__dict__):  # the common case in one pass (shared.wire_fast); else every check
+            return
         ident_field(self, "device_id")
         ident_field(self, "request_id")
         p = int_field(self, "patch_size", 1, MAX_PATCH_SIZE)
@@ -165,6 +168,8 @@ class Reply(Message):
     batch_size: int
 
     def __post_init__(self) -> None:
+        if reply_fields(self.__dict__):  # the common case in one pass (shared.wire_fast); else every check
+            return
         ident_field(self, "request_id")
         int_field(self, "label", 0, MAX_CLASS_ID)
         topk_fields(self, "topk_ids", "topk_probs")

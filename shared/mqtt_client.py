@@ -9,7 +9,7 @@ Built for the service's hot path (a worker receiving thousands of requests a sec
 * writes are gathered and flushed once per event-loop turn, so the PUBACKs of a burst and the replies
   published in the same turn leave in one ``send``;
 * a QoS 1 publish is one future keyed by packet identifier; the broker's Receive Maximum caps how many
-  wait at once;
+  wait at once; their deadlines share one timer, armed at the earliest (no timer per publish);
 * the keep-alive is a timer, not a task: PINGREQ every keep-alive interval, and the connection is lost
   when the previous PINGREQ is still unanswered.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -62,7 +63,11 @@ class Connection(asyncio.Protocol):
         self._connack: asyncio.Future[mp.Connack] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._acks: dict[int, asyncio.Future[Any]] = {}  # packet id → PUBACK/SUBACK/UNSUBACK waiter
-        self._timers: dict[int, asyncio.TimerHandle] = {}  # packet id → its publish's deadline
+        # packet id → its publish's deadline (loop time). One timer watches them all, armed at the earliest:
+        # a timer per publish, cancelled by nearly every PUBACK, cost more than the rest of the publish.
+        self._deadlines: dict[int, float] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
         self._qos2_in: set[int] = set()  # QoS 2 messages received, PUBREL not yet seen
         self._next_id = 0
         self._publishes_in_flight = 0
@@ -238,20 +243,18 @@ class Connection(asyncio.Protocol):
                 self.on_handler_error(message, exc)
 
     def _settle(self, packet_id: int, code: int) -> None:
-        """A publish's acknowledgement: its slot freed, its timer stopped, its waiter (if still waiting) told."""
+        """A publish's acknowledgement: its slot freed, its deadline dropped, its waiter (if still waiting) told."""
         waiter = self._acks.pop(packet_id, None)
         if waiter is None:
             return  # a publish nobody waits for any more (timed out)
-        timer = self._timers.pop(packet_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._deadlines.pop(packet_id, None)  # the sweep finds it gone
         self._release_slot()
         if not waiter.done():
             waiter.set_result(code)
 
     def _expire(self, packet_id: int) -> None:
         """No acknowledgement in time: the slot is freed (a late one finds nobody) and the waiter fails."""
-        self._timers.pop(packet_id, None)
+        self._deadlines.pop(packet_id, None)
         waiter = self._acks.pop(packet_id, None)
         if waiter is None:
             return
@@ -295,8 +298,8 @@ class Connection(asyncio.Protocol):
                       timeout_s: float) -> asyncio.Future[int]:
         """Write a PUBLISH now (only when :meth:`can_start`); a future of the broker's reason code (QoS 0:
         done, 0). It fails with :class:`TimeoutError` when no acknowledgement comes within ``timeout_s``
-        (one timer, stopped by the acknowledgement), with :class:`ConnectionLost` when the connection
-        ends first. Cancelling it gives nothing back: the acknowledgement or the timer frees its slot."""
+        (its deadline, dropped by the acknowledgement), with :class:`ConnectionLost` when the connection
+        ends first. Cancelling it gives nothing back: the acknowledgement or the deadline frees its slot."""
         waiter: asyncio.Future[int] = self._loop.create_future()
         if not qos:
             self._write(mp.publish_packet(topic, payload, qos=0, retain=retain, packet_id=0, properties=properties))
@@ -307,8 +310,25 @@ class Connection(asyncio.Protocol):
         self._publishes_in_flight += 1
         self._write(mp.publish_packet(topic, payload, qos=qos, retain=retain, packet_id=packet_id,
                                       properties=properties))
-        self._timers[packet_id] = self._loop.call_later(timeout_s, self._expire, packet_id)
+        deadline = self._deadlines[packet_id] = self._loop.time() + timeout_s
+        if deadline < self._sweep_at:
+            self._arm_sweep(deadline)
         return waiter
+
+    def _arm_sweep(self, when: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = when
+        self._sweep = self._loop.call_at(when, self._expire_overdue)
+
+    def _expire_overdue(self) -> None:
+        """The sweep: every publish past its deadline expires; the timer is armed again at the next one."""
+        self._sweep, self._sweep_at = None, math.inf
+        now = self._loop.time()
+        for packet_id in [pid for pid, at in self._deadlines.items() if at <= now]:
+            self._expire(packet_id)
+        if self._deadlines:
+            self._arm_sweep(min(self._deadlines.values()))
 
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool,
                       properties: bytes = mp.NO_PROPERTIES, timeout_s: float = 10.0) -> int:
@@ -397,9 +417,10 @@ class Connection(asyncio.Protocol):
             exc.__cause__ = cause
         if self._keepalive is not None:
             self._keepalive.cancel()
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep, self._sweep_at = None, math.inf
+        self._deadlines.clear()
         self.closed.set_exception(exc)
         self.closed.exception()  # retrieved: nobody has to await it
         for waiter in (*self._acks.values(), *self._slot_waiters):

@@ -136,13 +136,13 @@ M = TypeVar("M", bound=Message)
 
 
 def _build(cls: type[M], obj: dict[str, Any]) -> M:
-    kwargs: dict[str, Any] = {}
-    required = _required(cls)
-    for name, key in cls.WIRE.items():
-        if key in obj:
-            kwargs[name] = obj[key]
-        elif name in required:
-            raise MalformedError(f"{cls.KIND} message lacks field {key!r} ({name})")
+    wire = cls.WIRE
+    kwargs = {name: obj[key] for name, key in wire.items() if key in obj}
+    if len(kwargs) < len(wire):
+        required = _required(cls)
+        for name, key in wire.items():
+            if name in required and key not in obj:
+                raise MalformedError(f"{cls.KIND} message lacks field {key!r} ({name})")
     try:
         return cls(**kwargs)
     except ProtocolError:
@@ -262,8 +262,8 @@ def decode_patches(request: PatchRequest) -> np.ndarray:
     oversized or malformed payloads from their headers. Raises only ProtocolError subclasses.
     """
     codec = get_codec(request.codec)
-    return codec.decode(request.payload, (request.height, request.width), request.indices, request.patch_size,
-                        request.codec_params)
+    return codec.decode_checked(request.payload, (request.height, request.width), request.indices,
+                                request.patch_size, dict(request.codec_params))
 
 
 def build_request(*, device_id: str, request_id: str, pixels: np.ndarray, indices: np.ndarray | list[int],

@@ -92,6 +92,29 @@ def test_jpeg_header_contract_matches_the_encoder(quality: int, subsampling: int
     assert list(Image.open(buf).quantization[1]) == chroma  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("quality", [30, 90])
+@pytest.mark.parametrize("subsampling", [420, 444])
+def test_jpeg_decode_gives_pillows_pixels(quality: int, subsampling: int) -> None:
+    # The worker decodes with libjpeg-turbo straight to numpy; Pillow (the same library behind an Image)
+    # is the reference: every pixel equal, for both subsamplings and odd, MCU-unaligned sizes.
+    for seed, (h, w) in enumerate([(32, 32), (48, 80), (40, 24), (112, 112)]):
+        pixels = natural_image(h, w, seed=seed + quality)
+        payload = C.jpeg_encode_stripped(pixels, quality, subsampling)
+        stream = C.jpeg_header(h, w, quality, subsampling) + payload + b"\xff\xd9"
+        reference = np.asarray(Image.open(io.BytesIO(stream)).convert("RGB"))
+        assert np.array_equal(C.jpeg_decode_stripped(payload, h, w, quality, subsampling), reference)
+
+
+def test_jpeg_payloads_that_pillow_would_patch_up_are_refused() -> None:
+    # A truncated, padded or bit-flipped stream decodes in Pillow to grey or garbage; here it is refused.
+    pixels, idx = natural_image(32, 32, seed=5), np.arange(64)
+    codec = C.get_codec("jpeg")
+    payload = codec.encode(pixels, idx, 4)
+    for broken in (payload[: len(payload) // 2], payload + bytes(40), payload[:60] + b"\xff\xd9" + payload[60:]):
+        assert _code(codec.decode, broken, (32, 32), idx, 4) == "bad_payload"
+    assert codec.decode(payload, (32, 32), idx, 4).shape == (64, 4, 4, 3)
+
+
 def test_encode_validates_its_inputs() -> None:
     raw = C.get_codec("raw")
     pixels = natural_image(32, 32)

@@ -231,3 +231,34 @@ async def test_an_acknowledgement_that_never_comes_times_out_and_frees_its_slot(
         assert await conn.publish("t", b"2", qos=1, retain=False, timeout_s=5) == 0x10
         assert not conn.closed.done()
         conn.drop()
+
+
+@async_test(30)
+async def test_each_publish_expires_at_its_own_deadline_and_an_acknowledged_one_never() -> None:
+    held: list[int] = []
+
+    async def acks_only_the_second(peer: Peer) -> None:
+        await peer.accept()
+        while True:
+            first, body = await peer.packet()
+            _, _, packet_id = mp.parse_publish(first, body)
+            held.append(packet_id)
+            if len(held) == 2:
+                await peer.send(mp.ack_packet(mp.PUBACK, packet_id))
+
+    async with ScriptedBroker(acks_only_the_second) as broker:
+        conn = await open_connection(broker.port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        slow = conn.start_publish("t", b"slow", qos=1, retain=False, properties=mp.NO_PROPERTIES, timeout_s=3.0)
+        acked = conn.start_publish("t", b"acked", qos=1, retain=False, properties=mp.NO_PROPERTIES, timeout_s=0.3)
+        fast = conn.start_publish("t", b"fast", qos=1, retain=False, properties=mp.NO_PROPERTIES, timeout_s=0.6)
+        assert await asyncio.wait_for(acked, 5) == 0
+        with pytest.raises(TimeoutError):  # armed again after the sweep at the acknowledged one's deadline
+            await asyncio.wait_for(fast, 5)
+        assert 0.55 <= loop.time() - started < 2.0 and not slow.done()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(slow, 5)
+        assert loop.time() - started >= 2.95
+        assert conn._publishes_in_flight == 0 and not conn._deadlines and not conn.closed.done()
+        conn.drop()
