@@ -126,7 +126,7 @@ async def test_two_workers_eight_devices_every_request_answered_once_on_its_own_
     patches = [normalize(torch.from_numpy(decode_patches(requests[r])), server.preprocess) for r in order]
     with torch.inference_mode():
         logits = forward_patch_sets(server.model, patches,
-                                    [torch.from_numpy(requests[r].indices) for r in order])
+                                    [torch.tensor(requests[r].indices) for r in order])
     expected = logits.argmax(-1).tolist()
     got = [replies[r][1].label for r in order]
     top2 = logits.topk(2, dim=-1).values
