@@ -115,6 +115,25 @@ def test_jpeg_payloads_that_pillow_would_patch_up_are_refused() -> None:
     assert codec.decode(payload, (32, 32), idx, 4).shape == (64, 4, 4, 3)
 
 
+def test_jpeg_encode_calls_pillows_encoder_directly_only_where_it_writes_saves_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pixels = natural_image(40, 24, seed=9)
+    reference = C._saved_jpeg(Image.fromarray(pixels), 77, 420)
+    monkeypatch.setattr(C, "_DIRECT_OK", {})
+    assert reference.endswith(C.jpeg_encode_stripped(pixels, 77, 420) + b"\xff\xd9")
+    assert C._DIRECT_OK == {(77, 420): True}  # this Pillow: the direct call is the one in use
+    assert reference.endswith(C.jpeg_encode_stripped(pixels, 77, 420) + b"\xff\xd9")
+
+    def other_layout(*args: object) -> bytes:
+        raise TypeError("argument 9 must be int, not list")  # as a Pillow with another argument layout
+
+    monkeypatch.setattr(C, "_DIRECT_OK", {})
+    monkeypatch.setattr(C, "_direct_jpeg", other_layout)
+    assert reference.endswith(C.jpeg_encode_stripped(pixels, 77, 420) + b"\xff\xd9")
+    assert C._DIRECT_OK == {(77, 420): False}
+    assert reference.endswith(C.jpeg_encode_stripped(pixels, 77, 420) + b"\xff\xd9")
+
+
 def test_encode_validates_its_inputs() -> None:
     raw = C.get_codec("raw")
     pixels = natural_image(32, 32)
