@@ -123,7 +123,7 @@ async def test_devices_route_each_image_to_the_expert_with_the_most_top_k_mass(
         loaded = w.engine.loaded
         patches = [datasets.normalize(torch.from_numpy(decode_patches(requests[r])), loaded.preprocess) for r in mine]
         with torch.inference_mode():
-            logits = forward_patch_sets(loaded.model, patches, [torch.from_numpy(requests[r].indices) for r in mine])
+            logits = forward_patch_sets(loaded.model, patches, [torch.tensor(requests[r].indices) for r in mine])
         top2 = logits.topk(2, dim=-1).values
         for r, row, (a, b) in zip(mine, logits.argmax(-1).tolist(), top2.tolist(), strict=True):
             if a - b > 1e-3:  # batched vs alone: fp32, ≤ 1e-4 apart
