@@ -9,14 +9,20 @@ ends it holds itself, so it would never see an end of file and would live on as 
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from typing import Any, TypeVar
 
 from shared.config import WorkerConfig
+
+T = TypeVar("T")
 
 PARENT_CHECK_S = 1.0
 
@@ -47,4 +53,62 @@ def new_decoder(config: WorkerConfig) -> Executor:
     if config.decode_processes:
         return ProcessPoolExecutor(max_workers=config.decode_processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=watch_parent, initargs=(os.getpid(),))
-    return ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
+    return DecodeThreads(config.decode_threads)
+
+
+class DecodeThreads(Executor):
+    """``count`` decoder threads on one queue: a submit is a future and a put.
+
+    ``ThreadPoolExecutor.submit`` also takes two locks and, to decide whether to start a thread, a
+    semaphore built on a condition: ~5 % of a busy worker's event loop, per request (docs/benchmarks.md).
+    The threads start at once and are daemons: a decode holds nothing that must outlive the process.
+    """
+
+    def __init__(self, count: int) -> None:
+        if count < 1:
+            raise ValueError("a decoder needs at least one thread")
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue())
+        self._closed = False
+        self._threads = [threading.Thread(target=self._serve, name=f"decode_{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if self._closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future: Future[T] = Future()
+        self._queue.put((future, functools.partial(fn, **kwargs) if kwargs else fn, args))
+        return future
+
+    def _serve(self) -> None:
+        get = self._queue.get
+        while (work := get()) is not None:
+            future, fn, args = work
+            del work
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # the future carries it, as a pool's would
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+                del result
+            del future, fn, args  # nothing of the last request stays referenced while the thread waits
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    work = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if work is not None:
+                    work[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()

@@ -390,15 +390,14 @@ class InferenceWorker:
                 return
             payload = encode(message, limits=self.limits)
             ack = self.transport.publish_nowait(entry.topic, payload, qos=1, correlation_data=entry.correlation,
-                                                response_topic=entry.response_topic)
+                                                response_topic=entry.response_topic,
+                                                on_done=lambda done: self._acknowledged(entry, message, done))
         except Exception as exc:  # TransportError (too large), or a bug met by this entry: its own
             self._count_failure("reply_failed", exc, entry.topic, None, event="reply_failed")
             self._sent()
             return
         if ack is None:
             tg.create_task(self._send_waiting(entry, message, payload), name="reply")
-        else:
-            ack.add_done_callback(lambda done: self._acknowledged(entry, message, done))
 
     def _message(self, entry: OutboxEntry) -> Message | None:
         """What to publish for ``entry`` (a Reply is built now, so that total_ms covers the wait in the

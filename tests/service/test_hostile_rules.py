@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -184,7 +184,13 @@ async def test_a_reply_that_cannot_be_published_is_counted_and_nothing_else(mode
                 worker._send(OutboxEntry(OWN, b"c", reply), tg)
         # Started at once, then no PUBACK in time: the callback counts it.
         timed_out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        worker.transport.publish_nowait = lambda *a, **k: timed_out  # type: ignore[method-assign]
+
+        def started(*args: object, on_done: Callable[[asyncio.Future[int]], None],
+                    **kwargs: object) -> asyncio.Future[int]:
+            timed_out.add_done_callback(on_done)  # as Transport.publish_nowait runs it once the publish ends
+            return timed_out
+
+        worker.transport.publish_nowait = started  # type: ignore[method-assign,assignment]
         await worker._publish_slots.acquire()
         worker._sending += 1
         worker._send(OutboxEntry(OWN, b"c", reply), tg)
