@@ -50,21 +50,6 @@ class Pending(Generic[ItemT, ResultT]):
     future: asyncio.Future[ResultT]
     arrived: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # monotonic; past it the request is answered 'expired', not run
-    on_done: Callable[[asyncio.Future[ResultT]], None] | None = None  # called once the batcher settles it
-
-    def settle(self, result: ResultT | None = None, error: BaseException | None = None) -> None:
-        """Give the future its result (or ``error``) and call ``on_done`` with it at once. A failing
-        ``on_done`` goes to the loop's exception handler, as a failing done callback would."""
-        if error is not None:
-            self.future.set_exception(error)
-        else:
-            self.future.set_result(result)  # type: ignore[arg-type]
-        if self.on_done is not None:
-            try:
-                self.on_done(self.future)
-            except Exception as exc:
-                self.future.get_loop().call_exception_handler(
-                    {"message": "batcher on_done callback failed", "exception": exc, "future": self.future})
 
 
 @dataclass(frozen=True)
@@ -153,14 +138,10 @@ class Batcher(Generic[ItemT, ResultT]):
         self._executing: tuple[float, int] | None = None  # (started, tokens) of the batch in the executor
 
     # ---- intake ------------------------------------------------------------------------------
-    def submit_nowait(self, item: ItemT, tokens: int, *, deadline: float | None = None,
-                      on_done: Callable[[asyncio.Future[ResultT]], None] | None = None) -> asyncio.Future[ResultT]:
+    def submit_nowait(self, item: ItemT, tokens: int, *,
+                      deadline: float | None = None) -> asyncio.Future[ResultT]:
         """Queue ``item`` (``tokens`` tokens, CLS included); :class:`BusyError` when full, or (with
-        admission) when the queue ahead cannot let it finish by ``deadline`` (monotonic).
-
-        ``on_done(future)`` runs as soon as the batcher settles the future (its result, its error, or
-        ``expired``), in the same loop turn: a done callback would be one more loop callback per
-        request. It is not called for a future its owner cancels."""
+        admission) when the queue ahead cannot let it finish by ``deadline`` (monotonic)."""
         if len(self._queue) >= self.capacity:
             raise BusyError(f"request queue full ({self.capacity} waiting)")
         if self.admission and deadline is not None:
@@ -170,7 +151,7 @@ class Batcher(Generic[ItemT, ResultT]):
                 raise BusyError(f"deadline cannot be met: {self.depth} requests queued ahead, done in about "
                                 f"{(done - now) * 1000.0:.0f} ms, deadline in {(deadline - now) * 1000.0:.0f} ms")
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
-        self._queue.append(Pending(item, tokens, future, deadline=deadline, on_done=on_done))
+        self._queue.append(Pending(item, tokens, future, deadline=deadline))
         self._tokens += tokens
         self._idle.clear()
         self._arrived.set()
@@ -243,7 +224,7 @@ class Batcher(Generic[ItemT, ResultT]):
         if pending.deadline is not None and max(now, finish or now) > pending.deadline:
             self._tokens -= pending.tokens
             why = "deadline passed while queued" if now > pending.deadline else "deadline passes before its batch ends"
-            pending.settle(error=PatchCastError(why, code="expired"))
+            pending.future.set_exception(PatchCastError(why, code="expired"))
             return True
         return False
 
@@ -308,15 +289,15 @@ class Batcher(Generic[ItemT, ResultT]):
                 error.__cause__ = exc
             for p in batch:
                 if not p.future.done():
-                    p.settle(error=error)
+                    p.future.set_exception(error)
         else:
             for p, result in zip(batch, results, strict=True):
                 if p.future.done():
                     continue
                 if isinstance(result, BaseException):
-                    p.settle(error=result)
+                    p.future.set_exception(result)
                 else:
-                    p.settle(result)
+                    p.future.set_result(result)
         run_s = time.monotonic() - started
         self._executing = None
         self.busy_s += run_s
@@ -344,6 +325,6 @@ class Batcher(Generic[ItemT, ResultT]):
         self._tokens = 0
         for p in waiting:
             if not p.future.done():
-                p.settle(error=error)
+                p.future.set_exception(error)
         self._idle.set()
         return len(waiting)

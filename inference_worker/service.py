@@ -270,9 +270,8 @@ class InferenceWorker:
         tokens = (self.engine.num_patches if exchange is not None and self.region.fusion != "probs"
                   else int(indices.size)) + 1
         try:
-            self.batcher.submit_nowait(  # admitted only if it can be answered in time
-                item, tokens, deadline=None if deadline is None else deadline - DELIVERY_MARGIN_S,
-                on_done=lambda f, it=item: self._on_done(it, f))  # type: ignore[misc]
+            future = self.batcher.submit_nowait(  # admitted only if it can be answered in time
+                item, tokens, deadline=None if deadline is None else deadline - DELIVERY_MARGIN_S)
         except BusyError as exc:
             pixels.cancel()
             self._refuse(msg, reply_to, correlation, request_id, exc)
@@ -280,6 +279,7 @@ class InferenceWorker:
         self.stats.on_request(time.time() - request.sent_at)
         if (key := dedupe_key(request)) is not None:
             self.recent.begin(key, time.monotonic())
+        future.add_done_callback(lambda f, it=item: self._on_done(it, f))  # type: ignore[misc]
 
     def _seen_before(self, reply_to: str | None, correlation: bytes | None, request: PatchRequest) -> bool:
         """A re-send (same device and request id) of a request this worker holds: answered again from

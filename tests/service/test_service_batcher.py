@@ -120,45 +120,6 @@ async def test_per_request_errors_and_expired_requests() -> None:
     task.cancel()
 
 
-@async_test(20)
-async def test_on_done_is_called_once_per_settled_request_in_the_same_turn() -> None:
-    calls = []
-
-    def run(items: Sequence[int]) -> list[int | PatchCastError]:
-        calls.append(list(items))
-        if len(calls) == 2:
-            raise RuntimeError("out of memory")
-        return [PatchCastError("bad", code="bad_payload") if i == 1 else i for i in items]
-
-    batcher, _, _ = make(BatchingConfig(max_batch=3, max_delay_ms=1), fn=run)
-    seen: dict[int, tuple[str, object]] = {}
-    handler_errors: list[dict[str, object]] = []
-    asyncio.get_running_loop().set_exception_handler(lambda loop, context: handler_errors.append(context))
-
-    def recorder(i: int):
-        def on_done(future: asyncio.Future[int]) -> None:
-            assert future.done() and i not in seen  # settled, and only once
-            seen[i] = ("error", future.exception().code) if future.exception() else ("ok", future.result())  # type: ignore[union-attr]
-            if i == 0:
-                raise RuntimeError("a bug in the owner's callback")  # the batcher goes on
-        return on_done
-
-    futures = [batcher.submit_nowait(i, 1, on_done=recorder(i)) for i in range(3)]  # 0 ok, 1 bad, 2 ok
-    futures += [batcher.submit_nowait(i, 1, on_done=recorder(i)) for i in (3, 4)]  # a batch that fails
-    futures.append(batcher.submit_nowait(5, 1, deadline=time.monotonic() - 1.0, on_done=recorder(5)))
-    cancelled = batcher.submit_nowait(6, 1, on_done=recorder(6))
-    cancelled.cancel()  # its owner's: no call
-    task = asyncio.create_task(batcher.run())
-    await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
-    assert seen == {0: ("ok", 0), 1: ("error", "bad_payload"), 2: ("ok", 2), 3: ("error", "inference"),
-                    4: ("error", "inference"), 5: ("error", "expired")}
-    assert len(handler_errors) == 1 and "a bug" in str(handler_errors[0]["exception"])
-    left = batcher.submit_nowait(7, 1, deadline=time.monotonic() + 60, on_done=recorder(7))
-    task.cancel()
-    assert batcher.fail_all(PatchCastError("stopping", code="shutdown")) >= 1
-    assert left.done() and seen[7] == ("error", "shutdown")
-
-
 def test_worker_stats_window_drains_and_errors_are_cumulative() -> None:
     from inference_worker.stats import WorkerStats
 
