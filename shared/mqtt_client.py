@@ -23,7 +23,7 @@ import math
 import socket
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from shared import mqtt_packets as mp
 from shared.errors import TransportError
@@ -153,8 +153,9 @@ class Connection(asyncio.Protocol):
 
     # ---- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport, whichever loop made it: uvloop's are not asyncio.Transport subclasses (an
+        # isinstance check here left a worker under uvloop reconnecting forever).
+        self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         before = not self._connack.done()

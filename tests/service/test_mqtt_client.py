@@ -262,3 +262,28 @@ async def test_each_publish_expires_at_its_own_deadline_and_an_acknowledged_one_
         assert loop.time() - started >= 2.95
         assert conn._publishes_in_flight == 0 and not conn._deadlines and not conn.closed.done()
         conn.drop()
+
+
+def test_a_connection_runs_on_uvloop_too() -> None:
+    # uvloop's transports are not asyncio.Transport subclasses: the connection must not care whose loop it is.
+    uvloop = pytest.importorskip("uvloop")
+    got: list[bytes] = []
+
+    async def echo(peer: Peer) -> None:
+        await peer.accept()
+        await peer.send(mp.publish_packet("t", b"hello", qos=1, retain=False, packet_id=5))
+        while True:
+            first, body = await peer.packet()
+            if first >> 4 == mp.PUBLISH:
+                _, _, packet_id = mp.parse_publish(first, body)
+                await peer.send(mp.ack_packet(mp.PUBACK, packet_id))
+
+    async def scenario() -> None:
+        async with ScriptedBroker(echo) as broker:
+            conn = await open_connection(broker.port, handler=lambda message: got.append(message.payload))
+            assert await asyncio.wait_for(conn.publish("t", b"x", qos=1, retain=False), 5) == 0
+            await wait_until_async(lambda: got == [b"hello"], 5, 0.02, message="the broker's message")
+            conn.drop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(scenario(), 20))
