@@ -26,6 +26,13 @@ a stage table can miss), beside Mosquitto's CPU per message in the same runs:
 
     .venv/bin/python bench/service_overhead.py --requests 3000 --end-to-end 3
 
+``--against DIR`` measures another checkout the same way, each of its runs just before one of this
+checkout's (this VM's speed drifts by ±20 % between minutes: only interleaved pairs compare), and prints
+both medians and their ratio:
+
+    git worktree add ../before <commit>
+    .venv/bin/python bench/service_overhead.py --requests 3000 --end-to-end 3 --against ../before
+
 ``--edge MODEL`` (repeatable) measures the **edge side** instead: CPU µs per image, batch size 1 as a
 device runs it, for each stage of the path a simulated device takes (the real functions:
 :class:`edge_node.engine.EdgeEngine`'s stages and :class:`edge_node.device.Device`'s request, reply and
@@ -387,6 +394,10 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=500, help="images per edge model (--edge)")
     ap.add_argument("--end-to-end", type=int, default=0, metavar="N",
                     help="also measure one whole worker process through Mosquitto N times (median; ~30 s each)")
+    ap.add_argument("--against", type=Path, metavar="DIR",
+                    help="with --end-to-end: another checkout (e.g. a git worktree of an earlier commit) measured "
+                         "the same way, in turn with this one (N interleaved pairs): a before/after on a machine "
+                         "whose speed drifts")
     ap.add_argument("--edge-source", help="images for --edge: a dataset path, or 'synthetic' (default: the "
                                           "model's dataset when the data root has it)")
     args = ap.parse_args()
@@ -420,47 +431,79 @@ def main() -> int:
     ratio = result["ratio_to_mosquitto"]
     print("ratio (PatchCast per request outside the model ÷ Mosquitto per message): "
           + (f"{ratio:.1f}" if ratio is not None else "n/a (Mosquitto used under one clock tick: use more requests)"))
+    if args.against is not None and not (args.against / "bench" / "broker_throughput.py").is_file():
+        ap.error(f"--against {args.against}: no bench/broker_throughput.py there")
     if args.end_to_end:
-        result["end_to_end"] = end_to_end(args.model, args.requests, args.end_to_end)
+        result["end_to_end"] = end_to_end(args.model, args.requests, args.end_to_end, args.against)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
-def end_to_end(model: str, requests: int, runs: int) -> dict[str, Any]:
-    """Median over ``runs`` of bench/broker_throughput.py's single-worker figures (one core, fp32)."""
-    import statistics
+_E2E_KEYS = ("worker_outside_engine_cpu_ms_per_request", "worker_loop_cpu_ms_per_request",
+             "worker_decode_cpu_ms_per_request", "broker_cpu_ms_per_request")
+
+
+def _worker_run(checkout: Path, model: str, requests: int) -> dict[str, float]:
+    """One run of ``checkout``'s bench/broker_throughput.py (its own code: the script puts its checkout
+    first on the path): one worker process on one core, fp32, through Mosquitto."""
     import subprocess
     import tempfile
 
-    keys = ("worker_outside_engine_cpu_ms_per_request", "worker_loop_cpu_ms_per_request",
-            "worker_decode_cpu_ms_per_request", "broker_cpu_ms_per_request")
-    samples: dict[str, list[float]] = {k: [] for k in keys}
-    script = Path(__file__).resolve().parent / "broker_throughput.py"
-    for i in range(runs):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "pool.json"
-            subprocess.run([sys.executable, str(script), "--model", model, "--codec", "jpeg-mosaic", "--keep", "0.83",
-                            "--requests", str(requests), "--rounds", "1", "--in-flight", "128",
-                            "--worker-processes", "1", "--threads", "1", "--precision", "fp32", "--json", str(out)],
-                           check=True, stdout=subprocess.DEVNULL)
-            figures = json.loads(out.read_text())
-        for k in keys:
-            samples[k].append(figures[k])
-        print(f"  end to end, run {i + 1}/{runs}: worker outside the engine call "
-              f"{figures[keys[0]] * 1000:.0f} µs per request", file=sys.stderr)
-    median = {k: statistics.median(v) * 1000 for k, v in samples.items()}
-    # Mosquitto routes two messages per request (the request, the reply), each with its PUBACKs.
-    per_message = median["broker_cpu_ms_per_request"] / 2
-    outside = median["worker_outside_engine_cpu_ms_per_request"]
-    print(f"end to end (one worker process on one core, fp32, median of {runs} runs): CPU µs per request outside "
-          f"the engine call {outside:.0f} (event loop {median['worker_loop_cpu_ms_per_request']:.0f}, pixel decode "
-          f"{median['worker_decode_cpu_ms_per_request']:.0f}, the rest "
-          f"{outside - median['worker_loop_cpu_ms_per_request'] - median['worker_decode_cpu_ms_per_request']:.0f}); "
-          f"Mosquitto {per_message:.1f} µs per message; ratio {outside / per_message:.1f}")
-    return {"runs": runs, "samples_ms": samples, "median_us": median, "mosquitto_us_per_message": per_message,
-            "ratio_to_mosquitto": outside / per_message}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pool.json"
+        subprocess.run([sys.executable, str(checkout / "bench" / "broker_throughput.py"), "--model", model,
+                        "--codec", "jpeg-mosaic", "--keep", "0.83", "--requests", str(requests), "--rounds", "1",
+                        "--in-flight", "128", "--worker-processes", "1", "--threads", "1", "--precision", "fp32",
+                        "--json", str(out)], check=True, stdout=subprocess.DEVNULL, cwd=checkout)
+        figures = json.loads(out.read_text())
+    return {k: float(figures[k]) for k in _E2E_KEYS}
 
+
+def end_to_end(model: str, requests: int, runs: int, against: Path | None = None) -> dict[str, Any]:
+    """Median over ``runs`` of bench/broker_throughput.py's single-worker figures (one core, fp32); with
+    ``against``, that checkout too, each run of it just before this checkout's (interleaved pairs)."""
+    import statistics
+
+    here = Path(__file__).resolve().parent.parent
+    checkouts = {"this checkout": here} if against is None else {"against": against.resolve(), "this checkout": here}
+    samples: dict[str, dict[str, list[float]]] = {name: {k: [] for k in _E2E_KEYS} for name in checkouts}
+    for i in range(runs):
+        said = []
+        for name, checkout in checkouts.items():
+            figures = _worker_run(checkout, model, requests)
+            for k in _E2E_KEYS:
+                samples[name][k].append(figures[k])
+            said.append(f"{name} {figures[_E2E_KEYS[0]] * 1000:.0f}")
+        print(f"  end to end, run {i + 1}/{runs}: worker outside the engine call, µs per request: "
+              + ", ".join(said), file=sys.stderr)
+    result: dict[str, Any] = {"runs": runs}
+    for name in checkouts:
+        median = {k: statistics.median(v) * 1000 for k, v in samples[name].items()}
+        # Mosquitto routes two messages per request (the request, the reply), each with its PUBACKs.
+        per_message = median["broker_cpu_ms_per_request"] / 2
+        outside = median["worker_outside_engine_cpu_ms_per_request"]
+        loop, decode = median["worker_loop_cpu_ms_per_request"], median["worker_decode_cpu_ms_per_request"]
+        where = "" if against is None else f" [{name}]"
+        ratio = outside / per_message if per_message else None  # /proc counts 10 ms ticks: a short run may see none
+        print(f"end to end{where} (one worker process on one core, fp32, median of {runs} runs): CPU µs per request "
+              f"outside the engine call {outside:.0f} (event loop {loop:.0f}, pixel decode {decode:.0f}, the rest "
+              f"{outside - loop - decode:.0f}); Mosquitto {per_message:.1f} µs per message; ratio "
+              + (f"{ratio:.1f}" if ratio is not None else "n/a (Mosquitto used under one clock tick)"))
+        figures_of = {"samples_ms": samples[name], "median_us": median, "mosquitto_us_per_message": per_message,
+                      "ratio_to_mosquitto": ratio}
+        if against is None:
+            result.update(figures_of)
+        else:
+            result[name.replace(" ", "_")] = figures_of
+    if against is not None:
+        before = statistics.median(samples["against"][_E2E_KEYS[0]])
+        after = statistics.median(samples["this checkout"][_E2E_KEYS[0]])
+        result["against"]["checkout"] = str(against)
+        result["change"] = after / before - 1.0
+        print(f"this checkout ÷ {against}: {after / before:.2f} ({after / before - 1.0:+.0%}) outside the engine call, "
+              f"medians of {runs} interleaved pairs")
+    return result
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -53,3 +53,25 @@ def test_edge_stages_add_up_for_both_zoo_edges(tmp_path: Path) -> None:
         assert 1 <= f["kept_mean"] <= f["num_patches"] and f["request_bytes"] > 0
         assert 0.0 <= f["gate_send_share"] <= 1.0
     assert figures[1]["input_size"] == 112 and figures[1]["patch_size"] == 16
+
+
+def test_end_to_end_against_another_checkout_interleaves_the_two(tmp_path: Path) -> None:
+    """``--end-to-end 1 --against DIR`` (here DIR is this checkout itself): one run of each, both medians
+    and their ratio in the JSON; a DIR without the benchmark is refused before anything runs."""
+    out = tmp_path / "figures.json"
+    root = SCRIPT.parents[1]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--requests", "64", "--batch", "16", "--end-to-end", "1",
+                           "--against", str(root), "--json", str(out)],
+                          capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    e2e = json.loads(out.read_text())["end_to_end"]
+    for side in ("against", "this_checkout"):
+        assert e2e[side]["median_us"]["worker_outside_engine_cpu_ms_per_request"] > 0
+        assert len(e2e[side]["samples_ms"]["worker_loop_cpu_ms_per_request"]) == 1
+    after = e2e["this_checkout"]["median_us"]["worker_outside_engine_cpu_ms_per_request"]
+    before = e2e["against"]["median_us"]["worker_outside_engine_cpu_ms_per_request"]
+    assert e2e["change"] == pytest.approx(after / before - 1.0) and e2e["against"]["checkout"] == str(root)
+    assert "run 1/1" in proc.stderr and "this checkout ÷" in proc.stdout
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--requests", "8", "--end-to-end", "1",
+                              "--against", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2 and "no bench/broker_throughput.py there" in refused.stderr
