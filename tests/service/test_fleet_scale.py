@@ -25,7 +25,7 @@ from shared import datasets
 from shared.config import BrokerConfig, to_toml
 from shared.errors import ConfigError, TransportError
 from shared.models import build_model
-from shared.protocol import Availability, decode
+from shared.protocol import Availability, Outcome, decode
 from shared.topics import V1
 from shared.transport import Incoming, Transport
 
@@ -128,17 +128,21 @@ def test_split_gives_every_process_a_contiguous_slice() -> None:
 
 
 class _Spy:
-    """Counts the devices of one prefix whose availability (birth message or retained) says online."""
+    """Counts the devices of one prefix whose availability (birth message or retained) says online, and
+    the outcomes (one per image done) they publish."""
 
     def __init__(self, port: int, prefix: str) -> None:
         self.prefix = prefix
         self.state: dict[str, str] = {}
+        self.outcomes = 0
         self.transport = Transport(BrokerConfig(port=port), client_id=f"spy-{prefix}", handler=self._on)
 
     def _on(self, msg: Incoming) -> None:
         message = decode(msg.payload)
         if isinstance(message, Availability) and message.ident.startswith(self.prefix):
             self.state[message.ident] = message.state
+        elif isinstance(message, Outcome) and message.device_id.startswith(self.prefix):
+            self.outcomes += 1
 
     def online(self) -> int:
         return sum(v == "online" for v in self.state.values())
@@ -163,13 +167,16 @@ async def test_sigterm_ends_a_running_fleet_within_seconds_with_its_summary(
     spy = _Spy(broker.port, prefix)
     watching = asyncio.create_task(spy.transport.run(), name="spy")
     await spy.transport.subscribe(V1.availability_filter("edge"))
+    await spy.transport.subscribe(V1.metrics_filter("edge"))  # outcomes: images done
     await spy.transport.wait_connected(10)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "patchcast", "edge", "--config", str(cfg_path), cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
     try:
-        await wait_until_async(lambda: spy.online() >= DEVICES or proc.returncode is not None, 120,
-                               message="every device online")
+        # Every device online and one image done (0.2 Hz each, random phase: the first one comes within
+        # moments, but not always before the last device has connected).
+        await wait_until_async(lambda: (spy.online() >= DEVICES and spy.outcomes >= 1) or proc.returncode is not None,
+                               120, message="every device online and an image done")
         assert proc.returncode is None, "the fleet exited before it was stopped"
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
