@@ -304,7 +304,7 @@ def jpeg_decode_stripped(payload: bytes, height: int, width: int, quality: int,
     data = jpeg_header(height, width, quality, subsampling) + payload + _EOI
     # libjpeg-turbo straight into a numpy array (simplejpeg; Pillow's own decoder is the same library
     # behind an Image object and twice the CPU). Accurate integer IDCT and fancy upsampling, as Pillow
-    # decodes: the pixels are identical (tests/protocol/test_codecs.py pins it). Strict: a stream that
+    # decodes: the pixels are identical (tests/protocol/test_protocol_codecs.py pins it). Strict: a stream that
     # ends early, carries stray bytes or does not decode raises ValueError (Codec.decode: bad_payload)
     # where Pillow would fill in grey; the header is ours, so the size is known before decoding.
     image = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
@@ -370,12 +370,11 @@ class Codec(ABC):
         idx = check_indices(np.asarray(indices), geometry, patch_size)
         return self.decode_checked(payload, geometry, idx, patch_size, resolved)
 
-    def decode_checked(self, payload: bytes, geometry: tuple[int, int], indices: np.ndarray, patch_size: int,
-                       params: dict[str, int]) -> np.ndarray:
-        """:meth:`decode` for arguments a validated request already vouches for: ``indices`` int64, sorted,
-        unique, in range and not empty (its mask's), ``params`` resolved (its ``codec_params``)."""
+    def decode_checked(self, payload: bytes, geometry: tuple[int, int], idx: np.ndarray, patch_size: int,
+                       resolved: dict[str, int]) -> np.ndarray:
+        """:meth:`decode` for arguments a validated request already vouches for: ``idx`` int64, sorted,
+        unique, in range and not empty (its mask's), ``resolved`` params (its ``codec_params``)."""
         check_geometry(geometry, patch_size)
-        idx, resolved = indices, params
         if not isinstance(payload, bytes):
             raise BadPayloadError(f"payload must be bytes, got {type(payload).__name__}")
         try:
