@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgpack
 import numpy as np
@@ -262,8 +262,9 @@ def decode_patches(request: PatchRequest) -> np.ndarray:
     oversized or malformed payloads from their headers. Raises only ProtocolError subclasses.
     """
     codec = get_codec(request.codec)
+    # A validated request's codec_params is the dict resolve_params made: read, never copied.
     return codec.decode_checked(request.payload, (request.height, request.width), request.indices,
-                                request.patch_size, dict(request.codec_params))
+                                request.patch_size, cast(dict[str, int], request.codec_params))
 
 
 def build_request(*, device_id: str, request_id: str, pixels: np.ndarray, indices: np.ndarray | list[int],
