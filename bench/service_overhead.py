@@ -401,6 +401,10 @@ def main() -> int:
     ap.add_argument("--edge-source", help="images for --edge: a dataset path, or 'synthetic' (default: the "
                                           "model's dataset when the data root has it)")
     args = ap.parse_args()
+    if args.against is not None and not (args.against / "bench" / "broker_throughput.py").is_file():
+        ap.error(f"--against {args.against}: no bench/broker_throughput.py there")
+    if args.against is not None and not args.end_to_end:
+        ap.error("--against compares end-to-end runs: give --end-to-end N too")
     configure("console", "warning")
     if args.edge:
         return edge_main(args)
@@ -431,8 +435,6 @@ def main() -> int:
     ratio = result["ratio_to_mosquitto"]
     print("ratio (PatchCast per request outside the model ÷ Mosquitto per message): "
           + (f"{ratio:.1f}" if ratio is not None else "n/a (Mosquitto used under one clock tick: use more requests)"))
-    if args.against is not None and not (args.against / "bench" / "broker_throughput.py").is_file():
-        ap.error(f"--against {args.against}: no bench/broker_throughput.py there")
     if args.end_to_end:
         result["end_to_end"] = end_to_end(args.model, args.requests, args.end_to_end, args.against)
     if args.json:
