@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from patchcast.augment import (
@@ -257,6 +258,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
         init_state = start.model.state_dict()
         if cfg.classes and not start.class_ids and start.num_classes != len(cfg.classes):
             init_state = specialist_head(init_state, cfg.classes, cfg.init)
+        if isinstance(model, VisionTransformer):
+            init_state = resampled_pos_embed(init_state, start.model, model)
         try:
             model.load_state_dict(init_state)
         except RuntimeError as exc:
@@ -405,6 +408,27 @@ def build_cnn(name: str, num_classes: int) -> torch.nn.Module:
     if isinstance(model, VisionTransformer):
         raise ConfigError(f"--arch {name!r} is a ViT: train ViTs with the default --arch vit")
     return model
+
+
+def resampled_pos_embed(state: dict[str, torch.Tensor], source: torch.nn.Module,
+                        target: VisionTransformer) -> dict[str, torch.Tensor]:
+    """``state`` with its position embedding resampled (bicubic, as timm does) from ``source``'s patch grid
+    to ``target``'s: fine-tuning at another input size. The prefix tokens' (CLS, registers) rows are kept
+    as they are. Unchanged when the grids match or when either model is not a timm ViT with absolute
+    position embeddings (the state-dict check that follows decides then)."""
+    old = state.get("pos_embed")
+    if (old is None or not isinstance(source, VisionTransformer) or target.pos_embed is None
+            or old.shape == target.pos_embed.shape or source.no_embed_class != target.no_embed_class
+            or source.num_prefix_tokens != target.num_prefix_tokens):
+        return state
+    prefix = 0 if source.no_embed_class else source.num_prefix_tokens
+    old_grid = list(source.patch_embed.grid_size)
+    if old.shape[1] != prefix + old_grid[0] * old_grid[1]:
+        return state
+    out = dict(state)
+    out["pos_embed"] = resample_abs_pos_embed(old, new_size=list(target.patch_embed.grid_size), old_size=old_grid,
+                                              num_prefix_tokens=prefix)
+    return out
 
 
 def specialist_head(state: dict[str, torch.Tensor], classes: Sequence[int], ref: str) -> dict[str, torch.Tensor]:

@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the model sees them, as a worker decodes them (default: the exact pixels)")
     p.add_argument("--glance-quality", type=int, default=90, help="with --glance-codec: the codec's quality")
     p.add_argument("--init", default=None, metavar="MODEL",
-                   help="start from these weights (zoo:NAME, file:PATH) instead of random init: fine-tuning")
+                   help="start from these weights (zoo:NAME, file:PATH) instead of random init: fine-tuning; "
+                        "at another --img-size, the position embedding is resampled (bicubic) to the new grid")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--teacher", default=None, help="teacher model reference for soft distillation (edge models)")
     p.add_argument("--distill-weight", type=float, default=0.5,

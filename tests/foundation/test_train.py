@@ -141,6 +141,31 @@ def test_fine_tuned_card_names_its_starting_point(toy_data: Path, tmp_path: Path
     assert "Started from `file:" in (tmp_path / "tuned" / "toy.md").read_text()
 
 
+def test_fine_tuning_at_another_input_size_resamples_the_position_embedding(toy_data: Path, tmp_path: Path) -> None:
+    """``init`` from a model on a 4×4 grid into one on a 6×6 grid: the CLS and register rows are carried
+    over as they are, the patch rows resampled as timm resamples them; anything else must still fit."""
+    from timm.layers import resample_abs_pos_embed
+
+    arch = VitArch(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2, reg_tokens=2)
+    train(_cfg(toy_data, tmp_path / "base", epochs=1, arch=arch))
+    ref = f"file:{tmp_path / 'base' / 'model.safetensors'}"
+    base = build_model(ref, role="edge").model
+    bigger = VitArch(img_size=48, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2, reg_tokens=2)
+    # lr ~0 and weight decay off: the fine-tuned weights are the starting ones
+    card = train(_cfg(toy_data, tmp_path / "tuned", epochs=1, arch=bigger, init=ref, lr=1e-12, weight_decay=0.0))
+    tuned = build_model(f"file:{tmp_path / 'tuned' / 'model.safetensors'}", role="edge").model
+    assert card["architecture"]["img_size"] == 48
+    before, after = base.state_dict(), tuned.state_dict()
+    assert after["pos_embed"].shape == (1, 3 + 36, 32)
+    want = resample_abs_pos_embed(before["pos_embed"], new_size=[6, 6], old_size=[4, 4], num_prefix_tokens=3)
+    torch.testing.assert_close(after["pos_embed"], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after["pos_embed"][:, :3], before["pos_embed"][:, :3], rtol=0, atol=1e-6)
+    torch.testing.assert_close(after["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"], rtol=0, atol=1e-6)
+    wider = VitArch(img_size=48, patch_size=8, embed_dim=48, depth=1, num_heads=2, num_classes=2, reg_tokens=2)
+    with pytest.raises(ConfigError, match="do not fit"):
+        train(_cfg(toy_data, tmp_path / "bad", epochs=1, arch=wider, init=ref))
+
+
 def test_training_precision_auto_follows_the_measured_cpu_choice() -> None:
     from shared.precision import cpu_has_native_bf16, decide, probe_once, resolve
 
