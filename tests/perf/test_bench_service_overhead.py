@@ -43,8 +43,8 @@ def test_edge_stages_add_up_for_both_zoo_edges(tmp_path: Path) -> None:
     assert [f["model"] for f in figures] == ["zoo:cifar10-edge", "zoo:imagenette-edge"]
     for f in figures:
         stages, outside = f["stages"], f["outside_stages"]
-        assert {"decode_crop_us", "edge_forward_us", "select_us", "codec_encode_us", "request_encode_us",
-                "mqtt_request_reply_us"} <= set(stages)
+        assert {"source_decode_us", "resize_crop_us", "edge_forward_us", "select_us", "codec_encode_us",
+                "request_encode_us", "mqtt_request_reply_us"} <= set(stages)
         assert set(outside) == set(stages) - {"edge_forward_us"}
         assert all(f[s] > 0 for s in stages), {s: f[s] for s in stages}
         assert f["outside_forward_us"] == pytest.approx(sum(f[s] for s in outside))
