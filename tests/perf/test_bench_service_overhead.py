@@ -52,7 +52,7 @@ def test_edge_stages_add_up_for_both_zoo_edges(tmp_path: Path) -> None:
         assert f["images"] == 12 and f["source"] == "synthetic" and f["engine_run_us"] > 0
         assert 1 <= f["kept_mean"] <= f["num_patches"] and f["request_bytes"] > 0
         assert 0.0 <= f["gate_send_share"] <= 1.0
-    assert figures[1]["input_size"] == 112 and figures[1]["patch_size"] == 16
+    assert figures[1]["input_size"] == 160 and figures[1]["patch_size"] == 16
 
 
 def test_end_to_end_against_another_checkout_interleaves_the_two(tmp_path: Path) -> None:

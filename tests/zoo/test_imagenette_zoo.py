@@ -49,9 +49,9 @@ def test_accuracy_matches_model_card(name: str, val_subset: tuple[torch.Tensor, 
     assert abs(accuracy - card["test_subset"]["accuracy"]) <= 0.015, (accuracy, card["test_subset"])
 
 
-def test_imagenette_zoo_keeps_its_measured_accuracies() -> None:
-    """What the shipped pair does hold: a useful edge (≥ 50 %), a server ≥ 10 points above it (the issue's
-    targets), the server at 71.75 % (its ≥ 72 % target is missed by 0.25 points: docs/results.md)."""
+def test_imagenette_zoo_meets_its_accuracy_targets() -> None:
+    """The issue's zoo targets, on the cards' whole-val figures: a useful edge (≥ 50 %), a server ≥ 72 %,
+    and the server ≥ 10 points above the edge (docs/results.md, Imagenette)."""
     edge, server = _card(EDGE), _card(SERVER)
     assert edge["test_accuracy"] >= 0.50
-    assert server["test_accuracy"] >= 0.715 and server["test_accuracy"] - edge["test_accuracy"] >= 0.10
+    assert server["test_accuracy"] >= 0.72 and server["test_accuracy"] - edge["test_accuracy"] >= 0.10
