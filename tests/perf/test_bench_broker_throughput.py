@@ -41,6 +41,8 @@ def test_one_worker_in_process_against_the_same_batches(tmp_path: Path) -> None:
     assert 0 < round_["worker_busy_fraction"] <= 1
 
 
+@pytest.mark.slow  # ~35 s on 2 cores; engine and decoder processes over Mosquitto are also in the default
+# suite, without the benchmark around them (tests/service/test_service_child_processes.py)
 def test_a_pool_of_worker_processes_with_engine_and_decoder_processes(tmp_path: Path) -> None:
     figures = run_bench(tmp_path, "--worker-processes", "2", "--load-processes", "2", "--engine-process", "on",
                         "--decode-processes", "1")

@@ -55,6 +55,7 @@ def test_edge_stages_add_up_for_both_zoo_edges(tmp_path: Path) -> None:
     assert figures[1]["input_size"] == 160 and figures[1]["patch_size"] == 16
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: two whole-worker runs; the default suite keeps the in-process checks
 def test_end_to_end_against_another_checkout_interleaves_the_two(tmp_path: Path) -> None:
     """``--end-to-end 1 --against DIR`` (here DIR is this checkout itself): one run of each, both medians
     and their ratio in the JSON; a DIR without the benchmark is refused before anything runs."""
