@@ -4,8 +4,8 @@
 # edge-attention and random subsets, at 112 px (a 7×7 grid of the paper's 16-pixel patches); then both
 # fine-tuned at 160 px (a 10×10 grid, the position embeddings resampled): the shipped pair.
 # Each step resumes exactly from its last finished epoch when run again, and is skipped once done.
-# To go on from the shipped zoo instead of from scratch, copy shared/zoo/imagenette-{edge,server}.safetensors
-# to RUNS_DIR/nette160-{edge,server}/model.safetensors first.
+# shared/zoo/imagenette-{edge,server}.safetensors are the last two steps' model.safetensors
+# (RUNS_DIR/nette160-{edge,server}); copy them there to count those steps as done.
 # Usage: scripts/train_imagenette.sh [RUNS_DIR] (default runs/); THREADS=N sets torch threads.
 set -euo pipefail
 runs=${1:-runs}
