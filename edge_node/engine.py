@@ -19,7 +19,7 @@ import torch
 from shared.attention import EdgeOutput, edge_forward
 from shared.codecs import full_image_payload_bytes, get_codec, quality_params
 from shared.config import CodecConfig, GateConfig, RegionConfig, SelectionConfig
-from shared.datasets import Sample, crop_uint8, decode_rgb, normalize_lut, normalize_uint8
+from shared.datasets import Sample, Uint8Normalizer, crop_uint8, decode_rgb
 from shared.errors import ConfigError
 from shared.gates import Gate
 from shared.models import LoadedModel
@@ -94,7 +94,7 @@ class EdgeEngine:
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches
         self.measure_full_bytes = measure_full_bytes
-        self._lut = normalize_lut(loaded.preprocess)  # what normalize maps each uint8 value to
+        self._normalize = Uint8Normalizer(loaded.preprocess)
         self.quality = codec.quality
         self.downscale = None if region is None else region.downscale
         if self.downscale is not None:
@@ -112,7 +112,7 @@ class EdgeEngine:
 
     def images(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
         """The model input: the uint8 images stacked and normalised, (B, 3, H, W) float."""
-        return normalize_uint8(pixels[0][None] if len(pixels) == 1 else np.stack(pixels), self._lut)
+        return self._normalize(pixels[0][None] if len(pixels) == 1 else np.stack(pixels))
 
     def forward(self, images: torch.Tensor) -> EdgeOutput:
         """The edge ViT forward with the attention its score kind needs."""

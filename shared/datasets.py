@@ -250,19 +250,44 @@ def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtyp
                 torch.tensor(std, dtype=dtype, device=device).view(3, 1, 1))
 
 
-def normalize_lut(pre: Preprocess) -> np.ndarray:
-    """(3, 256) float32: :func:`normalize` of every uint8 value in each channel (what it maps them to)."""
-    every = torch.arange(256, dtype=torch.uint8).view(256, 1, 1).expand(256, 1, 3)  # (H=256, W=1, 3)
-    return normalize(every, pre)[:, :, 0].numpy().copy()
+class Uint8Normalizer:
+    """:func:`normalize` for uint8 (B, H, W, 3) numpy images: the same float32 operations in the same order
+    (÷ 255, − mean, ÷ std), so the same values and strides, but on contiguous memory.
 
+    :func:`normalize` broadcasts a 3-element mean over the channel axis, which leaves torch and numpy an
+    inner loop of 3 values; here mean and std are tiled to one image's length once per image size, and
+    each operation runs over the whole image at SIMD width (a 160 px image: ~40 µs against ~160 µs for a
+    per-channel lookup table). Elementwise IEEE float32 arithmetic gives every value bit for bit.
+    """
 
-def normalize_uint8(pixels: np.ndarray, lut: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) → (B, 3, H, W) float32: :func:`normalize`'s values (and strides) by lookup in its
-    :func:`normalize_lut`, without float arithmetic on every pixel."""
-    out = np.empty(pixels.shape, dtype=np.float32)
-    for c in range(3):
-        np.take(lut[c], pixels[..., c], out=out[..., c], mode="clip")  # uint8 indices: all in range
-    return torch.from_numpy(out).movedim(-1, -3)
+    _MAX_SIZES = 8  # image sizes whose tiles are kept (a device sees one or two)
+
+    def __init__(self, pre: Preprocess) -> None:
+        self._mean = np.asarray(pre.mean, dtype=np.float32)
+        self._std = np.asarray(pre.std, dtype=np.float32)
+        if self._mean.shape != (3,) or self._std.shape != (3,):
+            raise ValueError("normalisation needs 3 channel means and standard deviations")
+        self._tiles: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _tiles_for(self, values: int) -> tuple[np.ndarray, np.ndarray]:
+        tiles = self._tiles.get(values)
+        if tiles is None:
+            if len(self._tiles) >= self._MAX_SIZES:
+                self._tiles.clear()
+            tiles = self._tiles[values] = (np.tile(self._mean, values // 3), np.tile(self._std, values // 3))
+        return tiles
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (B, H, W, 3) → (B, 3, H, W) float32 with :func:`normalize`'s values and strides."""
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (B, H, W, 3) pixels, got {pixels.dtype} {pixels.shape}")
+        b, values = pixels.shape[0], pixels[0].size
+        mean, std = self._tiles_for(values)
+        x = pixels.reshape(b, values).astype(np.float32)
+        np.divide(x, np.float32(255.0), out=x)
+        np.subtract(x, mean, out=x)
+        np.divide(x, std, out=x)
+        return torch.from_numpy(x).view(pixels.shape).movedim(-1, -3)
 
 
 def to_tensor_batch(samples: Sequence[Sample], pre: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,15 +109,27 @@ Triple = tuple[float, float, float]
 @pytest.mark.parametrize("mean, std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                                        ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)),
                                        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-def test_normalize_uint8_is_normalize_for_every_value(mean: Triple, std: Triple) -> None:
+def test_uint8_normalizer_is_normalize_for_every_value(mean: Triple, std: Triple) -> None:
     pre = Preprocess(input_size=16, mean=mean, std=std)
     rng = np.random.default_rng(0)
     every = np.stack([rng.permutation(256) for _ in range(3)], axis=-1).astype(np.uint8).reshape(16, 16, 3)
     batch = np.stack([every, every[::-1], rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)])
     want = datasets.normalize(torch.from_numpy(batch), pre)
-    got = datasets.normalize_uint8(batch, datasets.normalize_lut(pre))
+    normalizer = datasets.Uint8Normalizer(pre)
+    got = normalizer(batch)
     assert got.dtype == torch.float32 and got.shape == (3, 3, 16, 16) and got.stride() == want.stride()
     assert torch.equal(got, want)
+    # one image alone (the edge's batch of 1), and the tiles of another size
+    assert torch.equal(normalizer(batch[:1]), want[:1])
+    small = np.ascontiguousarray(batch[:, :8, :8])
+    assert torch.equal(normalizer(small), datasets.normalize(torch.from_numpy(small), pre))
+
+
+def test_uint8_normalizer_refuses_what_is_not_uint8_rgb() -> None:
+    normalizer = datasets.Uint8Normalizer(Preprocess(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    for bad in (np.zeros((1, 4, 4, 3), np.float32), np.zeros((4, 4, 3), np.uint8), np.zeros((1, 4, 4, 4), np.uint8)):
+        with pytest.raises(ValueError):
+            normalizer(bad)
 
 
 def _jpeg_of(image: Image.Image, **options: object) -> bytes:
