@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from eval_helpers import tiny_eval_set
 
 from patchcast.cli import main
 from patchcast.eval.csvio import read_points
@@ -35,23 +35,7 @@ def _one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("evalset")
-    rng = np.random.default_rng(0)
-    data = root / "data"
-    for c in range(4):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(12):
-            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            img[8 * c:8 * c + 8] = 255  # a class-dependent stripe, so labels are not pure noise
-            Image.fromarray(img).save(data / f"class{c}" / f"{i}.png")
-    pre = Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", 1.0)
-    paths = {"data": data}
-    for name, dim, seed in (("edge", 32, 1), ("server", 48, 2)):
-        torch.manual_seed(seed)
-        arch = VitArch(img_size=32, patch_size=4, embed_dim=dim, depth=2, num_heads=2, num_classes=4)
-        paths[name] = root / f"{name}.safetensors"
-        save_checkpoint(paths[name], LoadedModel(arch.build().eval(), name, pre, []), arch=arch)
-    return paths
+    return tiny_eval_set(tmp_path_factory.mktemp("evalset"))
 
 
 def _args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from eval_helpers import tiny_eval_set
 
 from patchcast.cli import main as patchcast_main
 from shared.gates import UncertaintyKind, should_send, uncertainty
-from shared.models import LoadedModel, Preprocess, VitArch, save_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "frontier_losses.py"
 
@@ -103,24 +102,10 @@ def test_auroc_is_the_pairwise_probability(fl: ModuleType) -> None:
 
 
 def test_agrees_with_the_eval_frontier_on_a_cached_run(fl: ModuleType, tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data"
-    for c in range(3):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(10):
-            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            img[8 * c:8 * c + 8] = 255
-            Image.fromarray(img).save(data / f"class{c}" / f"{i}.png")
-    pre = Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", 1.0)
-    models = {}
-    for name, dim, seed in (("edge", 32, 1), ("server", 48, 2)):
-        torch.manual_seed(seed)
-        arch = VitArch(img_size=32, patch_size=8, embed_dim=dim, depth=1, num_heads=2, num_classes=3)
-        models[name] = tmp_path / f"{name}.safetensors"
-        save_checkpoint(models[name], LoadedModel(arch.build().eval(), name, pre, []), arch=arch)
+    paths = tiny_eval_set(tmp_path, classes=3, per_class=10, patch_size=8, depth=1)
     out = tmp_path / "out"
-    assert patchcast_main(["eval", "--data", str(data), "--edge", f"file:{models['edge']}", "--server",
-                           f"file:{models['server']}", "--sweep", "quick", "--out", str(out), "--threads", "1",
+    assert patchcast_main(["eval", "--data", str(paths["data"]), "--edge", f"file:{paths['edge']}", "--server",
+                           f"file:{paths['server']}", "--sweep", "quick", "--out", str(out), "--threads", "1",
                            "--bytes-sample", "4", "--bootstrap", "10", "--no-plots", "--no-rollout",
                            "--no-server-encoder"]) == 0
     figures = tmp_path / "losses.json"
@@ -134,4 +119,4 @@ def test_agrees_with_the_eval_frontier_on_a_cached_run(fl: ModuleType, tmp_path:
     assert got["gates"]["min_entropy"]["accuracy"] == pytest.approx(
         summary["acceptance"]["exact_eta"]["frontier_accuracy_at_cost_0.5"], abs=1e-12)
     with pytest.raises(SystemExit):
-        fl.main([str(tmp_path / "data")])  # no cached eval there
+        fl.main([str(paths["data"])])  # no cached eval there
