@@ -281,7 +281,7 @@ class Uint8Normalizer:
         """uint8 (B, H, W, 3) → (B, 3, H, W) float32 with :func:`normalize`'s values and strides."""
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
             raise ValueError(f"expected uint8 (B, H, W, 3) pixels, got {pixels.dtype} {pixels.shape}")
-        b, values = pixels.shape[0], pixels[0].size
+        b, values = pixels.shape[0], pixels.shape[1] * pixels.shape[2] * 3  # an empty batch too
         mean, std = self._tiles_for(values)
         x = pixels.reshape(b, values).astype(np.float32)
         np.divide(x, np.float32(255.0), out=x)
