@@ -106,15 +106,17 @@ def sent_counts(u: np.ndarray, kind: UncertaintyKind) -> np.ndarray:
     return np.r_[0, np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True]) + 1]
 
 
-def best_within(order: np.ndarray, ok: np.ndarray, kept: np.ndarray, edge_ok: np.ndarray,
-                budget: float) -> tuple[float, float, int]:
+def best_within(order: np.ndarray, ok: np.ndarray, kept: np.ndarray, edge_ok: np.ndarray, budget: float, *,
+                sent_before: tuple[float, int] = (0.0, 0)) -> tuple[float, float, int]:
     """Send the first n images of ``order`` (every n, 0 included; ``kept``: each image's kept fraction):
-    the best accuracy at cost ≤ budget, its cost and n."""
-    gain = np.concatenate([[0], np.cumsum(ok[order].astype(np.int64) - edge_ok[order])])
-    cost = np.concatenate([[0.0], np.cumsum(kept[order])]) / len(order)
+    the best accuracy at cost ≤ budget, its cost and n. ``sent_before``: (kept fractions, images gained)
+    of images already sent another way, which ``order`` leaves out."""
+    images = len(edge_ok)
+    gain = sent_before[1] + np.concatenate([[0], np.cumsum(ok[order].astype(np.int64) - edge_ok[order])])
+    cost = (sent_before[0] + np.concatenate([[0.0], np.cumsum(kept[order])])) / images
     score = np.where(cost <= budget + 1e-12, gain, np.iinfo(np.int64).min)
     n = int(np.argmax(score))
-    return (int(edge_ok.sum()) + int(gain[n])) / len(order), float(cost[n]), n
+    return (int(edge_ok.sum()) + int(gain[n])) / images, float(cost[n]), n
 
 
 def best_gate(passes: Passes, kind: UncertaintyKind, budget: float) -> Point:
@@ -187,12 +189,9 @@ def two_level(passes: Passes, budget: float, steps: int = 80) -> tuple[Point, st
             if cost_a / n > budget:
                 break
             gain_a = int(ok_a[head].sum()) - int(passes.edge_ok[head].sum())
-            gain = gain_a + np.concatenate([[0], np.cumsum(ok_b[rest].astype(np.int64) - passes.edge_ok[rest])])
-            cost = (cost_a + np.concatenate([[0.0], np.cumsum(kept_b[rest])])) / n
-            k = int(np.argmax(np.where(cost <= budget + 1e-12, gain, np.iinfo(np.int64).min)))
-            acc = (int(passes.edge_ok.sum()) + int(gain[k])) / n
+            acc, cost, k = best_within(rest, ok_b, kept_b, passes.edge_ok, budget, sent_before=(cost_a, gain_a))
             if acc > best[0].accuracy:
-                best = (Point(acc, float(cost[k]), (len(head) + k) / n, a), b, len(head) / n)
+                best = (Point(acc, cost, (len(head) + k) / n, a), b, len(head) / n)
     return best
 
 
