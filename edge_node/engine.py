@@ -120,7 +120,9 @@ class EdgeEngine:
             return edge_forward(self.model, images, all_layers=self.score_kind == "rollout")
 
     def scores(self, out: EdgeOutput) -> np.ndarray:
-        """(B, N) patch scores (computed in float32, each row summing to 1) as float64, as selection takes them."""
+        """(B, N) patch scores (computed in float32, each row summing to 1) as float64, as selection takes
+        them. Each row depends on its own image only: :meth:`run` scores just the images the gate sends
+        (``out.rows(sent)``), the same values as those rows of the whole batch's scores."""
         with torch.inference_mode():
             return scores_float64(out, self.score_kind)
 
@@ -135,12 +137,15 @@ class EdgeEngine:
                         topk_ids=[tuple(row) for row in top_i.tolist()],
                         topk_probs=[tuple(row) for row in top_p.tolist()])
 
-    def select(self, scores: np.ndarray, chosen: Sequence[int]) -> dict[int, Selection]:
-        """The selection rule applied to the images in ``chosen`` (those the gate sends)."""
+    def select(self, scores: np.ndarray | None, chosen: Sequence[int]) -> dict[int, Selection]:
+        """The selection rule applied to the images in ``chosen`` (batch positions of those the gate
+        sends); ``scores``: theirs, row j for ``chosen[j]`` (``None`` when none is chosen)."""
         if not chosen:
             return {}
-        rows = scores if len(chosen) == len(scores) else scores[list(chosen)]  # chosen: sorted, unique
-        return dict(zip(chosen, select_batch(rows, self.rule), strict=True))
+        if scores is None or len(scores) != len(chosen):
+            raise ValueError(f"select: {len(chosen)} images chosen, scores for "
+                             f"{0 if scores is None else len(scores)}")
+        return dict(zip(chosen, select_batch(scores, self.rule), strict=True))
 
     def payload(self, px: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> bytes:
         """The kept patches of one image as the codec's payload (``scores``: that image's (N,) scores)."""
@@ -154,24 +159,28 @@ class EdgeEngine:
         started = time.perf_counter()
         pixels = [self.pixels(s) for s in samples]
         out = self.forward(self.images(pixels))
-        scores = self.scores(out)
         gate = self.gate_topk(out)
-        selections = self.select(scores, gate.send)
+        # patches are scored only for the images that send them (a region glance sends the whole image)
+        chosen = gate.send if self.downscale is None else []
+        scores = self.scores(out.rows(chosen)) if chosen else None
+        selections = self.select(scores, chosen)
+        sent, row = set(gate.send), {i: j for j, i in enumerate(chosen)}  # row: image → its row of scores
         h, w = pixels[0].shape[:2]
         decisions: list[EdgeDecision | dict[str, Any]] = []  # an image's decision, or the fields of one
         for i, px in enumerate(pixels):
             ids, probs, unc = gate.topk_ids[i], gate.topk_probs[i], gate.uncertainty[i]
             indices = payload = None
             full_bytes = None
-            if i in selections and self.downscale is not None:
+            if i in sent and self.downscale is not None:
                 decisions.append(self._glance(ids, probs, unc, px))
                 continue
-            if i in selections:
+            if i in sent:
+                assert scores is not None
                 indices = np.asarray(selections[i].indices, dtype=np.int64)
-                payload = self.payload(px, indices, scores[i])
+                payload = self.payload(px, indices, scores[row[i]])
                 full_bytes = self.full_bytes(px)
             decisions.append(dict(
-                edge_label=ids[0], topk_ids=ids, topk_probs=probs, uncertainty=unc, send=i in selections,
+                edge_label=ids[0], topk_ids=ids, topk_probs=probs, uncertainty=unc, send=i in sent,
                 height=h, width=w, patch_size=self.patch_size, num_patches=self.num_patches, indices=indices,
                 payload=payload, full_payload_bytes=full_bytes))
         share = (time.perf_counter() - started) * 1000.0 / max(len(samples), 1)

@@ -15,6 +15,7 @@ request is cheaper to debug.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,15 @@ class EdgeOutput:
     @property
     def num_patches(self) -> int:
         return int(self.cls_attention.shape[-1])
+
+    def rows(self, index: Sequence[int]) -> EdgeOutput:
+        """The same output for the images at batch positions ``index`` (in that order); ``self`` when
+        that is every image in order. Every tensor keeps its dtype and device."""
+        if list(index) == list(range(self.logits.shape[0])):
+            return self
+        at = torch.as_tensor(list(index), dtype=torch.long, device=self.logits.device)
+        return EdgeOutput(self.logits.index_select(0, at), self.cls_attention.index_select(0, at),
+                          None if self.attentions is None else tuple(a.index_select(0, at) for a in self.attentions))
 
 
 def _check_blocks(model: VisionTransformer, indices: list[int]) -> None:

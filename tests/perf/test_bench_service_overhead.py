@@ -52,6 +52,15 @@ def test_edge_stages_add_up_for_both_zoo_edges(tmp_path: Path) -> None:
         assert f["images"] == 12 and f["source"] == "synthetic" and f["engine_run_us"] > 0
         assert 1 <= f["kept_mean"] <= f["num_patches"] and f["request_bytes"] > 0
         assert 0.0 <= f["gate_send_share"] <= 1.0
+        # through the configured gate: every image pays the stages up to the gate and its outcome, only a
+        # sent one the offload's (its MQTT round counted at the share sent); the total is their sum
+        at_gate = f["at_gate"]
+        assert all(at_gate[s] > 0 for s in ("source_decode_us", "resize_crop_us", "normalize_us", "edge_forward_us",
+                                            "gate_topk_us", "outcome_encode_us", "outcome_publish_us"))
+        offload = ("scores_us", "select_us", "codec_encode_us", "request_encode_us", "reply_decode_us")
+        assert all((at_gate[s] > 0) == (f["gate_send_share"] > 0) for s in offload), at_gate
+        assert at_gate["mqtt_request_reply_us"] == pytest.approx(f["gate_send_share"] * f["mqtt_request_reply_us"])
+        assert f["at_gate_outside_forward_us"] == pytest.approx(sum(at_gate[s] for s in outside))
     assert figures[1]["input_size"] == 160 and figures[1]["patch_size"] == 16
 
 
