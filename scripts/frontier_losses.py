@@ -12,7 +12,13 @@ server on whole images and on every edge-attention selection) and, at a communic
   right): an upper bound no deployment reaches;
 * how well the edge's min-entropy ranks its own errors, and the images only the server gets right (AUROC);
 * a patch budget that follows the uncertainty (the most unsure images with one rule, the next ones with
-  another): an extension of the paper's method, its two thresholds chosen on the same images.
+  another): an extension of the paper's method, its two thresholds chosen on the same images;
+* two more extensions, each aimed at one of the two losses: the sent images answered by an ensemble of
+  the server (on its patches) and the edge (on the whole image), ``w·log p_server + (1 − w)·log
+  p_edge`` at a few weights w (``--fusion-weights``); and a learned gate, logistic models of "sending
+  helps" and "sending hurts" on the edge's logits (its sorted log-probabilities and its predicted
+  class), scored on images it was not fitted on (2-fold cross-validation over ``--splits`` seeded
+  splits; the median split is printed).
 
     python scripts/frontier_losses.py reports/eval-imagenette
     python scripts/frontier_losses.py reports/eval-imagenette --budget 0.5 --json losses.json
@@ -27,12 +33,14 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from patchcast.eval.frontier import exact_gate_curve
 from shared.gates import UNCERTAINTY_KINDS, UncertaintyKind, uncertainty
@@ -195,15 +203,106 @@ def two_level(passes: Passes, budget: float, steps: int = 80) -> tuple[Point, st
     return best
 
 
+def selection_logits(cache: Path) -> dict[str, np.ndarray]:
+    """Per edge-attention rule, the server's logits on the kept patches, float32 (``patchcast eval``
+    caches them as float16 up to 100 classes)."""
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(cache.glob(f"{SELECTION_PREFIX}*.npz")):
+        with np.load(f) as z:
+            if "logits" not in z.files:
+                raise SystemExit(f"{f}: no server logits cached (more than 100 classes?): no fusion figures")
+            out[f.stem.removeprefix(SELECTION_PREFIX)] = z["logits"].astype(np.float32)
+    return out
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.log_softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=-1).numpy()
+
+
+def fused(passes: Passes, logits: dict[str, np.ndarray], budget: float, weight: float) -> Point:
+    """The min-entropy gate at every η, every rule, a sent image answered by the ensemble
+    ``weight·log p_server + (1 − weight)·log p_edge`` (the server on its patches, the edge on the image)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError("weight must be in [0, 1]")
+    edge = _log_softmax(passes.edge_logits)
+    order = unsure_first(edge_uncertainty(passes, "min_entropy"), "min_entropy")
+    best = Point(float(passes.edge_ok.mean()), 0.0, 0.0, "edge only")
+    for rule, (_, counts) in passes.selections.items():
+        ok = (weight * _log_softmax(logits[rule]) + (1.0 - weight) * edge).argmax(1) == passes.labels
+        acc, cost, n = best_within(order, ok, counts / passes.num_patches, passes.edge_ok, budget)
+        if acc > best.accuracy:
+            best = Point(acc, cost, n / len(order), rule)
+    return best
+
+
+def gate_features(edge_logits: np.ndarray) -> np.ndarray:
+    """What a learned gate sees of an image: the edge's sorted log-probabilities, its predicted class
+    (one-hot) and that class's log-probability in the predicted class's column."""
+    logp = _log_softmax(edge_logits)
+    top = np.eye(logp.shape[1], dtype=np.float32)[logp.argmax(1)]
+    return np.concatenate([-np.sort(-logp, axis=1), top, top * logp.max(1, keepdims=True)], axis=1)
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> Callable[[np.ndarray], np.ndarray]:
+    """A logistic regression on standardised features (L-BFGS, L2 ``l2``) → its probability function."""
+    xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+    mean, std = xt.mean(0), xt.std(0) + 1e-6
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        value = F.binary_cross_entropy_with_logits((xt - mean) / std @ w + b, yt) + l2 * (w * w).sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    return lambda z: torch.sigmoid((torch.from_numpy(z.astype(np.float32)) - mean) / std @ w + b).detach().numpy()
+
+
+def learned_gate(passes: Passes, budget: float, *, splits: int = 5, seed: int = 0) -> tuple[Point, list[float]]:
+    """Send the images a model of the edge's logits rates most worth sending: P(the server on the rule's
+    patches right, the edge wrong) − P(the reverse), each image rated by models fitted on the other
+    half (2-fold cross-validation). Per rule, the median over ``splits`` seeded splits of the best
+    accuracy within ``budget``; the best rule's median point and its splits' accuracies."""
+    x = gate_features(passes.edge_logits)
+    n = len(passes.labels)
+    best: tuple[Point, list[float]] = (Point(float(passes.edge_ok.mean()), 0.0, 0.0, "edge only"), [])
+    for rule, (ok, counts) in passes.selections.items():
+        helps, hurts = ok & ~passes.edge_ok, ~ok & passes.edge_ok
+        points = []
+        for split in range(splits):
+            halves = np.array_split(np.random.default_rng(seed + split).permutation(n), 2)
+            rating = np.zeros(n)
+            for held, fit in ((halves[0], halves[1]), (halves[1], halves[0])):
+                if helps[fit].all() or not helps[fit].any() or hurts[fit].all() or not hurts[fit].any():
+                    continue  # nothing to learn from this half: its images keep rating 0
+                rating[held] = _logistic(x[fit], helps[fit])(x[held]) - _logistic(x[fit], hurts[fit])(x[held])
+            acc, cost, k = best_within(np.argsort(-rating, kind="stable"), ok, counts / passes.num_patches,
+                                       passes.edge_ok, budget)
+            points.append(Point(acc, cost, k / n, rule))
+        median = sorted(points, key=lambda p: p.accuracy)[len(points) // 2]
+        if median.accuracy > best[0].accuracy:
+            best = (median, [p.accuracy for p in points])
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("eval_dir", type=Path, help="a patchcast eval --out folder, its cache/ or one cache folder")
     ap.add_argument("--budget", type=float, default=0.35, help="communication cost budget (default 0.35)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--fusion-weights", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9],
+                    help="server weights w of the edge + server ensemble (default 0.5 0.7 0.8 0.9; none: skip it)")
+    ap.add_argument("--splits", type=int, default=5, help="seeded 2-fold splits of the learned gate (0: skip it)")
     args = ap.parse_args(argv)
     if not 0.0 < args.budget <= 1.0:
         ap.error("--budget must be in (0, 1]")
-    passes = load(find_cache(args.eval_dir))
+    if any(not 0.0 <= w <= 1.0 for w in args.fusion_weights) or args.splits < 0:
+        ap.error("--fusion-weights must be in [0, 1] and --splits ≥ 0")
+    cache = find_cache(args.eval_dir)
+    passes = load(cache)
     server = float(passes.server_ok.mean())
 
     def pts(acc: float) -> str:
@@ -227,12 +326,28 @@ def main(argv: list[str] | None = None) -> int:
     two, second, head = two_level(passes, args.budget)
     print(f"  uncertainty-following budget (extension): {pts(two.accuracy)} at cost {two.cost:.3f}: the most "
           f"unsure {head:.1%} with {two.rule}, the next {two.sent - head:.1%} with {second}")
+    fusion: dict[str, Any] = {}
+    if args.fusion_weights:
+        logits = selection_logits(cache)
+        for w in args.fusion_weights:
+            point = fused(passes, logits, args.budget, w)
+            fusion[f"{w:g}"] = asdict(point)
+            print(f"  edge + server ensemble on the sent images (extension), server weight {w:g}: "
+                  f"{pts(point.accuracy)} at cost {point.cost:.3f}, {point.sent:.1%} sent, {point.rule}")
+    learned: dict[str, Any] = {}
+    if args.splits:
+        point, per_split = learned_gate(passes, args.budget, splits=args.splits)
+        learned = {**asdict(point), "splits": per_split}
+        spread = ", ".join(f"{(a - server) * 100:+.2f}" for a in sorted(per_split))
+        print(f"  learned gate on the edge's logits (extension, 2-fold cross-validated, median of {args.splits} "
+              f"splits): {pts(point.accuracy)} at cost {point.cost:.3f}, {point.rule} (splits: {spread})")
     if args.json is not None:
         figures: dict[str, Any] = {
             "images": len(passes.labels), "budget": args.budget, "edge_accuracy": float(passes.edge_ok.mean()),
             "server_accuracy": server, "gates": {k: asdict(p) for k, p in gates.items()}, "split": split,
             "oracle_gate": asdict(oracle), "auroc": ranks,
-            "two_level": {**asdict(two), "second_rule": second, "first_share": head}}
+            "two_level": {**asdict(two), "second_rule": second, "first_share": head},
+            "fusion": fusion, "learned_gate": learned}
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 

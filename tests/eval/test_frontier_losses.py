@@ -93,6 +93,50 @@ def test_two_level_budget_stays_within_it(fl: ModuleType) -> None:
     assert second in passes.selections and point.rule in passes.selections
 
 
+def _logits(passes: Any, seed: int) -> dict[str, np.ndarray]:
+    """Server logits per rule whose argmax is right exactly where the rule's ``ok`` says."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for rule, (ok, _) in passes.selections.items():
+        logits = rng.normal(size=(len(ok), 4)).astype(np.float32)
+        wrong = (passes.labels + 1) % 4
+        logits[np.arange(len(ok)), np.where(ok, passes.labels, wrong)] += 10.0
+        out[rule] = logits
+    return out
+
+
+def test_fusion_spans_the_edge_and_the_gate(fl: ModuleType) -> None:
+    """Server weight 1 is the min-entropy gate itself; weight 0 answers every sent image with the edge's
+    own label, so sending never changes an answer: edge-only accuracy at cost 0."""
+    passes = _passes(fl, seed=5)
+    logits = _logits(passes, seed=5)
+    gate = fl.best_gate(passes, "min_entropy", 0.4)
+    assert fl.fused(passes, logits, 0.4, 1.0).accuracy == pytest.approx(gate.accuracy, abs=1e-12)
+    edge_only = fl.fused(passes, logits, 0.4, 0.0)
+    assert edge_only.accuracy == pytest.approx(passes.edge_ok.mean()) and edge_only.cost == 0.0
+    with pytest.raises(ValueError):
+        fl.fused(passes, logits, 0.4, 1.5)
+
+
+def test_learned_gate_finds_what_the_logits_give_away(fl: ModuleType) -> None:
+    """Where sending helps exactly for one predicted class (the edge always wrong there, the server
+    always right) and nowhere else, the cross-validated gate finds that class and beats min-entropy."""
+    rng = np.random.default_rng(6)
+    n, patches = 400, 16
+    logits = rng.normal(size=(n, 4)).astype(np.float32)
+    logits[np.arange(n), rng.integers(0, 4, n)] += 3.0  # confident edges too: min-entropy is no oracle
+    predicted = logits.argmax(1)
+    labels = np.where(predicted == 2, (predicted + 1) % 4, predicted)  # the edge: wrong on class 2 only
+    ok = predicted == 2  # the server on its patches: right on class 2, wrong elsewhere (sending those loses)
+    passes = fl.Passes(labels=labels, edge_logits=logits, edge_ok=predicted == labels, server_ok=np.ones(n, bool),
+                       num_patches=patches, selections={"topk-8": (ok, np.full(n, 8, dtype=np.int64))})
+    budget = 0.5 * float((predicted == 2).mean()) + 0.01  # room for exactly the class-2 images
+    point, splits = fl.learned_gate(passes, budget, splits=3)
+    assert len(splits) == 3 and point.cost <= budget + 1e-12
+    assert point.accuracy == pytest.approx(1.0)  # every class-2 image sent and answered right
+    assert point.accuracy > fl.best_gate(passes, "min_entropy", budget).accuracy
+
+
 def test_auroc_is_the_pairwise_probability(fl: ModuleType) -> None:
     rng = np.random.default_rng(4)
     score = np.round(rng.normal(size=80), 1)  # ties count one half
@@ -118,5 +162,13 @@ def test_agrees_with_the_eval_frontier_on_a_cached_run(fl: ModuleType, tmp_path:
     # the min-entropy gate at every η over the edge-attention rules is the eval's exact-η method frontier
     assert got["gates"]["min_entropy"]["accuracy"] == pytest.approx(
         summary["acceptance"]["exact_eta"]["frontier_accuracy_at_cost_0.5"], abs=1e-12)
+    # the extensions ran on the eval's cached server logits: weight 1 is the gate itself again
+    assert set(got["fusion"]) == {"0.5", "0.7", "0.8", "0.9"} and len(got["learned_gate"]["splits"]) == 5
+    assert fl.main([str(out), "--budget", "0.5", "--fusion-weights", "1", "--splits", "0", "--json",
+                    str(figures)]) == 0
+    again = json.loads(figures.read_text())
+    # (the cache holds the logits as float16: a near-tie may flip one of the 30 answers)
+    assert again["fusion"]["1"]["accuracy"] == pytest.approx(got["gates"]["min_entropy"]["accuracy"], abs=1 / 30)
+    assert again["learned_gate"] == {}
     with pytest.raises(SystemExit):
         fl.main([str(paths["data"])])  # no cached eval there
