@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="patch codec whose bytes are measured (see shared.codecs; default: the service's)")
     p.add_argument("--codec-param", action="append", default=[], metavar="KEY=INT",
                    help="codec parameter, repeatable (e.g. q=90); codec defaults otherwise")
+    p.add_argument("--through-codec", action="store_true",
+                   help="the server sees every selection's kept patches after the codec's round trip (--codec, "
+                   "--codec-param: encoded, then decoded, as a worker receives them) instead of the exact pixels; "
+                   "server-only accuracy stays that of the exact full images. Costs one encode, decode and "
+                   "patch embedding per image and selection")
     p.add_argument("--bytes-sample", type=int, default=256,
                    help="images whose selections are actually encoded to measure bytes")
     p.add_argument("--random-draws", type=int, default=1,
@@ -108,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, cache_dir=args.cache_dir, use_cache=not args.no_cache, sweep=args.sweep,
         rollout=not args.no_rollout, server_encoder=not args.no_server_encoder, precision=args.precision,
         batch_size=args.batch_size, max_tokens=args.max_tokens, threads=args.threads, codec=args.codec,
-        codec_params=_codec_params(args.codec_param), bytes_sample=args.bytes_sample, max_loss=args.max_loss,
+        codec_params=_codec_params(args.codec_param), through_codec=args.through_codec,
+        bytes_sample=args.bytes_sample, max_loss=args.max_loss,
         random_draws=args.random_draws, bootstrap=args.bootstrap, experts=tuple(args.expert),
         expert_min_share=args.expert_min_share,
         seed=args.seed, plots=not args.no_plots, publish=args.publish, publish_name=args.publish_name,

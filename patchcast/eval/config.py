@@ -28,6 +28,9 @@ class EvalConfig:
     threads: int | None = None
     codec: str = "jpeg-mosaic"  # the service's default codec (shared.config.CodecConfig)
     codec_params: tuple[tuple[str, int], ...] = ()  # e.g. (("q", 90),); codec defaults otherwise
+    # the server sees each selection's kept patches after the codec's round trip (encode, then decode,
+    # as a worker receives them) instead of the exact pixels; the server on full images stays lossless
+    through_codec: bool = False
     bytes_sample: int = 256
     random_draws: int = 1  # independent random-patch draws the random baseline is averaged over
     max_loss: float = 1.0  # accuracy points below server-only
@@ -58,6 +61,9 @@ class EvalConfig:
             raise ConfigError("bootstrap must be ≥ 0 resamples")
         if not 0.0 <= self.expert_min_share <= 1.0:
             raise ConfigError("expert_min_share must be in [0, 1]")
+        if self.through_codec and self.experts:
+            raise ConfigError("through_codec does not cover the specialists yet: evaluate expert routing "
+                              "without it")
 
     @property
     def grid(self) -> SweepGrid:

@@ -126,6 +126,23 @@ def _server_on_masks(server: Any, tokens: Any, masks: BoolArray, max_tokens: int
     return out
 
 
+def codec_round_trip(pixels: np.ndarray, masks: BoolArray, patch_size: int, codec: Any,
+                     params: dict[str, int]) -> np.ndarray:
+    """A copy of ``pixels`` (B, H, W, 3) uint8 whose kept patches (``masks`` (B, N)) are replaced by what
+    a worker decodes from the codec's payload of them (the others are left as they are: they are never
+    gathered)."""
+    out = pixels.copy()
+    b, h, w, _ = pixels.shape
+    p, cols = patch_size, w // patch_size
+    for i in range(b):
+        idx = np.flatnonzero(masks[i])
+        if idx.size == 0:
+            continue
+        decoded = codec.decode(codec.encode(pixels[i], idx, p, params), (h, w), idx, p, params)
+        out[i].reshape(h // p, p, cols, p, 3)[idx // cols, :, idx % cols] = decoded
+    return out
+
+
 def _full_passes(edge: Any, server: Any, pixels: Any, edge_pre: Any, server_pre: Any, batch: int,
                  bf16: bool, rollout: bool) -> dict[str, np.ndarray]:
     from shared.attention import edge_forward
@@ -210,6 +227,12 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
             tokens = torch.cat([embed_all(server_m.model, datasets.normalize(pixels[s:e], server_pre))
                                 for s, e in chunks(len(pixels), cfg.batch_size)])
         masks_of: dict[str, BoolArray] = {}
+        wire = None
+        if cfg.through_codec:
+            from shared.codecs import get_codec
+
+            codec = get_codec(cfg.codec)
+            wire = (codec, codec.resolve_params(dict(cfg.codec_params)))
         for sp in todo:
             t0 = time.perf_counter()
             if sp.score == "random":
@@ -222,7 +245,14 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
             else:
                 masks = _select_masks(scores[(sp.encoder, sp.score)], sp, n_patches)
                 masks_of[sp.id] = masks
-            logits = _server_on_masks(server_m.model, tokens, masks, cfg.max_tokens, bf16)
+            sel_tokens = tokens
+            if wire is not None:  # the kept patches as a worker decodes them, embedded again
+                received = torch.from_numpy(codec_round_trip(pixels.numpy(), masks, server_m.patch_size, *wire))
+                with autocast(bf16):
+                    sel_tokens = torch.cat([embed_all(server_m.model, datasets.normalize(received[s:e], server_pre))
+                                            for s, e in chunks(len(received), cfg.batch_size)])
+            logits = _server_on_masks(server_m.model, sel_tokens, masks, cfg.max_tokens, bf16)
+            del sel_tokens
             spent[sp.id] = spent.get(sp.id, 0.0) + time.perf_counter() - t0
             sel_parts[sp.id]["mask"].append(np.packbits(masks, axis=1))
             sel_parts[sp.id]["pred"].append(logits.argmax(axis=1).astype(np.int32))

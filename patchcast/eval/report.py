@@ -53,6 +53,9 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_pr
                  f"bytes {bp['bytes_frac']:.3f}" if bp else "none")
         lines.append(f"- {what} within {summary['max_loss_points']:g} point(s) of server-only "
                      f"(≥ {pct(summary['target_accuracy'])}): {found}")
+    if summary.get("patch_pixels", "exact") != "exact":
+        lines.append(f"- Patches: the server sees each selection's kept patches after the codec's round trip "
+                     f"({summary['patch_pixels']}), as a worker decodes them; server-only is on the exact full images")
     b = summary.get("bytes")
     if b:
         lines.append(f"- Bytes: `{b['codec']}` codec {b['codec_params'] or '(defaults)'} on the actual "

@@ -338,3 +338,59 @@ def test_full_cifar10_run_matches_the_model_cards(tmp_path: Path) -> None:
     for role in ("edge", "server"):
         card = json.loads((ZOO_DIR / f"cifar10-{role}.json").read_text())
         assert summary[role]["accuracy"] == pytest.approx(card["test_accuracy"], abs=1.5e-4)
+
+
+def test_codec_round_trip_replaces_only_the_kept_patches() -> None:
+    from patchcast.eval.passes import codec_round_trip
+    from shared.codecs import get_codec, split_image
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)  # 4×6 patches of 4 px
+    masks = rng.random((3, 24)) < 0.5
+    masks[2] = False  # an image with nothing kept stays as it is
+    raw = get_codec("raw")
+    assert np.array_equal(codec_round_trip(pixels, masks, 4, raw, raw.resolve_params({})), pixels)
+    jpeg = get_codec("jpeg-mosaic")
+    params = jpeg.resolve_params({"q": 30})
+    got = codec_round_trip(pixels, masks, 4, jpeg, params)
+    assert not np.array_equal(got, pixels)
+    for i in range(3):
+        idx = np.flatnonzero(masks[i])
+        patches, before = split_image(got[i], 4), split_image(pixels[i], 4)
+        assert np.array_equal(patches[~masks[i]], before[~masks[i]])  # untouched
+        if idx.size:
+            decoded = jpeg.decode(jpeg.encode(pixels[i], idx, 4, params), (16, 24), idx, 4, params)
+            assert np.array_equal(patches[idx], decoded)  # what a worker decodes, in place
+
+
+def test_through_codec_sees_the_codec_loss_and_keeps_its_own_cache(setup: dict[str, Path], tmp_path: Path) -> None:
+    """``--through-codec``: with a lossless codec every selection's server answers are the exact pixels'
+    ones; with a lossy one they are the round trip's, cached apart, and the report says so."""
+    out = tmp_path / "out"
+    assert main(_args(setup, out, "--no-plots")) == 0
+    exact = json.loads((out / "summary.json").read_text())
+    assert exact["patch_pixels"] == "exact"
+    lossless = tmp_path / "lossless"
+    assert main(_args(setup, lossless, "--no-plots", "--through-codec", "--codec", "raw")) == 0
+    lossy = tmp_path / "lossy"
+    assert main(_args(setup, lossy, "--no-plots", "--through-codec", "--codec-param", "q=5")) == 0
+    summary = json.loads((lossy / "summary.json").read_text())
+    assert summary["patch_pixels"].startswith("jpeg-mosaic") and "round trip" in summary["patch_pixels"]
+    assert "after the codec's round trip" in (lossy / "report.md").read_text()
+    preds = {}
+    for name, folder in (("exact", out), ("lossless", lossless), ("lossy", lossy)):
+        (cache,) = (folder / "cache").iterdir()
+        preds[name] = {f.name: np.load(f)["pred"] for f in sorted(cache.glob("sel-*.npz"))}
+    assert preds["exact"].keys() == preds["lossless"].keys() == preds["lossy"].keys()
+    for key in preds["exact"]:
+        assert np.array_equal(preds["exact"][key], preds["lossless"][key]), key
+    assert any(not np.array_equal(preds["exact"][k], preds["lossy"][k]) for k in preds["exact"])
+    assert summary["server"]["accuracy"] == exact["server"]["accuracy"]  # full images stay exact
+
+
+def test_through_codec_refuses_the_specialists() -> None:
+    from patchcast.eval import EvalConfig
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="through_codec"):
+        EvalConfig(through_codec=True, experts=("zoo:cifar10-expert-a",))
