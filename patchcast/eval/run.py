@@ -54,7 +54,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     # Fail on a bad codec name or parameter now, not after the model passes.
-    get_codec(cfg.codec).resolve_params(dict(cfg.codec_params))
+    codec_params = get_codec(cfg.codec).resolve_params(dict(cfg.codec_params))
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
     report = progress or (lambda *_: None)
@@ -86,7 +86,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
                  "edge_pre": edge_m.preprocess.to_json(), "server_pre": server_m.preprocess.to_json(),
                  "format": 1}
     if cfg.through_codec:  # the selections' server passes depend on the codec's loss
-        key_parts["wire"] = {"codec": cfg.codec, "params": get_codec(cfg.codec).resolve_params(dict(cfg.codec_params))}
+        key_parts["wire"] = {"codec": cfg.codec, "params": codec_params}
     cache_root = None if not cfg.use_cache else Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
     cache = Cache(cache_root, key_parts)
     specs = build_specs(cfg.grid, n_patches, rollout=cfg.rollout, server_encoder=cfg.server_encoder,
@@ -123,8 +123,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     summary["bytes"] = {"sample": len(sample), "codec": cfg.codec, "codec_params": dict(cfg.codec_params),
                         "reference_mean_bytes": float(np.mean(full_bytes)),
                         "jpeg_file_mean_bytes": file_bytes}
-    summary["patch_pixels"] = (f"{cfg.codec} {get_codec(cfg.codec).resolve_params(dict(cfg.codec_params))} round trip"
-                               if cfg.through_codec else "exact")
+    summary["patch_pixels"] = f"{cfg.codec} {codec_params} round trip" if cfg.through_codec else "exact"
     summary["threads"] = threads
     summary["compute_s"] = round(data.compute_seconds, 1)
     summary["precision"] = "bf16" if bf16 else "fp32"
