@@ -63,7 +63,7 @@ def test_run_scores_only_sent_images_same_decisions(edge: LoadedModel, score: st
         assert d.indices is not None and d.payload is not None
         assert np.array_equal(d.indices, sel.indices)
         assert d.payload == engine.payload(pixels[i], np.asarray(sel.indices, dtype=np.int64), all_scores[i])
-        assert d.full_payload_bytes is not None
+        assert d.full_payload_bytes is not None and d.full_payload_bytes == engine.full_bytes(pixels[i])
     for i in set(range(len(samples))) - set(sent):
         assert decisions[i].indices is None and decisions[i].payload is None
 
