@@ -61,9 +61,6 @@ class EvalConfig:
             raise ConfigError("bootstrap must be ≥ 0 resamples")
         if not 0.0 <= self.expert_min_share <= 1.0:
             raise ConfigError("expert_min_share must be in [0, 1]")
-        if self.through_codec and self.experts:
-            raise ConfigError("through_codec does not cover the specialists yet: evaluate expert routing "
-                              "without it")
 
     @property
     def grid(self) -> SweepGrid:

@@ -143,6 +143,33 @@ def codec_round_trip(pixels: np.ndarray, masks: BoolArray, patch_size: int, code
     return out
 
 
+Wire = tuple[Any, dict[str, int]]  # (codec, its resolved params): what --through-codec sends patches through
+
+
+def wire_of(cfg: EvalConfig) -> Wire | None:
+    """The codec and params the server's patches go through (``cfg.through_codec``), else ``None``."""
+    if not cfg.through_codec:
+        return None
+    from shared.codecs import get_codec
+
+    codec = get_codec(cfg.codec)
+    return codec, codec.resolve_params(dict(cfg.codec_params))
+
+
+def received_tokens(loaded: Any, pixels: Any, masks: BoolArray, wire: Wire, batch: int, bf16: bool) -> Any:
+    """All patch tokens (B, N, D) of ``pixels`` (B, H, W, 3) uint8 for ``loaded`` (a LoadedModel) after the
+    kept patches' codec round trip, as a worker embeds what it decodes."""
+    import torch
+
+    from shared import datasets
+    from shared.subset import embed_all
+
+    received = torch.from_numpy(codec_round_trip(pixels.numpy(), masks, loaded.patch_size, *wire))
+    with autocast(bf16):
+        return torch.cat([embed_all(loaded.model, datasets.normalize(received[s:e], loaded.preprocess))
+                          for s, e in chunks(len(received), batch)])
+
+
 def _full_passes(edge: Any, server: Any, pixels: Any, edge_pre: Any, server_pre: Any, batch: int,
                  bf16: bool, rollout: bool) -> dict[str, np.ndarray]:
     from shared.attention import edge_forward
@@ -227,12 +254,7 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
             tokens = torch.cat([embed_all(server_m.model, datasets.normalize(pixels[s:e], server_pre))
                                 for s, e in chunks(len(pixels), cfg.batch_size)])
         masks_of: dict[str, BoolArray] = {}
-        wire = None
-        if cfg.through_codec:
-            from shared.codecs import get_codec
-
-            codec = get_codec(cfg.codec)
-            wire = (codec, codec.resolve_params(dict(cfg.codec_params)))
+        wire = wire_of(cfg)
         for sp in todo:
             t0 = time.perf_counter()
             if sp.score == "random":
@@ -245,12 +267,8 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
             else:
                 masks = _select_masks(scores[(sp.encoder, sp.score)], sp, n_patches)
                 masks_of[sp.id] = masks
-            sel_tokens = tokens
-            if wire is not None:  # the kept patches as a worker decodes them, embedded again
-                received = torch.from_numpy(codec_round_trip(pixels.numpy(), masks, server_m.patch_size, *wire))
-                with autocast(bf16):
-                    sel_tokens = torch.cat([embed_all(server_m.model, datasets.normalize(received[s:e], server_pre))
-                                            for s, e in chunks(len(received), cfg.batch_size)])
+            sel_tokens = tokens if wire is None else received_tokens(  # the kept patches as a worker decodes them
+                server_m, pixels, masks, wire, cfg.batch_size, bf16)
             logits = _server_on_masks(server_m.model, sel_tokens, masks, cfg.max_tokens, bf16)
             del sel_tokens
             spent[sp.id] = spent.get(sp.id, 0.0) + time.perf_counter() - t0
@@ -295,6 +313,7 @@ def expert_passes(cfg: EvalConfig, ds: Any, experts: Sequence[Any], data: Arrays
     from shared.subset import embed_all
 
     out: dict[str, IntArray] = {sp.id: np.zeros((len(experts), len(data.labels)), dtype=np.int64) for sp in specs}
+    wire = wire_of(cfg)
     done, total = 0, len(experts) * len(specs) * len(data.labels)
     for e, expert in enumerate(experts):
         tag = digest([weights_fingerprint(expert.model), expert.class_ids])
@@ -317,7 +336,10 @@ def expert_passes(cfg: EvalConfig, ds: Any, experts: Sequence[Any], data: Arrays
                 tokens = torch.cat([embed_all(expert.model, datasets.normalize(pixels[s:t], expert.preprocess))
                                     for s, t in chunks(len(pixels), cfg.batch_size)])
             for sp in todo:
-                logits = _server_on_masks(expert.model, tokens, data.masks(sp.id, rows), cfg.max_tokens, bf16)
+                masks = data.masks(sp.id, rows)
+                sel_tokens = tokens if wire is None else received_tokens(
+                    expert, pixels, masks, wire, cfg.batch_size, bf16)
+                logits = _server_on_masks(expert.model, sel_tokens, masks, cfg.max_tokens, bf16)
                 out[sp.id][e, rows] = ids[logits.argmax(axis=1)]
                 done += len(rows)
                 report("experts", done, total, f"expert {e}, {sp.id}")

@@ -388,9 +388,28 @@ def test_through_codec_sees_the_codec_loss_and_keeps_its_own_cache(setup: dict[s
     assert summary["server"]["accuracy"] == exact["server"]["accuracy"]  # full images stay exact
 
 
-def test_through_codec_refuses_the_specialists() -> None:
-    from patchcast.eval import EvalConfig
-    from shared.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="through_codec"):
-        EvalConfig(through_codec=True, experts=("zoo:cifar10-expert-a",))
+def test_through_codec_covers_the_specialists(setup: dict[str, Path], tmp_path: Path) -> None:
+    """``--expert`` with ``--through-codec``: through a lossless codec every specialist answers as on the
+    exact pixels; through a lossy one some answer differs."""
+    pre = Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", 1.0)
+    # the general server's body with the head rows of classes 0 and 2: a specialist whose answers vary
+    # (on these 40 images the random-init server splits them 8 / 32 between the two)
+    server = build_model(f"file:{setup['server']}").model
+    arch = VitArch(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=2, num_classes=2)
+    model = arch.build().eval()
+    state = server.state_dict()
+    state["head.weight"], state["head.bias"] = state["head.weight"][[0, 2]], state["head.bias"][[0, 2]]
+    model.load_state_dict(state)
+    expert = tmp_path / "expert.safetensors"
+    save_checkpoint(expert, LoadedModel(model, "expert", pre, ["c0", "c2"], class_ids=[0, 2]), arch=arch)
+    answers = {}
+    for name, extra in (("exact", ()), ("lossless", ("--through-codec", "--codec", "raw")),
+                        ("lossy", ("--through-codec", "--codec-param", "q=5"))):
+        out = tmp_path / name
+        assert main(_args(setup, out, "--no-plots", "--no-rollout", "--no-server-encoder", "--expert",
+                          f"file:{expert}", *extra)) == 0
+        answers[name] = {f.name: np.load(f)["pred"] for f in sorted((out / "cache").rglob("expert-*.npz"))}
+    assert answers["exact"] and answers["exact"].keys() == answers["lossless"].keys() == answers["lossy"].keys()
+    assert all(np.array_equal(answers["exact"][k], answers["lossless"][k]) for k in answers["exact"])
+    assert any(len(set(a.tolist())) == 2 for a in answers["exact"].values())  # both classes answered
+    assert any(not np.array_equal(answers["exact"][k], answers["lossy"][k]) for k in answers["exact"])
