@@ -24,6 +24,8 @@ the wire contract.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -168,10 +170,60 @@ def _kept_counts(ordered: np.ndarray, rule: SelectionRule) -> np.ndarray:
     return counts * has_mass[:, 0]
 
 
+def _pairwise_sum(values: list[float], start: int, n: int) -> float:
+    """numpy's sum of ``values[start:start + n]`` (float64, contiguous), the same additions in the same
+    order: its pairwise summation (8 partial sums in blocks of up to 128, halves above that)."""
+    if n < 8:
+        total = -0.0
+        for v in values[start:start + n]:
+            total += v
+        return total
+    if n <= 128:
+        r = values[start:start + 8]
+        end = start + n - n % 8
+        for i in range(start + 8, end, 8):
+            r = [a + b for a, b in zip(r, values[i:i + 8], strict=True)]
+        total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        for v in values[end:start + n]:
+            total += v
+        return total
+    half = n // 2
+    half -= half % 8
+    return _pairwise_sum(values, start, half) + _pairwise_sum(values, start + half, n - half)
+
+
+def _select_row(row: list[float], rule: SelectionRule) -> Selection:
+    """:func:`select_batch` of one row of valid scores (finite, ≥ 0; not ``random_k``) in plain Python:
+    the same order (stable, descending), the same float64 sums and shares (numpy's pairwise sum, then a
+    running sum), so the same patches. A device selects one image at a time, and a dozen numpy calls on
+    100 values cost it more than this (their code is cold after the forward)."""
+    n = len(row)
+    order = sorted(range(n), key=row.__getitem__, reverse=True)  # stable: ties → lower index first
+    if rule.kind == "topk":
+        count = min(rule.k, n)
+    elif rule.kind == "threshold":
+        delta = float(rule.value)
+        count = sum(1 for v in row if v >= delta)
+    else:
+        ordered = [row[i] for i in order]
+        total = _pairwise_sum(ordered, 0, n)
+        count = 0
+        if total > 0:  # np.cumsum's running sum; the shares never decrease, so bisect counts those ≤ δ_sum
+            count = bisect.bisect_right([c / total for c in itertools.accumulate(ordered)],
+                                        float(rule.value) + SUM_TOLERANCE)
+    count = max(count, min(rule.min_patches, n))
+    return Selection._checked_by_caller(np.array(sorted(order[:count]), dtype=np.int64), n)
+
+
 def select_batch(scores: np.ndarray | torch.Tensor, rule: SelectionRule, *,
                  rng: np.random.Generator | None = None) -> list[Selection]:
     """Apply ``rule`` to every row of ``scores`` (B, N). ``rng`` is used by ``random_k`` only (a fresh
-    unseeded generator when ``None``)."""
+    unseeded generator when ``None``). One float64 row (a device's image) takes :func:`_select_row`."""
+    if (rule.kind != "random_k" and isinstance(scores, np.ndarray) and scores.dtype == np.float64
+            and scores.ndim == 2 and scores.shape[0] == 1 and scores.shape[1] > 0):
+        row = scores[0].tolist()
+        if all(0.0 <= v < math.inf for v in row):  # NaN fails both; otherwise _as_scores says what is wrong
+            return [_select_row(row, rule)]
     arr = _as_scores(scores)
     b, n = arr.shape
     if rule.kind == "random_k":

@@ -271,3 +271,62 @@ def test_unpack_mask_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
         unpack_mask(b"\x00\x01", 9)  # bit 15 set, past patch 8
     assert unpack_mask(b"\x80\x80", 9).tolist() == [0, 8]
+
+
+def test_one_row_in_python_selects_what_the_numpy_path_selects() -> None:
+    """A device's image (one float64 row) is selected in plain Python (``_select_row``, numpy's pairwise
+    sum replayed); a batch of two takes the numpy path. Both must keep the same patches on rows with ties,
+    zeros, all-zero rows, float32-rounded renormalised scores and lengths either side of numpy's summation
+    blocks (8, 128)."""
+    rng = np.random.default_rng(11)
+    rules = [SelectionRule("topk", k) for k in (1, 5, 75, 300)] + \
+            [SelectionRule("threshold", d) for d in (0.0, 0.01, 0.05)] + \
+            [SelectionRule("sum_threshold", d) for d in (0.5, 0.9, 0.97, 1.0)] + \
+            [SelectionRule("sum_threshold", 0.97, min_patches=0), SelectionRule("threshold", 0.5, min_patches=3)]
+    for t in range(600):
+        n = int(rng.choice([1, 7, 8, 9, 49, 64, 100, 128, 129, 196, 300]))
+        x = rng.random(n) ** int(rng.integers(1, 10))
+        if t % 7 == 0:
+            x[rng.integers(0, n, size=max(1, n // 3))] = 0.0
+        if t % 11 == 0:
+            x = np.round(x, 2)  # ties
+        if t % 13 == 0:
+            x[:] = 0.0
+        if t % 2 == 0 and x.sum() > 0:
+            x = (x / x.sum()).astype(np.float32).astype(np.float64)
+        for rule in rules:
+            one = select_batch(x[None, :], rule)[0]
+            two = select_batch(np.vstack([x, x]), rule)[0]
+            assert np.array_equal(one.indices, two.indices), (n, rule)
+            assert one.indices.dtype == np.int64 and not one.indices.flags.writeable
+
+
+def test_pairwise_sum_is_numpys() -> None:
+    from shared.selection import _pairwise_sum
+
+    rng = np.random.default_rng(12)
+    for n in list(range(1, 40)) + [127, 128, 129, 255, 256, 257, 1000]:
+        x = rng.random(n) ** 3
+        assert _pairwise_sum(x.tolist(), 0, n) == x.sum(), n
+
+
+def test_one_row_in_python_at_the_exact_sum_threshold_boundary() -> None:
+    """δ_sum placed so that the limit equals a cumulative share to the last bit: a total summed in another
+    order (one ulp off) moves the cut. The Python row path must cut where numpy's does."""
+    rng = np.random.default_rng(13)
+    hits = 0
+    for _ in range(400):
+        n = int(rng.choice([64, 100, 196]))
+        x = rng.random(n) ** int(rng.integers(1, 6))
+        ordered = np.sort(x)[::-1]
+        shares = np.cumsum(ordered) / ordered.sum()
+        for i in rng.integers(0, n - 1, size=4):
+            value = float(shares[i]) - SUM_TOLERANCE
+            if not 0.0 < value <= 1.0 or value + SUM_TOLERANCE != shares[i]:
+                continue
+            hits += 1
+            rule = SelectionRule("sum_threshold", value)
+            one = select_batch(x[None, :], rule)[0]
+            two = select_batch(np.vstack([x, x]), rule)[0]
+            assert np.array_equal(one.indices, two.indices), (n, i)
+    assert hits > 500
