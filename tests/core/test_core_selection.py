@@ -265,6 +265,29 @@ def test_mask_round_trip(case: tuple[int, set[int]]) -> None:
     assert Selection.from_mask(sel.mask, n) == sel
 
 
+@PROPS
+@given(st.integers(1, 300).flatmap(
+    lambda n: st.tuples(st.just(n), st.lists(st.integers(-n, n - 1), max_size=n))))
+def test_mask_bits_are_numpys_packbits(case: tuple[int, list[int]]) -> None:
+    """The wire layout (bit i, MSB first, is patch i) as numpy's packbits / unpackbits define it; packing
+    takes what indexing an N-element array takes (negative indices from the end, duplicates)."""
+    n, indices = case
+    bits = np.zeros(n, dtype=np.uint8)
+    bits[np.asarray(indices, dtype=np.int64)] = 1
+    want = np.packbits(bits, bitorder="big").tobytes()
+    assert pack_mask(indices, n) == pack_mask(np.asarray(indices, dtype=np.int32), n) == want
+    kept = unpack_mask(want, n)
+    assert kept.dtype == np.int64 and not kept.flags.writeable
+    assert np.array_equal(kept, np.flatnonzero(bits))
+
+
+def test_pack_mask_refuses_indices_out_of_range() -> None:
+    for bad in ([9], [-10], [0, 100]):
+        with pytest.raises(IndexError):
+            pack_mask(bad, 9)
+    assert pack_mask([0, 8], 9) == b"\x80\x80" and pack_mask([-1], 9) == b"\x00\x80"
+
+
 def test_unpack_mask_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
         unpack_mask(b"\x00", 9)
@@ -305,7 +328,7 @@ def test_pairwise_sum_is_numpys() -> None:
     from shared.selection import _pairwise_sum
 
     rng = np.random.default_rng(12)
-    for n in list(range(1, 40)) + [127, 128, 129, 255, 256, 257, 1000]:
+    for n in [*range(1, 40), 127, 128, 129, 255, 256, 257, 1000]:
         x = rng.random(n) ** 3
         assert _pairwise_sum(x.tolist(), 0, n) == x.sum(), n
 
