@@ -18,7 +18,13 @@ server on whole images and on every edge-attention selection) and, at a communic
   p_edge`` at a few weights w (``--fusion-weights``); and a learned gate, logistic models of "sending
   helps" and "sending hurts" on the edge's logits (its sorted log-probabilities and its predicted
   class), scored on images it was not fitted on (2-fold cross-validation over ``--splits`` seeded
-  splits; the median split is printed).
+  splits; the median split is printed);
+* a third, at both losses: the server asks for more patches when it is unsure. The edge sends one rule's
+  patches (its min-entropy gate at η); the server, unsure on them (its own min-entropy at η₂ or
+  more), asks for the rest of a larger rule's patches (or of the whole image) and answers on all of
+  them. The cost counts both rounds. Its pair of rules, η and η₂ are chosen on the same images, as
+  above, and, with ``--splits``, also held out: chosen on one half of the images and scored on the
+  other (2-fold; the paper's one round is held out the same way beside it).
 
     python scripts/frontier_losses.py reports/eval-imagenette
     python scripts/frontier_losses.py reports/eval-imagenette --budget 0.5 --json losses.json
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -288,6 +295,119 @@ def learned_gate(passes: Passes, budget: float, *, splits: int = 5, seed: int = 
     return best
 
 
+@dataclass(frozen=True)
+class TopUp:
+    """The server asks for more patches (an extension): the edge sends rule ``first``'s patches of the
+    images its min-entropy puts at or above ``eta``; the server, unsure on them (its own min-entropy on
+    those patches at or above ``eta2``), asks the device for the rest of rule ``second``'s patches (a
+    superset) and answers on all of them. ``sent`` and ``asked``: shares of all images; the cost counts
+    every patch sent, both rounds. ``first == second``: one round, the paper's method."""
+
+    accuracy: float
+    cost: float
+    sent: float
+    asked: float
+    first: str
+    second: str
+    eta: float
+    eta2: float
+
+
+FULL = "full"
+"""The whole image as a top-up's second round (every patch; the server's own whole-image pass)."""
+
+
+def top_up_rules(cache: Path, passes: Passes) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per edge-attention rule, and :data:`FULL`: (kept patches (n, N) bool, the server right on them, its
+    min-entropy on them), from the eval's cached masks and server logits."""
+    n = passes.num_patches
+    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for rule, logits in selection_logits(cache).items():
+        with np.load(cache / f"{SELECTION_PREFIX}{rule}.npz") as z:
+            masks = np.unpackbits(z["mask"], axis=1)[:, :n].astype(bool)
+        out[rule] = (masks, logits.argmax(1) == passes.labels, _min_entropy(logits))
+    with np.load(cache / "full.npz") as full:
+        whole = full["server_logits"].astype(np.float32)
+    out[FULL] = (np.ones((len(passes.labels), n), dtype=bool), whole.argmax(1) == passes.labels, _min_entropy(whole))
+    return out
+
+
+def _min_entropy(logits: np.ndarray) -> np.ndarray:
+    return uncertainty(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), "min_entropy").numpy()
+
+
+def top_up_pairs(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[tuple[str, str]]:
+    """(first, second) with second's patches a superset of first's on every image, and more on some; and
+    every (rule, rule): one round."""
+    pairs = [(a, a) for a in rules if a != FULL]
+    for (a, (ma, _, _)), (b, (mb, _, _)) in itertools.permutations(rules.items(), 2):
+        if a != FULL and bool((mb | ~ma).all()) and bool((mb.sum(1) > ma.sum(1)).any()):
+            pairs.append((a, b))
+    return pairs
+
+
+def server_tops_up(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], passes: Passes, budget: float,
+                   pairs: list[tuple[str, str]], index: np.ndarray | None = None, sends: int = 161) -> TopUp:
+    """The best :class:`TopUp` at cost ≤ ``budget`` on the images ``index`` (all by default): every pair,
+    the edge sending its n most unsure images at ``sends`` evenly spaced n, the server asking for more on
+    its m most unsure of those, for every m. Thresholds chosen on the same images, as the eval chooses η."""
+    idx = np.arange(len(passes.labels)) if index is None else np.asarray(index)
+    size, patches = len(idx), passes.num_patches
+    u_edge = edge_uncertainty(passes, "min_entropy")[idx]
+    edge_ok = passes.edge_ok[idx].astype(np.int64)
+    order = np.argsort(-u_edge, kind="stable")
+    best = TopUp(float(edge_ok.mean()), 0.0, 0.0, 0.0, "edge only", "edge only", math.inf, math.inf)
+    for a, b in pairs:
+        ma, ok_a, u_a = (x[idx] for x in rules[a])
+        mb, ok_b, _ = (x[idx] for x in rules[b])
+        ka, extra = ma.sum(1), mb.sum(1) - ma.sum(1)
+        ok_a, ok_b = ok_a.astype(np.int64), ok_b.astype(np.int64)
+        for n in np.unique(np.linspace(1, size, sends).astype(np.int64)):
+            sent = order[:n]
+            base = int(edge_ok.sum()) - int(edge_ok[sent].sum()) + int(ok_a[sent].sum())
+            asked = sent[np.argsort(-u_a[sent], kind="stable")] if a != b else sent[:0]
+            right = base + np.concatenate([[0], np.cumsum(ok_b[asked] - ok_a[asked])])
+            cost = (int(ka[sent].sum()) + np.concatenate([[0], np.cumsum(extra[asked])])) / (size * patches)
+            score = np.where(cost <= budget + 1e-12, right, -1)
+            m = int(np.argmax(score))
+            if score[m] >= 0 and score[m] / size > best.accuracy:
+                best = TopUp(float(score[m] / size), float(cost[m]), float(n / size), m / size, a, b,
+                             float(u_edge[sent[-1]]), float(u_a[asked[m - 1]]) if m else math.inf)
+    return best
+
+
+def apply_top_up(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], passes: Passes, point: TopUp,
+                 index: np.ndarray) -> tuple[float, float]:
+    """``point``'s thresholds on the images ``index``: (accuracy, cost)."""
+    if point.first not in rules:  # edge only: nothing sent
+        return float(passes.edge_ok[index].mean()), 0.0
+    ma, ok_a, u_a = (x[index] for x in rules[point.first])
+    mb, ok_b, _ = (x[index] for x in rules[point.second])
+    send = edge_uncertainty(passes, "min_entropy")[index] >= point.eta
+    ask = send & (u_a >= point.eta2) & (point.first != point.second)
+    ok = np.where(ask, ok_b, np.where(send, ok_a, passes.edge_ok[index]))
+    cost = (ma.sum(1)[send].sum() + (mb.sum(1) - ma.sum(1))[ask].sum()) / (len(index) * passes.num_patches)
+    return float(ok.mean()), float(cost)
+
+
+def top_up_held_out(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], passes: Passes, budget: float,
+                    *, splits: int, seed: int = 0) -> dict[str, list[tuple[float, float]]]:
+    """2-fold cross-validation: the top-up's pair and thresholds (and, alike, the one-round method's rule
+    and η) chosen on one half of the images, applied to the other; per half, (points against the server
+    on that half, cost)."""
+    pairs = top_up_pairs(rules)
+    one_round = [(a, b) for a, b in pairs if a == b]
+    n = len(passes.labels)
+    out: dict[str, list[tuple[float, float]]] = {"top_up": [], "one_round": []}
+    for split in range(splits):
+        halves = np.array_split(np.random.default_rng(seed + split).permutation(n), 2)
+        for fit, held in ((halves[0], halves[1]), (halves[1], halves[0])):
+            for name, candidates in (("top_up", pairs), ("one_round", one_round)):
+                acc, cost = apply_top_up(rules, passes, server_tops_up(rules, passes, budget, candidates, fit), held)
+                out[name].append(((acc - float(passes.server_ok[held].mean())) * 100, cost))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("eval_dir", type=Path, help="a patchcast eval --out folder, its cache/ or one cache folder")
@@ -295,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--fusion-weights", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9],
                     help="server weights w of the edge + server ensemble (default 0.5 0.7 0.8 0.9; none: skip it)")
-    ap.add_argument("--splits", type=int, default=5, help="seeded 2-fold splits of the learned gate (0: skip it)")
+    ap.add_argument("--splits", type=int, default=5,
+                    help="seeded 2-fold splits of the learned gate and of the top-up's held-out figures (0: skip both)")
+    ap.add_argument("--no-top-up", dest="top_up", action="store_false",
+                    help="skip the server's top-up of patches (it reads the cached server logits)")
     args = ap.parse_args(argv)
     if not 0.0 < args.budget <= 1.0:
         ap.error("--budget must be in (0, 1]")
@@ -341,13 +464,29 @@ def main(argv: list[str] | None = None) -> int:
         spread = ", ".join(f"{(a - server) * 100:+.2f}" for a in sorted(per_split))
         print(f"  learned gate on the edge's logits (extension, 2-fold cross-validated, median of {args.splits} "
               f"splits): {pts(point.accuracy)} at cost {point.cost:.3f}, {point.rule} (splits: {spread})")
+    top_up: dict[str, Any] = {}
+    if args.top_up:
+        rules = top_up_rules(cache, passes)
+        best_top_up = server_tops_up(rules, passes, args.budget, top_up_pairs(rules))
+        top_up = {**asdict(best_top_up)}
+        print(f"  the server asks for more patches when unsure (extension), every η and η₂: "
+              f"{pts(best_top_up.accuracy)} at cost {best_top_up.cost:.3f}: {best_top_up.sent:.1%} sent with "
+              f"{best_top_up.first}, {best_top_up.asked:.1%} topped up to {best_top_up.second}")
+        if args.splits:
+            held = top_up_held_out(rules, passes, args.budget, splits=args.splits)
+            top_up["held_out"] = held
+            for name, label in (("top_up", "the top-up"), ("one_round", "one round (the paper's method)")):
+                losses = sorted(loss for loss, _ in held[name])
+                print(f"    held out (2-fold, {args.splits} splits), {label}: median {float(np.median(losses)):+.2f} "
+                      f"points (halves {', '.join(f'{x:+.2f}' for x in losses)}), cost "
+                      f"{max(c for _, c in held[name]):.3f} at most")
     if args.json is not None:
         figures: dict[str, Any] = {
             "images": len(passes.labels), "budget": args.budget, "edge_accuracy": float(passes.edge_ok.mean()),
             "server_accuracy": server, "gates": {k: asdict(p) for k, p in gates.items()}, "split": split,
             "oracle_gate": asdict(oracle), "auroc": ranks,
             "two_level": {**asdict(two), "second_rule": second, "first_share": head},
-            "fusion": fusion, "learned_gate": learned}
+            "fusion": fusion, "learned_gate": learned, "top_up": top_up}
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 

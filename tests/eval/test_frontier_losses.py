@@ -164,6 +164,9 @@ def test_agrees_with_the_eval_frontier_on_a_cached_run(fl: ModuleType, tmp_path:
         summary["acceptance"]["exact_eta"]["frontier_accuracy_at_cost_0.5"], abs=1e-12)
     # the extensions ran on the eval's cached server logits: weight 1 is the gate itself again
     assert set(got["fusion"]) == {"0.5", "0.7", "0.8", "0.9"} and len(got["learned_gate"]["splits"]) == 5
+    # the top-up includes one round: at every η over the same rules it is at least the gate's point
+    assert got["top_up"]["accuracy"] >= got["gates"]["min_entropy"]["accuracy"] - 1 / 30
+    assert len(got["top_up"]["held_out"]["top_up"]) == 10
     assert fl.main([str(out), "--budget", "0.5", "--fusion-weights", "1", "--splits", "0", "--json",
                     str(figures)]) == 0
     again = json.loads(figures.read_text())
@@ -172,3 +175,63 @@ def test_agrees_with_the_eval_frontier_on_a_cached_run(fl: ModuleType, tmp_path:
     assert again["learned_gate"] == {}
     with pytest.raises(SystemExit):
         fl.main([str(paths["data"])])  # no cached eval there
+
+
+def _top_up_case(fl: ModuleType, seed: int = 5, n: int = 40, patches: int = 12) -> tuple[Any, dict[str, Any]]:
+    """Passes and top-up rules: top-k masks of one random ranking per image (so top-4 ⊂ top-8 ⊂ whole),
+    the server right more often with more patches, continuous uncertainties (no ties)."""
+    rng = np.random.default_rng(seed)
+    passes = _passes(fl, seed=seed, n=n, patches=patches)
+    passes = fl.Passes(labels=passes.labels, edge_logits=rng.normal(size=(n, 4)).astype(np.float32) * 2,
+                       edge_ok=rng.random(n) < 0.55, server_ok=passes.server_ok, num_patches=patches, selections={})
+    ranking = np.argsort(rng.random((n, patches)), axis=1)
+    rules: dict[str, Any] = {}
+    for k, p_right in ((4, 0.5), (8, 0.7)):
+        masks = np.zeros((n, patches), dtype=bool)
+        np.put_along_axis(masks, ranking[:, :k], True, axis=1)
+        rules[f"topk-{k}"] = (masks, rng.random(n) < p_right, rng.random(n) * 2)
+    rules[fl.FULL] = (np.ones((n, patches), dtype=bool), passes.server_ok, rng.random(n) * 2)
+    return passes, rules
+
+
+def _brute_top_up(fl: ModuleType, passes: Any, rules: dict[str, Any], budget: float) -> float:
+    """Every pair, every edge threshold (each observed uncertainty, and none), every server threshold."""
+    u_edge = fl.edge_uncertainty(passes, "min_entropy")
+    best = float(passes.edge_ok.mean())
+    for a, b in fl.top_up_pairs(rules):
+        ma, ok_a, u_a = rules[a]
+        mb, ok_b, _ = rules[b]
+        for eta in u_edge:
+            send = u_edge >= eta
+            for eta2 in [*u_a, np.inf]:
+                ask = send & (u_a >= eta2) & (a != b)
+                cost = (ma.sum(1)[send].sum() + (mb.sum(1) - ma.sum(1))[ask].sum()) / (len(u_edge) * passes.num_patches)
+                if cost <= budget + 1e-12:
+                    best = max(best, float(np.where(ask, ok_b, np.where(send, ok_a, passes.edge_ok)).mean()))
+    return best
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.35, 0.6])
+def test_top_up_is_the_best_pair_and_thresholds(fl: ModuleType, budget: float) -> None:
+    passes, rules = _top_up_case(fl)
+    pairs = fl.top_up_pairs(rules)
+    assert ("topk-4", "topk-8") in pairs and ("topk-4", fl.FULL) in pairs and ("topk-8", "topk-4") not in pairs
+    assert ("topk-4", "topk-4") in pairs and all(a != fl.FULL for a, _ in pairs)
+    got = fl.server_tops_up(rules, passes, budget, pairs, sends=len(passes.labels))  # every n
+    assert got.accuracy == pytest.approx(_brute_top_up(fl, passes, rules, budget), abs=1e-12)
+    assert got.cost <= budget + 1e-12
+    # its thresholds, applied to the same images, give the same point (no tied uncertainties here)
+    acc, cost = fl.apply_top_up(rules, passes, got, np.arange(len(passes.labels)))
+    assert acc == pytest.approx(got.accuracy) and cost == pytest.approx(got.cost)
+    one_round = fl.server_tops_up(rules, passes, budget, [p for p in pairs if p[0] == p[1]], sends=40)
+    assert one_round.asked == 0 and one_round.accuracy <= got.accuracy
+
+
+def test_top_up_held_out_scores_each_half_with_the_other_halfs_choice(fl: ModuleType) -> None:
+    passes, rules = _top_up_case(fl, seed=6, n=60)
+    held = fl.top_up_held_out(rules, passes, 0.4, splits=3)
+    assert set(held) == {"top_up", "one_round"} and all(len(v) == 6 for v in held.values())
+    halves = np.array_split(np.random.default_rng(0).permutation(60), 2)
+    point = fl.server_tops_up(rules, passes, 0.4, fl.top_up_pairs(rules), halves[0])
+    acc, cost = fl.apply_top_up(rules, passes, point, halves[1])
+    assert held["top_up"][0] == pytest.approx(((acc - passes.server_ok[halves[1]].mean()) * 100, cost))
