@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from edge_node.engine import EdgeDecision
 from edge_node.outcome import OutcomeRecord
 from edge_node.runner import EdgeRunner
@@ -224,11 +226,12 @@ class Device:
                                                   decision.width // decision.patch_size),
             mask=mask, codec=engine.codec_name, codec_params=engine.codec_params, payload=decision.payload,
             topk_ids=decision.topk_ids, topk_probs=decision.topk_probs, uncertainty=decision.uncertainty,
-            uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label, deadline=deadline)
+            uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label, deadline=deadline,
+            offer=None if decision.offer is None else pack_mask(decision.offer, decision.num_patches))
 
     async def _offload(self, base_id: str, decision: EdgeDecision, sample: Sample) -> OutcomeRecord:
         assert decision.indices is not None and decision.payload is not None
-        if decision.downscale is not None:
+        if decision.downscale is not None or decision.offer is not None:
             return await self._exchange(base_id, decision, sample)
         mask = pack_mask(decision.indices, decision.num_patches)
         topic = (self.topics.request(self.router.route(decision.topk_ids, decision.topk_probs), self.device_id)
@@ -320,24 +323,31 @@ class Device:
     async def _exchange(self, rid: str, decision: EdgeDecision, sample: Sample) -> OutcomeRecord:
         """Region retransmission: send the glance; if the worker asks for a region, send it the window's
         full-resolution patches and take the fused answer. If the region leg fails, the glance's answer
-        (carried by the RegionRequest) is kept: the server has seen the image, at low resolution."""
-        assert decision.payload is not None and decision.pixels is not None and decision.downscale is not None
-        assert decision.indices is not None
+        (carried by the RegionRequest) is kept: the server has seen the image, at low resolution.
+
+        The server's top-up is the same exchange: the first message is the attention-chosen patches with
+        the offer, the second the offered patches the worker asked for; if that leg fails, the answer on
+        the first patches (carried by the RegionRequest) is kept."""
+        assert decision.payload is not None and decision.pixels is not None and decision.indices is not None
         engine = self.runner.engine
         sent_at = time.time()
-        glance = PatchRequest(
-            device_id=self.device_id, request_id=rid, height=decision.height, width=decision.width,
-            patch_size=decision.patch_size, grid=(decision.height // decision.patch_size,
-                                                  decision.width // decision.patch_size),
-            mask=pack_mask(decision.indices, decision.num_patches), codec=engine.codec_name,
-            codec_params=engine.codec_params, payload=decision.payload, topk_ids=decision.topk_ids,
-            topk_probs=decision.topk_probs, uncertainty=decision.uncertainty,
-            uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label,
-            deadline=sent_at + self.edge.image_deadline_s, downscale=decision.downscale)
+        if decision.downscale is None:  # the top-up
+            glance = self.patch_request(rid, decision, sample, pack_mask(decision.indices, decision.num_patches),
+                                        sent_at, sent_at + self.edge.image_deadline_s)
+        else:
+            glance = PatchRequest(
+                device_id=self.device_id, request_id=rid, height=decision.height, width=decision.width,
+                patch_size=decision.patch_size, grid=(decision.height // decision.patch_size,
+                                                      decision.width // decision.patch_size),
+                mask=pack_mask(decision.indices, decision.num_patches), codec=engine.codec_name,
+                codec_params=engine.codec_params, payload=decision.payload, topk_ids=decision.topk_ids,
+                topk_probs=decision.topk_probs, uncertainty=decision.uncertainty,
+                uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label,
+                deadline=sent_at + self.edge.image_deadline_s, downscale=decision.downscale)
         started = time.monotonic()
         answer, nbytes, code = await self._request(glance, self.request_topic, self.edge.image_deadline_s)
         # patches sent, counted in full-resolution patches: the glance is worth N / s² of them
-        patches = -(-decision.num_patches // decision.downscale**2)
+        patches = decision.kept if decision.downscale is None else -(-decision.num_patches // decision.downscale**2)
         asked: RegionRequest | None = None
         sent_region = False
         if isinstance(answer, RegionRequest):
@@ -380,6 +390,11 @@ class Device:
                              grid=list(asked.grid), patch_size=asked.patch_size)
             return None, "bad_region"
         indices = asked.indices
+        if decision.offer is not None and (decision.indices is None or np.setdiff1d(
+                indices, np.setdiff1d(decision.offer, decision.indices)).size):
+            self.log.warning("region_request_refused", request_id=rid, worker_id=asked.worker_id,
+                             reason="asks for patches sent already or not offered")
+            return None, "bad_region"
         payload = await asyncio.to_thread(engine.codec.encode, decision.pixels, indices, p, engine.codec_params)
         sent_at = time.time()
         return PatchRequest(

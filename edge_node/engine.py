@@ -57,6 +57,9 @@ class EdgeDecision:
     # full-resolution image the device keeps until the exchange ends.
     downscale: int | None = None
     pixels: np.ndarray | None = None
+    # The server's top-up (edge.offload = "top_up"): the offered patches (sorted, every sent one in them and
+    # more), and ``pixels`` held until the worker has answered or asked for the rest.
+    offer: np.ndarray | None = None
 
     @property
     def kept(self) -> int:
@@ -83,14 +86,21 @@ class EdgeEngine:
 
     def __init__(self, loaded: LoadedModel, gate: GateConfig, selection: SelectionConfig,
                  codec: CodecConfig, *, measure_full_bytes: bool = False,
-                 region: RegionConfig | None = None) -> None:
+                 region: RegionConfig | None = None, top_up: bool = False) -> None:
         """``region``: offload by region retransmission (a downsampled glance, then the region a worker
-        asks for) instead of attention-chosen patches."""
+        asks for) instead of attention-chosen patches. ``top_up``: each sent image also offers
+        ``selection.offer_rule``'s patches (the server's top-up)."""
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.gate = Gate(gate.kind, gate.threshold)
         self.rule = SelectionRule(selection.rule, selection.value)
         self.score_kind = selection.score
+        self.offer: SelectionRule | None = None  # None with top_up: every patch is offered
+        self.top_up = top_up
+        if top_up and region is not None:
+            raise ConfigError("edge.offload is either 'region' or 'top_up'")
+        if top_up and selection.offer_rule != "all":
+            self.offer = SelectionRule(selection.offer_rule, selection.offer_value)
         self.codec = get_codec(codec.name)
         self.codec_name = codec.name
         self.codec_params = codec_params(codec)
@@ -180,18 +190,32 @@ class EdgeEngine:
             if i in sent and self.downscale is not None:
                 decisions.append(self._glance(ids, probs, unc, px))
                 continue
+            offer = None
             if i in sent:
                 assert scores is not None
                 indices = np.asarray(selections[i].indices, dtype=np.int64)
                 payload = self.payload(px, indices, scores[row[i]])
                 full_bytes = self.full_bytes(px)
+                if self.top_up:
+                    offer = self.offered(indices, scores[row[i]])
             decisions.append(dict(
                 edge_label=ids[0], topk_ids=ids, topk_probs=probs, uncertainty=unc, send=i in sent,
                 height=h, width=w, patch_size=self.patch_size, num_patches=self.num_patches, indices=indices,
-                payload=payload, full_payload_bytes=full_bytes))
+                payload=payload, full_payload_bytes=full_bytes, offer=offer,
+                pixels=px if offer is not None else None))
         share = (time.perf_counter() - started) * 1000.0 / max(len(samples), 1)
         return [_with_ms(d, share) if isinstance(d, EdgeDecision) else EdgeDecision(**d, edge_ms=share)
                 for d in decisions]
+
+    def offered(self, indices: np.ndarray, scores: np.ndarray) -> np.ndarray | None:
+        """The top-up's offer for one sent image: the sent patches and ``selection.offer_rule``'s on the same
+        (N,) scores, sorted; ``None`` when that adds no patch (nothing more to offer)."""
+        if self.offer is None:
+            extra = np.arange(self.num_patches, dtype=np.int64)
+        else:
+            extra = np.asarray(select_batch(scores[None], self.offer)[0].indices, dtype=np.int64)
+        offer = np.union1d(indices, extra)
+        return offer if offer.size > indices.size else None
 
     def _glance(self, ids: tuple[int, ...], probs: tuple[float, ...], uncertainty: float,
                 px: np.ndarray) -> EdgeDecision:

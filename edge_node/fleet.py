@@ -318,7 +318,8 @@ async def run_fleet(config: Config, *, edge: LoadedModel | None = None, dataset:
         raise ConfigError(f"edge.source {cfg.source!r} has no images")
     engine = EdgeEngine(edge, config.gate, config.selection, config.codec,
                         measure_full_bytes=config.edge.measure_full_bytes,
-                        region=config.region if config.edge.offload == "region" else None)
+                        region=config.region if config.edge.offload == "region" else None,
+                        top_up=config.edge.offload == "top_up")
     runner = EdgeRunner(engine, batch_size=cfg.batch_size, batch_delay_ms=cfg.batch_delay_ms)
     mid = model_id(config.models.server, config.models.model_id)
     logins = read_credentials(cfg.credentials_file) if cfg.credentials_file else None  # per-device passwords

@@ -1,4 +1,5 @@
-"""The worker's open region exchanges: glances it asked a device to complete with a region.
+"""The worker's open exchanges: glances it asked a device to complete with a region, and patch requests
+it asked to top up with more of the patches they offered.
 
 Bounded (``region.max_pending``: a full table makes the glance answer alone, nothing waits on it) and
 timed (``region.timeout_s``: the worker forgets an exchange whose region did not come; the device,
@@ -26,6 +27,14 @@ class Exchange:
     global_probs: np.ndarray  # the glance's class probabilities (C,) float32
     global_patches: np.ndarray | None  # the glance's upsampled patches (N, p, p, 3) uint8, for image fusion
     expires_at: float  # monotonic
+    # A top-up (not a region): the first request's patch indices, ``global_patches`` holding their pixels
+    # (K, p, p, 3); the answer is one forward on those and the asked-for patches together.
+    first_indices: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> int | None:
+        """Patches the completing request adds to its own (a top-up's first ones), else None."""
+        return None if self.first_indices is None else int(self.first_indices.size)
 
 
 class ExchangeTable:

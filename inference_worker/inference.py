@@ -60,7 +60,7 @@ class BatchInference:
             probs = torch.softmax(logits, dim=-1)
             for row, i in enumerate(positions):
                 exchange = items[i].exchange
-                if exchange is not None:  # a region: its answer is the fusion with its glance
+                if exchange is not None and exchange.first_indices is None:  # a region: fused with its glance
                     fused = fuse(exchange.global_probs, probs[row].numpy(), self.region.fusion)
                     probs[row] = torch.from_numpy(fused.astype(np.float32))
             k = min(TOPK, probs.shape[-1])
@@ -73,12 +73,18 @@ class BatchInference:
                                         batch_started=started, infer_ms=infer_ms, batch_size=len(sets))
             if glances:
                 self._windows(items, positions, glances, probs, maps, results)
+            self._top_ups(items, positions, probs, results)
         return [r if r is not None else PatchCastError("no result", code="internal") for r in results]
 
     def _patch_set(self, item: WorkItem, pixels: np.ndarray) -> PatchSet:
         """What the model sees for one request: its patches, or for a region under ``image`` fusion the
         glance's upsampled patches with the window's full-resolution ones in place."""
         exchange = item.exchange
+        if exchange is not None and exchange.first_indices is not None and exchange.global_patches is not None:
+            # a top-up: the first request's patches and the asked-for ones, in grid order
+            indices = np.concatenate([exchange.first_indices, item.indices])
+            order = np.argsort(indices, kind="stable")
+            return PatchSet(np.concatenate([exchange.global_patches, pixels])[order], indices[order])
         if exchange is None or self.region.fusion == "probs" or exchange.global_patches is None:
             return PatchSet(pixels, item.indices)
         fused = hybrid_patches(exchange.global_patches, pixels, item.indices)
@@ -103,6 +109,22 @@ class BatchInference:
                 uncertainty=uncertainty,
                 probs=probs[row].numpy().copy(),
                 global_patches=items[i].pixels.result() if keep_pixels else None)
+
+
+    def _top_ups(self, items: Sequence[WorkItem], positions: list[int], probs: torch.Tensor,
+                 results: list[Prediction | PatchCastError | None]) -> None:
+        """For each request that offers more patches and whose answer is too uncertain (min-entropy ≥
+        region.top_up_threshold): ask for the offered patches it lacks, keeping its own for the answer."""
+        for row, i in enumerate(positions):
+            item, prediction = items[i], results[i]
+            if item.offer is None or not item.offer.size or not isinstance(prediction, Prediction):
+                continue
+            uncertainty = float(-torch.log2(probs[row].max().clamp_min(1e-12)))
+            if uncertainty < self.region.top_up_threshold:
+                continue
+            results[i] = dataclasses.replace(
+                prediction, window=item.offer, uncertainty=uncertainty, probs=probs[row].numpy().copy(),
+                global_patches=item.pixels.result(), first_indices=item.indices)
 
 
 def inference_pool() -> ThreadPoolExecutor:

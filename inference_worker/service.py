@@ -266,9 +266,12 @@ class InferenceWorker:
         item = WorkItem(request, pixels, indices, reply_to, correlation, msg.received_at, deadline=deadline,
                         offers_region=request.downscale is not None and (
                             self.engine.maps_available or self.region.placement == "centre"),
-                        exchange=exchange)
-        tokens = (self.engine.num_patches if exchange is not None and self.region.fusion != "probs"
-                  else int(indices.size)) + 1
+                        exchange=exchange, offer=None if request.offer is None else request.offered)
+        if exchange is not None and exchange.tokens is not None:  # a top-up: its first patches and these
+            tokens = exchange.tokens + int(indices.size) + 1
+        else:
+            tokens = (self.engine.num_patches if exchange is not None and self.region.fusion != "probs"
+                      else int(indices.size)) + 1
         try:
             future = self.batcher.submit_nowait(  # admitted only if it can be answered in time
                 item, tokens, deadline=None if deadline is None else deadline - DELIVERY_MARGIN_S)
@@ -312,7 +315,7 @@ class InferenceWorker:
             exchange_id=f"{self._exchange_prefix}{self._exchange_seq}", device_id=request.device_id,
             request_id=request.request_id, mask=pack_mask(prediction.window, self.engine.num_patches),
             global_probs=prediction.probs, global_patches=prediction.global_patches,
-            expires_at=time.monotonic() + self.region.timeout_s)
+            expires_at=time.monotonic() + self.region.timeout_s, first_indices=prediction.first_indices)
         if not self.exchanges.open(exchange):
             self.stats.on_region("table_full")
             return False

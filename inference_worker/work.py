@@ -27,6 +27,9 @@ class WorkItem:
     # server's attention), or the region of an open exchange (fused with its glance).
     offers_region: bool = False
     exchange: Exchange | None = None
+    # The server's top-up: the offered patches this request did not send (None: no offer). Unsure on the
+    # sent ones, the worker asks for these and answers on all of them.
+    offer: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Prediction:
     uncertainty: float = 0.0
     probs: np.ndarray | None = None
     global_patches: np.ndarray | None = None
+    first_indices: np.ndarray | None = None  # a top-up: the sent patches' indices (global_patches: their pixels)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,13 @@ class SelectionConfig:
         "sum_threshold", "patch selection rule")
     value: float = _f(0.97, "k for topk/random_k, δ for threshold, δ_sum for sum_threshold")
     score: Literal["attention", "rollout"] = _f("attention", "patch score: last-layer CLS attention or rollout")
+    offer_rule: Literal["topk", "threshold", "sum_threshold", "all"] = _f(
+        "topk", "edge.offload = 'top_up': the larger selection a device offers beside the patches it sends (with "
+                "them, on the same scores; all: every patch); a worker unsure on the sent ones asks for the rest")
+    offer_value: float = _f(75, "k, δ or δ_sum of offer_rule (k beyond the grid: every patch)")
+
+    def __post_init__(self) -> None:
+        _check(self.offer_value > 0, "selection.offer_value must be > 0")
 
 
 @dataclass(frozen=True)
@@ -132,10 +139,11 @@ class EdgeConfig:
                                   "outcomes report the bytes patch selection saved")
     metrics_interval_s: float = _f(5.0, "seconds between a device's EdgeMetrics messages")
     busy_retry_delay_s: float = _f(0.2, "wait before re-sending after a 'busy' reply (counts as a retry)")
-    offload: Literal["patches", "region"] = _f(
+    offload: Literal["patches", "region", "top_up"] = _f(
         "patches", "what a device sends when its gate says so: patches, the attention-chosen patches (the paper's "
                    "method); region, the whole image downsampled, then the full-resolution region the worker asks "
-                   "for (see [region])")
+                   "for (see [region]); top_up, the attention-chosen patches with an offer of more "
+                   "(selection.offer_rule), which a worker unsure on the first asks for (region.top_up_threshold)")
     connect_concurrency: int = _f(64, "devices of a fleet connecting at once; each waits broker.connect_timeout_s "
                                       "from its own start, and one that never connects is counted, not waited for")
     processes: int = _f(0, "fleet processes that split edge.devices (0: as few as the file-descriptor limit allows, "
@@ -294,6 +302,10 @@ class RegionConfig:
         "image", "how the region is used: image, the glance's upsampled pixels with the window's full-resolution "
                  "patches in place, one forward; probs, the window's patches alone, averaged with the glance's "
                  "probabilities; image+probs, the first averaged with the glance")
+    top_up_threshold: float = _f(
+        1.07, "the worker asks a device that offers more patches (edge.offload = 'top_up') for them when its "
+              "min-entropy (bits) on the sent patches is at least this, and answers on all of them (1.07 with "
+              "top-38 sent and top-75 offered at gate η 0.565: docs/results.md)")
     max_pending: int = _f(1024, "exchanges one worker holds at once; beyond it the glance answers alone (counted)")
     timeout_s: float = _f(5.0, "how long a worker keeps an exchange waiting for its region")
 
@@ -301,6 +313,7 @@ class RegionConfig:
         _check(2 <= self.downscale <= 16, "region.downscale must be in 2..16")
         _check(0.0 < self.side <= 1.0, "region.side must be in (0, 1]")
         _check(self.threshold >= 0.0, "region.threshold must be ≥ 0")
+        _check(self.top_up_threshold >= 0.0, "region.top_up_threshold must be ≥ 0")
         _check(self.max_pending >= 1 and self.timeout_s > 0, "region.max_pending ≥ 1 and region.timeout_s > 0")
 
 

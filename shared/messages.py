@@ -56,7 +56,7 @@ class PatchRequest(Message):
         "device_id": "d", "request_id": "r", "height": "h", "width": "w", "patch_size": "p", "grid": "g",
         "mask": "m", "codec": "c", "codec_params": "cp", "payload": "x", "topk_ids": "k", "topk_probs": "kp",
         "uncertainty": "u", "uncertainty_kind": "uk", "sent_at": "ts", "label": "y", "deadline": "dl",
-        "downscale": "sc", "exchange": "ex"}
+        "downscale": "sc", "exchange": "ex", "offer": "of"}
 
     device_id: str
     request_id: str
@@ -80,6 +80,10 @@ class PatchRequest(Message):
     # request carries the window a worker asked for, under that worker's ``exchange`` id.
     downscale: int | None = None
     exchange: str | None = None
+    # The server's top-up (edge.offload = 'top_up'): a plain patch request may offer a larger selection of
+    # the same image (a bitmask over the same grid, every sent patch in it and at least one more); a
+    # worker unsure on the sent patches asks, by RegionRequest, for the offered ones it lacks.
+    offer: bytes | None = None
 
     def __post_init__(self) -> None:
         if request_fields(self.__dict__):  # the common case in one pass (shared.wire_fast); else every check
@@ -124,6 +128,28 @@ class PatchRequest(Message):
                 raise BadFieldError("a request is either global (downscale) or a region (exchange), not both")
         if self.exchange is not None:
             ident_field(self, "exchange")
+        if self.offer is not None:
+            self._check_offer(kept, n)
+
+    def _check_offer(self, kept: np.ndarray, n: int) -> None:
+        if self.downscale is not None or self.exchange is not None:
+            raise BadFieldError("only a plain patch request offers more patches (not a global or region one)")
+        offer = bytes_field(self, "offer")
+        if len(offer) != mask_nbytes(n):
+            raise BadMaskError(f"offer has {len(offer)} bytes, expected ceil({n}/8) = {mask_nbytes(n)}")
+        try:
+            offered = unpack_mask(offer, n)
+        except ValueError as exc:
+            raise BadMaskError(f"offer: {exc}") from exc
+        if offered.size <= kept.size or np.setdiff1d(kept, offered, assume_unique=True).size:
+            raise BadMaskError("an offer holds every sent patch and at least one more")
+
+    @property
+    def offered(self) -> np.ndarray:
+        """Sorted indices of the offered patches not sent (int64; empty without an offer)."""
+        if self.offer is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.setdiff1d(unpack_mask(self.offer, self.num_patches), self.indices, assume_unique=True)
 
     @property
     def stage(self) -> Literal["patches", "global", "region"]:

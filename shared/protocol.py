@@ -273,8 +273,9 @@ def build_request(*, device_id: str, request_id: str, pixels: np.ndarray, indice
                   topk_probs: tuple[float, ...] | list[float] = (), uncertainty: float = 0.0,
                   uncertainty_kind: str = "min_entropy", sent_at: float, label: int | None = None,
                   deadline: float | None = None, downscale: int | None = None,
-                  exchange: str | None = None) -> PatchRequest:
-    """Encode the kept patches of ``pixels`` ((H, W, 3) uint8) and wrap them in a request."""
+                  exchange: str | None = None, offer: np.ndarray | list[int] | None = None) -> PatchRequest:
+    """Encode the kept patches of ``pixels`` ((H, W, 3) uint8) and wrap them in a request (``offer``: the
+    indices of a top-up offer, the kept ones among them)."""
     h, w = int(pixels.shape[0]), int(pixels.shape[1])
     rows, cols = h // patch_size, w // patch_size
     chosen = get_codec(codec)
@@ -287,4 +288,5 @@ def build_request(*, device_id: str, request_id: str, pixels: np.ndarray, indice
         payload=payload,
         topk_ids=tuple(int(i) for i in topk_ids), topk_probs=tuple(float(p) for p in topk_probs),
         uncertainty=float(uncertainty), uncertainty_kind=uncertainty_kind, sent_at=sent_at, label=label,
-        deadline=deadline, downscale=downscale, exchange=exchange)
+        deadline=deadline, downscale=downscale, exchange=exchange,
+        offer=None if offer is None else pack_mask(np.asarray(offer, dtype=np.int64), rows * cols))

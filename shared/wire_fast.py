@@ -64,7 +64,7 @@ def request_fields(f: dict[str, Any]) -> bool:
     """A plain patch request's fields (``PatchRequest.__dict__``): ``True``, with the arrays made tuples and
     the codec params resolved, when the full validator would accept them; ``False`` (nothing raised,
     maybe some arrays already tuples, which the validator accepts the same) to let it decide."""
-    if f["downscale"] is not None or f["exchange"] is not None:
+    if f["downscale"] is not None or f["exchange"] is not None or f["offer"] is not None:
         return False
     p, h, w = f["patch_size"], f["height"], f["width"]
     if not (is_id(f["device_id"]) and is_id(f["request_id"]) and type(p) is int and type(h) is int

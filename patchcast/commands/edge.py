@@ -66,9 +66,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--experts", metavar="'ID=C,C,…; ID=…'",
                    help="expert routing table (routing.experts): each sent image goes to the pool whose classes "
                    "hold the most of the edge's top-k probability mass, else to --model-id")
-    p.add_argument("--offload", choices=["patches", "region"],
+    p.add_argument("--offload", choices=["patches", "region", "top_up"],
                    help="patches: the attention-chosen patches; region: a downsampled glance, then the "
-                   "full-resolution region the worker asks for (edge.offload; see [region] in the config)")
+                   "full-resolution region the worker asks for (edge.offload; see [region] in the config); "
+                   "top_up: the patches with an offer of more (--offer-rule), sent if the worker asks")
+    p.add_argument("--offer-rule", choices=["topk", "threshold", "sum_threshold", "all"],
+                   help="top-up offload: the larger selection offered (selection.offer_rule)")
+    p.add_argument("--offer-value", type=float, help="top-up offload: k, δ or δ_sum of --offer-rule "
+                   "(selection.offer_value)")
     p.add_argument("--downscale", type=int, help="region offload: glance downsampling factor (region.downscale)")
     p.add_argument("--codec", help="patch codec (codec.name)")
     p.add_argument("--quality", type=int, help="codec quality (codec.quality)")
@@ -105,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
                region={"downscale": args.downscale},
                models={"edge": args.edge_model, "server": args.server_model, "model_id": args.model_id},
                gate={"threshold": args.threshold},
-               selection={"rule": args.rule, "value": args.value},
+               selection={"rule": args.rule, "value": args.value, "offer_rule": args.offer_rule,
+                          "offer_value": args.offer_value},
                codec={"name": args.codec, "quality": args.quality},
                routing={"experts": args.experts})
     configure(cfg.logging.format, cfg.logging.level)

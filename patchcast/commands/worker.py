@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--region-threshold", type=float,
                    help="region exchanges: ask for a region when the glance's min-entropy is at least this "
                    "(region.threshold)")
+    p.add_argument("--top-up-threshold", type=float,
+                   help="top-up exchanges: ask a device that offers more patches for them when the min-entropy on "
+                   "the sent ones is at least this (region.top_up_threshold)")
     p.add_argument("--region-fusion", choices=["image", "probs", "image+probs"],
                    help="region exchanges: how the region is combined with the glance (region.fusion)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (worker.metrics_port)")
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                        "decode_processes": args.decode_processes, "frontends": args.frontends},
                batching={"max_batch": args.max_batch, "max_tokens": args.max_tokens,
                          "max_delay_ms": args.max_delay_ms, "policy": args.policy},
-               region={"threshold": args.region_threshold, "fusion": args.region_fusion})
+               region={"threshold": args.region_threshold, "fusion": args.region_fusion,
+                       "top_up_threshold": args.top_up_threshold})
     configure(cfg.logging.format, cfg.logging.level)
     if cfg.worker.frontends > 1:
         from inference_worker.frontends import run_frontends

@@ -85,3 +85,51 @@ def test_select_refuses_scores_that_do_not_match_the_chosen_images(edge: LoadedM
     assert engine.select(None, []) == {}
     with pytest.raises(ValueError, match="2 images chosen"):
         engine.select(np.full((3, 64), 1 / 64), [0, 2])
+
+
+@pytest.mark.parametrize(("first", "offer", "offered"), [
+    (("topk", 16), ("topk", 40), 40),  # a larger top-k: the offer is exactly it
+    (("sum_threshold", 0.5), ("all", 1), 64),  # every patch offered
+])
+def test_top_up_offers_the_sent_patches_and_the_offer_rule_on_the_same_scores(
+        edge: LoadedModel, first: tuple[str, float], offer: tuple[str, float], offered: int) -> None:
+    samples = _samples(8)
+    selection = SelectionConfig(rule=first[0], value=first[1], offer_rule=offer[0],  # type: ignore[arg-type]
+                                offer_value=offer[1])
+    probe = EdgeEngine(edge, GateConfig(), selection, CodecConfig())
+    gate = GateConfig(threshold=_median_threshold(probe, samples))
+    plain = EdgeEngine(edge, gate, selection, CodecConfig()).run(samples)
+    engine = EdgeEngine(edge, gate, selection, CodecConfig(), top_up=True)
+    decisions = engine.run(samples)
+
+    pixels = [engine.pixels(s) for s in samples]
+    out = engine.forward(engine.images(pixels))
+    scores = scores_float64(out, "attention")
+    for i, (d, p) in enumerate(zip(decisions, plain, strict=True)):
+        assert d.send == p.send and d.payload == p.payload  # the first leg is the plain request, bit for bit
+        if not d.send:
+            assert d.offer is None and d.pixels is None
+            continue
+        assert d.indices is not None and d.offer is not None and d.pixels is not None
+        np.testing.assert_array_equal(d.pixels, pixels[i])  # held for the second leg
+        if offer[0] == "all":
+            expected = np.arange(64)
+        else:
+            expected = select_batch(scores[i:i + 1], SelectionRule(offer[0], offer[1]))[0].indices  # type: ignore[arg-type]
+        np.testing.assert_array_equal(d.offer, np.union1d(d.indices, expected))
+        assert d.offer.size == offered and np.isin(d.indices, d.offer).all()
+
+
+def test_top_up_offers_nothing_when_the_offer_rule_adds_no_patch(edge: LoadedModel) -> None:
+    selection = SelectionConfig(rule="topk", value=24, offer_rule="topk", offer_value=10)
+    engine = EdgeEngine(edge, GateConfig(threshold=0.0), selection, CodecConfig(), top_up=True)
+    decisions = engine.run(_samples(4))
+    assert all(d.send and d.offer is None and d.pixels is None for d in decisions)
+
+
+def test_top_up_and_region_offload_exclude_each_other(edge: LoadedModel) -> None:
+    from shared.config import RegionConfig
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="either"):
+        EdgeEngine(edge, GateConfig(), SelectionConfig(), CodecConfig(), region=RegionConfig(), top_up=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -86,7 +87,8 @@ def reference(server: LoadedModel, pixels: np.ndarray, fusion: str = "image", pl
 
 
 async def run_with_spy(cfg: Config, server: LoadedModel, unique: str, edge: LoadedModel,
-                       dataset: datasets.Dataset) -> tuple[InferenceWorker, object, list[Incoming]]:
+                       dataset: datasets.Dataset, extra: Sequence[str] = ()
+                       ) -> tuple[InferenceWorker, object, list[Incoming]]:
     seen: list[Incoming] = []
     spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
     worker = InferenceWorker(cfg, server, worker_id=f"{unique}-w0")
@@ -95,6 +97,8 @@ async def run_with_spy(cfg: Config, server: LoadedModel, unique: str, edge: Load
         await spy.wait_connected()
         await spy.subscribe("patchcast/v1/reply/+")
         await spy.subscribe("patchcast/v1/region/+/+")
+        for topic in extra:  # more of what goes over the wire (a test's own filters)
+            await spy.subscribe(topic)
         worker_task = tg.create_task(worker.run(), name="worker")
         await asyncio.wait_for(worker.ready.wait(), 30)
         result = await run_fleet(cfg, edge=edge, dataset=dataset)
