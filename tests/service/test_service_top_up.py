@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from service_helpers import async_test, service_config
 from test_service_region import forward, run_with_spy, sample_pixels
 from waiting import wait_until_async
@@ -61,10 +62,12 @@ def first_requests(seen: list[Incoming]) -> dict[str, PatchRequest]:
     return out
 
 
+@pytest.mark.parametrize("engine_process", ["off", "on"])
 @async_test(120)
 async def test_an_unsure_worker_asks_for_the_offered_patches_and_answers_on_all_of_them(
-        broker, model_files, image_folder, unique) -> None:
+        broker, model_files, image_folder, unique, engine_process) -> None:
     cfg = top_up_config(broker.port, model_files, image_folder, unique, threshold=0.0)  # always unsure
+    cfg = replace(cfg, worker=replace(cfg.worker, engine_process=engine_process))
     edge, server = build_model(cfg.models.edge, role="edge"), build_model(cfg.models.server, role="server")
     dataset = datasets.load(image_folder)
     worker, result, seen = await run_with_spy(cfg, server, unique, edge, dataset, extra=[V1.request_filter(
