@@ -408,6 +408,44 @@ def top_up_held_out(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
     return out
 
 
+def top_up_curves(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], passes: Passes,
+                  budgets: np.ndarray) -> dict[str, list[TopUp]]:
+    """The best one-round point and the best top-up point at each budget (every rule or pair, every η, η₂)."""
+    pairs = top_up_pairs(rules)
+    one_round = [(a, b) for a, b in pairs if a == b]
+    return {"one_round": [server_tops_up(rules, passes, float(b), one_round) for b in budgets],
+            "top_up": [server_tops_up(rules, passes, float(b), pairs) for b in budgets]}
+
+
+def plot_top_up(curves: dict[str, list[TopUp]], passes: Passes, path: Path, budget: float) -> None:
+    """Accuracy against communication cost: the paper's one round and the top-up, each at its best per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    server, edge = 100 * float(passes.server_ok.mean()), 100 * float(passes.edge_ok.mean())
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, label, style in (("one_round", "one round (the paper's method)", "o-"),
+                               ("top_up", "the server asks for more (top-up)", "s-")):
+        points = curves[name]
+        ax.plot([p.cost for p in points], [100 * p.accuracy for p in points], style, ms=3, label=label)
+    ax.axhline(server, color="k", lw=0.8, ls="--", label=f"server only ({server:.2f} %)")
+    ax.axhline(server - 1.0, color="k", lw=0.6, ls=":", label="1 point below the server")
+    ax.axhline(edge, color="0.5", lw=0.8, ls=":", label=f"edge only ({edge:.2f} %)")
+    ax.axvline(budget, color="tab:red", lw=0.6, alpha=0.6)
+    ax.set_xlabel("communication cost (share of all patches sent, both rounds)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(edge - 1.0, server + 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"Frontier at every η (and η₂), {len(passes.labels):,} images, thresholds chosen on them",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("eval_dir", type=Path, help="a patchcast eval --out folder, its cache/ or one cache folder")
@@ -419,9 +457,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="seeded 2-fold splits of the learned gate and of the top-up's held-out figures (0: skip both)")
     ap.add_argument("--no-top-up", dest="top_up", action="store_false",
                     help="skip the server's top-up of patches (it reads the cached server logits)")
+    ap.add_argument("--plot", type=Path, help="also draw the one-round and top-up frontiers over comm cost "
+                    "0.1 … 0.6 into this PNG (about 1 s per budget)")
     args = ap.parse_args(argv)
     if not 0.0 < args.budget <= 1.0:
         ap.error("--budget must be in (0, 1]")
+    if args.plot is not None and not args.top_up:
+        ap.error("--plot draws the top-up: drop --no-top-up")
     if any(not 0.0 <= w <= 1.0 for w in args.fusion_weights) or args.splits < 0:
         ap.error("--fusion-weights must be in [0, 1] and --splits ≥ 0")
     cache = find_cache(args.eval_dir)
@@ -480,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    held out (2-fold, {args.splits} splits), {label}: median {float(np.median(losses)):+.2f} "
                       f"points (halves {', '.join(f'{x:+.2f}' for x in losses)}), cost "
                       f"{max(c for _, c in held[name]):.3f} at most")
+        if args.plot is not None:
+            curves = top_up_curves(rules, passes, np.round(np.arange(0.1, 0.6001, 0.025), 3))
+            plot_top_up(curves, passes, args.plot, args.budget)
+            top_up["curves"] = {k: [asdict(p) for p in v] for k, v in curves.items()}
+            print(f"  frontiers drawn: {args.plot}")
     if args.json is not None:
         figures: dict[str, Any] = {
             "images": len(passes.labels), "budget": args.budget, "edge_accuracy": float(passes.edge_ok.mean()),

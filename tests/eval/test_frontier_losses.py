@@ -167,9 +167,19 @@ def test_agrees_with_the_eval_frontier_on_a_cached_run(fl: ModuleType, tmp_path:
     # the top-up includes one round: at every η over the same rules it is at least the gate's point
     assert got["top_up"]["accuracy"] >= got["gates"]["min_entropy"]["accuracy"] - 1 / 30
     assert len(got["top_up"]["held_out"]["top_up"]) == 10
+    plot = tmp_path / "top-up.png"
     assert fl.main([str(out), "--budget", "0.5", "--fusion-weights", "1", "--splits", "0", "--json",
-                    str(figures)]) == 0
+                    str(figures), "--plot", str(plot)]) == 0
     again = json.loads(figures.read_text())
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = again["top_up"]["curves"]
+    assert len(curves["one_round"]) == len(curves["top_up"]) == 21  # comm cost 0.1 … 0.6 by 0.025
+    for one, both, budget in zip(curves["one_round"], curves["top_up"], np.arange(0.1, 0.6001, 0.025), strict=True):
+        assert one["first"] == one["second"] or one["first"] == "edge only"  # one round asks for nothing
+        assert max(one["cost"], both["cost"]) <= budget + 1e-9
+        assert both["accuracy"] >= one["accuracy"]  # the top-up's pairs include every one-round rule
+    accuracies = [p["accuracy"] for p in curves["top_up"]]
+    assert accuracies == sorted(accuracies), "a larger budget allows every point of a smaller one"
     # (the cache holds the logits as float16: a near-tie may flip one of the 30 answers)
     assert again["fusion"]["1"]["accuracy"] == pytest.approx(got["gates"]["min_entropy"]["accuracy"], abs=1 / 30)
     assert again["learned_gate"] == {}
