@@ -20,7 +20,7 @@ import json
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,12 +56,29 @@ class Profile:
     server_eval: int  # images for the server-only reference accuracy (0: skip)
     # the operating point the devices run (selection rule, value, gate threshold), None: the config's
     selection: tuple[str, float, float] | None = None
+    top_up: TopUpPoint | None = None  # the same with the server's top-up (``--top-up``), None: the config's
+
+
+@dataclass(frozen=True)
+class TopUpPoint:
+    """A top-up operating point: the devices' gate and selection, the offer, and the workers' threshold."""
+
+    rule: str
+    value: float
+    threshold: float  # the devices' gate η
+    offer_rule: str
+    offer_value: float
+    top_up_threshold: float  # the workers' η₂
 
 
 # zoo:imagenette-*: the cheapest point of `patchcast eval` on the 3,925 val photos within 1 point of
 # server-only with the paper's rule and gate, δ_sum 0.97 and min-entropy η 0.5781 (73.04 % against
 # 73.99 %, comm cost 0.433; docs/results.md, Imagenette section)
 IMAGENETTE_POINT = ("sum_threshold", 0.97, 0.5781)
+# zoo:imagenette-* with the server's top-up through the default jpeg-mosaic q90: the best point of
+# `scripts/frontier_losses.py reports/eval-imagenette-q90` at comm cost ≤ 0.35 (top-25 sent, top-75 offered,
+# η 0.6514, η₂ 0.7003); live on the 3,925 val photos 72.89 % at cost 0.350 (docs/results.md)
+IMAGENETTE_TOP_UP = TopUpPoint("topk", 25, 0.6514, "topk", 75, 0.7003)
 
 
 def profile_defaults(cfg: Config, name: str) -> Profile:
@@ -69,7 +86,8 @@ def profile_defaults(cfg: Config, name: str) -> Profile:
         return Profile("timm:deit_tiny_patch16_224", "timm:deit_base_patch16_224", cfg.demo.deit_source, 0)
     if name == "cifar10":
         return Profile("zoo:cifar10-edge", "zoo:cifar10-server", "cifar10/test.tar", 256)
-    return Profile("zoo:imagenette-edge", "zoo:imagenette-server", "imagenette2/val.tar", 256, IMAGENETTE_POINT)
+    return Profile("zoo:imagenette-edge", "zoo:imagenette-server", "imagenette2/val.tar", 256, IMAGENETTE_POINT,
+                   IMAGENETTE_TOP_UP)
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,9 @@ class DemoOptions:
     server_eval: int = 256
     pretrained: bool = False
     selection: tuple[str, float, float] | None = None  # rule, value, gate threshold for the devices
+    # the server's top-up: True runs edge.offload = "top_up" at ``top_up_point`` (None: the config's settings)
+    top_up: bool = False
+    top_up_point: TopUpPoint | None = None
 
 
 @dataclass(frozen=True)
@@ -161,15 +182,23 @@ def edge_argv(opts: DemoOptions, broker: str, summary: Path) -> list[str]:
                       "--server-model", opts.server, "--source", opts.source,
                       "--reply-timeout", str(opts.reply_timeout_s), "--summary", str(summary),
                       "--log-format", "json")
-    if opts.selection is not None:
+    point = opts.top_up_point if opts.top_up else None
+    if point is not None:
+        argv += ["--rule", point.rule, "--value", f"{point.value:g}", "--threshold", f"{point.threshold:g}",
+                 "--offer-rule", point.offer_rule, "--offer-value", f"{point.offer_value:g}"]
+    elif opts.selection is not None:
         rule, value, threshold = opts.selection
         argv += ["--rule", rule, "--value", f"{value:g}", "--threshold", f"{threshold:g}"]
+    if opts.top_up:
+        argv += ["--offload", "top_up"]
     return [*argv, "--config", opts.config_file] if opts.config_file else argv
 
 
 def worker_argv(opts: DemoOptions) -> list[str]:
     argv = [*default_worker_argv(), "--server-model", opts.server, "--threads", str(opts.worker_threads),
             "--log-format", "json"]
+    if opts.top_up and opts.top_up_point is not None:
+        argv += ["--top-up-threshold", f"{opts.top_up_point.top_up_threshold:g}"]
     return [*argv, "--config", opts.config_file] if opts.config_file else argv
 
 
@@ -397,6 +426,9 @@ class Demo:
             "bytes_full_jpeg_all": jpeg_all,
             "bytes_vs_full_jpeg_all": round(bytes_sent / jpeg_all, 4) if jpeg_all else None,
             "selection": list(opts.selection) if opts.selection else None,
+            "top_up": (None if not opts.top_up else asdict(opts.top_up_point) if opts.top_up_point
+                       else "the config's"),
+            "topped_up": summary.get("regions_sent", 0) if opts.top_up else None,
             "full_jpeg_bytes_per_image": refs.jpeg_bytes_per_image if refs else None,
             "full_jpeg_baseline": f"the same request message carrying every patch, JPEG q={self.cfg.codec.quality}",
             "accuracy": {
@@ -443,7 +475,9 @@ def summary_table(report: dict[str, Any]) -> Table:
                    f"{' (interrupted)' if report['interrupted'] else ''}, "
                    f"{report['outcomes_received']} outcomes received"),
         ("offload rate", pct(report["offload_rate"])),
-        ("patches sent", f"{pct(report['patch_fraction'])} of offloaded images' patches"),
+        ("patches sent", f"{pct(report['patch_fraction'])} of offloaded images' patches"
+                         + (f" (both rounds; {report['topped_up']} images topped up at the server's request)"
+                            if report.get("topped_up") is not None else "")),
         ("bytes sent", f"{report['bytes_sent']:,} B vs {report['bytes_full_jpeg'] or 0:,} B for the offloaded "
                        f"images as full-image JPEG requests ({pct(report['bytes_vs_full_jpeg'])})"),
         ("bytes vs all images", f"{report['bytes_sent']:,} B vs {report.get('bytes_full_jpeg_all') or 0:,} B for "

@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", default=None, help="server model reference (default: the profile's)")
     p.add_argument("--source", default=None, help="images (default: the profile's; under $PATCHCAST_DATA)")
     p.add_argument("--pretrained", action="store_true", help="timm: load official pretrained weights")
+    p.add_argument("--top-up", action="store_true",
+                   help="devices send their patches with an offer of more, and a worker unsure on the first asks "
+                   "for the rest (edge.offload = top_up; an extension of the paper's method, docs/service.md); "
+                   "the imagenette profile runs at its measured top-up point, other models at the config's "
+                   "selection, selection.offer_* and region.top_up_threshold")
     p.add_argument("--devices", type=int, default=None, help="demo.devices")
     p.add_argument("--rate", type=float, default=None, help="images per second per device (demo.rate_hz)")
     p.add_argument("--duration", type=float, default=None, help="seconds the devices send (demo.duration_s)")
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         server_eval=prof.server_eval if args.server_eval is None else args.server_eval,
         pretrained=args.pretrained,
         # the profile's operating point goes with its own models only
-        selection=prof.selection if (args.edge, args.server) == (None, None) else None)
+        selection=prof.selection if (args.edge, args.server) == (None, None) else None,
+        top_up=args.top_up, top_up_point=prof.top_up if (args.edge, args.server) == (None, None) else None)
     report = asyncio.run(run_demo(cfg, opts, console))
     console.print(summary_table(report))
     text = json.dumps(report, indent=2)

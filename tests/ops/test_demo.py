@@ -84,6 +84,36 @@ def test_default_profile_is_the_imagenette_zoo_at_its_operating_point(tmp_path: 
     assert "--rule" not in edge_argv(replace(opts, selection=None), "127.0.0.1:1883", tmp_path / "s.json")
 
 
+def test_top_up_runs_the_profile_point_on_devices_and_workers(tmp_path: Path) -> None:
+    """`patchcast demo --top-up`: the devices offload with an offer at the profile's measured point, the
+    workers ask for more at its η₂; without the profile's models, the config's settings."""
+    from patchcast.demo import IMAGENETTE_TOP_UP, DemoOptions, edge_argv, profile_defaults, worker_argv
+    from shared.config import load_config
+
+    prof = profile_defaults(load_config(REPO / "config" / "default.toml"), "imagenette")
+    assert prof.top_up == IMAGENETTE_TOP_UP
+    opts = DemoOptions(profile="imagenette", edge=prof.edge, server=prof.server, source=prof.source, devices=2,
+                       rate_hz=1.0, duration_s=5.0, selection=prof.selection, top_up=True, top_up_point=prof.top_up)
+    argv = edge_argv(opts, "127.0.0.1:1883", tmp_path / "summary.json")
+
+    def flag(args: list[str], name: str) -> str:
+        assert args.count(name) == 1, name
+        return args[args.index(name) + 1]
+
+    p = IMAGENETTE_TOP_UP
+    assert flag(argv, "--offload") == "top_up" and flag(argv, "--rule") == p.rule
+    assert float(flag(argv, "--value")) == p.value and float(flag(argv, "--threshold")) == p.threshold
+    assert flag(argv, "--offer-rule") == p.offer_rule and float(flag(argv, "--offer-value")) == p.offer_value
+    assert float(flag(worker_argv(opts), "--top-up-threshold")) == p.top_up_threshold
+    plain = replace(opts, top_up=False)
+    assert "--offload" not in edge_argv(plain, "127.0.0.1:1883", tmp_path / "s.json")
+    assert "--top-up-threshold" not in worker_argv(plain)
+    own = replace(opts, top_up_point=None, selection=None)  # other models: the config's settings
+    argv = edge_argv(own, "127.0.0.1:1883", tmp_path / "s.json")
+    assert flag(argv, "--offload") == "top_up" and "--rule" not in argv and "--offer-rule" not in argv
+    assert "--top-up-threshold" not in worker_argv(own)
+
+
 def test_summary_shows_bytes_against_full_jpeg_for_offloaded_and_all_images() -> None:
     from rich.console import Console
 
