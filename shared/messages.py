@@ -47,6 +47,17 @@ class Message:
     WIRE: ClassVar[dict[str, str]]
 
 
+def _mask_field(obj: object, name: str, n: int) -> np.ndarray:
+    """The sorted indices of bitmask field ``name`` over ``n`` patches; BadMaskError when it is not one."""
+    data = bytes_field(obj, name)
+    if len(data) != mask_nbytes(n):
+        raise BadMaskError(f"{name} has {len(data)} bytes, expected ceil({n}/8) = {mask_nbytes(n)}")
+    try:
+        return unpack_mask(data, n)
+    except ValueError as exc:  # its message names the mask already
+        raise BadMaskError(str(exc) if name == "mask" else f"{name}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class PatchRequest(Message):
     """A device's request: the kept patches of one image plus what the server needs to answer it."""
@@ -99,13 +110,7 @@ class PatchRequest(Message):
         if grid != (h // p, w // p):
             raise BadGeometryError(f"grid {grid} does not match {h}×{w} / {p} = {(h // p, w // p)}")
         n = grid[0] * grid[1]
-        mask = bytes_field(self, "mask")
-        if len(mask) != mask_nbytes(n):
-            raise BadMaskError(f"mask has {len(mask)} bytes, expected ceil({n}/8) = {mask_nbytes(n)}")
-        try:
-            kept = unpack_mask(mask, n)
-        except ValueError as exc:
-            raise BadMaskError(str(exc)) from exc
+        kept = _mask_field(self, "mask", n)
         if kept.size == 0:
             raise BadMaskError("mask keeps no patch")
         codec = get_codec(str_field(self, "codec", 64))
@@ -134,13 +139,7 @@ class PatchRequest(Message):
     def _check_offer(self, kept: np.ndarray, n: int) -> None:
         if self.downscale is not None or self.exchange is not None:
             raise BadFieldError("only a plain patch request offers more patches (not a global or region one)")
-        offer = bytes_field(self, "offer")
-        if len(offer) != mask_nbytes(n):
-            raise BadMaskError(f"offer has {len(offer)} bytes, expected ceil({n}/8) = {mask_nbytes(n)}")
-        try:
-            offered = unpack_mask(offer, n)
-        except ValueError as exc:
-            raise BadMaskError(f"offer: {exc}") from exc
+        offered = _mask_field(self, "offer", n)
         if offered.size <= kept.size or np.setdiff1d(kept, offered, assume_unique=True).size:
             raise BadMaskError("an offer holds every sent patch and at least one more")
 

@@ -116,6 +116,18 @@ async def run_with_spy(cfg: Config, server: LoadedModel, unique: str, edge: Load
     return worker, result, seen
 
 
+def spied_asks(seen: list[Incoming]) -> dict[str, RegionRequest]:
+    """The RegionRequests the spy saw on the devices' reply topics, by request id."""
+    return {m.request_id: m for m in (decode_device_message(i.payload) for i in seen
+                                      if i.topic.startswith("patchcast/v1/reply/")) if isinstance(m, RegionRequest)}
+
+
+def spied_regions(seen: list[Incoming]) -> dict[str, PatchRequest]:
+    """The requests the spy saw on the region topics (the second legs of exchanges), by request id."""
+    return {r.request_id: r for r in (decode(i.payload) for i in seen if "/region/" in i.topic)
+            if isinstance(r, PatchRequest)}
+
+
 @pytest.mark.parametrize(("engine_process", "fusion", "placement"),
                          [("off", "image", "attention"), ("on", "probs", "attention"), ("off", "image", "centre")])
 @async_test(120)
@@ -139,10 +151,7 @@ async def test_every_uncertain_glance_gets_its_attention_window_and_a_fused_answ
         assert set(device.ledger.answered.values()) == {1}, "one final answer per exchange"
 
     # What went over the wire, against the computation done here by hand.
-    asks = {m.request_id: m for m in (decode_device_message(i.payload) for i in seen
-                                      if i.topic.startswith("patchcast/v1/reply/")) if isinstance(m, RegionRequest)}
-    regions = {r.request_id: r for r in (decode(i.payload) for i in seen if "/region/" in i.topic)
-               if isinstance(r, PatchRequest)}
+    asks, regions = spied_asks(seen), spied_regions(seen)
     assert set(asks) == set(regions) and len(asks) == s["offloaded"]
     engine = EdgeEngine(edge, cfg.gate, cfg.selection, cfg.codec)
     checked = 0

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from service_helpers import async_test, service_config
-from test_service_region import forward, run_with_spy, sample_pixels
+from test_service_region import forward, run_with_spy, sample_pixels, spied_asks, spied_regions
 from waiting import wait_until_async
 
 from edge_node.engine import EdgeEngine
@@ -80,10 +80,7 @@ async def test_an_unsure_worker_asks_for_the_offered_patches_and_answers_on_all_
     assert len(worker.exchanges) == 0
 
     firsts = first_requests(seen)
-    asks = {m.request_id: m for m in (decode_device_message(i.payload) for i in seen
-                                      if i.topic.startswith("patchcast/v1/reply/")) if isinstance(m, RegionRequest)}
-    seconds = {r.request_id: r for r in (decode(i.payload) for i in seen if "/region/" in i.topic)
-               if isinstance(r, PatchRequest)}
+    asks, seconds = spied_asks(seen), spied_regions(seen)
     assert set(firsts) == set(asks) == set(seconds) and len(firsts) == s["offloaded"]
     engine = EdgeEngine(edge, cfg.gate, cfg.selection, cfg.codec)
     checked = 0
