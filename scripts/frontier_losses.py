@@ -391,12 +391,18 @@ def apply_top_up(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], pa
 
 
 def top_up_held_out(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], passes: Passes, budget: float,
-                    *, splits: int, seed: int = 0) -> dict[str, list[tuple[float, float]]]:
+                    *, splits: int, seed: int = 0, pair: tuple[str, str] | None = None,
+                    rule: str | None = None) -> dict[str, list[tuple[float, float]]]:
     """2-fold cross-validation: the top-up's pair and thresholds (and, alike, the one-round method's rule
     and η) chosen on one half of the images, applied to the other; per half, (points against the server
-    on that half, cost)."""
+    on that half, cost). ``pair`` / ``rule``: fixed beforehand, only the thresholds chosen."""
     pairs = top_up_pairs(rules)
     one_round = [(a, b) for a, b in pairs if a == b]
+    for fixed in (pair, None if rule is None else (rule, rule)):
+        if fixed is not None and fixed not in pairs:
+            raise ValueError(f"no rule pair {fixed} among the cached selections")
+    pairs = pairs if pair is None else [pair]
+    one_round = one_round if rule is None else [(rule, rule)]
     n = len(passes.labels)
     out: dict[str, list[tuple[float, float]]] = {"top_up": [], "one_round": []}
     for split in range(splits):
@@ -457,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="seeded 2-fold splits of the learned gate and of the top-up's held-out figures (0: skip both)")
     ap.add_argument("--no-top-up", dest="top_up", action="store_false",
                     help="skip the server's top-up of patches (it reads the cached server logits)")
+    ap.add_argument("--held-out-pair", nargs=2, metavar=("FIRST", "SECOND"),
+                    help="held-out figures with the top-up's pair of rules fixed (e.g. topk-38 topk-75): only η and "
+                    "η₂ chosen on each half")
+    ap.add_argument("--held-out-rule", metavar="RULE",
+                    help="held-out figures with the one round's rule fixed (e.g. sum_threshold-0.97): only η chosen")
     ap.add_argument("--plot", type=Path, help="also draw the one-round and top-up frontiers over comm cost "
                     "0.1 … 0.6 into this PNG (about 1 s per budget)")
     args = ap.parse_args(argv)
@@ -515,9 +526,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{pts(best_top_up.accuracy)} at cost {best_top_up.cost:.3f}: {best_top_up.sent:.1%} sent with "
               f"{best_top_up.first}, {best_top_up.asked:.1%} topped up to {best_top_up.second}")
         if args.splits:
-            held = top_up_held_out(rules, passes, args.budget, splits=args.splits)
+            try:
+                held = top_up_held_out(rules, passes, args.budget, splits=args.splits,
+                                       pair=None if args.held_out_pair is None else tuple(args.held_out_pair),
+                                       rule=args.held_out_rule)
+            except ValueError as exc:
+                ap.error(str(exc))
             top_up["held_out"] = held
-            for name, label in (("top_up", "the top-up"), ("one_round", "one round (the paper's method)")):
+            fixed_pair = "" if args.held_out_pair is None else f", pair fixed: {' → '.join(args.held_out_pair)}"
+            fixed_rule = "" if args.held_out_rule is None else f", rule fixed: {args.held_out_rule}"
+            for name, label in (("top_up", f"the top-up{fixed_pair}"),
+                                ("one_round", f"one round (the paper's method){fixed_rule}")):
                 losses = sorted(loss for loss, _ in held[name])
                 print(f"    held out (2-fold, {args.splits} splits), {label}: median {float(np.median(losses)):+.2f} "
                       f"points (halves {', '.join(f'{x:+.2f}' for x in losses)}), cost "

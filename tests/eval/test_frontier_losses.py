@@ -245,3 +245,19 @@ def test_top_up_held_out_scores_each_half_with_the_other_halfs_choice(fl: Module
     point = fl.server_tops_up(rules, passes, 0.4, fl.top_up_pairs(rules), halves[0])
     acc, cost = fl.apply_top_up(rules, passes, point, halves[1])
     assert held["top_up"][0] == pytest.approx(((acc - passes.server_ok[halves[1]].mean()) * 100, cost))
+
+
+def test_top_up_held_out_with_the_rules_fixed_chooses_only_the_thresholds(fl: ModuleType) -> None:
+    passes, rules = _top_up_case(fl, seed=7, n=60)
+    pairs = fl.top_up_pairs(rules)
+    pair = next(p for p in pairs if p[0] != p[1])
+    rule = next(p[0] for p in pairs if p[0] == p[1])
+    held = fl.top_up_held_out(rules, passes, 0.4, splits=2, pair=pair, rule=rule)
+    halves = np.array_split(np.random.default_rng(1).permutation(60), 2)
+    for name, candidates in (("top_up", [pair]), ("one_round", [(rule, rule)])):
+        point = fl.server_tops_up(rules, passes, 0.4, candidates, halves[1])
+        assert (point.first, point.second) in ({(*candidates[0],)} | {("edge only", "edge only")})
+        acc, cost = fl.apply_top_up(rules, passes, point, halves[0])
+        assert held[name][3] == pytest.approx(((acc - passes.server_ok[halves[0]].mean()) * 100, cost))
+    with pytest.raises(ValueError, match="no rule pair"):
+        fl.top_up_held_out(rules, passes, 0.4, splits=1, pair=("nope", "full"))
