@@ -110,7 +110,6 @@ class BatchInference:
                 probs=probs[row].numpy().copy(),
                 global_patches=items[i].pixels.result() if keep_pixels else None)
 
-
     def _top_ups(self, items: Sequence[WorkItem], positions: list[int], probs: torch.Tensor,
                  results: list[Prediction | PatchCastError | None]) -> None:
         """For each request that offers more patches and whose answer is too uncertain (min-entropy ≥
