@@ -551,7 +551,9 @@ def main() -> int:
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--device", default="cpu", help="worker.device: cpu, cuda or cuda:N")
-    ap.add_argument("--decode-threads", type=int, default=1, help="worker.decode_threads (pixel decode)")
+    ap.add_argument("--decode-threads", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="worker.decode_threads (pixel decode): N threads, 0 on the inference thread, auto (the "
+                         "config's default: 0 for a CPU worker, 1 for CUDA)")
     ap.add_argument("--frontends", type=int, default=1,
                     help="with --worker-processes: each is 'patchcast worker --frontends N' (N worker processes "
                          "sharing one engine process; needs the engine process); replies/s through the broker only")
@@ -642,7 +644,7 @@ def main() -> int:
     tokens = [r.kept + 1 for r in requests]
     result = {
         "model": args.model, "precision": engine.precision, "policy": args.policy, "threads": threads,
-        "device": str(engine.device), "attention": engine.attention, "decode_threads": args.decode_threads,
+        "device": str(engine.device), "attention": engine.attention, "decode_threads": cfg_decoder_threads(args),
         "engine_process": cfg_engine_process(args), "decode_processes": args.decode_processes,
         "switch_interval_ms": sys.getswitchinterval() * 1000,
         "load_generator": "same process" if args.same_process_load else f"{args.load_processes} child process(es)",
@@ -653,7 +655,7 @@ def main() -> int:
         **machine_info(),
     }
     print(f"model {args.model} ({engine.precision}, {args.policy}, {threads} threads, {engine.device}, attention "
-          f"{engine.attention}, {args.decode_threads} decode thread(s), GIL switch interval "
+          f"{engine.attention}, {cfg_decoder_threads(args)} decode thread(s), GIL switch interval "
           f"{sys.getswitchinterval() * 1000:g} ms, engine process {cfg_engine_process(args)}), "
           f"{len(requests)} requests, "
           f"mean {result['tokens_mean']:.0f} tokens, {result['payload_bytes_mean'] / 1024:.1f} KiB each; "
@@ -671,6 +673,11 @@ def main() -> int:
     return 0
 
 
+def cfg_decoder_threads(args: argparse.Namespace) -> int:
+    return load_config(environ={}, overrides={"worker": {"device": args.device, "decode_threads": args.decode_threads}}
+                       ).worker.decoder_threads
+
+
 def cfg_engine_process(args: argparse.Namespace) -> bool:
     return load_config(environ={}, overrides={"worker": {"device": args.device, "engine_process": args.engine_process}}
                        ).worker.uses_engine_process
@@ -679,7 +686,8 @@ def cfg_engine_process(args: argparse.Namespace) -> bool:
 def report_pool(args: argparse.Namespace, pool: dict[str, Any], engine: ServerEngine,
                 requests: list[PatchRequest], decode_ms: float) -> int:
     result = {"model": args.model, "precision": engine.precision, "policy": args.policy, "device": str(engine.device),
-              "attention": engine.attention, "threads_per_worker": args.threads, "decode_threads": args.decode_threads,
+              "attention": engine.attention, "threads_per_worker": args.threads,
+              "decode_threads": cfg_decoder_threads(args),
               "engine_process": cfg_engine_process(args), "decode_processes": args.decode_processes,
               "load_processes": args.load_processes, "in_flight": args.in_flight, "requests": len(requests),
               "tokens_mean": float(np.mean([r.kept + 1 for r in requests])),

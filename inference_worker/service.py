@@ -35,7 +35,7 @@ import os
 import secrets
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool as BrokenExecutor
 
 import numpy as np
@@ -245,7 +245,7 @@ class InferenceWorker:
             self._refuse(msg, reply_to, correlation, request_id, exc)
             return
         assert reply_to is not None
-        indices = request.indices
+        patch_indices = None  # the request's own: unpacked when the batch needs them, off the event loop
         deadline = None
         if request.deadline is not None:  # device wall clock → this host's monotonic clock
             deadline = time.monotonic() + (request.deadline - time.time())
@@ -256,22 +256,23 @@ class InferenceWorker:
         try:
             if request.downscale is not None:
                 pixels = self._decode_pool.submit(decode_global, request, self.engine.patch_size)
-                indices = np.arange(self.engine.num_patches, dtype=np.int64)
+                patch_indices = np.arange(self.engine.num_patches, dtype=np.int64)
             else:
                 pixels = self._decode_pool.submit(decode_patches, request)
         except BrokenExecutor as exc:  # a decoder process died (a crash in an image library)
             self._replace_decoder()
             self._refuse(msg, reply_to, correlation, request_id, InferenceError(f"pixel decoder failed: {exc}"))
             return
-        item = WorkItem(request, pixels, indices, reply_to, correlation, msg.received_at, deadline=deadline,
+        item = WorkItem(request, pixels, patch_indices, reply_to, correlation, msg.received_at, deadline=deadline,
                         offers_region=request.downscale is not None and (
                             self.engine.maps_available or self.region.placement == "centre"),
                         exchange=exchange, offer=None if request.offer is None else request.offered)
+        kept = request.kept if patch_indices is None else int(patch_indices.size)
         if exchange is not None and exchange.tokens is not None:  # a top-up: its first patches and these
-            tokens = exchange.tokens + int(indices.size) + 1
+            tokens = exchange.tokens + kept + 1
         else:
             tokens = (self.engine.num_patches if exchange is not None and self.region.fusion != "probs"
-                      else int(indices.size)) + 1
+                      else kept) + 1
         try:
             future = self.batcher.submit_nowait(  # admitted only if it can be answered in time
                 item, tokens, deadline=None if deadline is None else deadline - DELIVERY_MARGIN_S)
@@ -377,8 +378,9 @@ class InferenceWorker:
 
     async def _start_decoder(self) -> None:
         """Start every decoder process before serving (each imports numpy and Pillow: ~1 s)."""
-        if self.config.worker.decode_processes:
-            await asyncio.gather(*(asyncio.wrap_future(self._decode_pool.submit(os.getpid))
+        pool = self._decode_pool
+        if isinstance(pool, ProcessPoolExecutor):
+            await asyncio.gather(*(asyncio.wrap_future(pool.submit(os.getpid))
                                    for _ in range(self.config.worker.decode_processes)))
 
     # ---- background loops --------------------------------------------------------------------

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from inference_worker.decoders import Pending
 from inference_worker.exchanges import Exchange
 from shared.protocol import Message, PatchRequest
 
 
 @dataclass(eq=False)
 class WorkItem:
-    """A validated request waiting for inference; its pixels decode on the decode thread meanwhile."""
+    """A validated request waiting for inference; its pixels decode on a decoder thread meanwhile, or on the
+    inference thread as its batch is assembled (``worker.decode_threads``)."""
 
     request: PatchRequest
-    pixels: Future[np.ndarray]
-    indices: np.ndarray
+    pixels: Pending[np.ndarray]
+    # The patches the model sees, when not the request's own (a global request's full grid); the request's
+    # own are unpacked from its mask when first asked for, on the inference thread.
+    patch_indices: np.ndarray | None
     response_topic: str  # the sending device's own reply topic (from the request topic)
     correlation: bytes | None
     arrived: float = field(default_factory=time.monotonic)
@@ -30,6 +33,11 @@ class WorkItem:
     # The server's top-up: the offered patches this request did not send (None: no offer). Unsure on the
     # sent ones, the worker asks for these and answers on all of them.
     offer: np.ndarray | None = None
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Sorted indices of the patches the model sees for this request."""
+        return self.request.indices if self.patch_indices is None else self.patch_indices
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,15 @@ def unpack_mask(data: bytes, num_patches: int) -> np.ndarray:
     return _unpacked(bytes(data), num_patches)
 
 
+def mask_keeps_any(data: bytes, num_patches: int) -> bool:
+    """Whether :func:`unpack_mask` accepts ``data`` (bytes) and finds a patch kept, without unpacking it:
+    its length, zero padding bits, at least one bit set. Never raises."""
+    if len(data) != mask_nbytes(num_patches):
+        return False
+    padding = 8 * len(data) - num_patches
+    return not (padding and data[-1] & ((1 << padding) - 1)) and data.count(0) != len(data)
+
+
 _CACHED = 256
 
 

@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import simplejpeg
@@ -328,6 +328,11 @@ def _pil_decode(data: bytes, fmt: str, shape: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Codec interface
 
+# (codec name, params' items, their keys' and values' types) → the params resolved. The types are in the
+# key because True == 1 and 90.0 == 90 hash alike while the checks refuse a bool and a float.
+_RESOLVED: dict[tuple[str, tuple[tuple[Any, Any], ...], tuple[type, ...], tuple[type, ...]], dict[str, int]] = {}
+_MAX_RESOLVED = 256
+
 
 class Codec(ABC):
     """A named way to put kept patches on the wire. ``encode``/``decode`` validate; subclasses implement
@@ -339,7 +344,24 @@ class Codec(ABC):
     param_specs: tuple[ParamSpec, ...] = ()
 
     def resolve_params(self, params: Mapping[str, object] | None = None) -> dict[str, int]:
-        """Defaults filled in, every value checked; unknown keys are refused (a closed schema per codec)."""
+        """Defaults filled in, every value checked; unknown keys are refused (a closed schema per codec).
+        A new dict each call; what a plain dict resolved to is remembered (:data:`_RESOLVED`)."""
+        if type(params) is dict:  # a request's, fresh from msgpack: one lookup for the params devices send
+            key = (self.name, tuple(params.items()), tuple(map(type, params)), tuple(map(type, params.values())))
+            try:
+                hit = _RESOLVED.get(key)
+            except TypeError:  # an unhashable value (a list): the checks refuse it
+                return self._resolve(params)
+            if hit is not None:
+                return dict(hit)
+            resolved = self._resolve(params)
+            if len(_RESOLVED) >= _MAX_RESOLVED:  # many distinct params (a hostile device's): start again
+                _RESOLVED.clear()
+            _RESOLVED[key] = resolved
+            return dict(resolved)
+        return self._resolve(params)
+
+    def _resolve(self, params: Mapping[str, object] | None) -> dict[str, int]:
         given = dict(params or {})
         specs = {s.key: s for s in self.param_specs}
         unknown = sorted(set(given) - set(specs))

@@ -230,7 +230,11 @@ class WorkerConfig:
     metrics_interval_s: float = _f(1.0, "seconds between metrics messages")
     shutdown_grace_s: float = _f(10.0, "on SIGTERM, seconds to finish and answer what is queued")
     metrics_port: int = _f(0, "Prometheus /metrics HTTP port (0: off)")
-    decode_threads: int = _f(1, "threads decoding patch payloads to pixels (CPU work, off the event loop)")
+    decode_threads: int | Literal["auto"] = _f(
+        "auto", "threads decoding patch payloads to pixels, off the event loop; 0: none, each request's pixels "
+                "decode on the inference thread as its batch is assembled (no hand-off: the least CPU per "
+                "request where the model shares a core with the rest); auto: 0 for a CPU worker, 1 for CUDA, "
+                "where a thread decodes while the GPU computes (docs/benchmarks.md)")
     frontends: int = _f(1, "worker processes (each its own MQTT client and event loop) sharing one engine process that "
                            "runs their waiting batches as one forward (a GPU then sees one large batch); > 1 needs the "
                            "engine process; docs/service.md")
@@ -249,8 +253,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         _check(self.queue_capacity >= 1, "worker.queue_capacity must be ≥ 1")
         _check(self.metrics_interval_s > 0, "worker.metrics_interval_s must be positive")
-        _check(self.threads >= 0 and self.decode_threads >= 1 and self.decode_processes >= 0,
-               "worker.threads and worker.decode_processes must be ≥ 0, worker.decode_threads ≥ 1")
+        _check(self.threads >= 0 and self.decoder_threads >= 0 and self.decode_processes >= 0,
+               "worker.threads, worker.decode_threads and worker.decode_processes must be ≥ 0")
         _check(self.shutdown_grace_s >= 0, "worker.shutdown_grace_s must be ≥ 0")
         _check(0 <= self.metrics_port < 65536, "worker.metrics_port must be in 0..65535")
         _check(1 <= self.max_publish_in_flight <= 65_535, "worker.max_publish_in_flight must be in 1..65535")
@@ -261,6 +265,13 @@ class WorkerConfig:
         _check(self.frontends >= 1, "worker.frontends must be ≥ 1")
         _check(self.frontends == 1 or self.uses_engine_process,
                "worker.frontends > 1 shares an engine process: set worker.engine_process = 'on' (or a CUDA device)")
+
+    @property
+    def decoder_threads(self) -> int:
+        """``decode_threads`` resolved: ``auto`` is 0 (decode on the inference thread) for a CPU, 1 for CUDA."""
+        if self.decode_threads == "auto":
+            return 0 if self.device == "cpu" else 1
+        return self.decode_threads
 
     @property
     def uses_engine_process(self) -> bool:

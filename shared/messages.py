@@ -8,8 +8,8 @@ message's ``"t"`` value and ``WIRE`` maps its field names to their short msgpack
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
@@ -45,6 +45,46 @@ class Message:
 
     KIND: ClassVar[str]
     WIRE: ClassVar[dict[str, str]]
+
+
+M = TypeVar("M", bound=Message)
+
+# Per message class: its optional fields' defaults, or None when one is a factory (built by __init__ then).
+_DEFAULTS: dict[type[Message], dict[str, object] | None] = {}
+
+
+def _defaults(cls: type[Message]) -> dict[str, object] | None:
+    try:
+        return _DEFAULTS[cls]
+    except KeyError:
+        pass
+    defaults: dict[str, object] | None = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.default_factory is not MISSING:
+            defaults = None
+            break
+        if f.default is not MISSING:
+            defaults[f.name] = f.default  # type: ignore[index]
+    _DEFAULTS[cls] = defaults
+    return defaults
+
+
+def construct(cls: type[M], values: dict[str, Any]) -> M:
+    """``cls(**values)``, validated by its ``__post_init__`` as always, without the generated ``__init__``
+    (a frozen dataclass's sets each field through ``object.__setattr__``: a quarter of a request's
+    decode on a worker's event loop). ``values`` must name fields of ``cls`` only, every required one
+    among them (the caller checks: :func:`shared.protocol.decode` does); a class with a default factory
+    goes through ``__init__``. ``tests/protocol/test_message_construct.py`` holds both ways to the same
+    fields and the same errors."""
+    defaults = _defaults(cls)
+    if defaults is None:
+        return cls(**values)
+    message = object.__new__(cls)
+    state = message.__dict__
+    state.update(defaults)
+    state.update(values)
+    message.__post_init__()  # type: ignore[attr-defined]
+    return message
 
 
 def _mask_field(obj: object, name: str, n: int) -> np.ndarray:
@@ -166,7 +206,8 @@ class PatchRequest(Message):
 
     @property
     def kept(self) -> int:
-        return int(np.unpackbits(np.frombuffer(self.mask, dtype=np.uint8)).sum())
+        """How many patches the request sends (its mask's set bits; a validated mask has no padding bits)."""
+        return int.from_bytes(self.mask, "big").bit_count()
 
     @property
     def edge_label(self) -> int | None:

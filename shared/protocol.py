@@ -51,6 +51,7 @@ from shared.messages import (
     RegionRequest,
     Reply,
     WorkerMetrics,
+    construct,
 )
 from shared.protocol_limits import (
     DEFAULT_LIMITS,
@@ -144,7 +145,7 @@ def _build(cls: type[M], obj: dict[str, Any]) -> M:
             if name in required and key not in obj:
                 raise MalformedError(f"{cls.KIND} message lacks field {key!r} ({name})")
     try:
-        return cls(**kwargs)
+        return construct(cls, kwargs)
     except ProtocolError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:  # a validator met a type it did not expect

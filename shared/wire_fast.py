@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shared.bitmask import mask_nbytes, unpack_mask
+from shared.bitmask import mask_keeps_any
 from shared.codecs import get_codec
 from shared.topics import _ID_RE, MAX_ID_LEN
 from shared.wire_fields import KIND_RE, MAX_CLASS_ID, MAX_PATCH_SIZE, MAX_SIDE, MAX_TOPK
@@ -76,13 +76,7 @@ def request_fields(f: dict[str, Any]) -> bool:
     if (type(grid) not in _SEQUENCES or len(grid) != 2 or type(grid[0]) is not int or type(grid[1]) is not int
             or grid[0] != rows or grid[1] != cols or type(mask) is not bytes):
         return False
-    n = rows * cols
-    if len(mask) != mask_nbytes(n):
-        return False
-    try:
-        if not unpack_mask(mask, n).size:
-            return False
-    except ValueError:
+    if not mask_keeps_any(mask, rows * cols):  # unpacked when the indices are needed (off a worker's event loop)
         return False
     codec_name, params, payload = f["codec"], f["codec_params"], f["payload"]
     if type(codec_name) is not str or len(codec_name) > 64 or type(params) is not dict:

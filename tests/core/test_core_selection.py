@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from shared.bitmask import mask_nbytes, pack_mask, unpack_mask
+from shared.bitmask import mask_keeps_any, mask_nbytes, pack_mask, unpack_mask
 from shared.errors import ConfigError
 from shared.selection import SUM_TOLERANCE, Selection, SelectionRule, select, select_batch
 
@@ -279,6 +279,28 @@ def test_mask_bits_are_numpys_packbits(case: tuple[int, list[int]]) -> None:
     kept = unpack_mask(want, n)
     assert kept.dtype == np.int64 and not kept.flags.writeable
     assert np.array_equal(kept, np.flatnonzero(bits))
+
+
+@PROPS
+@given(st.integers(1, 80).flatmap(lambda n: st.tuples(st.just(n), st.binary(max_size=(n + 7) // 8 + 1))))
+def test_mask_keeps_any_is_unpack_mask_finding_a_patch(case: tuple[int, bytes]) -> None:
+    """The validator's check without the unpack: true exactly when unpack_mask accepts the bytes and finds
+    a patch kept; and a request's count of kept patches is the unpacked mask's size."""
+    n, data = case
+    try:
+        kept = unpack_mask(data, n)
+    except ValueError:
+        assert not mask_keeps_any(data, n)
+        return
+    assert mask_keeps_any(data, n) is (kept.size > 0)
+    assert int.from_bytes(data, "big").bit_count() == kept.size  # PatchRequest.kept
+
+
+def test_mask_keeps_any_on_hand_made_masks() -> None:
+    assert mask_keeps_any(b"\x80\x80", 9) and mask_keeps_any(b"\x00\x80", 9) and mask_keeps_any(b"\x01", 8)
+    assert not mask_keeps_any(b"\x00\x00", 9)  # nothing kept
+    assert not mask_keeps_any(b"\x00\x01", 9) and not mask_keeps_any(b"\x80\x40", 9)  # a padding bit set
+    assert not mask_keeps_any(b"\x80", 9) and not mask_keeps_any(b"\x80\x00\x00", 9)  # wrong length
 
 
 def test_pack_mask_refuses_indices_out_of_range() -> None:

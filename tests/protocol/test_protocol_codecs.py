@@ -40,6 +40,26 @@ def test_registry() -> None:
         C.get_codec("jpeg").resolve_params({"ss": 422})
 
 
+def test_remembered_params_refuse_what_the_checks_refuse() -> None:
+    """Resolved params are remembered per (codec, items, types): a bool or a float equal to a remembered int
+    is still refused, each call gets its own dict, and many distinct params do not grow the memory."""
+    jpeg = C.get_codec("jpeg-mosaic")
+    first = jpeg.resolve_params({"q": 1, "ss": 444})
+    second = jpeg.resolve_params({"q": 1, "ss": 444})
+    assert first == second == {"q": 1, "ss": 444} and first is not second
+    first["q"] = 50
+    assert jpeg.resolve_params({"q": 1, "ss": 444}) == {"q": 1, "ss": 444}
+    for odd in ({"q": True, "ss": 444}, {"q": 1.0, "ss": 444}, {"q": 1, "ss": 444.0}, {"q": [1]}, {"q": 101},
+                {"q": 1, "zz": 1}, {b"q": 1}):
+        with pytest.raises(BadFieldError):
+            jpeg.resolve_params(odd)  # type: ignore[arg-type]
+    assert C.get_codec("raw+zlib").resolve_params({"level": 1}) == {"level": 1}  # another codec, its own
+    for q in range(1, 101):
+        for ss in (0, 420, 444):
+            assert jpeg.resolve_params({"q": q, "ss": ss}) == {"q": q, "ss": ss}
+    assert len(C._RESOLVED) <= C._MAX_RESOLVED
+
+
 @pytest.mark.parametrize("codec", C.list_codecs(), ids=lambda c: c.name)
 @pytest.mark.parametrize(("side", "patch", "every"), CASES)
 def test_round_trip(codec: C.Codec, side: int, patch: int, every: int) -> None:

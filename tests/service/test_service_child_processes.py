@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -176,9 +177,11 @@ async def test_a_dead_decoder_process_is_replaced_and_the_worker_keeps_serving(
         await asyncio.wait_for(worker.ready.wait(), 60)
         assert isinstance(await ask("before"), Reply)
         pool = worker._decode_pool
-        (decoder,) = pool._processes.values()  # type: ignore[attr-defined]
+        assert isinstance(pool, ProcessPoolExecutor)
+        (decoder,) = pool._processes.values()
+        assert decoder.pid is not None
         os.kill(decoder.pid, signal.SIGKILL)
-        await wait_until_async(lambda: pool._broken, 30,  # type: ignore[attr-defined]
+        await wait_until_async(lambda: pool._broken, 30,
                                message="the decoder pool to notice its dead process")
         refused = await ask("while-broken")
         assert isinstance(refused, ErrorReply) and refused.code == "inference", refused
