@@ -1,7 +1,8 @@
 """Fleet simulator: N devices in one process sharing one edge model, for load tests and the demo.
 
-Each device has its own MQTT client id and reply topic and walks its own slice of the image
-source (device i starts at offset i·len/N and wraps), so devices send different images. The edge
+Each device has its own MQTT client id and reply topic and walks the image source from its own
+offset (device i starts at i·len/N and wraps), so devices send different images at once; each
+sends ``edge.limit`` of them (0: the whole source, so N devices make N passes over it). The edge
 model runs batched across devices in one executor thread (:class:`~edge_node.runner.EdgeRunner`).
 
 Scale (docs/benchmarks.md, *Fleet scale*):

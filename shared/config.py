@@ -125,7 +125,8 @@ class EdgeConfig:
                                 "can still be answered in time); it travels in the request")
     retry_backoff_s: float = _f(0.1, "delay before the first re-send; doubles per re-send, times a random factor in "
                                      "[0.5, 1] so that devices do not re-send in step")
-    limit: int = _f(0, "images per device (0: the whole source, looping when --duration is set)")
+    limit: int = _f(0, "images per device, each from its own offset (0: the whole source per device, so N devices "
+                       "make N passes; looping when --duration is set)")
     device_prefix: str = _f("cam", "device id prefix; ids are PREFIX-0000, PREFIX-0001, …")
     credentials_file: str = _f("", "file of 'DEVICE-ID PASSWORD' lines (patchcast broker add-device "
                                "--credentials-out): each simulated device logs in as its own id (production profile); "

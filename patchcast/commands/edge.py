@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "edge", help="simulate N edge devices: edge ViT, gate, patch selection, requests over MQTT",
         description="Run N simulated devices. Each has its own MQTT client id and reply topic "
-        "and walks its own slice of the image source; they share one edge model, batched across devices in "
+        "and walks the image source from its own offset (device i of N starts at i/N of it and wraps), so that "
+        "devices send different images at once; each sends --limit images (0: the whole source, so N devices "
+        "make N passes over it). They share one edge model, batched across devices in "
         "one thread. Per image: edge ViT → gate (send when uncertainty ≥ η) → select patches → encode → "
         "publish → await the reply (timeout → keep the edge label). Prints a JSON summary at the end "
         "(images, sent fraction, patch fraction, bytes, accuracy edge-only/collaborative when labels are "
