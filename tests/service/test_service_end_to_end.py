@@ -14,6 +14,7 @@ from waiting import wait_until_async
 
 from edge_node.engine import EdgeEngine
 from edge_node.fleet import run_fleet
+from inference_worker.decoders import DecodeInBatch, DecodeThreads
 from inference_worker.service import InferenceWorker
 from shared import datasets
 from shared.datasets import normalize
@@ -53,7 +54,10 @@ async def test_two_workers_eight_devices_every_request_answered_once_on_its_own_
 
     seen: list[Incoming] = []
     spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
-    workers = [InferenceWorker(cfg, server, worker_id=f"{unique}-w{i}") for i in range(2)]
+    # One worker decodes pixels in its batches (a CPU's default), the other on a decoder thread (CUDA's).
+    workers = [InferenceWorker(with_section(cfg, "worker", decode_threads=threads), server, worker_id=f"{unique}-w{i}")
+               for i, threads in enumerate(("auto", 1))]
+    assert isinstance(workers[0]._decode_pool, DecodeInBatch) and isinstance(workers[1]._decode_pool, DecodeThreads)
     async with asyncio.TaskGroup() as tg:
         spy_task = tg.create_task(spy.run(), name="spy")
         await spy.wait_connected()
@@ -89,6 +93,7 @@ async def test_two_workers_eight_devices_every_request_answered_once_on_its_own_
     assert s["replies"] == s["offloaded"] and s["timeouts"] == 0 and s["errors"] == 0
     assert s["replies_late"] == s["replies_foreign"] == s["replies_duplicate"] == s["replies_malformed"] == 0
     assert set(s["workers"]) == {w.worker_id for w in workers}, "the shared subscription spreads the load"
+    assert all(w.stats.replies > 0 for w in workers), "each decoder answered some of the requests checked below"
 
     # Every sent request answered exactly once, on its own device's reply topic.
     sent = {r.request_id for r in result.outcomes if r.status != "edge"}
