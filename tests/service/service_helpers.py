@@ -104,6 +104,21 @@ def service_config(port: int, edge_path: Path, server_path: Path, source: Path, 
     return load_config(overrides=base, environ={})
 
 
+def exchange_config(port: int, model_files: tuple[Path, Path], source: Path, unique: str, *, offload: str,
+                    devices: int, per_device: int, **sections: dict) -> Config:
+    """A config for an exchange test (``edge.offload`` region or top_up): one pool, ``devices`` devices of
+    ``per_device`` images each, the lossless raw codec (so a reference sees the same pixels), full-image
+    bytes measured; ``sections`` add to (or override) the sections they name."""
+    edge_path, server_path = model_files
+    base: dict[str, dict] = {
+        "models": {"model_id": f"tiny-{unique}"}, "worker": {"group": f"pool-{unique}"}, "codec": {"name": "raw"},
+        "edge": {"devices": devices, "limit": per_device, "device_prefix": f"{unique}cam", "offload": offload,
+                 "measure_full_bytes": True}}
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return service_config(port, edge_path, server_path, source, **base)
+
+
 def with_section(cfg: Config, section: str, **values: object) -> Config:
     return replace(cfg, **{section: replace(getattr(cfg, section), **values)})
 

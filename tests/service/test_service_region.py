@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
-from service_helpers import async_test, service_config, with_section
+from service_helpers import async_test, exchange_config, with_section
 from waiting import wait_until_async
 
 from edge_node.engine import EdgeEngine
@@ -43,13 +43,8 @@ GRID = 8  # the test models: 32×32 images in 4-px patches
 
 
 def region_config(broker_port: int, model_files, image_folder, unique: str, **region: object) -> Config:
-    edge_path, server_path = model_files
-    return service_config(broker_port, edge_path, server_path, image_folder,
-                          models={"model_id": f"tiny-{unique}"}, worker={"group": f"pool-{unique}"},
-                          codec={"name": "raw"},  # lossless: the reference below sees the same pixels
-                          edge={"devices": DEVICES, "limit": PER_DEVICE, "device_prefix": f"{unique}cam",
-                                "offload": "region", "measure_full_bytes": True},
-                          region={"downscale": 2, "side": 0.5, **region})
+    return exchange_config(broker_port, model_files, image_folder, unique, offload="region", devices=DEVICES,
+                           per_device=PER_DEVICE, region={"downscale": 2, "side": 0.5, **region})
 
 
 def forward(server: LoadedModel, patches: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from service_helpers import async_test, service_config
+from service_helpers import async_test, exchange_config
 from test_service_region import forward, run_with_spy, sample_pixels, spied_asks, spied_regions
 from waiting import wait_until_async
 
@@ -42,14 +42,9 @@ FIRST, OFFERED = 16, 40
 
 
 def top_up_config(broker_port: int, model_files, image_folder, unique: str, threshold: float) -> Config:
-    edge_path, server_path = model_files
-    return service_config(broker_port, edge_path, server_path, image_folder,
-                          models={"model_id": f"tiny-{unique}"}, worker={"group": f"pool-{unique}"},
-                          codec={"name": "raw"},  # lossless: the reference below sees the same pixels
-                          selection={"rule": "topk", "value": FIRST, "offer_rule": "topk", "offer_value": OFFERED},
-                          edge={"devices": DEVICES, "limit": PER_DEVICE, "device_prefix": f"{unique}cam",
-                                "offload": "top_up", "measure_full_bytes": True},
-                          region={"top_up_threshold": threshold})
+    return exchange_config(broker_port, model_files, image_folder, unique, offload="top_up", devices=DEVICES,
+                           per_device=PER_DEVICE, region={"top_up_threshold": threshold},
+                           selection={"rule": "topk", "value": FIRST, "offer_rule": "topk", "offer_value": OFFERED})
 
 
 def first_requests(seen: list[Incoming]) -> dict[str, PatchRequest]:
