@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,9 @@ from PIL import Image
 from inference_worker.engine import PatchSet
 from shared.config import Config, load_config
 from shared.models import LoadedModel, Preprocess, VitArch, save_checkpoint
-from shared.protocol import build_request, encode
+from shared.protocol import ErrorReply, PatchRequest, RegionRequest, Reply, build_request, decode_device_message, encode
+from shared.topics import V1
+from shared.transport import Incoming, Transport
 
 IMG = 32
 PATCH = 4
@@ -117,6 +120,31 @@ def exchange_config(port: int, model_files: tuple[Path, Path], source: Path, uni
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return service_config(port, edge_path, server_path, source, **base)
+
+
+class HandDevice:
+    """A device driven by hand in an exchange test: its own client on the broker, subscribed to its reply
+    topic once :meth:`start` ran; :meth:`send` publishes one message (or raw bytes) as the device and
+    returns the next answer it receives, decoded."""
+
+    def __init__(self, cfg: Config, unique: str, device: str) -> None:
+        self.device = device
+        self.reply_topic = V1.reply(device)
+        self.inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        self.client = Transport(cfg.broker, client_id=f"{unique}-dev", handler=self.inbox.put_nowait)
+
+    async def start(self, tg: asyncio.TaskGroup) -> asyncio.Task[None]:
+        task = tg.create_task(self.client.run(), name="device")
+        await self.client.subscribe(self.reply_topic)
+        await self.client.wait_connected()
+        return task
+
+    async def send(self, message: PatchRequest | bytes, topic: str, correlation: bytes = b"c"
+                   ) -> RegionRequest | Reply | ErrorReply:
+        payload = message if isinstance(message, bytes) else encode(message)
+        await self.client.publish(topic, payload, response_topic=self.reply_topic, correlation_data=correlation)
+        answer = await asyncio.wait_for(self.inbox.get(), 10)
+        return decode_device_message(answer.payload)
 
 
 def with_section(cfg: Config, section: str, **values: object) -> Config:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
-from service_helpers import async_test, exchange_config, with_section
+from service_helpers import HandDevice, async_test, exchange_config, with_section
 from waiting import wait_until_async
 
 from edge_node.engine import EdgeEngine
@@ -31,7 +31,6 @@ from shared.protocol import (
     build_request,
     decode,
     decode_device_message,
-    encode,
 )
 from shared.region import centre_window, choose_window, downsample, hybrid_patches, to_patches, upsample, window_side
 from shared.subset import embed_patches
@@ -189,9 +188,7 @@ async def test_regions_that_were_not_asked_for_are_refused_and_unclaimed_exchang
     cfg = region_config(broker.port, model_files, image_folder, unique, threshold=0.0, timeout_s=0.6)
     server = build_model(cfg.models.server, role="server")
     device = f"{unique}cam-0000"
-    reply_topic = V1.reply(device)
-    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-    client = Transport(cfg.broker, client_id=f"{unique}-dev", handler=inbox.put_nowait)
+    hand = HandDevice(cfg, unique, device)
     worker = InferenceWorker(cfg, server, worker_id=f"{unique}-w0")
     pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
@@ -207,15 +204,10 @@ async def test_regions_that_were_not_asked_for_are_refused_and_unclaimed_exchang
                              codec="raw", sent_at=time.time(), exchange=exchange)
 
     async def send(message: PatchRequest, topic: str) -> RegionRequest | Reply | ErrorReply:
-        await client.publish(topic, encode(message), response_topic=reply_topic,
-                             correlation_data=message.request_id.encode())
-        answer = await asyncio.wait_for(inbox.get(), 10)
-        return decode_device_message(answer.payload)
+        return await hand.send(message, topic, correlation=message.request_id.encode())
 
     async with asyncio.TaskGroup() as tg:
-        client_task = tg.create_task(client.run(), name="device")
-        await client.subscribe(reply_topic)
-        await client.wait_connected()
+        client_task = await hand.start(tg)
         worker_task = tg.create_task(worker.run(), name="worker")
         await asyncio.wait_for(worker.ready.wait(), 30)
         request_topic = V1.request(cfg.models.model_id, device)

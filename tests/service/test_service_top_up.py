@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from service_helpers import async_test, exchange_config
+from service_helpers import HandDevice, async_test, exchange_config
 from test_service_region import forward, run_with_spy, sample_pixels, spied_asks, spied_regions
 from waiting import wait_until_async
 
@@ -29,7 +29,6 @@ from shared.protocol import (
     Reply,
     build_request,
     decode,
-    decode_device_message,
     encode,
 )
 from shared.region import to_patches
@@ -126,9 +125,8 @@ async def test_a_top_up_gives_only_what_was_asked_and_hostile_offers_are_refused
     cfg = top_up_config(broker.port, model_files, image_folder, unique, threshold=0.0)
     server = build_model(cfg.models.server, role="server")
     device = f"{unique}cam-0000"
-    reply_topic = V1.reply(device)
-    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-    client = Transport(cfg.broker, client_id=f"{unique}-dev", handler=inbox.put_nowait)
+    hand = HandDevice(cfg, unique, device)
+    send = hand.send
     worker = InferenceWorker(cfg, server, worker_id=f"{unique}-w0")
     pixels = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     sent, offer = np.arange(0, 64, 4), np.arange(0, 64, 2)
@@ -136,12 +134,6 @@ async def test_a_top_up_gives_only_what_was_asked_and_hostile_offers_are_refused
     def request(rid: str, indices: np.ndarray, *, exchange: str | None = None) -> PatchRequest:
         return build_request(device_id=device, request_id=rid, pixels=pixels, indices=indices, patch_size=4,
                              codec="raw", sent_at=time.time(), exchange=exchange)
-
-    async def send(message: PatchRequest | bytes, topic: str) -> RegionRequest | Reply | ErrorReply:
-        payload = message if isinstance(message, bytes) else encode(message)
-        await client.publish(topic, payload, response_topic=reply_topic, correlation_data=b"c")
-        answer = await asyncio.wait_for(inbox.get(), 10)
-        return decode_device_message(answer.payload)
 
     def with_offer(message: PatchRequest, offer_mask: bytes) -> bytes:
         """The request's wire form with an ``of`` key the validator has not seen (a hostile device's)."""
@@ -152,9 +144,7 @@ async def test_a_top_up_gives_only_what_was_asked_and_hostile_offers_are_refused
         return msgpack.packb(body, use_bin_type=True)
 
     async with asyncio.TaskGroup() as tg:
-        client_task = tg.create_task(client.run(), name="device")
-        await client.subscribe(reply_topic)
-        await client.wait_connected()
+        client_task = await hand.start(tg)
         worker_task = tg.create_task(worker.run(), name="worker")
         await asyncio.wait_for(worker.ready.wait(), 30)
         request_topic = V1.request(cfg.models.model_id, device)
