@@ -15,7 +15,7 @@ later replies to it are counted (``ReplyLedger.duplicate``) and dropped, so the 
 exactly one final answer per image. At the image's deadline (``edge.deadline_s``, carried in the
 request) the device keeps the edge label. With expert routing the first attempt goes to the routed
 expert's pool and every re-send to the general pool, so a specialist pool that is down or
-overloaded costs one timeout, not the image.
+overloaded costs one timeout, not the image (a top-up's first message too, see :meth:`Device._exchange`).
 """
 
 from __future__ import annotations
@@ -181,18 +181,21 @@ class Device:
         return self.edge.retry_backoff_s * 2 ** min(resend - 1, 10) * random.uniform(0.5, 1.0)
 
     # ---- one image ---------------------------------------------------------------------------
-    async def _request(self, request: PatchRequest, topic: str,
-                       wait_s: float) -> tuple[Answer | None, int, str | None]:
+    async def _request(self, request: PatchRequest, topic: str, wait_s: float, *,
+                       no_workers_ends: bool = False) -> tuple[Answer | None, int, str | None]:
         """One attempt of an exchange leg: publish and wait up to ``wait_s`` for its answer
-        (answer or None, bytes, error code)."""
+        (answer or None, bytes, error code). ``no_workers_ends``: a publish that reached no worker
+        ends the attempt at once (code ``no_workers``) instead of waiting out ``wait_s``."""
         rid = request.request_id
         awaiting = self._await(rid)
         answered = False
         payload = encode(request)
         try:
             async with asyncio.timeout(wait_s):
-                await self.transport.publish(topic, payload, qos=1, response_topic=self.reply_topic,
-                                             correlation_data=rid.encode(), expiry_s=wait_s)
+                reason = await self.transport.publish(topic, payload, qos=1, response_topic=self.reply_topic,
+                                                      correlation_data=rid.encode(), expiry_s=wait_s)
+            if no_workers_ends and reason == NO_SUBSCRIBERS:
+                return None, len(payload), "no_workers"
             await awaiting.wait(wait_s)
             answer = awaiting.reply or awaiting.other
             answered = isinstance(answer, Reply)
@@ -234,8 +237,7 @@ class Device:
         if decision.downscale is not None or decision.offer is not None:
             return await self._exchange(base_id, decision, sample)
         mask = pack_mask(decision.indices, decision.num_patches)
-        topic = (self.topics.request(self.router.route(decision.topk_ids, decision.topk_probs), self.device_id)
-                 if self.router.experts else self.request_topic)
+        topic = self._routed_topic(decision)
         rid = base_id
         budget = self.edge.image_deadline_s
         deadline = time.monotonic() + budget  # the image's deadline, from its first publish
@@ -320,6 +322,13 @@ class Device:
         return self._record(base_id, decision, sample, status, decision.edge_label, nbytes=total_bytes,
                             attempts=attempts, error_code=code, sent_at=first_sent)
 
+    def _routed_topic(self, decision: EdgeDecision) -> str:
+        """The request topic of the pool expert routing names for this image (the general pool's without
+        routing.experts)."""
+        if not self.router.experts:
+            return self.request_topic
+        return self.topics.request(self.router.route(decision.topk_ids, decision.topk_probs), self.device_id)
+
     async def _exchange(self, rid: str, decision: EdgeDecision, sample: Sample) -> OutcomeRecord:
         """Region retransmission: send the glance; if the worker asks for a region, send it the window's
         full-resolution patches and take the fused answer. If the region leg fails, the glance's answer
@@ -327,7 +336,10 @@ class Device:
 
         The server's top-up is the same exchange: the first message is the attention-chosen patches with
         the offer, the second the offered patches the worker asked for; if that leg fails, the answer on
-        the first patches (carried by the RegionRequest) is kept."""
+        the first patches (carried by the RegionRequest) is kept. With expert routing the first message
+        goes to the routed expert's pool (its worker then asks, and answers, itself); one that reaches no
+        worker there, gets no answer within ``edge.reply_timeout_s`` or is refused ``busy`` goes once to
+        the general pool."""
         assert decision.payload is not None and decision.pixels is not None and decision.indices is not None
         engine = self.runner.engine
         sent_at = time.time()
@@ -345,7 +357,18 @@ class Device:
                 uncertainty_kind=self.config.gate.kind, sent_at=sent_at, label=sample.label,
                 deadline=sent_at + self.edge.image_deadline_s, downscale=decision.downscale)
         started = time.monotonic()
-        answer, nbytes, code = await self._request(glance, self.request_topic, self.edge.image_deadline_s)
+        attempts = 1  # of the first message
+        expert = self._routed_topic(decision) if decision.downscale is None else self.request_topic
+        if expert != self.request_topic:  # a top-up routed to an expert pool: the general pool if it fails
+            answer, nbytes, code = await self._request(
+                glance, expert, min(self.edge.reply_timeout_s, self.edge.image_deadline_s), no_workers_ends=True)
+            left = self.edge.image_deadline_s - (time.monotonic() - started)
+            if left > 0 and (answer is None or (isinstance(answer, ErrorReply) and answer.code == "busy")):
+                answer, more, code = await self._request(glance, self.request_topic, left)
+                nbytes += more
+                attempts += 1
+        else:
+            answer, nbytes, code = await self._request(glance, self.request_topic, self.edge.image_deadline_s)
         # patches sent, counted in full-resolution patches: the glance is worth N / s² of them
         patches = decision.kept if decision.downscale is None else -(-decision.num_patches // decision.downscale**2)
         asked: RegionRequest | None = None
@@ -363,11 +386,11 @@ class Device:
         latency_ms = (time.monotonic() - started) * 1000.0
         full_bytes = None
         if decision.full_payload_bytes is not None and nbytes:  # the glance's message with the full image instead
-            full_bytes = len(encode(glance)) - len(decision.payload) + decision.full_payload_bytes
+            full_bytes = attempts * (len(encode(glance)) - len(decision.payload) + decision.full_payload_bytes)
         kept = min(patches, decision.num_patches)
         if isinstance(answer, Reply):
             return self._record(rid, decision, sample, "server", answer.label, nbytes=nbytes, latency_ms=latency_ms,
-                                attempts=1, worker_id=answer.worker_id, patches=kept, full_bytes=full_bytes,
+                                attempts=attempts, worker_id=answer.worker_id, patches=kept, full_bytes=full_bytes,
                                 region=sent_region)
         if isinstance(answer, ErrorReply):
             code = answer.code
@@ -375,7 +398,7 @@ class Device:
             code = "bad_region"  # a worker asks once per exchange
         final = asked.topk_ids[0] if asked is not None else decision.edge_label
         return self._record(rid, decision, sample, "timeout" if code == "timeout" else "error", final,
-                            nbytes=nbytes, attempts=1, error_code=code, patches=kept, full_bytes=full_bytes,
+                            nbytes=nbytes, attempts=attempts, error_code=code, patches=kept, full_bytes=full_bytes,
                             worker_id=None if asked is None else asked.worker_id, region=sent_region)
 
     async def _region(self, rid: str, asked: RegionRequest, decision: EdgeDecision,

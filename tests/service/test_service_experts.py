@@ -14,6 +14,7 @@ import collections
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from service_helpers import SERVER_ARCH, async_test, random_model, service_config
 from waiting import wait_until_async
@@ -22,7 +23,7 @@ from edge_node.fleet import run_fleet
 from inference_worker.service import InferenceWorker
 from shared import datasets
 from shared.models import build_model, save_checkpoint
-from shared.protocol import PatchRequest, Reply, decode, decode_patches
+from shared.protocol import PatchRequest, RegionRequest, Reply, decode, decode_patches
 from shared.routing import ExpertRouter, parse_experts
 from shared.subset import forward_patch_sets
 from shared.topics import V1
@@ -172,3 +173,123 @@ async def test_a_missing_expert_pool_costs_one_timeout_then_the_general_pool_ans
     for m in seen:
         ids[V1.parse_request(m.topic)[0]].add(m.correlation_data)
     assert ids[f"{unique}-nobody"] == ids[cfg.models.model_id] == {r.request_id.encode() for r in result.outcomes}
+
+
+def _top_up_sections(unique: str) -> dict[str, dict]:
+    """The top-up on raw pixels (the reference sees what the worker saw), every worker always unsure."""
+    return {"codec": {"name": "raw"}, "region": {"top_up_threshold": 0.0},
+            "selection": {"rule": "topk", "value": 16, "offer_rule": "topk", "offer_value": 40}}
+
+
+@async_test(180)
+async def test_a_top_up_goes_to_the_routed_expert_which_asks_and_answers_on_the_union(
+        broker, model_files, image_folder, unique, tmp_path) -> None:
+    edge_path, server_path = model_files
+    table = "; ".join(f"{unique}-{name}={','.join(map(str, classes))}" for name, classes in EXPERTS.items())
+    sections = _top_up_sections(unique)
+    cfg = service_config(broker.port, edge_path, server_path, image_folder, models={"model_id": f"{unique}-general"},
+                         routing={"experts": table, "top_k": 5}, **sections,
+                         edge={"devices": 2, "limit": 12, "device_prefix": f"{unique}cam", "rate_hz": 0.0,
+                               "offload": "top_up"})
+    router = ExpertRouter(parse_experts(cfg.routing.experts), fallback=cfg.models.model_id, top_k=5)
+    pools: dict[str, InferenceWorker] = {}
+    for seed, (name, classes) in enumerate(EXPERTS.items(), start=10):
+        expert_cfg = service_config(broker.port, edge_path, _specialist(tmp_path, name, classes, seed), image_folder,
+                                    models={"model_id": f"{unique}-{name}"}, worker={"group": f"{unique}-{name}"},
+                                    **sections)
+        pools[expert_cfg.models.model_id] = InferenceWorker(
+            expert_cfg, build_model(expert_cfg.models.server), worker_id=f"{unique}-w-{name}")
+    pools[cfg.models.model_id] = InferenceWorker(cfg, build_model(cfg.models.server), worker_id=f"{unique}-w-general")
+    seen: list[Incoming] = []
+    spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
+    async with asyncio.TaskGroup() as tg:
+        spy_task = tg.create_task(spy.run(), name="spy")
+        await spy.wait_connected()
+        for topic_filter in ("patchcast/v1/req/#", "patchcast/v1/region/#", "patchcast/v1/reply/+"):
+            await spy.subscribe(topic_filter)
+        tasks = [tg.create_task(w.run(), name=w.worker_id) for w in pools.values()]
+        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in pools.values())), 30)
+        result = await run_fleet(cfg, edge=build_model(cfg.models.edge, role="edge"),
+                                 dataset=datasets.load(image_folder))
+        await wait_until_async(lambda: sum(isinstance(decode(m.payload), Reply) for m in seen) >= 24, 30,
+                               message="the spy's copies of the 24 replies")
+        for w in pools.values():
+            w.stop()
+        await asyncio.gather(*tasks)
+        spy_task.cancel()
+
+    s = result.summary
+    assert s["images"] == s["offloaded"] == s["replies"] == 24 and s["errors"] == s["timeouts"] == 0
+    first: dict[str, tuple[str, PatchRequest]] = {}  # request id → (pool model id, the offer)
+    second: dict[str, PatchRequest] = {}
+    asks: dict[str, RegionRequest] = {}
+    replies: dict[str, Reply] = {}
+    for msg in seen:
+        message = decode(msg.payload)
+        if isinstance(message, PatchRequest) and message.exchange is None:
+            first[message.request_id] = (V1.parse_request(msg.topic)[0], message)
+        elif isinstance(message, PatchRequest):
+            second[message.request_id] = message
+        elif isinstance(message, RegionRequest):
+            asks[message.request_id] = message
+        elif isinstance(message, Reply):
+            replies[message.request_id] = message
+    assert set(first) == set(second) == set(asks) == set(replies) and len(first) == 24
+    worker_of = {model_id: w.worker_id for model_id, w in pools.items()}
+    classes_of = {f"{unique}-{name}": set(classes) for name, classes in EXPERTS.items()}
+    used = collections.Counter(pool for pool, _ in first.values())
+    assert all(used[f"{unique}-{name}"] > 0 for name in EXPERTS), used
+    for rid, (pool, request) in first.items():
+        assert pool == router.route(request.topk_ids, request.topk_probs), rid  # routed by the edge's top-k
+        assert asks[rid].worker_id == replies[rid].worker_id == worker_of[pool]  # that pool asked and answered
+        assert np.array_equal(second[rid].indices, request.offered)  # exactly the offered patches it lacked
+        if pool in classes_of:
+            assert replies[rid].label in classes_of[pool]
+        # The answer is that worker's model on the union of both legs (raw pixels: exact).
+        loaded = pools[pool].engine.loaded
+        union = np.concatenate([request.indices, second[rid].indices])
+        order = np.argsort(union)
+        pixels = np.concatenate([decode_patches(request), decode_patches(second[rid])])[order]
+        with torch.inference_mode():
+            logits = forward_patch_sets(loaded.model, [datasets.normalize(torch.from_numpy(pixels), loaded.preprocess)],
+                                        [torch.from_numpy(union[order])])
+        a, b = logits[0].topk(2).values.tolist()
+        if a - b > 1e-3:  # batched vs alone: fp32, ≤ 1e-4 apart
+            assert replies[rid].label == loaded.global_class(int(logits[0].argmax()))
+    for record in result.outcomes:
+        assert record.status == "server" and record.attempts == 1 and record.region
+
+
+@async_test(120)
+async def test_a_top_up_whose_expert_pool_is_missing_goes_to_the_general_pool(
+        broker, model_files, image_folder, unique) -> None:
+    edge_path, server_path = model_files
+    cfg = service_config(broker.port, edge_path, server_path, image_folder, models={"model_id": f"{unique}-general"},
+                         routing={"experts": f"{unique}-nobody={','.join(map(str, range(10)))}"},
+                         **_top_up_sections(unique),
+                         edge={"devices": 2, "limit": 4, "device_prefix": f"{unique}cam", "rate_hz": 0.0,
+                               "offload": "top_up", "reply_timeout_s": 1.0})
+    general = InferenceWorker(cfg, build_model(cfg.models.server), worker_id=f"{unique}-w-general")
+    seen: list[Incoming] = []
+    spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
+    async with asyncio.TaskGroup() as tg:
+        spy_task = tg.create_task(spy.run(), name="spy")
+        await spy.wait_connected()
+        for topic_filter in ("patchcast/v1/req/#", "patchcast/v1/region/#"):  # the missing pool's topic has a
+            await spy.subscribe(topic_filter)  # listener: no answer there, a timeout
+        task = tg.create_task(general.run(), name=general.worker_id)
+        await asyncio.wait_for(general.ready.wait(), 30)
+        result = await run_fleet(cfg, edge=build_model(cfg.models.edge, role="edge"),
+                                 dataset=datasets.load(image_folder))
+        await wait_until_async(lambda: len(seen) >= 24, 30, message="the spy's copies of the 24 requests")
+        general.stop()
+        await task
+        spy_task.cancel()
+
+    s = result.summary
+    assert s["images"] == s["offloaded"] == s["replies"] == 8 and s["errors"] == s["timeouts"] == 0
+    for record in result.outcomes:  # first message lost to the missing pool, then the general pool's exchange
+        assert record.status == "server" and record.attempts == 2 and record.region
+        assert record.worker_id == general.worker_id
+    topics = collections.Counter(V1.parse_request(m.topic)[0] if "/req/" in m.topic else "region" for m in seen)
+    assert topics == {f"{unique}-nobody": 8, cfg.models.model_id: 8, "region": 8}
