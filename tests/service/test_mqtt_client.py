@@ -143,7 +143,10 @@ async def test_malformed_bytes_end_the_connection_and_the_transport_reconnects(b
                            reconnect_max_s=0.1)
         transport = Transport(cfg, client_id="c", handler=got.append)
         task = asyncio.create_task(transport.run())
-        await wait_until_async(lambda: [m.payload for m in got] == [b"fine"], 10, 0.02, message="the second connection")
+        # The second connection's message can reach the handler (from the socket's read) before the
+        # transport's connect loop resumes and counts that connection: wait for both.
+        await wait_until_async(lambda: [m.payload for m in got] == [b"fine"] and transport.stats.connects == 2, 10,
+                               0.02, message="the second connection")
         assert transport.stats.disconnects == 1 and transport.stats.connects == 2 and broker.connections == 2
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
