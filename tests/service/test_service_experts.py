@@ -23,6 +23,7 @@ from waiting import wait_until_async
 from edge_node.fleet import run_fleet
 from inference_worker.service import InferenceWorker
 from shared import datasets
+from shared.config import Config
 from shared.models import build_model, save_checkpoint
 from shared.protocol import PatchRequest, RegionRequest, Reply, decode, decode_patches
 from shared.routing import ExpertRouter, parse_experts
@@ -44,6 +45,21 @@ def _specialist(folder: Path, name: str, classes: tuple[int, ...], seed: int) ->
     return path
 
 
+def _pools(cfg: Config, edge_path: Path, image_folder: Path, unique: str, tmp_path: Path,
+           **sections: dict) -> dict[str, InferenceWorker]:
+    """A worker per specialist of EXPERTS (each its own pool) and one for the general server: model id →
+    its worker; ``sections`` go into the specialists' configs."""
+    pools: dict[str, InferenceWorker] = {}
+    for seed, (name, classes) in enumerate(EXPERTS.items(), start=10):
+        expert_cfg = service_config(cfg.broker.port, edge_path, _specialist(tmp_path, name, classes, seed),
+                                    image_folder, models={"model_id": f"{unique}-{name}"},
+                                    worker={"group": f"{unique}-{name}"}, **sections)
+        pools[expert_cfg.models.model_id] = InferenceWorker(
+            expert_cfg, build_model(expert_cfg.models.server), worker_id=f"{unique}-w-{name}")
+    pools[cfg.models.model_id] = InferenceWorker(cfg, build_model(cfg.models.server), worker_id=f"{unique}-w-general")
+    return pools
+
+
 @async_test(180)
 async def test_devices_route_each_image_to_the_expert_with_the_most_top_k_mass(
         broker, model_files, image_folder, unique, tmp_path) -> None:
@@ -57,13 +73,7 @@ async def test_devices_route_each_image_to_the_expert_with_the_most_top_k_mass(
     edge = build_model(cfg.models.edge, role="edge")
     dataset = datasets.load(image_folder)
 
-    pools: dict[str, InferenceWorker] = {}  # model id → its worker
-    for seed, (name, classes) in enumerate(EXPERTS.items(), start=10):
-        expert_cfg = service_config(broker.port, edge_path, _specialist(tmp_path, name, classes, seed), image_folder,
-                                    models={"model_id": f"{unique}-{name}"}, worker={"group": f"{unique}-{name}"})
-        pools[expert_cfg.models.model_id] = InferenceWorker(
-            expert_cfg, build_model(expert_cfg.models.server), worker_id=f"{unique}-w-{name}")
-    pools[cfg.models.model_id] = InferenceWorker(cfg, build_model(cfg.models.server), worker_id=f"{unique}-w-general")
+    pools = _pools(cfg, edge_path, image_folder, unique, tmp_path)
 
     seen: list[Incoming] = []
     spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
@@ -193,14 +203,7 @@ async def test_a_top_up_goes_to_the_routed_expert_which_asks_and_answers_on_the_
                          edge={"devices": 2, "limit": 12, "device_prefix": f"{unique}cam", "rate_hz": 0.0,
                                "offload": "top_up"})
     router = ExpertRouter(parse_experts(cfg.routing.experts), fallback=cfg.models.model_id, top_k=5)
-    pools: dict[str, InferenceWorker] = {}
-    for seed, (name, classes) in enumerate(EXPERTS.items(), start=10):
-        expert_cfg = service_config(broker.port, edge_path, _specialist(tmp_path, name, classes, seed), image_folder,
-                                    models={"model_id": f"{unique}-{name}"}, worker={"group": f"{unique}-{name}"},
-                                    **sections)
-        pools[expert_cfg.models.model_id] = InferenceWorker(
-            expert_cfg, build_model(expert_cfg.models.server), worker_id=f"{unique}-w-{name}")
-    pools[cfg.models.model_id] = InferenceWorker(cfg, build_model(cfg.models.server), worker_id=f"{unique}-w-general")
+    pools = _pools(cfg, edge_path, image_folder, unique, tmp_path, **sections)
     seen: list[Incoming] = []
     spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
     async with asyncio.TaskGroup() as tg:
