@@ -268,12 +268,14 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> Callable[[np.nd
     return lambda z: torch.sigmoid((torch.from_numpy(z.astype(np.float32)) - mean) / std @ w + b).detach().numpy()
 
 
-def learned_gate(passes: Passes, budget: float, *, splits: int = 5, seed: int = 0) -> tuple[Point, list[float]]:
+def learned_gate(passes: Passes, budget: float, *, splits: int = 5, seed: int = 0,
+                 features: np.ndarray | None = None) -> tuple[Point, list[float]]:
     """Send the images a model of the edge's logits rates most worth sending: P(the server on the rule's
     patches right, the edge wrong) − P(the reverse), each image rated by models fitted on the other
     half (2-fold cross-validation). Per rule, the median over ``splits`` seeded splits of the best
-    accuracy within ``budget``; the best rule's median point and its splits' accuracies."""
-    x = gate_features(passes.edge_logits)
+    accuracy within ``budget``; the best rule's median point and its splits' accuracies. ``features``:
+    what the models see of each image (default: :func:`gate_features` of the edge's logits)."""
+    x = gate_features(passes.edge_logits) if features is None else features
     n = len(passes.labels)
     best: tuple[Point, list[float]] = (Point(float(passes.edge_ok.mean()), 0.0, 0.0, "edge only"), [])
     for rule, (ok, counts) in passes.selections.items():

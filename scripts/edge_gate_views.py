@@ -1,0 +1,146 @@
+"""Can the edge gate better with more of its own compute? Two extensions of the min-entropy gate.
+
+Both leave the patches, the server and the cost metric as they are (the eval's cached selections and
+server passes, as ``scripts/frontier_losses.py`` reads them) and change only which images the edge
+sends, and the label it keeps for the rest:
+
+* **a flip-averaged edge**: the edge also classifies the mirrored image (a second forward on the
+  device) and gates, and answers, on the mean of the two probability vectors;
+* **a learned gate on the edge's features**: the logistic models of ``frontier_losses.py``'s learned
+  gate ("sending helps" − "sending hurts", 2-fold cross-validated over seeded splits), fed the edge's
+  pre-logit CLS features as well as its logits.
+
+Each is scored as the eval scores its frontier (every η, every edge-attention rule, thresholds chosen on
+the same images), at a comm-cost budget; the flip-averaged gate also with the server's top-up.
+
+    python scripts/edge_gate_views.py reports/eval-imagenette --data imagenette2/val.tar \\
+        --edge zoo:imagenette-edge
+
+The edge's plain logits are recomputed and checked against the eval's cache first (same images, same
+order), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from frontier_losses import (
+    Passes,
+    auroc,
+    best_gate,
+    edge_uncertainty,
+    find_cache,
+    learned_gate,
+    load,
+    server_tops_up,
+    top_up_held_out,
+    top_up_pairs,
+    top_up_rules,
+)
+
+from patchcast.progress import phase_bars
+from shared import datasets
+from shared.models import build_model
+
+CHECK_ATOL = 1e-3
+"""The recomputed plain logits against the cached ones (same fp32 model, same pixels; batch sizes
+may differ, so not bit-exact in general)."""
+
+
+def edge_views(data: str, edge_ref: str, batch: int) -> dict[str, np.ndarray]:
+    """The edge's logits on each image and on its mirror image, and its pre-logit CLS features."""
+    ds = datasets.load(data)
+    edge = build_model(edge_ref, role="edge")
+    model, pre = edge.model.eval(), edge.preprocess
+    parts: dict[str, list[np.ndarray]] = {"plain": [], "flip": [], "features": []}
+    with torch.inference_mode(), phase_bars({"edge": "edge, plain and mirrored"}) as report:
+        for s in range(0, len(ds), batch):
+            pixels, _ = datasets.to_tensor_batch(ds.samples[s:s + batch], pre)
+            x = datasets.normalize(pixels, pre)
+            tokens = model.forward_features(x)
+            parts["plain"].append(model.forward_head(tokens).float().numpy())
+            parts["features"].append(model.forward_head(tokens, pre_logits=True).float().numpy())
+            parts["flip"].append(model(torch.flip(x, dims=[3])).float().numpy())
+            report("edge", min(s + batch, len(ds)), len(ds), "")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def with_edge(passes: Passes, logits: np.ndarray) -> Passes:
+    """``passes`` with another edge answer (its logits or log-probabilities) on every image."""
+    return replace(passes, edge_logits=logits, edge_ok=logits.argmax(1) == passes.labels)
+
+
+def flip_averaged(plain: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """log of the mean of the two softmax vectors."""
+    probs = torch.softmax(torch.from_numpy(plain), 1) + torch.softmax(torch.from_numpy(flip), 1)
+    return torch.log(probs / 2).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("eval_dir", type=Path, help="a patchcast eval --out folder, its cache/ or one cache folder")
+    ap.add_argument("--data", default="imagenette2/val.tar", help="the images that eval ran on")
+    ap.add_argument("--edge", default="zoo:imagenette-edge", help="the edge model that eval ran")
+    ap.add_argument("--budget", type=float, default=0.35, help="communication cost budget (default 0.35)")
+    ap.add_argument("--splits", type=int, default=5, help="seeded 2-fold splits of the learned gate")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+    if not 0.0 < args.budget <= 1.0 or args.splits < 1 or args.batch < 1 or args.threads < 1:
+        ap.error("--budget must be in (0, 1]; --splits, --batch and --threads ≥ 1")
+    torch.set_num_threads(args.threads)
+    cache = find_cache(args.eval_dir)
+    passes = load(cache)
+    views = edge_views(args.data, args.edge, args.batch)
+    if views["plain"].shape != passes.edge_logits.shape:
+        raise SystemExit(f"{args.data} gives {len(views['plain'])} images, the cache {len(passes.labels)}")
+    drift = float(np.abs(views["plain"] - passes.edge_logits).max())
+    if drift > CHECK_ATOL:
+        raise SystemExit(f"the edge's logits differ from the cache's by {drift:.2e}: not the eval's edge or data")
+    server = float(passes.server_ok.mean())
+
+    def pts(acc: float) -> str:
+        return f"{acc * 100:.2f} % ({(acc - server) * 100:+.2f} points)"
+
+    figures: dict[str, Any] = {"images": len(passes.labels), "budget": args.budget, "server_accuracy": server,
+                               "check_max_abs_logit_difference": drift}
+    print(f"{len(passes.labels):,} images, server on whole images {server * 100:.2f} %, budget comm cost ≤ "
+          f"{args.budget} (recomputed edge logits within {drift:.1e} of the cache)")
+    rules = top_up_rules(cache, passes)
+    for name, variant in (("plain", passes), ("flip_averaged", with_edge(passes, flip_averaged(views["plain"],
+                                                                                             views["flip"])))):
+        point = best_gate(variant, "min_entropy", args.budget)
+        errors = auroc(edge_uncertainty(variant, "min_entropy").astype(np.float64), ~variant.edge_ok)
+        top_up = server_tops_up(rules, variant, args.budget, top_up_pairs(rules))
+        held = top_up_held_out(rules, variant, args.budget, splits=args.splits)
+        medians = {k: float(np.median([loss for loss, _ in v])) for k, v in held.items()}
+        figures[name] = {"edge_accuracy": float(variant.edge_ok.mean()), "one_round": asdict(point),
+                         "auroc_edge_errors": errors, "top_up": asdict(top_up), "held_out": held,
+                         "held_out_median_points": medians}
+        print(f"  {name}: edge {variant.edge_ok.mean() * 100:.2f} %, min-entropy AUROC of its errors {errors:.3f}\n"
+              f"    one round, every η: {pts(point.accuracy)} at cost {point.cost:.3f}, {point.sent:.1%} sent, "
+              f"{point.rule}; held out (2-fold, {args.splits} splits) median {medians['one_round']:+.2f} points\n"
+              f"    with the top-up: {pts(top_up.accuracy)} at cost {top_up.cost:.3f}, {top_up.first} → "
+              f"{top_up.second}; held out median {medians['top_up']:+.2f} points")
+    logp = torch.log_softmax(torch.from_numpy(passes.edge_logits), 1).numpy()
+    features = np.concatenate([views["features"], -np.sort(-logp, axis=1)], axis=1)
+    point, per_split = learned_gate(passes, args.budget, splits=args.splits, features=features)
+    figures["learned_gate_on_features"] = {**asdict(point), "splits": per_split}
+    print(f"  learned gate on the edge's {views['features'].shape[1]} CLS features + sorted log-probabilities "
+          f"(2-fold, median of {args.splits} splits): {pts(point.accuracy)} at cost {point.cost:.3f}, {point.rule} "
+          f"(splits: {', '.join(f'{(a - server) * 100:+.2f}' for a in sorted(per_split))})")
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""scripts/edge_gate_views.py and scripts/top_up_two_legs.py on a tiny cached eval: their figures
+against ``frontier_losses.py``'s on the same cache, and their refusals."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from eval_helpers import tiny_eval_set
+
+from patchcast.cli import main as patchcast_main
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+N = 30
+
+
+@pytest.fixture(scope="module")
+def scripts() -> Iterator[dict[str, ModuleType]]:
+    """The three scripts as modules (the two new ones import ``frontier_losses`` from their folder)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        yield {name: importlib.import_module(name) for name in ("frontier_losses", "edge_gate_views",
+                                                                 "top_up_two_legs")}
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+@pytest.fixture(scope="module")
+def cached_eval(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gate-scripts")
+    paths = tiny_eval_set(root, classes=3, per_class=10, patch_size=8, depth=1)
+    out = root / "out"
+    assert patchcast_main(["eval", "--data", str(paths["data"]), "--edge", f"file:{paths['edge']}", "--server",
+                           f"file:{paths['server']}", "--sweep", "quick", "--out", str(out), "--threads", "1",
+                           "--bytes-sample", "4", "--bootstrap", "10", "--no-plots", "--no-rollout",
+                           "--no-server-encoder"]) == 0
+    return {**paths, "out": out}
+
+
+def _args(paths: dict[str, Path]) -> list[str]:
+    return [str(paths["out"]), "--data", str(paths["data"]), "--threads", "1"]
+
+
+def test_flip_average_is_the_mean_of_two_distributions(scripts: dict[str, ModuleType]) -> None:
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(5, 4)).astype(np.float32) * 3 for _ in range(2))
+    views = scripts["edge_gate_views"]
+    same = views.flip_averaged(a, a)
+    np.testing.assert_allclose(same, torch.log_softmax(torch.from_numpy(a), 1).numpy(), atol=1e-6)
+    mixed = views.flip_averaged(a, b)
+    np.testing.assert_allclose(mixed, views.flip_averaged(b, a), atol=0)
+    expected = (np.exp(a) / np.exp(a).sum(1, keepdims=True) + np.exp(b) / np.exp(b).sum(1, keepdims=True)) / 2
+    np.testing.assert_allclose(np.exp(mixed), expected, rtol=1e-5)
+
+
+def test_edge_gate_views_plain_edge_is_the_frontier_scripts_gate(scripts: dict[str, ModuleType],
+                                                                 cached_eval: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    fl = scripts["frontier_losses"]
+    figures = tmp_path / "views.json"
+    assert scripts["edge_gate_views"].main([*_args(cached_eval), "--edge", f"file:{cached_eval['edge']}",
+                                            "--budget", "0.5", "--splits", "2", "--json", str(figures)]) == 0
+    got: dict[str, Any] = json.loads(figures.read_text())
+    passes = fl.load(fl.find_cache(cached_eval["out"]))
+    # the cache keeps logits as float16: the recomputed fp32 ones are within its rounding
+    assert got["images"] == N and got["check_max_abs_logit_difference"] <= 1e-3
+    expected = fl.best_gate(passes, "min_entropy", 0.5)
+    assert got["plain"]["one_round"]["accuracy"] == pytest.approx(expected.accuracy, abs=1e-12)
+    assert got["plain"]["edge_accuracy"] == pytest.approx(float(passes.edge_ok.mean()))
+    for name in ("plain", "flip_averaged"):
+        assert got[name]["one_round"]["cost"] <= 0.5 + 1e-12 and got[name]["top_up"]["cost"] <= 0.5 + 1e-12
+        assert got[name]["top_up"]["accuracy"] >= got[name]["one_round"]["accuracy"] - 1 / N
+        assert len(got[name]["held_out"]["top_up"]) == 4  # 2 splits × 2 halves
+    assert len(got["learned_gate_on_features"]["splits"]) == 2
+
+
+def test_edge_gate_views_refuses_another_edge_than_the_evals(scripts: dict[str, ModuleType],
+                                                             cached_eval: dict[str, Path]) -> None:
+    with pytest.raises(SystemExit, match="differ from the cache"):
+        scripts["edge_gate_views"].main([*_args(cached_eval), "--edge", f"file:{cached_eval['server']}"])
+
+
+def _nested_rules(fl: ModuleType, cache: Path, patches: int) -> tuple[str, str]:
+    """Two cached top-k rules, the smaller one's patches inside the larger's on every image."""
+    ks = sorted(int(p.stem.rsplit("-", 1)[1]) for p in cache.glob(f"{fl.SELECTION_PREFIX}topk-*.npz"))
+    assert len(ks) >= 2, ks
+    return f"topk-{ks[0]}", f"topk-{ks[-1]}"
+
+
+def _between(values: np.ndarray) -> float:
+    """A threshold halfway between the two middle distinct values (no image sits on it)."""
+    distinct = np.unique(values.astype(np.float64))
+    mid = len(distinct) // 2
+    return float((distinct[mid - 1] + distinct[mid]) / 2)
+
+
+def test_two_legs_of_a_lossless_codec_are_the_offline_top_up(scripts: dict[str, ModuleType],
+                                                            cached_eval: dict[str, Path], tmp_path: Path) -> None:
+    fl, legs = scripts["frontier_losses"], scripts["top_up_two_legs"]
+    cache = fl.find_cache(cached_eval["out"])
+    passes = fl.load(cache)
+    first, second = _nested_rules(fl, cache, passes.num_patches)
+    rules = fl.top_up_rules(cache, passes)
+    eta = _between(fl.edge_uncertainty(passes, "min_entropy"))
+    eta2 = _between(rules[first][2])
+    figures = tmp_path / "legs.json"
+    assert legs.main([*_args(cached_eval), "--edge", f"file:{cached_eval['edge']}", "--server",
+                      f"file:{cached_eval['server']}", "--first", first, "--second", second, "--eta", str(eta),
+                      "--eta2", str(eta2), "--codec", "raw", "--json", str(figures)]) == 0
+    got = json.loads(figures.read_text())
+    # exact pixels: the layout cannot matter, and the server's answers are the eval's cached ones
+    assert got["one_payload"] == got["two_payloads"] and got["asked_same_label"] == 1.0
+    point = fl.TopUp(0.0, 0.0, 0.0, 0.0, first, second, eta, eta2)
+    accuracy, cost = fl.apply_top_up(rules, passes, point, np.arange(N))
+    assert got["one_payload"] == pytest.approx(accuracy, abs=1 / N)  # float16 cache: one near-tie may flip
+    assert got["cost"] == pytest.approx(cost, abs=float(passes.num_patches) / (N * passes.num_patches))
+    assert 0.0 < got["sent"] < 1.0
+
+
+def test_two_legs_through_jpeg_and_its_refusals(scripts: dict[str, ModuleType], cached_eval: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    fl, legs = scripts["frontier_losses"], scripts["top_up_two_legs"]
+    cache = fl.find_cache(cached_eval["out"])
+    first, second = _nested_rules(fl, cache, fl.load(cache).num_patches)
+    common = [*_args(cached_eval), "--edge", f"file:{cached_eval['edge']}", "--server",
+              f"file:{cached_eval['server']}", "--eta", "0", "--eta2", "0"]
+    figures = tmp_path / "jpeg.json"
+    assert legs.main([*common, "--first", first, "--second", second, "--codec-param", "q=50", "--json",
+                      str(figures)]) == 0
+    got = json.loads(figures.read_text())
+    assert got["sent"] == got["asked"] == 1.0 and got["codec_params"]["q"] == 50  # η = η₂ = 0: every image, both legs
+    assert 0.0 <= got["two_payloads"] <= 1.0 and 0.0 <= got["asked_same_label"] <= 1.0
+    with pytest.raises(SystemExit, match="not a superset"):
+        legs.main([*common, "--first", second, "--second", first])
+    with pytest.raises(SystemExit, match="no cached selection"):
+        legs.main([*common, "--first", "topk-999"])
+    with pytest.raises(SystemExit):  # argparse's error: a bad codec parameter
+        legs.main([*common, "--codec-param", "q=x"])
