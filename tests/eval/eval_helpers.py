@@ -31,3 +31,17 @@ def tiny_eval_set(root: Path, *, classes: int = 4, per_class: int = 12, patch_si
         paths[name] = root / f"{name}.safetensors"
         save_checkpoint(paths[name], LoadedModel(arch.build().eval(), name, pre, []), arch=arch)
     return paths
+
+
+def cached_tiny_eval(root: Path) -> dict[str, Path]:
+    """:func:`tiny_eval_set` (3 classes × 10 images, 8-px patches, one block) and a quick ``patchcast eval``
+    of it whose cache is in ``out`` (the folder the analysis scripts read)."""
+    from patchcast.cli import main as patchcast_main
+
+    paths = tiny_eval_set(root, classes=3, per_class=10, patch_size=8, depth=1)
+    out = root / "out"
+    assert patchcast_main(["eval", "--data", str(paths["data"]), "--edge", f"file:{paths['edge']}", "--server",
+                           f"file:{paths['server']}", "--sweep", "quick", "--out", str(out), "--threads", "1",
+                           "--bytes-sample", "4", "--bootstrap", "10", "--no-plots", "--no-rollout",
+                           "--no-server-encoder"]) == 0
+    return {**paths, "out": out}

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from eval_helpers import tiny_eval_set
+from eval_helpers import cached_tiny_eval
 
-from patchcast.cli import main as patchcast_main
 from shared.gates import UncertaintyKind, should_send, uncertainty
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "frontier_losses.py"
@@ -146,12 +145,8 @@ def test_auroc_is_the_pairwise_probability(fl: ModuleType) -> None:
 
 
 def test_agrees_with_the_eval_frontier_on_a_cached_run(fl: ModuleType, tmp_path: Path) -> None:
-    paths = tiny_eval_set(tmp_path, classes=3, per_class=10, patch_size=8, depth=1)
-    out = tmp_path / "out"
-    assert patchcast_main(["eval", "--data", str(paths["data"]), "--edge", f"file:{paths['edge']}", "--server",
-                           f"file:{paths['server']}", "--sweep", "quick", "--out", str(out), "--threads", "1",
-                           "--bytes-sample", "4", "--bootstrap", "10", "--no-plots", "--no-rollout",
-                           "--no-server-encoder"]) == 0
+    paths = cached_tiny_eval(tmp_path)
+    out = paths["out"]
     figures = tmp_path / "losses.json"
     assert fl.main([str(out), "--budget", "0.5", "--json", str(figures)]) == 0
     got = json.loads(figures.read_text())

@@ -14,9 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from eval_helpers import tiny_eval_set
-
-from patchcast.cli import main as patchcast_main
+from eval_helpers import cached_tiny_eval
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 N = 30
@@ -35,14 +33,7 @@ def scripts() -> Iterator[dict[str, ModuleType]]:
 
 @pytest.fixture(scope="module")
 def cached_eval(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("gate-scripts")
-    paths = tiny_eval_set(root, classes=3, per_class=10, patch_size=8, depth=1)
-    out = root / "out"
-    assert patchcast_main(["eval", "--data", str(paths["data"]), "--edge", f"file:{paths['edge']}", "--server",
-                           f"file:{paths['server']}", "--sweep", "quick", "--out", str(out), "--threads", "1",
-                           "--bytes-sample", "4", "--bootstrap", "10", "--no-plots", "--no-rollout",
-                           "--no-server-encoder"]) == 0
-    return {**paths, "out": out}
+    return cached_tiny_eval(tmp_path_factory.mktemp("gate-scripts"))
 
 
 def _args(paths: dict[str, Path]) -> list[str]:
