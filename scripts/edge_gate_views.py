@@ -13,6 +13,12 @@ sends, and the label it keeps for the rest:
 Each is scored as the eval scores its frontier (every η, every edge-attention rule, thresholds chosen on
 the same images), at a comm-cost budget; the flip-averaged gate also with the server's top-up.
 
+``--mirror-server RULE …`` adds the same on the server's side, which costs no communication: the server
+also classifies the mirrored photo (and, for each named rule, the mirrored selection: the same patches,
+mirrored, at mirrored positions) and answers on the mean of the two probability vectors. Its one-round
+frontier over those rules, with the plain and the flip-averaged edge, is set against *its own* accuracy
+on whole photos (mirror-averaged too): server-side averaging raises both sides.
+
     python scripts/edge_gate_views.py reports/eval-imagenette --data imagenette2/val.tar \\
         --edge zoo:imagenette-edge
 
@@ -32,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from frontier_losses import (
+    SELECTION_PREFIX,
     Passes,
     auroc,
     best_gate,
@@ -39,15 +46,18 @@ from frontier_losses import (
     find_cache,
     learned_gate,
     load,
+    selection_logits,
     server_tops_up,
     top_up_held_out,
     top_up_pairs,
     top_up_rules,
 )
 
+from patchcast.eval.passes import _server_on_masks
 from patchcast.progress import phase_bars
 from shared import datasets
 from shared.models import build_model
+from shared.subset import embed_all
 
 CHECK_ATOL = 1e-3
 """The recomputed plain logits against the cached ones (same fp32 model, same pixels; batch sizes
@@ -72,6 +82,36 @@ def edge_views(data: str, edge_ref: str, batch: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def mirror_masks(masks: np.ndarray, cols: int) -> np.ndarray:
+    """Kept-patch masks (B, N) of the mirrored images: patch (r, c) becomes (r, cols − 1 − c)."""
+    b, n = masks.shape
+    return masks.reshape(b, n // cols, cols)[:, :, ::-1].reshape(b, n)
+
+
+def server_views(data: str, edge_ref: str, server_ref: str, masks: dict[str, np.ndarray], batch: int,
+                 max_tokens: int) -> dict[str, np.ndarray]:
+    """The server's logits on each whole photo (``plain``), on its mirror image (``mirrored``), and on
+    each rule's mirrored selection (keyed by rule). Pixels as the eval's: the edge's crop."""
+    ds = datasets.load(data)
+    edge_pre = build_model(edge_ref, role="edge").preprocess
+    loaded = build_model(server_ref, role="server")
+    model, pre = loaded.model.eval(), loaded.preprocess
+    cols = int(model.patch_embed.grid_size[1])
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("plain", "mirrored", *masks)}
+    with torch.inference_mode(), phase_bars({"server": "server, mirrored photos and selections"}) as report:
+        for s in range(0, len(ds), batch):
+            pixels, _ = datasets.to_tensor_batch(ds.samples[s:s + batch], edge_pre)
+            parts["plain"].append(model(datasets.normalize(pixels, pre)).float().numpy())
+            x = datasets.normalize(torch.flip(pixels, dims=[2]), pre)  # (B, H, W, 3): W is the mirror's axis
+            parts["mirrored"].append(model(x).float().numpy())
+            tokens = embed_all(model, x)
+            for rule, m in masks.items():
+                parts[rule].append(_server_on_masks(model, tokens, mirror_masks(m[s:s + batch], cols), max_tokens,
+                                                    False))
+            report("server", min(s + batch, len(ds)), len(ds), "")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
 def with_edge(passes: Passes, logits: np.ndarray) -> Passes:
     """``passes`` with another edge answer (its logits or log-probabilities) on every image."""
     return replace(passes, edge_logits=logits, edge_ok=logits.argmax(1) == passes.labels)
@@ -91,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=0.35, help="communication cost budget (default 0.35)")
     ap.add_argument("--splits", type=int, default=5, help="seeded 2-fold splits of the learned gate")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=16384, help="server tokens per padded group (--mirror-server)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--server", default="zoo:imagenette-server", help="the server model that eval ran")
+    ap.add_argument("--mirror-server", nargs="+", metavar="RULE", default=[],
+                    help="also average the server over the mirrored photo, on whole photos and on these cached "
+                    "rules' selections (e.g. sum_threshold-0.97 topk-75 topk-50; one server pass per rule)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     if not 0.0 < args.budget <= 1.0 or args.splits < 1 or args.batch < 1 or args.threads < 1:
@@ -137,9 +182,51 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  learned gate on the edge's {views['features'].shape[1]} CLS features + sorted log-probabilities "
           f"(2-fold, median of {args.splits} splits): {pts(point.accuracy)} at cost {point.cost:.3f}, {point.rule} "
           f"(splits: {', '.join(f'{(a - server) * 100:+.2f}' for a in sorted(per_split))})")
+    if args.mirror_server:
+        figures["mirrored_server"] = mirrored_server(args, cache, passes, views)
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
+
+
+def mirrored_server(args: argparse.Namespace, cache: Path, passes: Passes,
+                    views: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The one-round frontier over ``args.mirror_server``'s rules with the server plain and mirror-averaged,
+    the edge plain and flip-averaged; each against its own server's accuracy on whole photos."""
+    selected = selection_logits(cache)
+    missing = [r for r in args.mirror_server if r not in passes.selections or r not in selected]
+    if missing:
+        raise SystemExit(f"--mirror-server: no cached selection {missing} (cached: {sorted(passes.selections)})")
+    masks = {}
+    for rule in args.mirror_server:
+        with np.load(cache / f"{SELECTION_PREFIX}{rule}.npz") as z:
+            masks[rule] = np.unpackbits(z["mask"], axis=1)[:, :passes.num_patches].astype(bool)
+    got = server_views(args.data, args.edge, args.server, masks, args.batch, args.max_tokens)
+    with np.load(cache / "full.npz") as full:
+        cached_whole = full["server_logits"].astype(np.float32)
+    drift = float(np.abs(got["plain"] - cached_whole).max())
+    if drift > CHECK_ATOL:
+        raise SystemExit(f"the server's logits differ from the cache's by {drift:.2e}: not the eval's server or data")
+    labels = passes.labels
+    servers = {
+        "plain": (passes.server_ok, {r: passes.selections[r] for r in args.mirror_server}),
+        "mirror_averaged": (flip_averaged(cached_whole, got["mirrored"]).argmax(1) == labels,
+                            {r: (flip_averaged(selected[r].astype(np.float32), got[r]).argmax(1) == labels,
+                                 passes.selections[r][1]) for r in args.mirror_server})}
+    edges = {"plain": passes.edge_logits, "flip_averaged": flip_averaged(views["plain"], views["flip"])}
+    out: dict[str, Any] = {"rules": args.mirror_server, "check_max_abs_logit_difference": drift}
+    print(f"  the server averaged over the mirrored photo too (rules {', '.join(args.mirror_server)}; "
+          f"recomputed server logits within {drift:.1e} of the cache):")
+    for server_name, (server_ok, selections) in servers.items():
+        for edge_name, logits in edges.items():
+            variant = replace(with_edge(passes, logits), server_ok=server_ok, selections=selections)
+            point = best_gate(variant, "min_entropy", args.budget)
+            own = float(server_ok.mean())
+            out[f"{server_name}_server_{edge_name}_edge"] = {**asdict(point), "server_accuracy": own}
+            print(f"    {server_name} server ({own * 100:.2f} % on whole photos), {edge_name} edge: "
+                  f"{point.accuracy * 100:.2f} % ({(point.accuracy - own) * 100:+.2f} points against that server) "
+                  f"at cost {point.cost:.3f}, {point.rule}")
+    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ against ``frontier_losses.py``'s on the same cache, and their refusals."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -71,6 +72,41 @@ def test_edge_gate_views_plain_edge_is_the_frontier_scripts_gate(scripts: dict[s
         assert got[name]["top_up"]["accuracy"] >= got[name]["one_round"]["accuracy"] - 1 / N
         assert len(got[name]["held_out"]["top_up"]) == 4  # 2 splits × 2 halves
     assert len(got["learned_gate_on_features"]["splits"]) == 2
+
+
+def test_mirrored_masks_mirror_the_grid(scripts: dict[str, ModuleType]) -> None:
+    rng = np.random.default_rng(1)
+    masks = rng.random((6, 12)) < 0.5  # a 3 × 4 grid
+    mirrored = scripts["edge_gate_views"].mirror_masks(masks, 4)
+    for b, (r, c) in itertools.product(range(6), itertools.product(range(3), range(4))):
+        assert mirrored[b, r * 4 + (3 - c)] == masks[b, r * 4 + c]
+    np.testing.assert_array_equal(scripts["edge_gate_views"].mirror_masks(mirrored, 4), masks)
+
+
+def test_edge_gate_views_with_a_mirror_averaged_server(scripts: dict[str, ModuleType], cached_eval: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    fl = scripts["frontier_losses"]
+    cache = fl.find_cache(cached_eval["out"])
+    rules = list(_nested_rules(fl, cache, fl.load(cache).num_patches))
+    figures = tmp_path / "mirror.json"
+    models = ["--edge", f"file:{cached_eval['edge']}", "--server", f"file:{cached_eval['server']}"]
+    assert scripts["edge_gate_views"].main([*_args(cached_eval), *models, "--budget", "0.5", "--splits", "1",
+                                            "--mirror-server", *rules, "--json", str(figures)]) == 0
+    got = json.loads(figures.read_text())["mirrored_server"]
+    assert got["rules"] == rules and got["check_max_abs_logit_difference"] <= 1e-3
+    # the plain server over these rules is the frontier script's gate restricted to them
+    passes = fl.load(cache)
+    restricted = fl.best_gate(fl.Passes(**{**passes.__dict__, "selections": {r: passes.selections[r] for r in rules}}),
+                              "min_entropy", 0.5)
+    assert got["plain_server_plain_edge"]["accuracy"] == pytest.approx(restricted.accuracy, abs=1e-12)
+    assert got["plain_server_plain_edge"]["server_accuracy"] == pytest.approx(float(passes.server_ok.mean()))
+    for key in ("mirror_averaged_server_plain_edge", "mirror_averaged_server_flip_averaged_edge"):
+        assert got[key]["cost"] <= 0.5 + 1e-12 and 0.0 <= got[key]["server_accuracy"] <= 1.0
+    with pytest.raises(SystemExit, match="no cached selection"):
+        scripts["edge_gate_views"].main([*_args(cached_eval), *models, "--mirror-server", "topk-999"])
+    with pytest.raises(SystemExit, match="server's logits differ"):
+        scripts["edge_gate_views"].main([*_args(cached_eval), "--edge", f"file:{cached_eval['edge']}", "--server",
+                                         f"file:{cached_eval['edge']}", "--mirror-server", *rules])
 
 
 def test_edge_gate_views_refuses_another_edge_than_the_evals(scripts: dict[str, ModuleType],
