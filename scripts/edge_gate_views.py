@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from frontier_losses import (
-    SELECTION_PREFIX,
     Passes,
     auroc,
     best_gate,
@@ -47,6 +46,7 @@ from frontier_losses import (
     learned_gate,
     load,
     selection_logits,
+    selection_masks,
     server_tops_up,
     top_up_held_out,
     top_up_pairs,
@@ -197,10 +197,7 @@ def mirrored_server(args: argparse.Namespace, cache: Path, passes: Passes,
     missing = [r for r in args.mirror_server if r not in passes.selections or r not in selected]
     if missing:
         raise SystemExit(f"--mirror-server: no cached selection {missing} (cached: {sorted(passes.selections)})")
-    masks = {}
-    for rule in args.mirror_server:
-        with np.load(cache / f"{SELECTION_PREFIX}{rule}.npz") as z:
-            masks[rule] = np.unpackbits(z["mask"], axis=1)[:, :passes.num_patches].astype(bool)
+    masks = {rule: selection_masks(cache, rule, passes.num_patches) for rule in args.mirror_server}
     got = server_views(args.data, args.edge, args.server, masks, args.batch, args.max_tokens)
     with np.load(cache / "full.npz") as full:
         cached_whole = full["server_logits"].astype(np.float32)

@@ -319,15 +319,24 @@ FULL = "full"
 """The whole image as a top-up's second round (every patch; the server's own whole-image pass)."""
 
 
+def selection_masks(cache: Path, rule: str, patches: int) -> np.ndarray:
+    """A cached edge-attention rule's kept patches, (n, ``patches``) bool (the file holds them packed, MSB
+    first, zero-padded to whole bytes); a rule not in the cache ends the script naming those that are."""
+    path = cache / f"{SELECTION_PREFIX}{rule}.npz"
+    if not path.is_file():
+        cached = sorted(p.stem.removeprefix(SELECTION_PREFIX) for p in cache.glob(f"{SELECTION_PREFIX}*.npz"))
+        raise SystemExit(f"{cache}: no cached selection {rule!r} (cached: {cached})")
+    with np.load(path) as z:
+        return np.unpackbits(z["mask"], axis=1)[:, :patches].astype(bool)
+
+
 def top_up_rules(cache: Path, passes: Passes) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per edge-attention rule, and :data:`FULL`: (kept patches (n, N) bool, the server right on them, its
     min-entropy on them), from the eval's cached masks and server logits."""
     n = passes.num_patches
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for rule, logits in selection_logits(cache).items():
-        with np.load(cache / f"{SELECTION_PREFIX}{rule}.npz") as z:
-            masks = np.unpackbits(z["mask"], axis=1)[:, :n].astype(bool)
-        out[rule] = (masks, logits.argmax(1) == passes.labels, _min_entropy(logits))
+        out[rule] = (selection_masks(cache, rule, n), logits.argmax(1) == passes.labels, _min_entropy(logits))
     with np.load(cache / "full.npz") as full:
         whole = full["server_logits"].astype(np.float32)
     out[FULL] = (np.ones((len(passes.labels), n), dtype=bool), whole.argmax(1) == passes.labels, _min_entropy(whole))

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from frontier_losses import SELECTION_PREFIX, _min_entropy, edge_uncertainty, find_cache, load
+from frontier_losses import _min_entropy, edge_uncertainty, find_cache, load, selection_masks
 
 from patchcast.eval.passes import _server_on_masks, codec_round_trip
 from patchcast.progress import phase_bars
@@ -32,15 +32,6 @@ from shared import datasets
 from shared.codecs import get_codec
 from shared.models import build_model
 from shared.subset import embed_all
-
-
-def rule_masks(cache: Path, rule: str, patches: int) -> np.ndarray:
-    path = cache / f"{SELECTION_PREFIX}{rule}.npz"
-    if not path.is_file():
-        cached = sorted(p.stem.removeprefix(SELECTION_PREFIX) for p in cache.glob(SELECTION_PREFIX + "*"))
-        raise SystemExit(f"{cache}: no cached selection {rule!r} (cached: {cached})")
-    with np.load(path) as z:
-        return np.unpackbits(z["mask"], axis=1)[:, :patches].astype(bool)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cache = find_cache(args.eval_dir)
     passes = load(cache)
-    first, second = (rule_masks(cache, r, passes.num_patches) for r in (args.first, args.second))
+    first, second = (selection_masks(cache, r, passes.num_patches) for r in (args.first, args.second))
     if (first & ~second).any():
         raise SystemExit(f"{args.second} is not a superset of {args.first} on every image")
     send = np.flatnonzero(edge_uncertainty(passes, "min_entropy") >= args.eta)
