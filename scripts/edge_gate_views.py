@@ -56,6 +56,7 @@ from frontier_losses import (
 from patchcast.eval.passes import _server_on_masks
 from patchcast.progress import phase_bars
 from shared import datasets
+from shared.errors import PatchCastError
 from shared.models import build_model
 from shared.subset import embed_all
 
@@ -227,4 +228,7 @@ def mirrored_server(args: argparse.Namespace, cache: Path, passes: Passes,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except PatchCastError as exc:  # an unknown model or codec, a missing data file: said, not a traceback
+        sys.exit(f"error: {exc.message}")

@@ -30,6 +30,7 @@ from patchcast.eval.passes import _server_on_masks, codec_round_trip
 from patchcast.progress import phase_bars
 from shared import datasets
 from shared.codecs import get_codec
+from shared.errors import PatchCastError
 from shared.models import build_model
 from shared.subset import embed_all
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         params = dict((k, int(v)) for k, v in (p.split("=", 1) for p in args.codec_param))
         codec = get_codec(args.codec)
         resolved = codec.resolve_params(params)
-    except ValueError as exc:  # bad NAME=INT, unknown codec or parameter (PatchCastError is a ValueError)
+    except (ValueError, PatchCastError) as exc:  # bad NAME=INT, an unknown codec or parameter
         ap.error(str(exc))
     torch.set_num_threads(args.threads)
     cache = find_cache(args.eval_dir)
@@ -120,4 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except PatchCastError as exc:  # an unknown model or codec, a missing data file: said, not a traceback
+        sys.exit(f"error: {exc.message}")

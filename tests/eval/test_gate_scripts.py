@@ -169,5 +169,7 @@ def test_two_legs_through_jpeg_and_its_refusals(scripts: dict[str, ModuleType], 
         legs.main([*common, "--first", second, "--second", first])
     with pytest.raises(SystemExit, match="no cached selection"):
         legs.main([*common, "--first", "topk-999"])
-    with pytest.raises(SystemExit):  # argparse's error: a bad codec parameter
-        legs.main([*common, "--codec-param", "q=x"])
+    for bad in (["--codec-param", "q=x"], ["--codec-param", "zz=3"], ["--codec", "nope"]):
+        with pytest.raises(SystemExit) as exit_:  # argparse's error: a usage message, status 2
+            legs.main([*common, *bad])
+        assert exit_.value.code == 2
