@@ -13,6 +13,7 @@ import asyncio
 import collections
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -155,28 +156,15 @@ async def test_a_missing_expert_pool_costs_one_timeout_then_the_general_pool_ans
                          routing={"experts": f"{unique}-nobody={','.join(map(str, range(10)))}"},
                          edge={"devices": 2, "limit": 4, "device_prefix": f"{unique}cam", "rate_hz": 0.0,
                                "retries": 1, "reply_timeout_s": 1.0})
-    general = InferenceWorker(cfg, build_model(cfg.models.server), worker_id=f"{unique}-w-general")
-    seen: list[Incoming] = []
-    spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
-    async with asyncio.TaskGroup() as tg:
-        spy_task = tg.create_task(spy.run(), name="spy")
-        await spy.wait_connected()
-        await spy.subscribe(V1.request_filter(f"{unique}-nobody"))
-        await spy.subscribe(V1.request_filter(cfg.models.model_id))
-        task = tg.create_task(general.run(), name=general.worker_id)
-        await asyncio.wait_for(general.ready.wait(), 30)
-        result = await run_fleet(cfg, edge=build_model(cfg.models.edge, role="edge"),
-                                 dataset=datasets.load(image_folder))
-        # The spy's copies of the 16 requests: each image to the missing pool, then to the general one.
-        await wait_until_async(lambda: len(seen) >= 16, 30, message="the spy's copies of the 16 requests")
-        general.stop()
-        await task
-        spy_task.cancel()
+    # The spy's copies of the 16 requests: each image to the missing pool, then to the general one.
+    result, seen, general_id = await _fleet_beside_general_pool(
+        cfg, unique, image_folder, [V1.request_filter(f"{unique}-nobody"), V1.request_filter(cfg.models.model_id)],
+        copies=16)
 
     s = result.summary
     assert s["images"] == s["offloaded"] == 8 and s["replies"] == 8 and s["errors"] == 0
     for record in result.outcomes:  # first attempt lost to the missing pool, the re-send answered
-        assert record.status == "server" and record.attempts == 2 and record.worker_id == general.worker_id
+        assert record.status == "server" and record.attempts == 2 and record.worker_id == general_id
     topics = collections.Counter(V1.parse_request(m.topic)[0] for m in seen)
     assert topics == {f"{unique}-nobody": 8, cfg.models.model_id: 8}
     # the re-send carries the first attempt's request id (a worker that answered it answers it again)
@@ -184,6 +172,29 @@ async def test_a_missing_expert_pool_costs_one_timeout_then_the_general_pool_ans
     for m in seen:
         ids[V1.parse_request(m.topic)[0]].add(m.correlation_data)
     assert ids[f"{unique}-nobody"] == ids[cfg.models.model_id] == {r.request_id.encode() for r in result.outcomes}
+
+
+async def _fleet_beside_general_pool(cfg: Config, unique: str, image_folder: Path, topic_filters: list[str], *,
+                                     copies: int) -> tuple[Any, list[Incoming], str]:
+    """One worker of the general pool and a spy on ``topic_filters``; the fleet runs to its end and the
+    spy to ``copies`` messages. (The fleet's result, the spy's messages, the worker's id.)"""
+    general = InferenceWorker(cfg, build_model(cfg.models.server), worker_id=f"{unique}-w-general")
+    seen: list[Incoming] = []
+    spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
+    async with asyncio.TaskGroup() as tg:
+        spy_task = tg.create_task(spy.run(), name="spy")
+        await spy.wait_connected()
+        for topic_filter in topic_filters:
+            await spy.subscribe(topic_filter)
+        task = tg.create_task(general.run(), name=general.worker_id)
+        await asyncio.wait_for(general.ready.wait(), 30)
+        result = await run_fleet(cfg, edge=build_model(cfg.models.edge, role="edge"),
+                                 dataset=datasets.load(image_folder))
+        await wait_until_async(lambda: len(seen) >= copies, 30, message=f"the spy's {copies} copies")
+        general.stop()
+        await task
+        spy_task.cancel()
+    return result, seen, general.worker_id
 
 
 def _top_up_sections(unique: str) -> dict[str, dict]:
@@ -278,30 +289,16 @@ async def test_a_top_up_whose_expert_pool_is_missing_goes_to_the_general_pool(
                          edge={"devices": 2, "limit": 4, "device_prefix": f"{unique}cam", "rate_hz": 0.0,
                                "offload": "top_up", "reply_timeout_s": 1.0 if listener else 20.0,
                                "deadline_s": 60.0})
-    general = InferenceWorker(cfg, build_model(cfg.models.server), worker_id=f"{unique}-w-general")
-    seen: list[Incoming] = []
-    spy = Transport(cfg.broker, client_id=f"{unique}-spy", handler=seen.append)
-    async with asyncio.TaskGroup() as tg:
-        spy_task = tg.create_task(spy.run(), name="spy")
-        await spy.wait_connected()
-        missing = V1.request_filter(f"{unique}-nobody")
-        for topic_filter in ([missing] if listener else []) + [V1.request_filter(cfg.models.model_id),
-                                                              "patchcast/v1/region/#"]:
-            await spy.subscribe(topic_filter)
-        task = tg.create_task(general.run(), name=general.worker_id)
-        await asyncio.wait_for(general.ready.wait(), 30)
-        result = await run_fleet(cfg, edge=build_model(cfg.models.edge, role="edge"),
-                                 dataset=datasets.load(image_folder))
-        await wait_until_async(lambda: len(seen) >= (24 if listener else 16), 30, message="the spy's copies")
-        general.stop()
-        await task
-        spy_task.cancel()
+    missing = [V1.request_filter(f"{unique}-nobody")] if listener else []
+    result, seen, general_id = await _fleet_beside_general_pool(
+        cfg, unique, image_folder, [*missing, V1.request_filter(cfg.models.model_id), "patchcast/v1/region/#"],
+        copies=24 if listener else 16)
 
     s = result.summary
     assert s["images"] == s["offloaded"] == s["replies"] == 8 and s["errors"] == s["timeouts"] == 0
     for record in result.outcomes:  # first message lost to the missing pool, then the general pool's exchange
         assert record.status == "server" and record.attempts == 2 and record.region
-        assert record.worker_id == general.worker_id
+        assert record.worker_id == general_id
         assert record.latency_ms is not None and (listener or record.latency_ms < 20_000)  # no wait for nobody
     topics = collections.Counter(V1.parse_request(m.topic)[0] if "/req/" in m.topic else "region" for m in seen)
     expected = {f"{unique}-nobody": 8 if listener else 0, cfg.models.model_id: 8, "region": 8}
