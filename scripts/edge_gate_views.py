@@ -65,13 +65,29 @@ CHECK_ATOL = 1e-3
 may differ, so not bit-exact in general)."""
 
 
-def edge_views(data: str, edge_ref: str, batch: int) -> dict[str, np.ndarray]:
-    """The edge's logits on each image and on its mirror image, and its pre-logit CLS features."""
+def mirror_masks(masks: np.ndarray, cols: int) -> np.ndarray:
+    """Kept-patch masks (B, N) of the mirrored images: patch (r, c) becomes (r, cols − 1 − c)."""
+    b, n = masks.shape
+    return masks.reshape(b, n // cols, cols)[:, :, ::-1].reshape(b, n)
+
+
+def model_views(data: str, edge_ref: str, batch: int, server_ref: str | None = None,
+                masks: dict[str, np.ndarray] | None = None, max_tokens: int = 16384) -> dict[str, np.ndarray]:
+    """One pass over the photos (each decoded and cropped once, the edge's crop, as the eval's): the edge's
+    logits on each photo (``plain``) and on its mirror image (``flip``), its pre-logit CLS features
+    (``features``); with ``server_ref``, the server's logits on each whole photo (``server_plain``), on its
+    mirror image (``server_mirrored``) and on each rule's mirrored selection (``masks``' rules)."""
     ds = datasets.load(data)
     edge = build_model(edge_ref, role="edge")
     model, pre = edge.model.eval(), edge.preprocess
-    parts: dict[str, list[np.ndarray]] = {"plain": [], "flip": [], "features": []}
-    with torch.inference_mode(), phase_bars({"edge": "edge, plain and mirrored"}) as report:
+    server = None if server_ref is None else build_model(server_ref, role="server")
+    if server is not None:
+        server.model.eval()
+    rules = dict(masks or {}) if server is not None else {}
+    keys = ["plain", "flip", "features"] + (["server_plain", "server_mirrored", *rules] if server else [])
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    title = "edge, plain and mirrored" + ("; server, mirrored photos and selections" if server else "")
+    with torch.inference_mode(), phase_bars({"views": title}) as report:
         for s in range(0, len(ds), batch):
             pixels, _ = datasets.to_tensor_batch(ds.samples[s:s + batch], pre)
             x = datasets.normalize(pixels, pre)
@@ -79,37 +95,18 @@ def edge_views(data: str, edge_ref: str, batch: int) -> dict[str, np.ndarray]:
             parts["plain"].append(model.forward_head(tokens).float().numpy())
             parts["features"].append(model.forward_head(tokens, pre_logits=True).float().numpy())
             parts["flip"].append(model(torch.flip(x, dims=[3])).float().numpy())
-            report("edge", min(s + batch, len(ds)), len(ds), "")
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def mirror_masks(masks: np.ndarray, cols: int) -> np.ndarray:
-    """Kept-patch masks (B, N) of the mirrored images: patch (r, c) becomes (r, cols − 1 − c)."""
-    b, n = masks.shape
-    return masks.reshape(b, n // cols, cols)[:, :, ::-1].reshape(b, n)
-
-
-def server_views(data: str, edge_ref: str, server_ref: str, masks: dict[str, np.ndarray], batch: int,
-                 max_tokens: int) -> dict[str, np.ndarray]:
-    """The server's logits on each whole photo (``plain``), on its mirror image (``mirrored``), and on
-    each rule's mirrored selection (keyed by rule). Pixels as the eval's: the edge's crop."""
-    ds = datasets.load(data)
-    edge_pre = build_model(edge_ref, role="edge").preprocess
-    loaded = build_model(server_ref, role="server")
-    model, pre = loaded.model.eval(), loaded.preprocess
-    cols = int(model.patch_embed.grid_size[1])
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("plain", "mirrored", *masks)}
-    with torch.inference_mode(), phase_bars({"server": "server, mirrored photos and selections"}) as report:
-        for s in range(0, len(ds), batch):
-            pixels, _ = datasets.to_tensor_batch(ds.samples[s:s + batch], edge_pre)
-            parts["plain"].append(model(datasets.normalize(pixels, pre)).float().numpy())
-            x = datasets.normalize(torch.flip(pixels, dims=[2]), pre)  # (B, H, W, 3): W is the mirror's axis
-            parts["mirrored"].append(model(x).float().numpy())
-            tokens = embed_all(model, x)
-            for rule, m in masks.items():
-                parts[rule].append(_server_on_masks(model, tokens, mirror_masks(m[s:s + batch], cols), max_tokens,
-                                                    False))
-            report("server", min(s + batch, len(ds)), len(ds), "")
+            if server is not None:
+                sm = server.model
+                parts["server_plain"].append(sm(datasets.normalize(pixels, server.preprocess)).float().numpy())
+                # (B, H, W, 3): W is the mirror's axis
+                mirrored = datasets.normalize(torch.flip(pixels, dims=[2]), server.preprocess)
+                parts["server_mirrored"].append(sm(mirrored).float().numpy())
+                patch_tokens = embed_all(sm, mirrored)
+                cols = int(sm.patch_embed.grid_size[1])
+                for rule, m in rules.items():
+                    parts[rule].append(_server_on_masks(sm, patch_tokens, mirror_masks(m[s:s + batch], cols),
+                                                        max_tokens, False))
+            report("views", min(s + batch, len(ds)), len(ds), "")
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -145,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cache = find_cache(args.eval_dir)
     passes = load(cache)
-    views = edge_views(args.data, args.edge, args.batch)
+    masks: dict[str, np.ndarray] = {}
+    if args.mirror_server:  # refuse a rule the cache lacks before any model runs
+        selected = selection_logits(cache)
+        missing = [r for r in args.mirror_server if r not in passes.selections or r not in selected]
+        if missing:
+            raise SystemExit(f"--mirror-server: no cached selection {missing} (cached: {sorted(passes.selections)})")
+        masks = {rule: selection_masks(cache, rule, passes.num_patches) for rule in args.mirror_server}
+    views = model_views(args.data, args.edge, args.batch, args.server if masks else None, masks, args.max_tokens)
+    views["flip_averaged"] = flip_averaged(views["plain"], views["flip"])
     if views["plain"].shape != passes.edge_logits.shape:
         raise SystemExit(f"{args.data} gives {len(views['plain'])} images, the cache {len(passes.labels)}")
     drift = float(np.abs(views["plain"] - passes.edge_logits).max())
@@ -161,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(passes.labels):,} images, server on whole images {server * 100:.2f} %, budget comm cost ≤ "
           f"{args.budget} (recomputed edge logits within {drift:.1e} of the cache)")
     rules = top_up_rules(cache, passes)
-    for name, variant in (("plain", passes), ("flip_averaged", with_edge(passes, flip_averaged(views["plain"],
-                                                                                             views["flip"])))):
+    for name, variant in (("plain", passes), ("flip_averaged", with_edge(passes, views["flip_averaged"]))):
         point = best_gate(variant, "min_entropy", args.budget)
         errors = auroc(edge_uncertainty(variant, "min_entropy").astype(np.float64), ~variant.edge_ok)
         top_up = server_tops_up(rules, variant, args.budget, top_up_pairs(rules))
@@ -195,23 +199,18 @@ def mirrored_server(args: argparse.Namespace, cache: Path, passes: Passes,
     """The one-round frontier over ``args.mirror_server``'s rules with the server plain and mirror-averaged,
     the edge plain and flip-averaged; each against its own server's accuracy on whole photos."""
     selected = selection_logits(cache)
-    missing = [r for r in args.mirror_server if r not in passes.selections or r not in selected]
-    if missing:
-        raise SystemExit(f"--mirror-server: no cached selection {missing} (cached: {sorted(passes.selections)})")
-    masks = {rule: selection_masks(cache, rule, passes.num_patches) for rule in args.mirror_server}
-    got = server_views(args.data, args.edge, args.server, masks, args.batch, args.max_tokens)
     with np.load(cache / "full.npz") as full:
         cached_whole = full["server_logits"].astype(np.float32)
-    drift = float(np.abs(got["plain"] - cached_whole).max())
+    drift = float(np.abs(views["server_plain"] - cached_whole).max())
     if drift > CHECK_ATOL:
         raise SystemExit(f"the server's logits differ from the cache's by {drift:.2e}: not the eval's server or data")
     labels = passes.labels
     servers = {
         "plain": (passes.server_ok, {r: passes.selections[r] for r in args.mirror_server}),
-        "mirror_averaged": (flip_averaged(cached_whole, got["mirrored"]).argmax(1) == labels,
-                            {r: (flip_averaged(selected[r].astype(np.float32), got[r]).argmax(1) == labels,
+        "mirror_averaged": (flip_averaged(cached_whole, views["server_mirrored"]).argmax(1) == labels,
+                            {r: (flip_averaged(selected[r].astype(np.float32), views[r]).argmax(1) == labels,
                                  passes.selections[r][1]) for r in args.mirror_server})}
-    edges = {"plain": passes.edge_logits, "flip_averaged": flip_averaged(views["plain"], views["flip"])}
+    edges = {"plain": passes.edge_logits, "flip_averaged": views["flip_averaged"]}
     out: dict[str, Any] = {"rules": args.mirror_server, "check_max_abs_logit_difference": drift}
     print(f"  the server averaged over the mirrored photo too (rules {', '.join(args.mirror_server)}; "
           f"recomputed server logits within {drift:.1e} of the cache):")
