@@ -13,9 +13,10 @@ sends, and the label it keeps for the rest:
 Each is scored as the eval scores its frontier (every η, every edge-attention rule, thresholds chosen on
 the same images), at a comm-cost budget; the flip-averaged gate also with the server's top-up.
 
-``--mirror-server RULE …`` adds the same on the server's side, which costs no communication: the server
-also classifies the mirrored photo (and, for each named rule, the mirrored selection: the same patches,
-mirrored, at mirrored positions) and answers on the mean of the two probability vectors. Its one-round
+``--mirror-server RULE …`` (or ``all``: every cached rule, and then the top-up too, with that server on
+both rounds) adds the same on the server's side, which costs no communication: the server also classifies
+the mirrored photo (and, for each named rule, the mirrored selection: the same patches, mirrored, at
+mirrored positions) and answers on the mean of the two probability vectors. Its one-round
 frontier over those rules, with the plain and the flip-averaged edge, is set against *its own* accuracy
 on whole photos (mirror-averaged too): server-side averaging raises both sides.
 
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from frontier_losses import (
+    FULL,
     Passes,
     auroc,
     best_gate,
@@ -45,6 +47,7 @@ from frontier_losses import (
     find_cache,
     learned_gate,
     load,
+    min_entropy,
     selection_logits,
     selection_masks,
     server_tops_up,
@@ -53,7 +56,7 @@ from frontier_losses import (
     top_up_rules,
 )
 
-from patchcast.eval.passes import _server_on_masks
+from patchcast.eval.passes import server_on_masks
 from patchcast.progress import phase_bars
 from shared import datasets
 from shared.errors import PatchCastError
@@ -104,7 +107,7 @@ def model_views(data: str, edge_ref: str, batch: int, server_ref: str | None = N
                 patch_tokens = embed_all(sm, mirrored)
                 cols = int(sm.patch_embed.grid_size[1])
                 for rule, m in rules.items():
-                    parts[rule].append(_server_on_masks(sm, patch_tokens, mirror_masks(m[s:s + batch], cols),
+                    parts[rule].append(server_on_masks(sm, patch_tokens, mirror_masks(m[s:s + batch], cols),
                                                         max_tokens, False))
             report("views", min(s + batch, len(ds)), len(ds), "")
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", default="zoo:imagenette-server", help="the server model that eval ran")
     ap.add_argument("--mirror-server", nargs="+", metavar="RULE", default=[],
                     help="also average the server over the mirrored photo, on whole photos and on these cached "
-                    "rules' selections (e.g. sum_threshold-0.97 topk-75 topk-50; one server pass per rule)")
+                    "rules' selections (e.g. sum_threshold-0.97 topk-75 topk-50; one server pass per rule; "
+                    "'all': every cached rule, and the top-up with that server too)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     if not 0.0 < args.budget <= 1.0 or args.splits < 1 or args.batch < 1 or args.threads < 1:
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     masks: dict[str, np.ndarray] = {}
     if args.mirror_server:  # refuse a rule the cache lacks before any model runs
         selected = selection_logits(cache)
+        if args.mirror_server == ["all"]:
+            args.mirror_server = sorted(r for r in selected if r in passes.selections)
         missing = [r for r in args.mirror_server if r not in passes.selections or r not in selected]
         if missing:
             raise SystemExit(f"--mirror-server: no cached selection {missing} (cached: {sorted(passes.selections)})")
@@ -223,6 +229,43 @@ def mirrored_server(args: argparse.Namespace, cache: Path, passes: Passes,
             print(f"    {server_name} server ({own * 100:.2f} % on whole photos), {edge_name} edge: "
                   f"{point.accuracy * 100:.2f} % ({(point.accuracy - own) * 100:+.2f} points against that server) "
                   f"at cost {point.cost:.3f}, {point.rule}")
+    if set(args.mirror_server) >= set(top_up_rules(cache, passes)) - {FULL}:
+        out["top_up"] = mirrored_top_up(args, cache, passes, views, cached_whole, selected, edges)
+    return out
+
+
+def mirrored_top_up(args: argparse.Namespace, cache: Path, passes: Passes, views: dict[str, np.ndarray],
+                    cached_whole: np.ndarray, selected: dict[str, np.ndarray],
+                    edges: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The top-up with the mirror-averaged server on both rounds (its answer and its own min-entropy), the
+    edge plain and flip-averaged, in-sample and held out; against that server's accuracy on whole photos."""
+    plain = top_up_rules(cache, passes)
+    mirrored: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for rule, (masks, _, _) in plain.items():
+        logits = (flip_averaged(cached_whole, views["server_mirrored"]) if rule == FULL
+                  else flip_averaged(selected[rule].astype(np.float32), views[rule]))
+        mirrored[rule] = (masks, logits.argmax(1) == passes.labels, min_entropy(logits))
+    server_ok = mirrored[FULL][1]
+    own = float(server_ok.mean())
+    pairs = top_up_pairs(mirrored)
+    out: dict[str, Any] = {"server_accuracy": own}
+    print(f"  the top-up with the mirror-averaged server ({own * 100:.2f} % on whole photos; "
+          f"{len(pairs)} pairs of rules):")
+    for edge_name, logits in edges.items():
+        variant = replace(with_edge(passes, logits), server_ok=server_ok)
+        point = server_tops_up(mirrored, variant, args.budget, pairs)
+        held = top_up_held_out(mirrored, variant, args.budget, splits=args.splits)
+        fixed = top_up_held_out(mirrored, variant, args.budget, splits=args.splits, pair=(point.first, point.second),
+                                rule="sum_threshold-0.97" if "sum_threshold-0.97" in mirrored else None)
+        medians = {f"{k}{suffix}": float(np.median([loss for loss, _ in v]))
+                   for suffix, h in (("", held), ("_pair_fixed", fixed)) for k, v in h.items()}
+        out[f"{edge_name}_edge"] = {**asdict(point), "held_out": held, "held_out_pair_fixed": fixed,
+                                    "held_out_median_points": medians}
+        print(f"    {edge_name} edge: {point.accuracy * 100:.2f} % ({(point.accuracy - own) * 100:+.2f} points) "
+              f"at cost {point.cost:.3f}, {point.sent:.1%} sent with {point.first}, {point.asked:.1%} topped up "
+              f"to {point.second}; held out (2-fold, {args.splits} splits) median {medians['top_up']:+.2f} "
+              f"(one round {medians['one_round']:+.2f}); the pair fixed {medians['top_up_pair_fixed']:+.2f} "
+              f"(one round, δ_sum 0.97 fixed, {medians['one_round_pair_fixed']:+.2f})")
     return out
 
 

@@ -336,14 +336,15 @@ def top_up_rules(cache: Path, passes: Passes) -> dict[str, tuple[np.ndarray, np.
     n = passes.num_patches
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for rule, logits in selection_logits(cache).items():
-        out[rule] = (selection_masks(cache, rule, n), logits.argmax(1) == passes.labels, _min_entropy(logits))
+        out[rule] = (selection_masks(cache, rule, n), logits.argmax(1) == passes.labels, min_entropy(logits))
     with np.load(cache / "full.npz") as full:
         whole = full["server_logits"].astype(np.float32)
-    out[FULL] = (np.ones((len(passes.labels), n), dtype=bool), whole.argmax(1) == passes.labels, _min_entropy(whole))
+    out[FULL] = (np.ones((len(passes.labels), n), dtype=bool), whole.argmax(1) == passes.labels, min_entropy(whole))
     return out
 
 
-def _min_entropy(logits: np.ndarray) -> np.ndarray:
+def min_entropy(logits: np.ndarray) -> np.ndarray:
+    """Each image's min-entropy −log2 max p from its logits (n, C), as the gates compute it."""
     return uncertainty(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), "min_entropy").numpy()
 
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from frontier_losses import _min_entropy, edge_uncertainty, find_cache, load, selection_masks
+from frontier_losses import edge_uncertainty, find_cache, load, min_entropy, selection_masks
 
-from patchcast.eval.passes import _server_on_masks, codec_round_trip
+from patchcast.eval.passes import codec_round_trip, server_on_masks
 from patchcast.progress import phase_bars
 from shared import datasets
 from shared.codecs import get_codec
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def server_ok(pixels: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         tokens = embed_all(model, datasets.normalize(torch.from_numpy(pixels), server.preprocess))
-        logits = _server_on_masks(model, tokens, masks, args.max_tokens, False)
+        logits = server_on_masks(model, tokens, masks, args.max_tokens, False)
         return logits.argmax(1) == labels, logits
 
     with torch.inference_mode(), phase_bars({"server": "server: first leg, one payload, two payloads"}) as report:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             pixels, labels = px.numpy(), passes.labels[rows]
             leg1 = codec_round_trip(pixels, first[rows], server.patch_size, codec, resolved)
             ok["first"][rows], logits = server_ok(leg1, first[rows], labels)
-            u_first[rows] = _min_entropy(logits)
+            u_first[rows] = min_entropy(logits)
             one = codec_round_trip(pixels, second[rows], server.patch_size, codec, resolved)
             two = codec_round_trip(leg1, second[rows] & ~first[rows], server.patch_size, codec, resolved)
             ok["one_payload"][rows], logits_one = server_ok(one, second[rows], labels)

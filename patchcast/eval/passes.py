@@ -104,7 +104,7 @@ def padded_groups(counts: IntArray, max_tokens: int) -> list[IntArray]:
     return groups
 
 
-def _server_on_masks(server: Any, tokens: Any, masks: BoolArray, max_tokens: int, bf16: bool) -> FloatArray:
+def server_on_masks(server: Any, tokens: Any, masks: BoolArray, max_tokens: int, bf16: bool) -> FloatArray:
     """Server logits (B, C) float32 from the kept tokens only, in padded groups with a key-padding
     mask (padding is never attended to, so each image's result is its own; see shared.subset)."""
     import torch
@@ -269,7 +269,7 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
                 masks_of[sp.id] = masks
             sel_tokens = tokens if wire is None else received_tokens(  # the kept patches as a worker decodes them
                 server_m, pixels, masks, wire, cfg.batch_size, bf16)
-            logits = _server_on_masks(server_m.model, sel_tokens, masks, cfg.max_tokens, bf16)
+            logits = server_on_masks(server_m.model, sel_tokens, masks, cfg.max_tokens, bf16)
             del sel_tokens
             spent[sp.id] = spent.get(sp.id, 0.0) + time.perf_counter() - t0
             sel_parts[sp.id]["mask"].append(np.packbits(masks, axis=1))
@@ -339,7 +339,7 @@ def expert_passes(cfg: EvalConfig, ds: Any, experts: Sequence[Any], data: Arrays
                 masks = data.masks(sp.id, rows)
                 sel_tokens = tokens if wire is None else received_tokens(
                     expert, pixels, masks, wire, cfg.batch_size, bf16)
-                logits = _server_on_masks(expert.model, sel_tokens, masks, cfg.max_tokens, bf16)
+                logits = server_on_masks(expert.model, sel_tokens, masks, cfg.max_tokens, bf16)
                 out[sp.id][e, rows] = ids[logits.argmax(axis=1)]
                 done += len(rows)
                 report("experts", done, total, f"expert {e}, {sp.id}")

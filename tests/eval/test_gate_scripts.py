@@ -109,6 +109,27 @@ def test_edge_gate_views_with_a_mirror_averaged_server(scripts: dict[str, Module
                                          f"file:{cached_eval['edge']}", "--mirror-server", *rules])
 
 
+def test_mirror_averaged_server_on_every_rule_adds_its_top_up(scripts: dict[str, ModuleType],
+                                                              cached_eval: dict[str, Path], tmp_path: Path) -> None:
+    fl = scripts["frontier_losses"]
+    cache = fl.find_cache(cached_eval["out"])
+    figures = tmp_path / "mirror-all.json"
+    models = ["--edge", f"file:{cached_eval['edge']}", "--server", f"file:{cached_eval['server']}"]
+    assert scripts["edge_gate_views"].main([*_args(cached_eval), *models, "--budget", "0.5", "--splits", "1",
+                                            "--mirror-server", "all", "--json", str(figures)]) == 0
+    got = json.loads(figures.read_text())["mirrored_server"]
+    assert set(got["rules"]) == set(fl.top_up_rules(cache, fl.load(cache))) - {fl.FULL}
+    top_up = got["top_up"]
+    own = got["mirror_averaged_server_plain_edge"]["server_accuracy"]
+    assert top_up["server_accuracy"] == pytest.approx(own, abs=1e-12)
+    for edge in ("plain", "flip_averaged"):
+        point, one_round = top_up[f"{edge}_edge"], got[f"mirror_averaged_server_{edge}_edge"]
+        assert point["cost"] <= 0.5 + 1e-12
+        # every one-round pair is among the top-up's candidates (its η on a coarser grid of sends)
+        assert point["accuracy"] >= one_round["accuracy"] - 1 / N
+        assert len(point["held_out"]["top_up"]) == 2 and len(point["held_out_pair_fixed"]["top_up"]) == 2
+
+
 def test_edge_gate_views_refuses_another_edge_than_the_evals(scripts: dict[str, ModuleType],
                                                              cached_eval: dict[str, Path]) -> None:
     with pytest.raises(SystemExit, match="differ from the cache"):
