@@ -251,12 +251,13 @@ def mirrored_top_up(args: argparse.Namespace, cache: Path, passes: Passes, views
     out: dict[str, Any] = {"server_accuracy": own}
     print(f"  the top-up with the mirror-averaged server ({own * 100:.2f} % on whole photos; "
           f"{len(pairs)} pairs of rules):")
+    fixed_rule = "sum_threshold-0.97" if "sum_threshold-0.97" in mirrored else None  # the paper's rule
     for edge_name, logits in edges.items():
         variant = replace(with_edge(passes, logits), server_ok=server_ok)
         point = server_tops_up(mirrored, variant, args.budget, pairs)
         held = top_up_held_out(mirrored, variant, args.budget, splits=args.splits)
         fixed = top_up_held_out(mirrored, variant, args.budget, splits=args.splits, pair=(point.first, point.second),
-                                rule="sum_threshold-0.97" if "sum_threshold-0.97" in mirrored else None)
+                                rule=fixed_rule)
         medians = {f"{k}{suffix}": float(np.median([loss for loss, _ in v]))
                    for suffix, h in (("", held), ("_pair_fixed", fixed)) for k, v in h.items()}
         out[f"{edge_name}_edge"] = {**asdict(point), "held_out": held, "held_out_pair_fixed": fixed,
@@ -265,7 +266,7 @@ def mirrored_top_up(args: argparse.Namespace, cache: Path, passes: Passes, views
               f"at cost {point.cost:.3f}, {point.sent:.1%} sent with {point.first}, {point.asked:.1%} topped up "
               f"to {point.second}; held out (2-fold, {args.splits} splits) median {medians['top_up']:+.2f} "
               f"(one round {medians['one_round']:+.2f}); the pair fixed {medians['top_up_pair_fixed']:+.2f} "
-              f"(one round, δ_sum 0.97 fixed, {medians['one_round_pair_fixed']:+.2f})")
+              f"(one round, {fixed_rule or 'any rule'}, {medians['one_round_pair_fixed']:+.2f})")
     return out
 
 
