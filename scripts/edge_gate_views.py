@@ -229,7 +229,7 @@ def mirrored_server(args: argparse.Namespace, cache: Path, passes: Passes,
             print(f"    {server_name} server ({own * 100:.2f} % on whole photos), {edge_name} edge: "
                   f"{point.accuracy * 100:.2f} % ({(point.accuracy - own) * 100:+.2f} points against that server) "
                   f"at cost {point.cost:.3f}, {point.rule}")
-    if set(args.mirror_server) >= set(top_up_rules(cache, passes)) - {FULL}:
+    if set(args.mirror_server) >= set(selected):  # every cached rule mirrored: the top-up can use that server
         out["top_up"] = mirrored_top_up(args, cache, passes, views, cached_whole, selected, edges)
     return out
 
