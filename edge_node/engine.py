@@ -93,19 +93,22 @@ class EdgeEngine:
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.gate = Gate(gate.kind, gate.threshold)
-        self.rule = SelectionRule(selection.rule, selection.value)
+        self.rule = SelectionRule(selection.rule, selection.value, spread=selection.spread)
         self.score_kind = selection.score
         self.offer: SelectionRule | None = None  # None with top_up: every patch is offered
         self.top_up = top_up
         if top_up and region is not None:
             raise ConfigError("edge.offload is either 'region' or 'top_up'")
         if top_up and selection.offer_rule != "all":
-            self.offer = SelectionRule(selection.offer_rule, selection.offer_value)
+            self.offer = SelectionRule(selection.offer_rule, selection.offer_value, spread=selection.spread)
         self.codec = get_codec(codec.name)
         self.codec_name = codec.name
         self.codec_params = codec_params(codec)
         self.patch_size = loaded.patch_size
         self.num_patches = loaded.num_patches
+        if selection.spread >= 2 and math.isqrt(self.num_patches) ** 2 != self.num_patches:
+            raise ConfigError(f"selection.spread needs a square patch grid; {loaded.name} has "
+                              f"{self.num_patches} patches")
         self.measure_full_bytes = measure_full_bytes
         self._normalize = Uint8Normalizer(loaded.preprocess)
         self.quality = codec.quality

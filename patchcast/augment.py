@@ -162,8 +162,9 @@ TokenPick = Literal["attention", "random"]
 
 
 def pick_tokens(kind: TokenPick, keep: int, scores: torch.Tensor | None, batch: int, num_patches: int,
-                gen: torch.Generator) -> torch.Tensor:
-    """(B, keep) patch indices: the selector's top-``keep`` by attention score, or uniformly random.
+                gen: torch.Generator, spread: int = 0) -> torch.Tensor:
+    """(B, keep) patch indices: the selector's top-``keep`` by attention score (``spread`` ≥ 2: the first
+    ``keep`` of its spread order, ``selection.spread``), or uniformly random.
 
     The random draw happens either way, so the generator's stream (and so resume) does not depend
     on which kind was picked.
@@ -173,4 +174,8 @@ def pick_tokens(kind: TokenPick, keep: int, scores: torch.Tensor | None, batch: 
         return random_order
     if scores is None:
         raise ValueError("attention token picks need selector scores")
+    if spread >= 2:
+        from shared.selection import spread_order
+
+        return torch.from_numpy(spread_order(scores.detach().double().cpu().numpy(), spread)[:, :keep].copy())
     return scores.float().topk(keep, dim=1).indices.cpu()

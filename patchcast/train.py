@@ -90,6 +90,7 @@ class TrainConfig:
     token_keep_min: float = 0.25  # smallest kept fraction when token dropout applies
     token_selector: str | None = None  # edge model whose attention picks the subset (None: random subsets)
     token_attention_share: float = 1.0  # with a selector: share of subset batches it picks (the rest random)
+    token_spread: int = 0  # with a selector: its picks in the spread order of these cells (selection.spread)
     # Region retransmission: probability that a batch trains on glances (box-downsampled by
     # glance_downscale and upsampled back, as a worker sees them), half of those with a random
     # full-resolution window of glance_window of the side in place (what a region exchange answers on).
@@ -135,6 +136,10 @@ class TrainConfig:
             raise ConfigError("distill_weight must be in [0, 1] and distill_temperature positive")
         if not 0.0 <= self.token_attention_share <= 1.0:
             raise ConfigError("token_attention_share must be in [0, 1]")
+        if self.token_spread < 0:
+            raise ConfigError("token_spread must be ≥ 0 (a cell side in patches; 0: top-k by attention)")
+        if self.token_spread and not self.token_selector:
+            raise ConfigError("token_spread orders a token selector's picks: it needs token_selector")
         if not 0.0 <= self.glance_mix <= 1.0 or not 0.0 < self.glance_window <= 1.0:
             raise ConfigError("glance_mix must be in [0, 1] and glance_window in (0, 1]")
         if self.glance_mix and (self.glance_downscale < 2 or self.arch.patch_size % self.glance_downscale):
@@ -345,7 +350,8 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> dict[str, Any
                         with torch.no_grad():
                             scores = cls_attention_scores(edge_forward(selector, normalise(unit, selector_pre))
                                                           .cls_attention)
-                    kept = pick_tokens(kind, keep, scores, len(y), num_patches, gen).to(device)
+                    kept = pick_tokens(kind, keep, scores, len(y), num_patches, gen,
+                                       cfg.token_spread).to(device)
                     assert isinstance(model, VisionTransformer)  # CNNs take no token dropout (config check)
                     logits = forward_tokens(model, gather_tokens(embed_all(model, x), kept))
                 else:

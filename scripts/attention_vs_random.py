@@ -11,6 +11,11 @@ bootstrap over images (both sides recomputed on each resample) and its 95 % inte
 ``--oracle`` adds a third ranking: the *server's own* last-block CLS attention on the full image. No
 deployment has it (the device does not run the server), so it bounds what any attention ranking could
 gain over random at this grid, on these photos, with this server.
+
+``--spread C`` adds the spread order (``selection.spread``, :func:`shared.selection.spread_order`): the same k
+patches by the edge's attention, but spread over C×C cells of the grid, the best of each cell first. Its
+control is the same order on uniformly random scores (one random patch per cell first: stratified random,
+mean over the draws), so the gain splits into what spreading gives and what attention adds to it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from shared import datasets
 from shared.attention import edge_forward
 from shared.models import build_model
 from shared.scores import cls_attention_scores
+from shared.selection import spread_order
 from shared.subset import embed_all, forward_tokens, gather_tokens
 
 
@@ -37,6 +43,38 @@ def server_correct(server: torch.nn.Module, tokens: torch.Tensor, kept: torch.Te
         logits = forward_tokens(server, gather_tokens(tokens[s:s + batch], kept[s:s + batch]))  # type: ignore[arg-type]
         out.append((logits.argmax(-1) == labels[s:s + batch]).numpy())
     return np.concatenate(out)
+
+
+def bootstrap_points(diff: np.ndarray, rng: np.random.Generator, resamples: int) -> list[float]:
+    """95 % interval (points) of the mean of a per-image difference, over image resamples."""
+    n = len(diff)
+    boot = np.array([diff[idx].mean() for idx in (rng.integers(0, n, n) for _ in range(resamples))])
+    return [100 * float(np.quantile(boot, q)) for q in (0.025, 0.975)]
+
+
+def spread_rows(r: dict[str, Any], server: torch.nn.Module, tok: torch.Tensor, score: torch.Tensor,
+                y: torch.Tensor, k: int, cell: int, rnd: np.ndarray, draws: int, gen: torch.Generator,
+                rng: np.random.Generator, resamples: int) -> None:
+    """The spread order's k patches by attention, and by random scores (stratified random), into row ``r``."""
+    def kept(s: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(spread_order(s.double().numpy(), cell)[:, :k].copy())
+
+    n, num_patches = score.shape
+    spr = server_correct(server, tok, kept(score), y)
+    strat = np.mean([server_correct(server, tok, kept(torch.rand(n, num_patches, generator=gen)), y)
+                     for _ in range(draws)], axis=0)
+    over_random, over_strat = spr.astype(np.float64) - rnd, spr.astype(np.float64) - strat
+    r.update(spread=float(spr.mean()), stratified_random=float(strat.mean()),
+             spread_diff_points=100 * float(over_random.mean()),
+             spread_ci95_points=bootstrap_points(over_random, rng, resamples),
+             spread_over_stratified_points=100 * float(over_strat.mean()),
+             spread_over_stratified_ci95_points=bootstrap_points(over_strat, rng, resamples))
+    lo, hi = r["spread_ci95_points"]
+    slo, shi = r["spread_over_stratified_ci95_points"]
+    print(f"    spread over {cell}×{cell} cells by attention: {r['spread']:.2%}, {r['spread_diff_points']:+.2f} "
+          f"points over random [{lo:+.2f}, {hi:+.2f}]; stratified random (one random patch per cell first) "
+          f"{r['stratified_random']:.2%}, attention adds {r['spread_over_stratified_points']:+.2f} "
+          f"[{slo:+.2f}, {shi:+.2f}]")
 
 
 def main() -> int:
@@ -52,6 +90,8 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--oracle", action="store_true",
                     help="also rank by the server's own attention on the full image (an upper bound, not deployable)")
+    ap.add_argument("--spread", type=int, default=0, metavar="C",
+                    help="also the spread order over C×C cells (attention, and stratified random as its control)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     edge = build_model(args.edge, role="edge")
@@ -73,6 +113,8 @@ def main() -> int:
         full = server_correct(server.model, tok, torch.arange(num_patches).expand(n, -1), y)
         gen = torch.Generator().manual_seed(args.seed)
         rng = np.random.default_rng(args.seed)
+        # the spread rows draw from their own generators: the plain rows stay those of a run without them
+        spread_gen, spread_rng = torch.Generator().manual_seed(args.seed + 1), np.random.default_rng(args.seed + 1)
         rows: list[dict[str, Any]] = []
         for f in (float(v) for v in args.fractions.split(",")):
             k = max(1, round(f * num_patches))
@@ -97,6 +139,9 @@ def main() -> int:
                          oracle_ci95_points=[olo, ohi])
                 print(f"    the server's own attention (oracle): {r['oracle']:.2%}, "
                       f"{r['oracle_diff_points']:+.2f} points over random [{olo:+.2f}, {ohi:+.2f}]")
+            if args.spread >= 2:
+                spread_rows(r, server.model, tok, score, y, k, args.spread, rnd, args.draws, spread_gen, spread_rng,
+                            args.bootstrap)
     print(f"server on full images: {full.mean():.2%} ({n} images)")
     if args.json:
         with open(args.json, "w") as fh:

@@ -88,9 +88,13 @@ class SelectionConfig:
         "topk", "edge.offload = 'top_up': the larger selection a device offers beside the patches it sends (with "
                 "them, on the same scores; all: every patch); a worker unsure on the sent ones asks for the rest")
     offer_value: float = _f(75, "k, δ or δ_sum of offer_rule (k beyond the grid: every patch)")
+    spread: int = _f(0, "which patches the rule's count keeps: 0, the highest-scoring (the paper's); c ≥ 2, spread "
+                        "over c×c cells of the grid (the best of every cell first, then the second best, ...); "
+                        "for the offer too. 2 beats both on Imagenette (docs/results.md)")
 
     def __post_init__(self) -> None:
         _check(self.offer_value > 0, "selection.offer_value must be > 0")
+        _check(self.spread >= 0, "selection.spread must be ≥ 0 (a cell side in patches; 0: by score)")
 
 
 @dataclass(frozen=True)

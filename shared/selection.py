@@ -9,6 +9,16 @@ Rules (``SelectionRule.kind``), applied to one image's scores s (N,), s_i ≥ 0:
   the comparison allows ``SUM_TOLERANCE`` of float rounding so that δ_sum = 1 keeps every patch).
 * ``random_k``: k patches uniformly at random without replacement (a score-blind baseline).
 
+Order (``SelectionRule.spread``): the rule decides *how many* patches an image keeps, the order *which*.
+``spread = 0`` (the paper's) keeps the highest-scoring ones. ``spread = c ≥ 2`` splits the square patch
+grid into c×c cells and keeps patches round by round: first the best patch of every cell, then the
+second best of every cell, and so on, within a round by score (descending). The count is the rule's
+(δ and δ_sum still count by score and mass); only the kept patches spread over the image. Measured on
+Imagenette (docs/results.md): where an object fills most of the photo, neighbouring patches carry the
+same evidence, and a cluster of the top patches tells the server less than the same number spread
+over the photo by attention. The order is a prefix order, so one image's selections at growing counts
+are nested (the top-up's offer holds the sent patches).
+
 Degenerate cases: when ``threshold``/``sum_threshold`` keep fewer than ``min_patches`` patches
 (for ``sum_threshold`` the prefix is empty when the top patch alone holds more than δ_sum), the top
 ``min(min_patches, N)`` patches are kept instead. ``min_patches=0`` allows an empty selection.
@@ -50,10 +60,14 @@ class SelectionRule:
     kind: RuleKind
     value: float
     min_patches: int = 1
+    spread: int = 0  # cell side (patches) of the spread order; 0 or 1: by score alone (the paper's)
 
     def __post_init__(self) -> None:
         if self.kind not in RULE_KINDS:
             raise ConfigError(f"unknown selection rule {self.kind!r}; expected one of {RULE_KINDS}")
+        sp = self.spread
+        if isinstance(sp, bool) or not isinstance(sp, int) or sp < 0:
+            raise ConfigError(f"spread must be an integer ≥ 0 (a cell side in patches), got {self.spread!r}")
         mp = self.min_patches
         if isinstance(mp, bool) or not isinstance(mp, int) or mp < 0:
             raise ConfigError(f"min_patches must be an integer ≥ 0, got {self.min_patches!r}")
@@ -170,6 +184,27 @@ def _kept_counts(ordered: np.ndarray, rule: SelectionRule) -> np.ndarray:
     return counts * has_mass[:, 0]
 
 
+def spread_order(scores: np.ndarray, cell: int) -> np.ndarray:
+    """(B, N) → (B, N) int64: each row's patches in the spread order of ``cell``×``cell`` cells (see the
+    module doc): by rank within the cell, then by score descending, then by index. The grid must be
+    square; cells at its far edges are smaller when ``cell`` does not divide its side."""
+    b, n = scores.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"the spread order needs a square patch grid, got {n} patches")
+    rows, cols = np.divmod(np.arange(n), side)
+    per_row = -(-side // cell)
+    cell_id = (rows // cell) * per_row + cols // cell
+    # by cell, then score descending (lexsort is stable: ties → lower index); the cells' layout in that
+    # order is the same on every row, so a patch's rank in its cell is its position minus its cell's start
+    by_cell = np.lexsort((-scores, np.broadcast_to(cell_id, scores.shape)), axis=-1)
+    sorted_ids = np.sort(cell_id, kind="stable")
+    starts = np.searchsorted(sorted_ids, np.arange(cell_id.max() + 1))
+    rank = np.empty((b, n), dtype=np.int64)
+    np.put_along_axis(rank, by_cell, (np.arange(n) - starts[sorted_ids])[None, :].repeat(b, 0), axis=1)
+    return np.lexsort((-scores, rank), axis=-1).astype(np.int64, copy=False)
+
+
 def _pairwise_sum(values: list[float], start: int, n: int) -> float:
     """numpy's sum of ``values[start:start + n]`` (float64, contiguous), the same additions in the same
     order: its pairwise summation (8 partial sums in blocks of up to 128, halves above that)."""
@@ -219,8 +254,8 @@ def select_batch(scores: np.ndarray | torch.Tensor, rule: SelectionRule, *,
                  rng: np.random.Generator | None = None) -> list[Selection]:
     """Apply ``rule`` to every row of ``scores`` (B, N). ``rng`` is used by ``random_k`` only (a fresh
     unseeded generator when ``None``). One float64 row (a device's image) takes :func:`_select_row`."""
-    if (rule.kind != "random_k" and isinstance(scores, np.ndarray) and scores.dtype == np.float64
-            and scores.ndim == 2 and scores.shape[0] == 1 and scores.shape[1] > 0):
+    if (rule.kind != "random_k" and rule.spread < 2 and isinstance(scores, np.ndarray)
+            and scores.dtype == np.float64 and scores.ndim == 2 and scores.shape[0] == 1 and scores.shape[1] > 0):
         row = scores[0].tolist()
         if all(0.0 <= v < math.inf for v in row):  # NaN fails both; otherwise _as_scores says what is wrong
             return [_select_row(row, rule)]
@@ -233,6 +268,8 @@ def select_batch(scores: np.ndarray | torch.Tensor, rule: SelectionRule, *,
     order = np.argsort(-arr, axis=1, kind="stable")  # descending; ties → lower index first
     ordered = arr[np.arange(b)[:, None], order]
     counts = np.maximum(_kept_counts(ordered, rule), min(rule.min_patches, n)).tolist()
+    if rule.spread >= 2:  # the rule counts by score; the spread order picks which
+        order = spread_order(arr, rule.spread)
     # each row: a prefix of a permutation of 0..n-1 (unique, in range), sorted into a fresh int64 array
     return [Selection._checked_by_caller(np.sort(order[i, : counts[i]]).astype(np.int64, copy=False), n)
             for i in range(b)]

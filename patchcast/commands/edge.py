@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--threshold", type=float, help="gate threshold η (gate.threshold)")
     p.add_argument("--rule", choices=["topk", "threshold", "sum_threshold", "random_k"], help="selection.rule")
     p.add_argument("--value", type=float, help="selection.value (k, δ or δ_sum)")
+    p.add_argument("--spread", type=int, metavar="C", help="keep the rule's count of patches spread over C×C cells "
+                   "of the grid, the best of each cell first (selection.spread; 0: the highest-scoring, the paper's)")
     p.add_argument("--experts", metavar="'ID=C,C,…; ID=…'",
                    help="expert routing table (routing.experts): each sent image goes to the pool whose classes "
                    "hold the most of the edge's top-k probability mass, else to --model-id")
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                models={"edge": args.edge_model, "server": args.server_model, "model_id": args.model_id},
                gate={"threshold": args.threshold},
                selection={"rule": args.rule, "value": args.value, "offer_rule": args.offer_rule,
-                          "offer_value": args.offer_value},
+                          "offer_value": args.offer_value, "spread": args.spread},
                codec={"name": args.codec, "quality": args.quality},
                routing={"experts": args.experts})
     configure(cfg.logging.format, cfg.logging.level)

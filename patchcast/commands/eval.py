@@ -56,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "--codec-param: encoded, then decoded, as a worker receives them) instead of the exact pixels; "
                    "server-only accuracy stays that of the exact full images. Costs one encode, decode and "
                    "patch embedding per image and selection")
+    p.add_argument("--spread", type=int, default=0, metavar="C",
+                   help="which patches each attention/rollout selection keeps: 0, the highest-scoring (the paper's); "
+                   "C ≥ 2, the rule's count spread over C×C cells of the grid, the best of each cell first "
+                   "(selection.spread in the service)")
     p.add_argument("--bytes-sample", type=int, default=256,
                    help="images whose selections are actually encoded to measure bytes")
     p.add_argument("--random-draws", type=int, default=1,
@@ -114,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         rollout=not args.no_rollout, server_encoder=not args.no_server_encoder, precision=args.precision,
         batch_size=args.batch_size, max_tokens=args.max_tokens, threads=args.threads, codec=args.codec,
         codec_params=_codec_params(args.codec_param), through_codec=args.through_codec,
+        spread=args.spread,
         bytes_sample=args.bytes_sample, max_loss=args.max_loss,
         random_draws=args.random_draws, bootstrap=args.bootstrap, experts=tuple(args.expert),
         expert_min_share=args.expert_min_share,

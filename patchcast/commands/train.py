@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "token dropout: the server trains on the patches that edge would send (default: random subsets)")
     p.add_argument("--token-attention-share", type=float, default=1.0,
                    help="with --token-selector: share of subset batches picked by attention (the rest random)")
+    p.add_argument("--token-spread", type=int, default=0, metavar="C",
+                   help="with --token-selector: the attention picks in the spread order over C×C cells (the "
+                   "best of each cell first), as a device with selection.spread = C sends them")
     p.add_argument("--glance-mix", type=float, default=0.0,
                    help="region retransmission: probability that a batch trains on glances (the image "
                    "box-downsampled by --glance-downscale and upsampled back, as a worker sees it), half of them "
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         token_dropout=args.token_dropout, token_keep_min=args.token_keep_min,
         token_selector=args.token_selector, token_attention_share=args.token_attention_share,
+        token_spread=args.token_spread,
         init=args.init, device=args.device, teacher=args.teacher,
         distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
         seed=args.seed, threads=args.threads, name=args.name, classes=classes, glance_mix=args.glance_mix,

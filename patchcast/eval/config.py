@@ -31,6 +31,9 @@ class EvalConfig:
     # the server sees each selection's kept patches after the codec's round trip (encode, then decode,
     # as a worker receives them) instead of the exact pixels; the server on full images stays lossless
     through_codec: bool = False
+    # which patches each score-ranked selection keeps (shared.selection): 0, the highest-scoring (the
+    # paper's); c ≥ 2, its count spread over c×c cells of the grid. Random selections match the counts.
+    spread: int = 0
     bytes_sample: int = 256
     random_draws: int = 1  # independent random-patch draws the random baseline is averaged over
     max_loss: float = 1.0  # accuracy points below server-only
@@ -55,6 +58,8 @@ class EvalConfig:
             raise ConfigError(f"sweep must be one of {sorted(GRIDS)}")
         if self.max_loss < 0:
             raise ConfigError("max_loss must be ≥ 0 points")
+        if self.spread < 0:
+            raise ConfigError("spread must be ≥ 0 (a cell side in patches; 0: by score)")
         if self.random_draws < 1:
             raise ConfigError("random_draws must be ≥ 1")
         if self.bootstrap < 0:

@@ -76,11 +76,12 @@ def autocast(bf16: bool) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
-def _select_masks(scores: FloatArray, spec: SelectionSpec, num_patches: int) -> BoolArray:
-    """(B, N) kept-patch masks for a non-random spec, through :mod:`shared.selection`."""
+def _select_masks(scores: FloatArray, spec: SelectionSpec, num_patches: int, spread: int = 0) -> BoolArray:
+    """(B, N) kept-patch masks for a non-random spec, through :mod:`shared.selection` (``spread``: its
+    order, ``SelectionRule.spread``)."""
     from shared.selection import SelectionRule, select_batch
 
-    rule = SelectionRule(spec.rule, int(spec.value) if spec.rule == "topk" else spec.value)
+    rule = SelectionRule(spec.rule, int(spec.value) if spec.rule == "topk" else spec.value, spread=spread)
     masks = np.zeros((scores.shape[0], num_patches), dtype=bool)
     for i, sel in enumerate(select_batch(scores, rule)):
         masks[i, sel.indices] = True
@@ -260,12 +261,12 @@ def compute_passes(cfg: EvalConfig, ds: Any, edge_m: Any, server_m: Any, specs: 
             if sp.score == "random":
                 twin = masks_of.get(sp.twin.id)
                 if twin is None:
-                    twin = _select_masks(scores[("edge", "attention")], sp.twin, n_patches)
+                    twin = _select_masks(scores[("edge", "attention")], sp.twin, n_patches, cfg.spread)
                 # Seeded by the spec and the chunk, so a rerun draws the same patches.
                 rng = np.random.default_rng([cfg.seed, c_start, *sp.id.encode()])
                 masks = random_matched_selection(twin.sum(axis=1), n_patches, rng)
             else:
-                masks = _select_masks(scores[(sp.encoder, sp.score)], sp, n_patches)
+                masks = _select_masks(scores[(sp.encoder, sp.score)], sp, n_patches, cfg.spread)
                 masks_of[sp.id] = masks
             sel_tokens = tokens if wire is None else received_tokens(  # the kept patches as a worker decodes them
                 server_m, pixels, masks, wire, cfg.batch_size, bf16)

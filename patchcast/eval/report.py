@@ -53,6 +53,11 @@ def report_markdown(summary: dict[str, Any], table2: str, table3: str, *, img_pr
                  f"bytes {bp['bytes_frac']:.3f}" if bp else "none")
         lines.append(f"- {what} within {summary['max_loss_points']:g} point(s) of server-only "
                      f"(≥ {pct(summary['target_accuracy'])}): {found}")
+    if summary.get("spread", 0) >= 2:
+        c = summary["spread"]
+        lines.append(f"- Order: every attention and rollout selection keeps its rule's count of patches spread over "
+                     f"{c}×{c} cells of the grid, the best of each cell first (`--spread {c}`; the paper keeps the "
+                     "highest-scoring); random selections match the counts")
     if summary.get("patch_pixels", "exact") != "exact":
         lines.append(f"- Patches: the server sees each selection's kept patches after the codec's round trip "
                      f"({summary['patch_pixels']}), as a worker decodes them; server-only is on the exact full images")

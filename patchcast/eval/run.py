@@ -85,6 +85,8 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
                  "data": data_fingerprint(ds.samples), "images": len(ds), "bf16": bf16, "seed": cfg.seed,
                  "edge_pre": edge_m.preprocess.to_json(), "server_pre": server_m.preprocess.to_json(),
                  "format": 1}
+    if cfg.spread >= 2:  # which patches every selection keeps
+        key_parts["spread"] = cfg.spread
     if cfg.through_codec:  # the selections' server passes depend on the codec's loss
         key_parts["wire"] = {"codec": cfg.codec, "params": codec_params}
     cache_root = None if not cfg.use_cache else Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
@@ -123,6 +125,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     summary["bytes"] = {"sample": len(sample), "codec": cfg.codec, "codec_params": dict(cfg.codec_params),
                         "reference_mean_bytes": float(np.mean(full_bytes)),
                         "jpeg_file_mean_bytes": file_bytes}
+    summary["spread"] = cfg.spread
     summary["patch_pixels"] = f"{cfg.codec} {codec_params} round trip" if cfg.through_codec else "exact"
     summary["threads"] = threads
     summary["compute_s"] = round(data.compute_seconds, 1)

@@ -375,3 +375,81 @@ def test_one_row_in_python_at_the_exact_sum_threshold_boundary() -> None:
             two = select_batch(np.vstack([x, x]), rule)[0]
             assert np.array_equal(one.indices, two.indices), (n, i)
     assert hits > 500
+
+
+# --- the spread order -------------------------------------------------------------------------------
+
+# A 4×4 grid in 2×2 cells: cell 0 = patches {0, 1, 4, 5}, cell 1 = {2, 3, 6, 7}, cell 2 = {8, 9, 12, 13},
+# cell 3 = {10, 11, 14, 15}. The four best patches all lie in cell 0.
+GRID = np.array([0.20, 0.15, 0.01, 0.02,
+                 0.18, 0.16, 0.03, 0.04,
+                 0.05, 0.06, 0.01, 0.02,
+                 0.03, 0.01, 0.02, 0.01])
+
+
+def test_spread_keeps_the_best_patch_of_every_cell_first() -> None:
+    assert kept(GRID, "topk", 4) == [0, 1, 4, 5]  # by score: a cluster in cell 0
+    # the best of each cell: 0 (0.20), 7 (0.04), 9 (0.06), and 11 of cell 3 (0.02, tied with 14: lower index)
+    assert select(GRID, SelectionRule("topk", 4, spread=2)).indices.tolist() == [0, 7, 9, 11]
+    # a fifth: the best second of any cell, 4 (0.18; then 8 at 0.05, 6 at 0.03, 14 at 0.02)
+    assert select(GRID, SelectionRule("topk", 5, spread=2)).indices.tolist() == [0, 4, 7, 9, 11]
+
+
+def test_spread_order_is_round_by_round_then_by_score() -> None:
+    from shared.selection import spread_order
+
+    order = spread_order(GRID[None], 2)[0].tolist()
+    # round 1 by score: 0 (0.20, cell 0), 9 (0.06, cell 2), 7 (0.04, cell 1), 11 (0.02, cell 3)
+    assert order[:4] == [0, 9, 7, 11]
+    assert order[4:8] == [4, 8, 6, 14]  # round 2: 0.18, 0.05, 0.03, 0.02 (cell 3's second best)
+    assert sorted(order) == list(range(16))
+
+
+def test_spread_counts_as_the_rule_does() -> None:
+    for kind, value in (("topk", 6), ("threshold", 0.05), ("sum_threshold", 0.8)):
+        plain = select(GRID, SelectionRule(kind, value))  # type: ignore[arg-type]
+        spread = select(GRID, SelectionRule(kind, value, spread=2))  # type: ignore[arg-type]
+        assert spread.num_kept == plain.num_kept
+        assert spread != plain  # the same count, other patches
+
+
+def test_spread_one_and_zero_are_the_papers_order() -> None:
+    for spread in (0, 1):
+        assert select(GRID, SelectionRule("topk", 4, spread=spread)).indices.tolist() == [0, 1, 4, 5]
+
+
+def test_spread_needs_a_square_grid() -> None:
+    with pytest.raises(ValueError, match="square"):
+        select(np.full(12, 1 / 12), SelectionRule("topk", 3, spread=2))
+
+
+@pytest.mark.parametrize("spread", [-1, 2.0, True, "2"])
+def test_spread_is_validated(spread: object) -> None:
+    with pytest.raises(ConfigError, match="spread"):
+        SelectionRule("topk", 3, spread=spread)  # type: ignore[arg-type]
+
+
+@PROPS
+@given(st.integers(2, 12), st.integers(2, 5), st.integers(0, 10_000))
+def test_spread_order_properties(side: int, cell: int, seed: int) -> None:
+    from shared.selection import spread_order
+
+    n = side * side
+    s = np.random.default_rng(seed).random((3, n))
+    s[:, : n // 3] = s[:, : n // 3].round(1)  # some ties
+    order = spread_order(s, cell)
+    per_row = -(-side // cell)
+    cell_of = lambda i: (i // side // cell) * per_row + (i % side) // cell  # noqa: E731
+    for b in range(3):
+        assert sorted(order[b].tolist()) == list(range(n))  # a permutation
+        first = order[b, : per_row * per_row].tolist()
+        assert sorted(cell_of(i) for i in first) == list(range(per_row * per_row))  # one per cell ...
+        for i in first:  # ... its best (ties: the lower index)
+            mates = [j for j in range(n) if cell_of(j) == cell_of(i)]
+            assert i == min(mates, key=lambda j: (-s[b, j], j))
+        # nested: a larger k keeps what a smaller one keeps
+        small = select(s[b], SelectionRule("topk", max(1, n // 4), spread=cell))
+        large = select(s[b], SelectionRule("topk", max(1, n // 2), spread=cell))
+        assert set(small.indices.tolist()) <= set(large.indices.tolist())
+    rule = SelectionRule("sum_threshold", 0.7, spread=cell)
+    assert select_batch(s, rule) == [select(s[b], rule) for b in range(3)]

@@ -133,3 +133,22 @@ def test_top_up_and_region_offload_exclude_each_other(edge: LoadedModel) -> None
 
     with pytest.raises(ConfigError, match="either"):
         EdgeEngine(edge, GateConfig(), SelectionConfig(), CodecConfig(), region=RegionConfig(), top_up=True)
+
+
+def test_spread_selects_and_offers_in_the_spread_order(edge: LoadedModel) -> None:
+    """selection.spread: the sent patches and the top-up's offer are the spread order's prefixes on the same
+    scores, so the offer holds the sent patches."""
+    samples = _samples(6)
+    selection = SelectionConfig(rule="topk", value=16, offer_rule="topk", offer_value=32, spread=2)
+    engine = EdgeEngine(edge, GateConfig(threshold=0.0), selection, CodecConfig(), top_up=True)  # sends all
+    decisions = engine.run(samples)
+    scores = scores_float64(engine.forward(engine.images([engine.pixels(s) for s in samples])), "attention")
+    differs = 0
+    for i, d in enumerate(decisions):
+        assert d.send and d.indices is not None and d.offer is not None
+        sent = select_batch(scores[i:i + 1], SelectionRule("topk", 16, spread=2))[0].indices
+        np.testing.assert_array_equal(d.indices, sent)
+        np.testing.assert_array_equal(d.offer, select_batch(scores[i:i + 1], SelectionRule("topk", 32, spread=2))[0]
+                                      .indices)
+        differs += not np.array_equal(sent, select_batch(scores[i:i + 1], SelectionRule("topk", 16))[0].indices)
+    assert differs > 0  # not the paper's top-16 on these images

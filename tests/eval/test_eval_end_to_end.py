@@ -413,3 +413,34 @@ def test_through_codec_covers_the_specialists(setup: dict[str, Path], tmp_path: 
     assert all(np.array_equal(answers["exact"][k], answers["lossless"][k]) for k in answers["exact"])
     assert any(len(set(a.tolist())) == 2 for a in answers["exact"].values())  # both classes answered
     assert any(not np.array_equal(answers["exact"][k], answers["lossy"][k]) for k in answers["exact"])
+
+
+def test_spread_keeps_the_counts_and_spreads_the_patches(setup: dict[str, Path], tmp_path: Path) -> None:
+    """``--spread 2``: every attention selection keeps as many patches as without it, the spread order's
+    (recomputed here with shared.selection from the cached scores), in a cache of its own."""
+    from shared.selection import SelectionRule, select
+
+    cache = tmp_path / "cache"
+    plain, spread = tmp_path / "plain", tmp_path / "spread"
+    common = ("--no-plots", "--no-rollout", "--no-server-encoder", "--cache-dir", str(cache))
+    assert main(_args(setup, plain, *common)) == 0
+    assert main(_args(setup, spread, *common, "--spread", "2")) == 0
+    assert json.loads((spread / "summary.json").read_text())["spread"] == 2
+    assert "spread over 2×2 cells" in (spread / "report.md").read_text()
+    plain_dir, spread_dir = sorted(cache.iterdir(), key=lambda d: d.stat().st_mtime)
+    with np.load(plain_dir / "full.npz") as z:
+        scores = z["edge_attention"]
+    differs = 0
+    for name, rule in (("sum_threshold-0.8", SelectionRule("sum_threshold", 0.8, spread=2)),
+                       ("topk-16", SelectionRule("topk", 16, spread=2))):
+        masks = {}
+        for which, folder in (("plain", plain_dir), ("spread", spread_dir)):
+            with np.load(folder / f"sel-edge-attention-{name}.npz") as z:
+                masks[which] = np.unpackbits(z["mask"], axis=1, count=64).astype(bool)
+        np.testing.assert_array_equal(masks["plain"].sum(1), masks["spread"].sum(1))
+        for i in range(40):
+            np.testing.assert_array_equal(np.flatnonzero(masks["spread"][i]), select(scores[i], rule).indices)
+        differs += int((masks["plain"] != masks["spread"]).any(1).sum())
+        with np.load(spread_dir / f"sel-edge-random-{name}.npz") as z:  # random twins: the same counts
+            np.testing.assert_array_equal(np.unpackbits(z["mask"], axis=1, count=64).sum(1), masks["plain"].sum(1))
+    assert differs > 0

@@ -194,3 +194,37 @@ def test_two_legs_through_jpeg_and_its_refusals(scripts: dict[str, ModuleType], 
         with pytest.raises(SystemExit) as exit_:  # argparse's error: a usage message, status 2
             legs.main([*common, *bad])
         assert exit_.value.code == 2
+
+
+def test_attention_vs_random_spread_rows(cached_eval: dict[str, Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``attention_vs_random.py --spread 2``: the plain rows are those of a run without it (their own
+    random draws), and with every patch kept each order is the server on the whole image."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        avr = importlib.import_module("attention_vs_random")
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    base = ["attention_vs_random.py", "--data", str(cached_eval["data"]), "--edge", f"file:{cached_eval['edge']}",
+            "--server", f"file:{cached_eval['server']}", "--fractions", "0.25,0.5,1.0", "--draws", "3",
+            "--bootstrap", "20", "--threads", "1"]
+    runs = {}
+    for name, extra in (("plain", []), ("spread", ["--spread", "2"])):
+        monkeypatch.setattr(sys, "argv", [*base, *extra, "--json", str(tmp_path / f"{name}.json")])
+        assert avr.main() == 0
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    keys = ("k", "attention", "random", "diff_points", "ci95_points")
+    assert [{k: r[k] for k in keys} for r in runs["plain"]["rows"]] == \
+        [{k: r[k] for k in keys} for r in runs["spread"]["rows"]]
+    assert all("spread" not in r for r in runs["plain"]["rows"])
+    quarter, half, whole = runs["spread"]["rows"]
+    assert quarter["k"] == 4 and whole["k"] == 16  # 4×4 patches: at k = 4, one per 2×2 cell
+    full = runs["spread"]["server_full"]
+    assert whole["spread"] == whole["stratified_random"] == whole["attention"] == full
+    for r in (quarter, half):
+        assert 0.0 <= r["spread"] <= 1.0 and 0.0 <= r["stratified_random"] <= 1.0
+        assert r["spread_diff_points"] == pytest.approx(100 * (r["spread"] - r["random"]), abs=1e-9)
+        assert r["spread_over_stratified_points"] == pytest.approx(100 * (r["spread"] - r["stratified_random"]),
+                                                                   abs=1e-9)
+        lo, hi = r["spread_ci95_points"]
+        assert lo <= r["spread_diff_points"] <= hi

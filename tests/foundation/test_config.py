@@ -43,6 +43,8 @@ def test_unknown_section_is_rejected(tmp_path: Path) -> None:
     ("[gate]\nkind = 'renyi'\n", "gate.kind: 'renyi' is not one of"),
     ("[codec]\nquality = 0\n", "codec.quality must be in"),
     ("[edge]\ndevices = 0\n", "edge.devices must be"),
+    ("[selection]\nspread = -2\n", "selection.spread must be"),
+    ("[selection]\nspread = 1.5\n", "selection.spread: expected an integer"),
     ("not toml = = 1", "not valid TOML"),
 ])
 def test_invalid_values_are_rejected(tmp_path: Path, text: str, message: str) -> None:

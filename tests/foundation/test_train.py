@@ -102,6 +102,19 @@ def test_pick_tokens_takes_the_selector_top_k_or_a_random_subset() -> None:
         pick_tokens("attention", 2, None, 2, 4, torch.Generator())
 
 
+def test_pick_tokens_in_the_spread_order() -> None:
+    """``spread``: the selector's picks are the device's ``selection.spread`` selection (2×2 cells of a 4×4
+    grid: the top 4 patches all in one cell, the spread picks one per cell)."""
+    from shared.selection import SelectionRule, select
+
+    scores = torch.tensor([[0.20, 0.15, 0.01, 0.02, 0.18, 0.16, 0.03, 0.04,
+                            0.05, 0.06, 0.01, 0.02, 0.03, 0.01, 0.02, 0.01]])
+    picked = pick_tokens("attention", 4, scores, 1, 16, torch.Generator().manual_seed(0), spread=2)
+    assert sorted(picked[0].tolist()) == select(scores[0].double(), SelectionRule("topk", 4, spread=2)).indices.tolist()
+    assert sorted(picked[0].tolist()) == [0, 7, 9, 11]
+    assert sorted(pick_tokens("attention", 4, scores, 1, 16, torch.Generator())[0].tolist()) == [0, 1, 4, 5]
+
+
 def test_attention_guided_token_dropout_and_fine_tuning(toy_data: Path, tmp_path: Path) -> None:
     edge = train(_cfg(toy_data, tmp_path / "edge", epochs=2))
     assert edge["machine"]["device"] == "cpu"
