@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from shared import datasets
 from shared.models import Preprocess
 from shared.region import from_patches, to_patches, window_side
+from shared.selection import spread_order
 
 
 def decode_all(ds: datasets.Dataset, pre: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +176,5 @@ def pick_tokens(kind: TokenPick, keep: int, scores: torch.Tensor | None, batch: 
     if scores is None:
         raise ValueError("attention token picks need selector scores")
     if spread >= 2:
-        from shared.selection import spread_order
-
         return torch.from_numpy(spread_order(scores.detach().double().cpu().numpy(), spread)[:, :keep].copy())
     return scores.float().topk(keep, dim=1).indices.cpu()

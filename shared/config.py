@@ -90,7 +90,8 @@ class SelectionConfig:
     offer_value: float = _f(75, "k, δ or δ_sum of offer_rule (k beyond the grid: every patch)")
     spread: int = _f(0, "which patches the rule's count keeps: 0, the highest-scoring (the paper's); c ≥ 2, spread "
                         "over c×c cells of the grid (the best of every cell first, then the second best, ...); "
-                        "for the offer too. 2 beats both on Imagenette (docs/results.md)")
+                        "for the offer too. On Imagenette 2 beats random and the paper's order at few patches, not at "
+                        "most (docs/results.md)")
 
     def __post_init__(self) -> None:
         _check(self.offer_value > 0, "selection.offer_value must be > 0")
