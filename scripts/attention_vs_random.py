@@ -122,8 +122,7 @@ def main() -> int:
             rnd = np.mean([server_correct(server.model, tok, torch.rand(n, num_patches, generator=gen)
                                           .argsort(1)[:, :k], y) for _ in range(args.draws)], axis=0)
             diff = att.astype(np.float64) - rnd
-            boot = np.array([diff[idx].mean() for idx in (rng.integers(0, n, n) for _ in range(args.bootstrap))])
-            lo, hi = (100 * float(np.quantile(boot, q)) for q in (0.025, 0.975))
+            lo, hi = bootstrap_points(diff, rng, args.bootstrap)
             rows.append({"fraction": f, "k": k, "attention": float(att.mean()), "random": float(rnd.mean()),
                          "diff_points": 100 * float(diff.mean()), "ci95_points": [lo, hi]})
             r = rows[-1]
@@ -133,8 +132,7 @@ def main() -> int:
             if oracle is not None:
                 top = server_correct(server.model, tok, oracle.topk(k, dim=1).indices, y)
                 odiff = top.astype(np.float64) - rnd
-                oboot = np.array([odiff[idx].mean() for idx in (rng.integers(0, n, n) for _ in range(args.bootstrap))])
-                olo, ohi = (100 * float(np.quantile(oboot, q)) for q in (0.025, 0.975))
+                olo, ohi = bootstrap_points(odiff, rng, args.bootstrap)
                 r.update(oracle=float(top.mean()), oracle_diff_points=100 * float(odiff.mean()),
                          oracle_ci95_points=[olo, ohi])
                 print(f"    the server's own attention (oracle): {r['oracle']:.2%}, "
