@@ -15,7 +15,9 @@ gain over random at this grid, on these photos, with this server.
 ``--spread C`` adds the spread order (``selection.spread``, :func:`shared.selection.spread_order`): the same k
 patches by the edge's attention, but spread over C×C cells of the grid, the best of each cell first. Its
 control is the same order on uniformly random scores (one random patch per cell first: stratified random,
-mean over the draws), so the gain splits into what spreading gives and what attention adds to it.
+mean over the draws), so the gain splits into what spreading gives and what attention adds to it. With
+``--oracle`` too, the server's own attention is also taken in the spread order: what a perfect edge would
+give in that order.
 """
 
 from __future__ import annotations
@@ -77,6 +79,20 @@ def spread_rows(r: dict[str, Any], server: torch.nn.Module, tok: torch.Tensor, s
           f"[{slo:+.2f}, {shi:+.2f}]")
 
 
+def oracle_spread_row(r: dict[str, Any], server: torch.nn.Module, tok: torch.Tensor, oracle: torch.Tensor,
+                      y: torch.Tensor, k: int, cell: int, rnd: np.ndarray, rng: np.random.Generator,
+                      resamples: int) -> None:
+    """The spread order's k patches by the server's own attention (a perfect edge's ranking), into row ``r``."""
+    kept = torch.from_numpy(spread_order(oracle.double().numpy(), cell)[:, :k].copy())
+    ospr = server_correct(server, tok, kept, y)
+    diff = ospr.astype(np.float64) - rnd
+    r.update(oracle_spread=float(ospr.mean()), oracle_spread_diff_points=100 * float(diff.mean()),
+             oracle_spread_ci95_points=bootstrap_points(diff, rng, resamples))
+    lo, hi = r["oracle_spread_ci95_points"]
+    print(f"    spread by the server's own attention (oracle): {r['oracle_spread']:.2%}, "
+          f"{r['oracle_spread_diff_points']:+.2f} points over random [{lo:+.2f}, {hi:+.2f}]")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="imagenette2/val.tar", help="labelled test images")
@@ -115,6 +131,7 @@ def main() -> int:
         rng = np.random.default_rng(args.seed)
         # the spread rows draw from their own generators: the plain rows stay those of a run without them
         spread_gen, spread_rng = torch.Generator().manual_seed(args.seed + 1), np.random.default_rng(args.seed + 1)
+        oracle_spread_rng = np.random.default_rng(args.seed + 2)  # likewise: the spread rows stay as without --oracle
         rows: list[dict[str, Any]] = []
         for f in (float(v) for v in args.fractions.split(",")):
             k = max(1, round(f * num_patches))
@@ -140,6 +157,9 @@ def main() -> int:
             if args.spread >= 2:
                 spread_rows(r, server.model, tok, score, y, k, args.spread, rnd, args.draws, spread_gen, spread_rng,
                             args.bootstrap)
+                if oracle is not None:
+                    oracle_spread_row(r, server.model, tok, oracle, y, k, args.spread, rnd, oracle_spread_rng,
+                                      args.bootstrap)
     print(f"server on full images: {full.mean():.2%} ({n} images)")
     if args.json:
         with open(args.json, "w") as fh:

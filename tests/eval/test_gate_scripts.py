@@ -209,7 +209,7 @@ def test_attention_vs_random_spread_rows(cached_eval: dict[str, Path], tmp_path:
             "--server", f"file:{cached_eval['server']}", "--fractions", "0.25,0.5,1.0", "--draws", "3",
             "--bootstrap", "20", "--threads", "1"]
     runs = {}
-    for name, extra in (("plain", []), ("spread", ["--spread", "2"])):
+    for name, extra in (("plain", []), ("spread", ["--spread", "2"]), ("oracle", ["--spread", "2", "--oracle"])):
         monkeypatch.setattr(sys, "argv", [*base, *extra, "--json", str(tmp_path / f"{name}.json")])
         assert avr.main() == 0
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
@@ -228,3 +228,14 @@ def test_attention_vs_random_spread_rows(cached_eval: dict[str, Path], tmp_path:
                                                                    abs=1e-9)
         lo, hi = r["spread_ci95_points"]
         assert lo <= r["spread_diff_points"] <= hi
+    # --oracle adds the server's own attention in both orders and leaves the spread rows as they were
+    spread_keys = ("spread", "stratified_random", "spread_diff_points", "spread_ci95_points",
+                   "spread_over_stratified_points", "spread_over_stratified_ci95_points")
+    assert [{k: r[k] for k in spread_keys} for r in runs["spread"]["rows"]] == \
+        [{k: r[k] for k in spread_keys} for r in runs["oracle"]["rows"]]
+    o_quarter, o_half, o_whole = runs["oracle"]["rows"]
+    assert o_whole["oracle_spread"] == o_whole["oracle"] == full
+    for r in (o_quarter, o_half):
+        assert r["oracle_spread_diff_points"] == pytest.approx(100 * (r["oracle_spread"] - r["random"]), abs=1e-9)
+        lo, hi = r["oracle_spread_ci95_points"]
+        assert lo <= r["oracle_spread_diff_points"] <= hi
