@@ -1,5 +1,6 @@
 """scripts/edge_gate_views.py and scripts/top_up_two_legs.py on a tiny cached eval: their figures
-against ``frontier_losses.py``'s on the same cache, and their refusals."""
+against ``frontier_losses.py``'s on the same cache, and their refusals; attention_vs_random.py's and
+spread_cell_sweep.py's rows."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def scripts() -> Iterator[dict[str, ModuleType]]:
     sys.path.insert(0, str(SCRIPTS))
     try:
         yield {name: importlib.import_module(name) for name in ("frontier_losses", "edge_gate_views",
-                                                                 "top_up_two_legs")}
+                                                                 "top_up_two_legs", "spread_cell_sweep")}
     finally:
         sys.path.remove(str(SCRIPTS))
 
@@ -239,3 +240,64 @@ def test_attention_vs_random_spread_rows(cached_eval: dict[str, Path], tmp_path:
         assert r["oracle_spread_diff_points"] == pytest.approx(100 * (r["oracle_spread"] - r["random"]), abs=1e-9)
         lo, hi = r["oracle_spread_ci95_points"]
         assert lo <= r["oracle_spread_diff_points"] <= hi
+
+
+def test_hybrid_order_hand_worked(scripts: dict[str, ModuleType]) -> None:
+    """4×4 grid, 2×2 cells: each cell's best patch first (by score), then every other patch by score."""
+    scores = np.array([[16, 15, 2, 1,
+                        14, 13, 3, 4,
+                        5, 6, 12, 11,
+                        7, 8, 10, 9]], dtype=np.float64)
+    hybrid = scripts["spread_cell_sweep"].hybrid_order(scores, 2)
+    # cell bests: 16 (index 0), 4 (7), 8 (13), 12 (10); by score: 0, 10, 13, 7
+    # the rest by score: 15 (1), 14 (4), 13 (5), 11 (11), 10 (14), 9 (15), 7 (12), 6 (9), 5 (8), 3 (6), 2 (2), 1 (3)
+    assert hybrid.tolist() == [[0, 10, 13, 7, 1, 4, 5, 11, 14, 15, 12, 9, 8, 6, 2, 3]]
+    # with one cell the whole grid, the order is top-k; every row a permutation
+    rng = np.random.default_rng(0)
+    batch = rng.random((6, 16))
+    orders = scripts["spread_cell_sweep"].orders(batch, [2, 4])
+    np.testing.assert_array_equal(orders["hybrid4"], orders["topk"])
+    np.testing.assert_array_equal(orders["topk"], np.argsort(-batch, axis=1, kind="stable"))
+    for order in orders.values():
+        np.testing.assert_array_equal(np.sort(order, axis=1), np.tile(np.arange(16), (6, 1)))
+
+
+def test_spread_cell_sweep_rows(scripts: dict[str, ModuleType], cached_eval: dict[str, Path], tmp_path: Path) -> None:
+    """The sweep's figures: with every patch kept each order is the server on the whole image; its spread and
+    top-k rows are attention_vs_random.py's on the same photos (the same random draws too)."""
+    out = tmp_path / "sweep.json"
+    common = ["--data", str(cached_eval["data"]), "--edge", f"file:{cached_eval['edge']}",
+              "--server", f"file:{cached_eval['server']}", "--draws", "2", "--threads", "1"]
+    assert scripts["spread_cell_sweep"].main([*common, "--cells", "2,3", "--fractions", "0.25,1.0",
+                                              "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    quarter, whole = got["rows"]
+    assert set(quarter["orders"]) == {"topk", "spread2", "hybrid2", "spread3", "hybrid3"}
+    assert all(o["accuracy"] == got["server_full"] for o in whole["orders"].values())
+    assert whole["random"] == got["server_full"]
+    for o in quarter["orders"].values():
+        assert o["over_random_points"] == pytest.approx(100 * (o["accuracy"] - quarter["random"]), abs=1e-9)
+    assert got["best"] in quarter["orders"]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        avr = importlib.import_module("attention_vs_random")
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    avr_json = tmp_path / "avr.json"
+    argv = ["attention_vs_random.py", *common, "--fractions", "0.25", "--spread", "2", "--bootstrap", "5",
+            "--json", str(avr_json)]
+    saved, sys.argv = sys.argv, argv
+    try:
+        assert avr.main() == 0
+    finally:
+        sys.argv = saved
+    row = json.loads(avr_json.read_text())["rows"][0]
+    assert quarter["orders"]["topk"]["accuracy"] == row["attention"]
+    assert quarter["orders"]["spread2"]["accuracy"] == row["spread"]
+    assert quarter["random"] == pytest.approx(row["random"], abs=1e-12)
+
+
+def test_spread_cell_sweep_refuses_cell_one(scripts: dict[str, ModuleType]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        scripts["spread_cell_sweep"].main(["--cells", "1,2"])
+    assert exit_.value.code == 2
