@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from attention_vs_random import server_correct
 from patchcast.progress import phase_bars
 from shared import datasets
 from shared.attention import edge_forward
+from shared.errors import PatchCastError
 from shared.models import build_model
 from shared.scores import cls_attention_scores
 from shared.selection import spread_order
@@ -59,16 +61,24 @@ def orders(scores: np.ndarray, cells: list[int]) -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="imagenette2/train.tar", help="the photos to choose on (not the test set)")
-    ap.add_argument("--edge", default="zoo:imagenette-edge")
-    ap.add_argument("--server", default="zoo:imagenette-server")
+    ap.add_argument("--edge", default="zoo:imagenette-edge", help="the edge model (its attention ranks the patches)")
+    ap.add_argument("--server", default="zoo:imagenette-server", help="the server model (it classifies the subsets)")
     ap.add_argument("--cells", default="2,3,4,5", help="cell sides c to try (patches)")
     ap.add_argument("--fractions", default="0.25,0.5", help="kept fractions (k = round(f·N))")
     ap.add_argument("--draws", type=int, default=3, help="random draws per photo and k")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
-    cells = [int(c) for c in args.cells.split(",")]
+    try:
+        cells = [int(c) for c in args.cells.split(",")]
+        fractions = [float(v) for v in args.fractions.split(",")]
+    except ValueError as exc:
+        ap.error(f"--cells and --fractions take comma-separated numbers: {exc}")
+    if not all(0 < f <= 1 for f in fractions):
+        ap.error("--fractions: every fraction must be in (0, 1]")
+    if args.draws < 1:
+        ap.error("--draws must be ≥ 1")
     if any(c < 2 for c in cells):
         ap.error("--cells: every cell side must be ≥ 2 (1 is the top-k order, always measured)")
     torch.set_num_threads(args.threads)
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         full = float(server_correct(server.model, tok, torch.arange(num_patches).expand(n, -1), y).mean())
         gen = torch.Generator().manual_seed(args.seed)
         rows: list[dict[str, Any]] = []
-        for f in (float(v) for v in args.fractions.split(",")):
+        for f in fractions:
             k = max(1, round(f * num_patches))
             rnd = float(np.mean([server_correct(server.model, tok, torch.rand(n, num_patches, generator=gen)
                                                 .argsort(1)[:, :k], y).mean() for _ in range(args.draws)]))
@@ -113,4 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        sys.exit(main())
+    except PatchCastError as exc:  # an unknown model, a missing data file: said, not a traceback
+        sys.exit(f"error: {exc.message}")

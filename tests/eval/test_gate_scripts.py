@@ -297,7 +297,12 @@ def test_spread_cell_sweep_rows(scripts: dict[str, ModuleType], cached_eval: dic
     assert quarter["random"] == pytest.approx(row["random"], abs=1e-12)
 
 
-def test_spread_cell_sweep_refuses_cell_one(scripts: dict[str, ModuleType]) -> None:
+@pytest.mark.parametrize("bad", [["--cells", "1,2"], ["--cells", "2,x"], ["--fractions", "0,0.5"],
+                                 ["--fractions", "1.5"], ["--draws", "0"]])
+def test_spread_cell_sweep_refuses_bad_arguments(scripts: dict[str, ModuleType], bad: list[str],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any model or photo is loaded: a usage error (exit 2), not a traceback."""
     with pytest.raises(SystemExit) as exit_:
-        scripts["spread_cell_sweep"].main(["--cells", "1,2"])
+        scripts["spread_cell_sweep"].main(bad)
     assert exit_.value.code == 2
+    assert "error:" in capsys.readouterr().err
