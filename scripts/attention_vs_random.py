@@ -16,8 +16,8 @@ gain over random at this grid, on these photos, with this server.
 patches by the edge's attention, but spread over C×C cells of the grid, the best of each cell first. Its
 control is the same order on uniformly random scores (one random patch per cell first: stratified random,
 mean over the draws), so the gain splits into what spreading gives and what attention adds to it. With
-``--oracle`` too, the server's own attention is also taken in the spread order: what a perfect edge would
-give in that order.
+``--oracle`` too, the server's own attention is also taken in the spread order: what an edge that looked
+where the server looks would pick in that order.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def spread_rows(r: dict[str, Any], server: torch.nn.Module, tok: torch.Tensor, s
 def oracle_spread_row(r: dict[str, Any], server: torch.nn.Module, tok: torch.Tensor, oracle: torch.Tensor,
                       y: torch.Tensor, k: int, cell: int, rnd: np.ndarray, rng: np.random.Generator,
                       resamples: int) -> None:
-    """The spread order's k patches by the server's own attention (a perfect edge's ranking), into row ``r``."""
+    """The spread order's k patches by the server's own attention (an edge that looked where the server
+    looks), into row ``r``."""
     kept = torch.from_numpy(spread_order(oracle.double().numpy(), cell)[:, :k].copy())
     ospr = server_correct(server, tok, kept, y)
     diff = ospr.astype(np.float64) - rnd
