@@ -29,12 +29,34 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchcast.progress import phase_bars
 from shared import datasets
 from shared.attention import edge_forward
-from shared.models import build_model
+from shared.models import LoadedModel, build_model
 from shared.scores import cls_attention_scores
 from shared.selection import spread_order
 from shared.subset import embed_all, forward_tokens, gather_tokens
+
+
+def photo_passes(edge: LoadedModel, server: LoadedModel, ds: datasets.Dataset, *, oracle: bool = False,
+                 batch: int = 500) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One pass over the photos (progress on stderr): the edge's CLS attention scores (B, N), the server's
+    own ones when ``oracle`` (its model built with its attention readable), the labels, and the server's
+    patch-embedded tokens (CLS + N, for :func:`shared.subset.gather_tokens`)."""
+    scores, oracle_scores, labels, tokens = [], [], [], []
+    batches = -(-len(ds) // batch)
+    with phase_bars({"embed": "edge attention and server embeddings"}) as report:
+        for i, (px, y) in enumerate(datasets.iter_batches(ds, edge.preprocess, batch)):
+            out = edge_forward(edge.model, datasets.normalize(px, edge.preprocess))
+            scores.append(cls_attention_scores(out.cls_attention).float())
+            labels.append(y)
+            tokens.append(embed_all(server.model, datasets.normalize(px, server.preprocess)))
+            if oracle:
+                sout = edge_forward(server.model, datasets.normalize(px, server.preprocess))
+                oracle_scores.append(cls_attention_scores(sout.cls_attention).float())
+            report("embed", i + 1, batches, "")
+    return (torch.cat(scores), torch.cat(oracle_scores) if oracle_scores else None, torch.cat(labels),
+            torch.cat(tokens))
 
 
 def server_correct(server: torch.nn.Module, tokens: torch.Tensor, kept: torch.Tensor, labels: torch.Tensor,
@@ -114,18 +136,8 @@ def main() -> int:
     edge = build_model(args.edge, role="edge")
     server = build_model(args.server, role="edge" if args.oracle else "server")  # "edge": its attention readable
     ds = datasets.load(args.data)
-    scores, oracle_scores, labels, tokens = [], [], [], []
     with torch.inference_mode():
-        for px, y in datasets.iter_batches(ds, edge.preprocess, 500):
-            out = edge_forward(edge.model, datasets.normalize(px, edge.preprocess))
-            scores.append(cls_attention_scores(out.cls_attention).float())
-            labels.append(y)
-            tokens.append(embed_all(server.model, datasets.normalize(px, server.preprocess)))
-            if args.oracle:
-                sout = edge_forward(server.model, datasets.normalize(px, server.preprocess))
-                oracle_scores.append(cls_attention_scores(sout.cls_attention).float())
-        score, y, tok = torch.cat(scores), torch.cat(labels), torch.cat(tokens)
-        oracle = torch.cat(oracle_scores) if oracle_scores else None
+        score, oracle, y, tok = photo_passes(edge, server, ds, oracle=args.oracle)
         n, num_patches = len(y), score.shape[1]
         full = server_correct(server.model, tok, torch.arange(num_patches).expand(n, -1), y)
         gen = torch.Generator().manual_seed(args.seed)

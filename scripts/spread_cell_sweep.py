@@ -27,16 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from attention_vs_random import server_correct
+from attention_vs_random import photo_passes, server_correct
 
-from patchcast.progress import phase_bars
 from shared import datasets
-from shared.attention import edge_forward
 from shared.errors import PatchCastError
 from shared.models import build_model
-from shared.scores import cls_attention_scores
 from shared.selection import spread_order
-from shared.subset import embed_all
 
 
 def hybrid_order(scores: np.ndarray, cell: int) -> np.ndarray:
@@ -86,16 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     server = build_model(args.server, role="server")
     ds = datasets.load(args.data)
     started = time.monotonic()
-    scores, labels, tokens = [], [], []
-    batches = -(-len(ds) // 500)
-    with torch.inference_mode(), phase_bars({"embed": "edge attention and server embeddings"}) as report:
-        for i, (px, y) in enumerate(datasets.iter_batches(ds, edge.preprocess, 500)):
-            out = edge_forward(edge.model, datasets.normalize(px, edge.preprocess))
-            scores.append(cls_attention_scores(out.cls_attention).float())
-            labels.append(y)
-            tokens.append(embed_all(server.model, datasets.normalize(px, server.preprocess)))
-            report("embed", i + 1, batches, "")
-        score, y, tok = torch.cat(scores), torch.cat(labels), torch.cat(tokens)
+    with torch.inference_mode():
+        score, _, y, tok = photo_passes(edge, server, ds)
         n, num_patches = score.shape
         ranked = orders(score.double().numpy(), cells)
         full = float(server_correct(server.model, tok, torch.arange(num_patches).expand(n, -1), y).mean())
